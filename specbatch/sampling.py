@@ -1,0 +1,254 @@
+"""Warping: logits -> the distribution a row actually samples from (DESIGN section 4).
+
+Terms: *warping* turns a row's raw logits into its sampling distribution; the *warped* target
+distribution is **p**, the warped draft distribution (what the drafter sampled from) is **q**.
+The pipeline, in float32, in this order:
+
+1. ``logit_bias`` (added), then penalties from the row's *history* at that position:
+   repetition (prompt + completion so far, transformers' rule: negative logits are multiplied,
+   positive ones divided), presence and frequency (completion tokens only, OpenAI's rule:
+   subtract ``presence`` once and ``frequency x count``).  Inside a verify window the history
+   includes the proposals before the position.
+2. ``min_new_tokens``: before the minimum length, EOS and stop token ids get -inf (the
+   caller passes that per-position ``ban`` mask).
+3. temperature: 0 is greedy (one-hot at the argmax, lowest token id on ties; never divides);
+   otherwise logits / T.
+4. top-k (k > 0): keep logits >= the k-th largest (ties at the threshold kept).
+5. top-p (< 1): on the distribution renormalized after top-k, keep the smallest set in
+   descending order whose mass reaches top_p, the crossing token included.
+6. min-p (> 0): keep tokens whose probability >= min_p x the largest probability.
+7. renormalize (softmax over what is kept).
+
+transformers' logits processors, applied in the same order in float32, are the test oracle.
+Every parameter is per row, so one call warps a mixed batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings (the `sampling:` block of a job spec)."""
+
+    n: int = 1
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    ignore_eos: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.n >= 1, "n must be >= 1"),
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, max_new_tokens]"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 disables)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass
+class WarpParams:
+    """Per-row warping parameters as tensors, M rows (one row per (sequence, position))."""
+
+    temperature: torch.Tensor  # [M] float32, 0 = greedy
+    top_k: torch.Tensor  # [M] int64, 0 = off
+    top_p: torch.Tensor  # [M] float32, 1 = off
+    min_p: torch.Tensor  # [M] float32, 0 = off
+    repetition_penalty: torch.Tensor  # [M] float32, 1 = off
+    presence_penalty: torch.Tensor  # [M] float32, 0 = off
+    frequency_penalty: torch.Tensor  # [M] float32, 0 = off
+    logit_bias: list[dict[int, float]] | None = None  # per row, None when no row has one
+
+    @staticmethod
+    def from_params(params: Sequence[SamplingParams], device: torch.device | str = "cpu") -> "WarpParams":
+        def col(name: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+
+        biases = [dict(p.logit_bias) for p in params]
+        return WarpParams(
+            temperature=col("temperature", torch.float32),
+            top_k=col("top_k", torch.int64),
+            top_p=col("top_p", torch.float32),
+            min_p=col("min_p", torch.float32),
+            repetition_penalty=col("repetition_penalty", torch.float32),
+            presence_penalty=col("presence_penalty", torch.float32),
+            frequency_penalty=col("frequency_penalty", torch.float32),
+            logit_bias=biases if any(biases) else None,
+        )
+
+    def __len__(self) -> int:
+        return self.temperature.shape[0]
+
+    def index(self, idx: torch.Tensor) -> "WarpParams":
+        """Rows `idx` of these parameters (idx: [M'] int64); used to expand rows to positions."""
+        bias = None
+        if self.logit_bias is not None:
+            bias = [self.logit_bias[i] for i in idx.tolist()]
+        return WarpParams(
+            temperature=self.temperature[idx],
+            top_k=self.top_k[idx],
+            top_p=self.top_p[idx],
+            min_p=self.min_p[idx],
+            repetition_penalty=self.repetition_penalty[idx],
+            presence_penalty=self.presence_penalty[idx],
+            frequency_penalty=self.frequency_penalty[idx],
+            logit_bias=bias,
+        )
+
+    @property
+    def any_penalty(self) -> bool:
+        return bool(
+            (self.repetition_penalty != 1).any()
+            or (self.presence_penalty != 0).any()
+            or (self.frequency_penalty != 0).any()
+        )
+
+
+@dataclass
+class History:
+    """Token history of each row at the position being warped, padded with -1.
+
+    prompt_ids: [M, Hp] int64 (repetition penalty only); output_ids: [M, Ho] int64 (completion
+    tokens so far, proposals before this position included).
+    """
+
+    prompt_ids: torch.Tensor
+    output_ids: torch.Tensor
+
+
+def _token_counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """ids: [M, H] int64 padded with -1 -> counts [M, V] float32."""
+    m = ids.shape[0]
+    counts = torch.zeros(m, vocab_size + 1, dtype=torch.float32, device=ids.device)
+    slot = torch.where(ids < 0, torch.full_like(ids, vocab_size), ids)
+    counts.scatter_add_(1, slot, torch.ones_like(slot, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def apply_bias_and_penalties(
+    logits: torch.Tensor, params: WarpParams, history: History | None
+) -> torch.Tensor:
+    """Step 1 of the pipeline. logits: [M, V] float32 -> [M, V] float32 (new tensor)."""
+    logits = logits.to(torch.float32).clone()
+    m, v = logits.shape
+    if params.logit_bias is not None:
+        for row, bias in enumerate(params.logit_bias):
+            if bias:
+                ids = torch.tensor(list(bias.keys()), dtype=torch.int64, device=logits.device)
+                vals = torch.tensor(list(bias.values()), dtype=torch.float32, device=logits.device)
+                logits[row, ids] += vals
+    if history is None or not params.any_penalty:
+        return logits
+    out_counts = _token_counts(history.output_ids, v)  # [M, V]
+    seen = (out_counts > 0) | (_token_counts(history.prompt_ids, v) > 0)  # [M, V]
+    rep = params.repetition_penalty[:, None]  # [M, 1]
+    penalized = torch.where(logits < 0, logits * rep, logits / rep)
+    logits = torch.where(seen & (rep != 1), penalized, logits)
+    logits = logits - params.frequency_penalty[:, None] * out_counts
+    logits = logits - params.presence_penalty[:, None] * (out_counts > 0).to(torch.float32)
+    return logits
+
+
+def truncate_and_normalize(logits: torch.Tensor, params: WarpParams) -> torch.Tensor:
+    """Steps 3-7 (temperature, top-k, top-p, min-p, renormalize). logits: [M, V] -> probs [M, V].
+
+    Greedy rows (temperature 0) become one-hot at their argmax (first index on ties).
+    """
+    m, v = logits.shape
+    greedy = params.temperature == 0  # [M]
+    temp = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
+    scores = logits / temp[:, None]  # [M, V]
+
+    # top-k: keep scores >= the k-th largest (ties kept); k > V keeps everything.
+    k = params.top_k.clamp(max=v)
+    if bool((k > 0).any()):
+        kth_index = (k - 1).clamp(min=0)[:, None]  # [M, 1]
+        kth = torch.topk(scores, int(k.max()), dim=-1).values.gather(1, kth_index)  # [M, 1]
+        scores = torch.where((k[:, None] > 0) & (scores < kth), NEG_INF, scores)
+
+    # top-p: ascending sort, drop the low tail whose cumulative mass <= 1 - top_p, keep the top token.
+    top_p = params.top_p
+    if bool((top_p < 1).any()):
+        sorted_scores, sorted_idx = torch.sort(scores, descending=False)  # [M, V]
+        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)  # [M, V]
+        drop_sorted = cum <= (1 - top_p)[:, None]
+        drop_sorted[:, -1] = False
+        drop_sorted &= (top_p < 1)[:, None]
+        drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
+        scores = scores.masked_fill(drop, NEG_INF)
+
+    # min-p: relative to the largest probability after the steps above.
+    min_p = params.min_p
+    if bool((min_p > 0).any()):
+        probs = scores.softmax(dim=-1)  # [M, V]
+        threshold = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+        scores = scores.masked_fill(probs < threshold, NEG_INF)
+
+    probs = scores.softmax(dim=-1)  # [M, V]
+    if bool(greedy.any()):
+        one_hot = torch.zeros_like(probs)
+        one_hot.scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        probs = torch.where(greedy[:, None], one_hot, probs)
+    return probs
+
+
+def warp(
+    logits: torch.Tensor,
+    params: WarpParams,
+    history: History | None = None,
+    ban: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The whole pipeline. logits: [M, V] (any float dtype) -> probs [M, V] float32.
+
+    ban: [M, V] bool, True where a token is masked for min_new_tokens at this position.
+    """
+    scores = apply_bias_and_penalties(logits, params, history)
+    if ban is not None:
+        scores = scores.masked_fill(ban, NEG_INF)
+    return truncate_and_normalize(scores, params)
+
+
+def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: the first token whose cumulative mass exceeds u x total.
+
+    probs: [M, V] non-negative (need not be normalized), u: [M] in (0, 1) -> tokens [M] int64.
+    A token with zero mass is never returned.
+    """
+    cdf = probs.to(torch.float32).cumsum(dim=-1)  # [M, V]
+    target = (u.to(torch.float32) * cdf[:, -1])[:, None]  # [M, 1]
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)  # [M]
+    # Rounding can put target at the very top; fall back to the last token with mass.
+    positive = probs > 0
+    last = (positive.cumsum(dim=-1) == positive.sum(dim=-1, keepdim=True)).to(torch.int64).argmax(dim=-1)
+    return torch.minimum(idx, last)
