@@ -129,7 +129,7 @@ def verify(
         keep = offsets < n_acc[:, None]
         tokens[:, :g] = torch.where(keep, draft_tokens, tokens[:, :g])
     tokens[rows, n_acc] = extra
-    assert int(extra.max(initial=0)) < v
+    assert extra.numel() == 0 or int(extra.max()) < v
     return VerifyResult(
         tokens=tokens,
         num_emitted=n_acc + 1,

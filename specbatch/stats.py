@@ -40,7 +40,7 @@ class AcceptanceStats:
         self.proposed += int(num_proposed.sum())
         self.tested += int(num_tested.sum())
         self.accepted += int(num_accepted.sum())
-        width = int(num_tested.max(initial=0)) if num_tested.numel() else 0
+        width = int(num_tested.max()) if num_tested.numel() else 0
         if width:
             pos = torch.arange(width)[None, :]
             tested = (pos < num_tested.cpu()[:, None]).sum(0).tolist()
