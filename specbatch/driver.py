@@ -1,0 +1,548 @@
+"""The driver: starts the actors and runs the dispatch loop until every shard is committed.
+
+Terms: a shard is *committed* when its manifest (``part-NNNNN.manifest.json``) exists; the
+driver writes it after the actor has written the shard file completely, so a crash at any
+moment leaves only whole, committed shards or files that a rerun rewrites. A *task* is one
+shard to run plus the attempts it has used. *Splitting* a shard cuts its row range in two
+halves named ``<name>.1`` and ``<name>.2``; a one-row shard that keeps failing is *failed*:
+its output rows are written with the error and finish_reason "error", and the run exits 1.
+
+The loop is the driver's own ``ray.wait``: each actor runs one shard at a time; a result is
+committed; an application error re-queues the shard (bounded by ``resources.max_attempts``,
+then split); an actor death re-queues its shard the same way and replaces the actor (its
+constructor runs again and loads the models from their paths). A rerun of the same job
+skips committed shards (resume), including the halves of a split shard.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Iterable
+
+from specbatch.worker import ENGINE_FACTORY
+
+
+class RunError(RuntimeError):
+    """The run could not go on (e.g. no actor could build its engine). One line."""
+
+
+@dataclasses.dataclass
+class Task:
+    shard: Any  # specbatch.data.Shard
+    attempts: int = 0
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished run produced: failed shards (empty on success) and stats.json's content."""
+
+    output: str
+    failed: list[dict[str, Any]]
+    stats: dict[str, Any]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def failure_line(self) -> str:
+        """One line naming the failed shards, their row ids and the first error."""
+        parts = []
+        for f in self.failed:
+            ids = ", ".join(repr(i) for i in f["ids"][:5])
+            parts.append(f"{f['shard']} (ids {ids}): {f['error']}")
+        return f"{len(self.failed)} shard(s) failed: " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards: what is left to do, and how a failing shard is cut
+
+
+def pending_shards(planned: Iterable[Any], committed: dict[str, dict]) -> list[Any]:
+    """Shards still to run: not committed, or committed as failed (a rerun retries them).
+
+    A shard split in an earlier run is not committed under its own name; its halves are
+    (some of them): recurse into them, since splitting (data.split_shard) is deterministic.
+    """
+    from specbatch.data import split_shard
+
+    names = list(committed)
+
+    def todo(shard: Any) -> list[Any]:
+        info = committed.get(shard.name)
+        if info is not None:
+            return [shard] if info.get("failed") else []
+        prefix = shard.name + "."
+        if shard.stop - shard.start > 1 and any(n.startswith(prefix) for n in names):
+            left, right = split_shard(shard)
+            return todo(left) + todo(right)
+        return [shard]
+
+    return [s for shard in planned for s in todo(shard)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray: connection, cluster shape, actor count
+
+
+def connect_ray() -> bool:
+    """Connect to RAY_ADDRESS when set, else start a local Ray; True if this call started it.
+
+    An already initialized Ray (a test session, a Ray job's driver) is used as it is.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # address="local": a new instance, never someone else's cluster found on this machine.
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def is_local_path(path: str) -> bool:
+    """A plain path (no URI scheme). file:// URIs name a mounted, possibly shared, file system."""
+    return "://" not in path
+
+
+def check_cluster_output(spec: Any, nodes: int) -> None:
+    """On a multi-node cluster a local output path is refused (each node would get a piece)."""
+    from specbatch.spec import SpecError
+
+    if nodes > 1 and is_local_path(spec.output.path):
+        raise SpecError(
+            f"output.path: {spec.output.path!r} is a local path but the Ray cluster has {nodes} nodes; "
+            "use shared storage (s3://..., gs://..., or file:///mounted/shared/dir)"
+        )
+
+
+def check_models(spec: Any) -> None:
+    """Refuse a model path that can name nothing, before any actor starts.
+
+    A path is fine if it is a checkpoint directory (with config.json), a registered model name
+    or looks like a hub id (owner/name). Skipped when connecting to a cluster (RAY_ADDRESS):
+    there the path may exist only on the worker nodes.
+    """
+    import pathlib
+    import re
+
+    from specbatch.spec import SpecError
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    from specbatch.models.registry import REGISTRY
+
+    fields = [("models.target.path", spec.models.target.path)]
+    if spec.models.draft.kind == "model":
+        fields.append(("models.draft.path", spec.models.draft.path))
+    for field, text in fields:
+        path = pathlib.Path(text).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise SpecError(f"{field}: {text}: not a checkpoint directory (no config.json)")
+            continue
+        if text in REGISTRY:
+            continue
+        if path.exists():
+            raise SpecError(f"{field}: {text}: expected a checkpoint directory, found a file")
+        if re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", text) and not text.startswith((".", "/", "~")):
+            continue  # a Hugging Face hub id, downloaded by the actors
+        raise SpecError(
+            f"{field}: {text}: no such directory (expected a checkpoint directory, a registered name "
+            f"({', '.join(sorted(REGISTRY))}) or a hub id owner/name)"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorPlan:
+    count: int
+    gpus: float
+    cpus: int
+    note: str | None = None
+
+
+def plan_actors(spec: Any, resources: dict[str, float], num_tasks: int, local: bool) -> ActorPlan:
+    """How many actors, with which resources.
+
+    'auto' is one actor per GPU in the cluster (gpus_per_actor each), or one on a CPU-only
+    cluster. Asking for GPUs on a cluster without any runs on CPU instead (with a note). On a
+    local Ray started here, actors are capped by the CPUs there are; never more actors than
+    shards.
+    """
+    res = spec.resources
+    cluster_gpus = float(resources.get("GPU", 0.0))
+    cluster_cpus = float(resources.get("CPU", 1.0))
+    gpus, note = res.gpus_per_actor, None
+    if gpus > 0 and cluster_gpus == 0:
+        gpus = 0.0
+        note = "the cluster has no GPU: actors run on CPU"
+    if res.actors == "auto":
+        count = int(cluster_gpus // gpus) if gpus > 0 else 1
+    else:
+        count = int(res.actors)
+    if local and count * res.cpus_per_actor > cluster_cpus:
+        capped = max(1, int(cluster_cpus // res.cpus_per_actor))
+        if capped < count:
+            note = (note + "; " if note else "") + (
+                f"{count} actors x {res.cpus_per_actor} CPU exceed this machine's {cluster_cpus:g} CPUs: running {capped}"
+            )
+            count = capped
+    count = max(1, min(count, num_tasks))
+    return ActorPlan(count=count, gpus=gpus, cpus=res.cpus_per_actor, note=note)
+
+
+def _error_line(exc: BaseException) -> str:
+    """One line for a task or actor failure (the original exception where Ray wraps one)."""
+    import ray.exceptions as rex
+
+    if isinstance(exc, rex.RayTaskError) and getattr(exc, "cause", None) is not None:
+        cause = exc.cause
+        return " ".join(f"{type(cause).__name__}: {cause}".split())
+    if isinstance(exc, rex.RayActorError):
+        return "actor died" + (" during its constructor" if getattr(exc, "actor_init_failed", False) else "")
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+
+
+class Progress:
+    """tqdm bar over prompts, with samples, tokens/s and the live acceptance rate."""
+
+    def __init__(self, total_prompts: int, enabled: bool):
+        self.bar = None
+        self.started = time.time()
+        self.samples = 0
+        self.committed_tokens = 0
+        self.live: dict[str, dict] = {}  # actor label -> latest cumulative engine counters
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_prompts, unit="prompt", file=sys.stderr, dynamic_ncols=True)
+
+    def shard_done(self, info: dict) -> None:
+        self.samples += info["samples"]
+        self.committed_tokens += info["tokens"]
+        if self.bar is not None:
+            self.bar.update(info["rows"])
+            self.refresh()
+
+    def actor_counters(self, label: str, counters: dict) -> None:
+        self.live[label] = counters
+        self.refresh()
+
+    def refresh(self) -> None:
+        if self.bar is None:
+            return
+        emitted = max(self.committed_tokens, sum(c["emitted"] for c in self.live.values()))
+        tested = sum(c["tested"] for c in self.live.values())
+        accepted = sum(c["accepted"] for c in self.live.values())
+        rate = emitted / max(time.time() - self.started, 1e-9)
+        postfix = {"samples": self.samples, "tok/s": f"{rate:.1f}"}
+        if tested:
+            postfix["accept"] = f"{accepted / tested:.2f}"
+        self.bar.set_postfix(postfix, refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclasses.dataclass
+class _Slot:
+    label: str
+    handle: Any
+    busy: Task | None = None
+    polling: Any = None  # ObjectRef of an outstanding progress() call
+    description: Any = None  # ObjectRef of describe(), then its dict
+
+
+class Driver:
+    """One run of a job spec over a Ray cluster."""
+
+    def __init__(self, spec: Any, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True,
+                 poll_s: float = 1.0, log=None):
+        self.spec = spec
+        self.engine_factory = engine_factory
+        self.show_progress = progress
+        self.poll_s = poll_s
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.slots: list[_Slot] = []
+        self.retired: list[_Slot] = []
+        self.next_label = 0
+        self.counts = collections.Counter()
+        self.failed: list[dict[str, Any]] = []
+        self.this_run: list[dict[str, Any]] = []
+        self.first_commit_s: float | None = None
+        self.ray_ready_s: float | None = None
+
+    # -- actors ---------------------------------------------------------------------------
+
+    def _start_actor(self, plan: ActorPlan) -> _Slot:
+        from specbatch.worker import actor_class
+
+        label = f"actor-{self.next_label}"
+        self.next_label += 1
+        handle = actor_class().options(
+            num_cpus=plan.cpus, num_gpus=plan.gpus, max_concurrency=2
+        ).remote(self.spec, self.engine_factory, label, plan.cpus)
+        slot = _Slot(label=label, handle=handle)
+        slot.description = handle.describe.remote()
+        return slot
+
+    def _stop_actors(self) -> None:
+        import ray
+
+        for slot in self.slots:
+            try:
+                ray.kill(slot.handle)
+            except Exception:  # already dead
+                pass
+
+    def _descriptions(self) -> list[dict[str, Any]]:
+        import ray
+
+        out = []
+        for slot in self.retired + self.slots:
+            desc = slot.description
+            if not isinstance(desc, dict):
+                try:
+                    desc = ray.get(desc, timeout=5)
+                except Exception:
+                    desc = {"actor": slot.label}
+            out.append(desc)
+        return out
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        """Check, prepare, dispatch, commit; return the result (stats.json written)."""
+        import ray
+
+        from specbatch import data, report
+
+        spec = self.spec
+        run_started = time.time()
+        data.check_input(spec)
+        if self.engine_factory == ENGINE_FACTORY:
+            check_models(spec)
+        started_ray = connect_ray()
+        self.ray_ready_s = time.time() - run_started
+        try:
+            check_cluster_output(spec, alive_nodes())
+            data.prepare_output(spec)
+            planned = data.plan_shards(spec)
+            committed = data.committed(spec)
+            tasks = collections.deque(Task(s) for s in pending_shards(planned, committed))
+            self.counts["resumed"] = len(planned) - len(tasks)
+            if tasks:
+                plan = plan_actors(spec, ray.cluster_resources(), len(tasks), local=started_ray)
+                if plan.note:
+                    self.log(f"note: {plan.note}")
+                self._dispatch(tasks, plan, run_started)
+            result = self._finish(run_started)
+        finally:
+            self._stop_actors()
+            if started_ray:
+                ray.shutdown()
+        return result
+
+    def _dispatch(self, tasks: collections.deque, plan: ActorPlan, run_started: float) -> None:
+        import ray
+        import ray.exceptions as rex
+
+        total_prompts = sum(t.shard.stop - t.shard.start for t in tasks)
+        progress = Progress(total_prompts, self.show_progress)
+        self.slots = [self._start_actor(plan) for _ in range(plan.count)]
+        inflight: dict[Any, _Slot] = {}
+        last_poll = 0.0
+        try:
+            while tasks or inflight:
+                for slot in self.slots:
+                    if slot.busy is None and tasks:
+                        task = tasks.popleft()
+                        task.attempts += 1
+                        slot.busy = task
+                        inflight[slot.handle.run_shard.remote(task.shard, task.attempts)] = slot
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=self.poll_s)
+                for ref in ready:
+                    slot = inflight.pop(ref)
+                    task, slot.busy = slot.busy, None
+                    try:
+                        info = ray.get(ref)
+                    except rex.RayActorError as e:
+                        if getattr(e, "actor_init_failed", False):
+                            raise RunError(f"{slot.label} could not build its engine: {_init_error(slot)}") from None
+                        self.log(f"warning: {slot.label} died while running {task.shard.name}; replacing it")
+                        self.counts["actor_deaths"] += 1
+                        self._replace(slot, plan)
+                        self._task_failed(task, _error_line(e), tasks, progress)
+                    except rex.RayTaskError as e:
+                        self._task_failed(task, _error_line(e), tasks, progress)
+                    else:
+                        self._commit(task, info, progress, run_started)
+                if self.show_progress and time.time() - last_poll >= self.poll_s:
+                    last_poll = time.time()
+                    self._poll(progress)
+        finally:
+            progress.close()
+
+    def _replace(self, slot: _Slot, plan: ActorPlan) -> None:
+        fresh = self._start_actor(plan)
+        self.slots[self.slots.index(slot)] = fresh
+        self.retired.append(slot)
+
+    def _poll(self, progress: Progress) -> None:
+        import ray
+
+        for slot in self.slots:
+            if slot.polling is not None:
+                done, _ = ray.wait([slot.polling], timeout=0)
+                if not done:
+                    continue
+                try:
+                    progress.actor_counters(slot.label, ray.get(slot.polling))
+                except Exception:  # the actor died; its shard's failure is handled by the loop
+                    pass
+            slot.polling = slot.handle.progress.remote()
+
+    def _commit(self, task: Task, info: dict, progress: Progress, run_started: float) -> None:
+        from specbatch import data
+
+        data.write_manifest(self.spec, task.shard, info)
+        if self.first_commit_s is None:
+            self.first_commit_s = time.time() - run_started
+        self.this_run.append(info)
+        if info.get("errors"):
+            self.counts["row_errors"] += info["errors"]
+        progress.shard_done(info)
+
+    def _task_failed(self, task: Task, error: str, tasks: collections.deque, progress: Progress) -> None:
+        """Retry the shard, split it, or (one row left) record its rows as failed."""
+        task.errors.append(error)
+        shard = task.shard
+        if task.attempts < self.spec.resources.max_attempts:
+            self.counts["retries"] += 1
+            tasks.appendleft(task)
+            return
+        if shard.stop - shard.start > 1:
+            from specbatch.data import split_shard
+
+            self.counts["splits"] += 1
+            left, right = split_shard(shard)
+            self.log(f"warning: {shard.name} failed {task.attempts} times ({error}); splitting it")
+            tasks.appendleft(Task(right))
+            tasks.appendleft(Task(left))
+            return
+        self._write_failed(task, progress)
+
+    def _write_failed(self, task: Task, progress: Progress) -> None:
+        from specbatch import data
+        from specbatch.worker import error_records, summarize_records
+
+        spec, shard = self.spec, task.shard
+        error = task.errors[-1]
+        rows = data.read_rows(spec, shard)
+        records = error_records(spec, rows, error)
+        path = data.write_shard(spec, shard, records)
+        now = time.time()
+        info = {
+            "shard": shard.name,
+            "start": shard.start,
+            "stop": shard.stop,
+            "path": path,
+            "rows": len(rows),
+            **summarize_records(records),
+            "stats": {},
+            "actor": None,
+            "attempt": task.attempts,
+            "started_at": now,
+            "finished_at": now,
+            "elapsed_s": 0.0,
+            "failed": True,
+            "error": error,
+        }
+        data.write_manifest(spec, shard, info)
+        self.failed.append({"shard": shard.name, "ids": [str(r["id"]) for r in rows], "error": error})
+        self.log(f"error: {shard.name} failed {task.attempts} times: {error}")
+        progress.shard_done(info)
+
+    def _finish(self, run_started: float) -> RunResult:
+        from specbatch import data, report
+
+        spec = self.spec
+        manifests = data.committed(spec)
+        cost_model, gamma = self._engine_facts()
+        run = {
+            "started_at": run_started,
+            "finished_at": time.time(),
+            "wall_s": time.time() - run_started,
+            "ray_ready_s": self.ray_ready_s,
+            "first_shard_s": self.first_commit_s,
+            "shards_this_run": [info["shard"] for info in self.this_run],
+            "resumed_shards": self.counts["resumed"],
+            "retries": self.counts["retries"],
+            "splits": self.counts["splits"],
+            "actor_deaths": self.counts["actor_deaths"],
+            "engine_factory": self.engine_factory,
+        }
+        failed = self.failed or [
+            {"shard": name, "ids": list(info.get("error_ids", [])), "error": info.get("error", "")}
+            for name, info in sorted(manifests.items()) if info.get("failed")
+        ]
+        stats = report.build_stats(
+            spec, manifests, this_run=self.this_run, run=run, actors=self._descriptions(),
+            cost_model=cost_model, gamma=gamma, failed=failed,
+        )
+        data.write_json(data.output_uri(spec, report.STATS), stats)
+        if not failed:
+            data.write_json(data.output_uri(spec, data.SUCCESS_FILE), {"finished_at": run["finished_at"]})
+        return RunResult(output=spec.output.path, failed=failed, stats=stats)
+
+    def _engine_facts(self) -> tuple[dict | None, dict | None]:
+        """The measured cost model and the engine's gamma, from a live actor if there is one."""
+        import ray
+
+        for slot in self.slots:
+            try:
+                return ray.get(slot.handle.cost_model.remote(), timeout=30), ray.get(slot.handle.gamma.remote(), timeout=30)
+            except Exception:
+                continue
+        return None, None
+
+
+def _init_error(slot: _Slot) -> str:
+    """The constructor's exception, one line."""
+    import ray
+
+    try:
+        ray.get(slot.description, timeout=10)
+    except Exception as e:  # noqa: BLE001 - we want its text
+        cause = getattr(e, "cause", None)
+        text = str(cause if cause is not None else e)
+        lines = [line for line in text.splitlines() if line.strip()]
+        return lines[-1].strip() if lines else type(e).__name__
+    return "unknown error"
+
+
+def run_job(spec: Any, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True, log=None) -> RunResult:
+    """Run a job spec to completion (resume, retries, splitting); return its result."""
+    return Driver(spec, engine_factory=engine_factory, progress=progress, log=log).run()

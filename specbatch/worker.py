@@ -1,0 +1,385 @@
+"""The Ray actor that turns shards of prompts into Parquet shard files.
+
+Terms: a *shard* (:class:`specbatch.data.Shard`) is a range of the input's stable row order;
+an *engine factory* is a function ``factory(spec) -> LoadedEngine`` named by an import path
+``"module:function"`` (default :func:`build_engine`, the real engine); a *record* is one
+output row, one per (prompt, sweep point, sample).
+
+Each actor builds its engine once (models are loaded from paths, never shipped through the
+object store), then runs shards: read the rows, encode prompts, generate N samples per prompt
+and sweep point, write the shard file itself (the data never travels through the driver) and
+return the shard's *info* (counts, acceptance statistics, timing). The driver writes the
+manifest, the commit marker, from that info.
+
+:class:`ShardRunner` holds everything but Ray, so it can be tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable, Protocol, Sequence
+
+from specbatch.request import Request, SampleOutput
+from specbatch.stats import AcceptanceStats
+
+ENGINE_FACTORY = "specbatch.worker:build_engine"
+
+
+class EngineLike(Protocol):
+    """What the worker needs of an engine (specbatch.engine.Engine has it)."""
+
+    stats: AcceptanceStats
+
+    def generate(self, requests: list[Request]) -> list[SampleOutput]: ...
+
+
+@dataclasses.dataclass
+class LoadedEngine:
+    """An engine ready to run, with the prompt encoder that belongs to its tokenizer.
+
+    encode(prompt) -> prompt token ids (chat template applied as the spec says); it raises
+    ValueError for a prompt that cannot be encoded, which becomes that row's error.
+    description: what was built, for stats.json (device, dtypes, drafter).
+    """
+
+    engine: EngineLike
+    encode: Callable[[Any], list[int]]
+    description: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def device_for(spec: Any) -> str:
+    """'cuda' when the actor was given a GPU (Ray sets CUDA_VISIBLE_DEVICES), else 'cpu'."""
+    if spec.resources.gpus_per_actor > 0:
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+    return "cpu"
+
+
+def build_engine(spec: Any) -> LoadedEngine:
+    """The real engine for a job spec: target model, tokenizer, drafter, Engine."""
+    from specbatch.drafters import build_drafter
+    from specbatch.engine import Engine, EngineConfig
+    from specbatch.models import load_model, load_tokenizer
+    from specbatch.tokenization import encode_prompt
+
+    device = device_for(spec)
+    target_spec, draft_spec, spec_cfg = spec.models.target, spec.models.draft, spec.speculative
+    target = load_model(target_spec.path, dtype=target_spec.dtype, device=device)
+    tokenizer = load_tokenizer(target_spec.path)
+    drafter = build_drafter(
+        draft_spec.kind,
+        target,
+        tokenizer,
+        path=draft_spec.path,
+        dtype=draft_spec.dtype or target_spec.dtype,
+        min_n=draft_spec.min_n,
+        max_n=draft_spec.max_n,
+        draft_temperature=spec_cfg.draft_temperature,
+        draft_top_k=spec_cfg.draft_top_k,
+        draft_top_p=spec_cfg.draft_top_p,
+        device=device,
+    )
+    gamma = spec_cfg.num_draft_tokens if draft_spec.kind != "none" else 0
+    config = EngineConfig(
+        max_batch_size=spec.resources.max_batch_size,
+        num_draft_tokens=gamma,
+        verification=spec_cfg.verification,
+        max_model_len=target_spec.max_model_len,
+    )
+    engine = Engine(target, tokenizer, drafter, config)
+    chat_template = spec.input.chat_template
+
+    def encode(prompt: Any) -> list[int]:
+        return encode_prompt(tokenizer, prompt, chat_template)
+
+    description = {
+        "device": device,
+        "target": target_spec.path,
+        "dtype": target_spec.dtype,
+        "draft": draft_spec.kind if draft_spec.kind != "model" else f"model:{draft_spec.path}",
+        "num_draft_tokens": gamma,
+    }
+    return LoadedEngine(engine=engine, encode=encode, description=description)
+
+
+def import_factory(path: str) -> Callable[[Any], LoadedEngine]:
+    """Resolve "package.module:function"."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"engine factory must look like 'module:function', got {path!r}")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def request_id(row_id: str, point_key: str) -> str:
+    """The engine's request id (the random-number key): the prompt id, plus the sweep point.
+
+    Sweep points of one prompt must draw independently, so the point's canonical text is part
+    of the key; without a sweep the id alone keeps the keys of plain jobs short and stable.
+    """
+    return f"{row_id}|{point_key}" if point_key else str(row_id)
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def stats_delta(after: AcceptanceStats, before: AcceptanceStats) -> AcceptanceStats:
+    """Counts added between two snapshots of a cumulative AcceptanceStats."""
+    width = len(after.tested_at)
+    pad = lambda xs: list(xs) + [0] * (width - len(xs))  # noqa: E731
+    return AcceptanceStats(
+        steps=after.steps - before.steps,
+        emitted=after.emitted - before.emitted,
+        proposed=after.proposed - before.proposed,
+        tested=after.tested - before.tested,
+        accepted=after.accepted - before.accepted,
+        tested_at=[a - b for a, b in zip(after.tested_at, pad(before.tested_at))],
+        accepted_at=[a - b for a, b in zip(after.accepted_at, pad(before.accepted_at))],
+    )
+
+
+def _snapshot(stats: AcceptanceStats) -> AcceptanceStats:
+    return AcceptanceStats.from_dict(stats.to_dict())
+
+
+def error_record(row: dict, sample_index: int, point: dict, keep_columns: Sequence[str], error: str) -> dict:
+    """The output row of a (prompt, sample) that could not be generated."""
+    record = {
+        "id": row["id"],
+        "sample_index": sample_index,
+        "prompt": row.get("prompt"),
+        "completion": "",
+        "completion_token_ids": [],
+        "num_prompt_tokens": 0,
+        "num_tokens": 0,
+        "finish_reason": "error",
+        "stop_reason": None,
+        "cumulative_logprob": 0.0,
+        "draft_proposed": 0,
+        "draft_tested": 0,
+        "draft_accepted": 0,
+        "target_passes": 0,
+        "error": _one_line(error),
+    }
+    for column in keep_columns:
+        record[column] = row.get(column)
+    record.update(point)
+    return record
+
+
+def output_record(row: dict, out: SampleOutput, point: dict, keep_columns: Sequence[str]) -> dict:
+    """The output row of one generated (prompt, sample) (DESIGN section 6)."""
+    record = {
+        "id": row["id"],
+        "sample_index": out.sample_index,
+        "prompt": row.get("prompt"),
+        "completion": out.text,
+        "completion_token_ids": list(out.token_ids),
+        "num_prompt_tokens": out.num_prompt_tokens,
+        "num_tokens": out.num_tokens,
+        "finish_reason": out.finish_reason,
+        "stop_reason": out.stop_reason,
+        "cumulative_logprob": float(out.cumulative_logprob),
+        "draft_proposed": out.draft_proposed,
+        "draft_tested": out.draft_tested,
+        "draft_accepted": out.draft_accepted,
+        "target_passes": out.target_passes,
+        "error": None if out.error is None else _one_line(out.error),
+    }
+    for column in keep_columns:
+        record[column] = row.get(column)
+    record.update(point)
+    return record
+
+
+def error_records(spec: Any, rows: list[dict], error: str) -> list[dict]:
+    """Every output row of `rows`, each carrying `error` (a shard whose rows kept failing)."""
+    keep = list(spec.input.keep_columns)
+    n = spec.sampling.n
+    return [
+        error_record(row, i, point, keep, row.get("error") or error)
+        for row in rows
+        for point, _ in spec.sweep_points()
+        for i in range(n)
+    ]
+
+
+def summarize_records(records: list[dict]) -> dict[str, Any]:
+    """Counts of a shard's records, for its manifest and the metrics."""
+    reasons: dict[str, int] = {}
+    for r in records:
+        reasons[r["finish_reason"]] = reasons.get(r["finish_reason"], 0) + 1
+    errors = [r for r in records if r["error"] is not None]
+    error_ids = sorted({str(r["id"]) for r in errors})
+    return {
+        "samples": len(records),
+        "tokens": sum(r["num_tokens"] for r in records),
+        "prompt_tokens": sum(r["num_prompt_tokens"] for r in records),
+        "draft_proposed": sum(r["draft_proposed"] for r in records),
+        "draft_tested": sum(r["draft_tested"] for r in records),
+        "draft_accepted": sum(r["draft_accepted"] for r in records),
+        "target_passes": sum(r["target_passes"] for r in records),
+        "finish_reasons": reasons,
+        "errors": len(errors),
+        "error_ids": error_ids[:20],
+        "first_error": errors[0]["error"] if errors else None,
+    }
+
+
+class ShardRunner:
+    """Runs shards on one loaded engine: read, encode, generate, write; no Ray inside."""
+
+    def __init__(self, spec: Any, loaded: LoadedEngine, label: str = "actor-0"):
+        from specbatch.spec import point_key
+
+        self.spec = spec
+        self.loaded = loaded
+        self.label = label
+        self.points = [(point, point_key(point), params) for point, params in spec.sweep_points()]
+        self.keep = list(spec.input.keep_columns)
+        self.lock = threading.Lock()  # one shard at a time, even in a threaded actor
+
+    def records(self, rows: list[dict]) -> list[dict]:
+        """Output records of `rows`, in row order, then sweep point order, then sample index."""
+        n = self.spec.sampling.n
+        requests: list[Request] = []
+        plan: list[tuple[dict, dict, str | None, str]] = []  # (row, point, error, request id)
+        for row in rows:
+            error = row.get("error")
+            token_ids: list[int] = []
+            if error is None:
+                try:
+                    token_ids = self.loaded.encode(row["prompt"])
+                except ValueError as e:
+                    error = f"prompt: {_one_line(e)}"
+            for point, key, params in self.points:
+                rid = request_id(str(row["id"]), key)
+                plan.append((row, point, error, rid))
+                if error is None:
+                    requests.append(Request(request_id=rid, prompt_token_ids=list(token_ids), params=params))
+        outputs = self.loaded.engine.generate(requests) if requests else []
+        by_key = {(o.request_id, o.sample_index): o for o in outputs}
+        records = []
+        for row, point, error, rid in plan:
+            for i in range(n):
+                if error is not None:
+                    records.append(error_record(row, i, point, self.keep, error))
+                    continue
+                out = by_key.get((rid, i))
+                if out is None:
+                    raise RuntimeError(f"engine returned no output for request {rid!r} sample {i}")
+                records.append(output_record(row, out, point, self.keep))
+        return records
+
+    def run_shard(self, shard: Any, attempt: int = 1) -> dict[str, Any]:
+        """Generate and write one shard; return its info (the manifest's content)."""
+        from specbatch import data
+
+        with self.lock:
+            started = time.time()
+            before = _snapshot(self.loaded.engine.stats)
+            rows = data.read_rows(self.spec, shard)
+            records = self.records(rows)
+            path = data.write_shard(self.spec, shard, records)
+            stats = stats_delta(self.loaded.engine.stats, before)
+            finished = time.time()
+        info = {
+            "shard": shard.name,
+            "start": shard.start,
+            "stop": shard.stop,
+            "path": path,
+            "rows": len(rows),
+            **summarize_records(records),
+            "stats": stats.to_dict(),
+            "actor": self.label,
+            "attempt": attempt,
+            "started_at": started,
+            "finished_at": finished,
+            "elapsed_s": finished - started,
+            "failed": False,
+        }
+        return info
+
+    def progress(self) -> dict[str, Any]:
+        """The engine's cumulative counters right now (read while a shard runs)."""
+        stats = self.loaded.engine.stats
+        return {"emitted": stats.emitted, "tested": stats.tested, "accepted": stats.accepted}
+
+    def cost_model(self) -> dict[str, Any] | None:
+        cost = getattr(self.loaded.engine, "cost_model", None)
+        return cost.to_dict() if cost is not None else None
+
+    def gamma(self) -> dict[str, Any]:
+        """The gamma the engine runs with and why (engines that adapt gamma say so)."""
+        engine = self.loaded.engine
+        return {
+            "value": getattr(engine, "gamma", None),
+            "why": getattr(engine, "gamma_reason", None),
+        }
+
+
+class GenerationActor:
+    """One per GPU (or CPU slot): builds the engine once, then runs shards on request.
+
+    Created through :func:`actor_class` with the resources of the job; a restarted or replaced
+    actor runs this constructor again (the model loads again). It runs with two concurrent
+    calls so that the driver can read :meth:`progress` while :meth:`run_shard` generates.
+    """
+
+    def __init__(self, spec: Any, factory: str, label: str, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+        self.threads = torch.get_num_threads()
+        self.label = label
+        self.spec = spec
+        started = time.time()
+        loaded = import_factory(factory)(spec)
+        self.load_s = time.time() - started
+        self.runner = ShardRunner(spec, loaded, label)
+        self.metrics = None
+        try:
+            from specbatch.metrics import ShardMetrics
+
+            self.metrics = ShardMetrics(spec.name, label)
+        except Exception:  # metrics are best effort: a missing exporter never fails a job
+            self.metrics = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "actor": self.label,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "threads": self.threads,
+            "load_s": self.load_s,
+            **self.runner.loaded.description,
+        }
+
+    def run_shard(self, shard: Any, attempt: int = 1) -> dict[str, Any]:
+        info = self.runner.run_shard(shard, attempt)
+        if self.metrics is not None:
+            self.metrics.record_shard(info)
+        return info
+
+    def progress(self) -> dict[str, Any]:
+        return self.runner.progress()
+
+    def cost_model(self) -> dict[str, Any] | None:
+        return self.runner.cost_model()
+
+    def gamma(self) -> dict[str, Any]:
+        return self.runner.gamma()
+
+
+def actor_class() -> Any:
+    """GenerationActor as a Ray actor class (imported lazily so ShardRunner needs no Ray)."""
+    import ray
+
+    return ray.remote(max_restarts=0, max_task_retries=0)(GenerationActor)

@@ -1,0 +1,117 @@
+"""A deterministic stand-in engine for job-system tests (driver, CLI), no model inside.
+
+``build(spec)`` is an engine factory (worker.import_factory path ``tests.fake_engine:build``).
+Each (request id, seed, sample index) gets a fixed pseudo-random completion, so outputs are
+reproducible across shards, actors, retries and runs, like the real engine's.
+
+Prompts are encoded word by word; two words are special:
+
+* ``POISON`` makes ``generate`` raise (an application error, the actor survives);
+* ``CRASH`` makes the actor process exit (an actor death).
+
+Behaviour is steered by an optional ``fake_engine.json`` beside the input Parquet file:
+``{"delay_s": seconds per request, "die_marker": path}``; when the ``die_marker`` file
+exists during ``generate``, the engine deletes it and kills its own process, once (so a test
+can kill an actor in the middle of generation after some shards were committed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import time
+
+import torch
+
+from specbatch.request import Request, SampleOutput
+from specbatch.stats import AcceptanceStats
+from specbatch.worker import LoadedEngine
+
+POISON_ID = 9001
+CRASH_ID = 9002
+GAMMA = 3
+
+
+def _hash(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+def encode(prompt) -> list[int]:
+    text = prompt if isinstance(prompt, str) else " ".join(m["content"] for m in prompt)
+    ids = []
+    for word in text.split():
+        ids.append(POISON_ID if word == "POISON" else CRASH_ID if word == "CRASH" else _hash(word) % 1000)
+    if not ids:
+        raise ValueError("prompt has no words")
+    return ids
+
+
+class FakeEngine:
+    def __init__(self, control: dict):
+        self.stats = AcceptanceStats()
+        self.cost_model = None
+        self.delay_s = float(control.get("delay_s", 0.0))
+        self.die_marker = control.get("die_marker")
+
+    def _maybe_die(self) -> None:
+        if self.die_marker and os.path.exists(self.die_marker):
+            try:
+                os.remove(self.die_marker)
+            except FileNotFoundError:  # another actor took it
+                return
+            os._exit(1)
+
+    def sample(self, request: Request, index: int) -> SampleOutput:
+        params = request.params
+        h = _hash(params.seed, params.temperature, request.request_id, index)
+        length = 1 + h % params.max_new_tokens
+        tokens = [(h >> (i % 48)) % 997 + i for i in range(length)]
+        finish = "length" if length == params.max_new_tokens else "eos"
+        steps = (length + GAMMA) // (GAMMA + 1)
+        proposed = GAMMA * steps
+        accepted = max(0, length - steps)
+        tested = min(proposed, accepted + steps)
+        return SampleOutput(
+            request_id=request.request_id,
+            sample_index=index,
+            token_ids=tokens,
+            text=" ".join(f"w{t}" for t in tokens),
+            finish_reason=finish,
+            stop_reason=None,
+            cumulative_logprob=-0.25 * length,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            draft_proposed=proposed,
+            draft_tested=tested,
+            draft_accepted=accepted,
+            target_passes=steps,
+        )
+
+    def generate(self, requests: list[Request]) -> list[SampleOutput]:
+        outputs = []
+        for request in requests:
+            if POISON_ID in request.prompt_token_ids:
+                raise RuntimeError(f"poisoned prompt {request.request_id}")
+            if CRASH_ID in request.prompt_token_ids:
+                os._exit(3)
+            for index in request.indices():
+                self._maybe_die()
+                out = self.sample(request, index)
+                self.stats.add_step(
+                    torch.tensor([out.draft_proposed]), torch.tensor([out.draft_tested]),
+                    torch.tensor([out.draft_accepted]), torch.tensor([out.num_tokens]),
+                )
+                self.stats.steps += out.target_passes - 1  # add_step counted one row-step
+                outputs.append(out)
+            if self.delay_s:
+                time.sleep(self.delay_s)
+        return outputs
+
+
+def build(spec) -> LoadedEngine:
+    control_path = pathlib.Path(spec.input.path).parent / "fake_engine.json"
+    control = json.loads(control_path.read_text()) if control_path.is_file() else {}
+    if control.get("fail_init"):
+        raise RuntimeError("fake engine refused to start")
+    return LoadedEngine(engine=FakeEngine(control), encode=encode, description={"device": "cpu", "engine": "fake"})

@@ -1,0 +1,263 @@
+"""The job system on a local Ray cluster with a deterministic fake engine (tests/fake_engine.py).
+
+Every run must leave each (id, sample_index) exactly once, whatever happened: normal runs,
+actors killed in the middle of generation, poison rows that raise, rows that crash the actor,
+resumed runs. The fake engine's outputs depend only on (seed, request id, sample index), like
+the real engine's, so interrupted runs must equal an uninterrupted one row for row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from specbatch import data
+from specbatch.driver import RunError, check_cluster_output, pending_shards, plan_actors, run_job
+from specbatch.spec import SpecError, spec_from_dict
+
+ray = pytest.importorskip("ray")
+
+FAKE = "tests.fake_engine:build"
+REPO = pathlib.Path(__file__).resolve().parent.parent
+NUM_PROMPTS = 12
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield
+    ray.shutdown()
+
+
+def write_prompts(directory: pathlib.Path, prompts: list[str], row_group_size: int = 2, control: dict | None = None) -> pathlib.Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    table = pa.table({
+        "id": [f"p{i}" for i in range(len(prompts))],
+        "prompt": prompts,
+        "topic": [i % 3 for i in range(len(prompts))],
+    })
+    path = directory / "prompts.parquet"
+    pq.write_table(table, path, row_group_size=row_group_size)
+    if control is not None:
+        (directory / "fake_engine.json").write_text(json.dumps(control))
+    return path
+
+
+def make_spec(input_path: pathlib.Path, output: pathlib.Path, **over):
+    d = {
+        "name": "fake-job",
+        "input": {"path": str(input_path), "keep_columns": ["topic"]},
+        "output": {"path": str(output), "if_exists": "resume"},
+        "models": {"target": {"path": "fake"}},
+        "sampling": {"n": 3, "max_new_tokens": 6, "seed": 7},
+        "resources": {"actors": 1, "gpus_per_actor": 0, "shard_rows": 2, "max_attempts": 2},
+    }
+    for key, value in over.items():
+        node = d
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return spec_from_dict(d)
+
+
+def plain_prompts(n: int = NUM_PROMPTS) -> list[str]:
+    return [f"write about topic number {i}" for i in range(n)]
+
+
+def rows_by_key(path) -> dict[tuple, dict]:
+    """Output rows keyed by (id, sample_index[, sweep values]); asserts each key appears once."""
+    rows = data.read_output(str(path)).to_pylist()
+    keyed = {}
+    for r in rows:
+        key = (r["id"], r["sample_index"], r.get("temperature"))
+        assert key not in keyed, f"duplicate row {key}"
+        keyed[key] = r
+    return keyed
+
+
+def expected_keys(n_prompts: int, n: int) -> set:
+    return {(f"p{i}", s, None) for i in range(n_prompts) for s in range(n)}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, tmp_path_factory):
+    """An uninterrupted run: the output every other run must reproduce."""
+    root = tmp_path_factory.mktemp("reference")
+    spec = make_spec(write_prompts(root / "in", plain_prompts()), root / "out")
+    result = run_job(spec, engine_factory=FAKE, progress=False)
+    assert result.exit_code == 0, result.failed
+    return spec, result
+
+
+def test_normal_run_writes_every_sample_once_with_the_declared_schema(reference):
+    spec, result = reference
+    out = pathlib.Path(spec.output.path)
+    rows = rows_by_key(out)
+    assert set(rows) == expected_keys(NUM_PROMPTS, 3)
+    assert all(r["error"] is None and r["finish_reason"] in ("eos", "length") for r in rows.values())
+    assert rows[("p4", 1, None)]["topic"] == 4 % 3
+    # Every shard file carries the explicit output schema, and pandas reads the whole output.
+    schema = data.output_schema(spec)
+    for f in sorted(out.glob("part-*.parquet")):
+        assert pq.read_schema(f).equals(schema, check_metadata=False), f
+    frame = data.read_output(str(out)).to_pandas()
+    assert len(frame) == NUM_PROMPTS * 3
+    assert list(frame.columns) == schema.names
+    assert str(frame["num_tokens"].dtype) == "int64" and str(frame["cumulative_logprob"].dtype) == "float64"
+    assert (out / data.SUCCESS_FILE).is_file()
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["complete"] and stats["totals"]["samples"] == NUM_PROMPTS * 3
+    assert stats["totals"]["tokens"] == int(frame["num_tokens"].sum())
+    assert stats["acceptance"]["accepted"] == int(frame["draft_accepted"].sum())
+    assert stats["acceptance"]["tested"] == int(frame["draft_tested"].sum())
+    assert 0 < stats["acceptance_rate"] <= 1
+    assert len(stats["actors"]) == 1 and stats["actors"][0]["samples"] == NUM_PROMPTS * 3
+
+
+def test_actor_killed_during_generation_is_replaced_and_its_shard_rerun(reference, tmp_path):
+    spec_ref, _ = reference
+    marker = tmp_path / "die-now"
+    inp = write_prompts(tmp_path / "in", plain_prompts(), control={"delay_s": 0.2, "die_marker": str(marker)})
+    out = tmp_path / "out"
+    spec = make_spec(inp, out, **{"resources.actors": 2})
+
+    def kill_after_first_commit():
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(out.glob("*.manifest.json")):
+            time.sleep(0.02)
+        marker.touch()
+
+    killer = threading.Thread(target=kill_after_first_commit, daemon=True)
+    killer.start()
+    result = run_job(spec, engine_factory=FAKE, progress=False)
+    killer.join()
+    assert result.exit_code == 0, result.failed
+    assert not marker.exists(), "no actor reached the kill marker"
+    assert result.stats["run"]["actor_deaths"] == 1
+    assert rows_by_key(out) == rows_by_key(spec_ref.output.path)
+
+
+def test_poison_row_carries_its_error_and_neighbours_succeed(ray_session, tmp_path):
+    prompts = plain_prompts(8)
+    prompts[5] = "this prompt is POISON for the engine"
+    out = tmp_path / "out"
+    spec = make_spec(write_prompts(tmp_path / "in", prompts), out, **{"resources.shard_rows": 4, "resources.max_attempts": 1})
+    result = run_job(spec, engine_factory=FAKE, progress=False)
+    assert result.exit_code == 1
+    assert [f["ids"] for f in result.failed] == [["p5"]]
+    assert result.failed[0]["shard"] == "part-00001.1.2"  # rows [4, 8) -> [4, 6) -> [5, 6)
+    assert "poisoned prompt p5" in result.failure_line()
+    rows = rows_by_key(out)
+    assert set(rows) == expected_keys(8, 3)
+    for (rid, _, _), r in rows.items():
+        if rid == "p5":
+            assert r["finish_reason"] == "error" and "poisoned prompt p5" in r["error"]
+        else:
+            assert r["error"] is None and r["finish_reason"] != "error"
+    assert not (out / data.SUCCESS_FILE).exists()
+    stats = json.loads((out / "stats.json").read_text())
+    assert not stats["complete"] and stats["failed"][0]["ids"] == ["p5"]
+
+    # A rerun retries the failed row (and only it), fails the same way, and duplicates nothing.
+    again = run_job(spec, engine_factory=FAKE, progress=False)
+    assert again.exit_code == 1 and again.stats["run"]["shards_this_run"] == []
+    assert set(rows_by_key(out)) == expected_keys(8, 3)
+
+
+def test_row_that_kills_its_actor_is_isolated(ray_session, tmp_path):
+    prompts = plain_prompts(4)
+    prompts[1] = "CRASH the process"
+    out = tmp_path / "out"
+    spec = make_spec(write_prompts(tmp_path / "in", prompts), out, **{"resources.max_attempts": 1})
+    result = run_job(spec, engine_factory=FAKE, progress=False)
+    assert result.exit_code == 1
+    assert [f["ids"] for f in result.failed] == [["p1"]]
+    assert result.stats["run"]["actor_deaths"] == 2  # the whole shard [0, 2), then the row [1, 2)
+    rows = rows_by_key(out)
+    assert set(rows) == expected_keys(4, 3)
+    assert {r["id"] for r in rows.values() if r["error"]} == {"p1"}
+
+
+def test_resume_runs_only_uncommitted_shards_and_matches(reference, tmp_path):
+    spec_ref, _ = reference
+    inp = write_prompts(tmp_path / "in", plain_prompts())
+    out = tmp_path / "out"
+    spec = make_spec(inp, out)
+    assert run_job(spec, engine_factory=FAKE, progress=False).exit_code == 0
+    # Simulate a crash: one shard written but not committed, one never written.
+    (out / "part-00002.manifest.json").unlink()
+    (out / "part-00004.manifest.json").unlink()
+    (out / "part-00004.parquet").unlink()
+    result = run_job(spec, engine_factory=FAKE, progress=False)
+    assert result.exit_code == 0
+    assert sorted(result.stats["run"]["shards_this_run"]) == ["part-00002", "part-00004"]
+    assert result.stats["run"]["resumed_shards"] == 4
+    assert result.stats["totals"]["samples"] == NUM_PROMPTS * 3  # stats cover the whole output
+    assert rows_by_key(out) == rows_by_key(spec_ref.output.path)
+
+
+def test_sweep_points_draw_independently_and_become_columns(ray_session, tmp_path):
+    out = tmp_path / "out"
+    spec = make_spec(write_prompts(tmp_path / "in", plain_prompts(4)), out, sweep={"temperature": [0.5, 1.0]},
+                     **{"sampling.n": 2})
+    assert run_job(spec, engine_factory=FAKE, progress=False).exit_code == 0
+    rows = rows_by_key(out)
+    assert set(rows) == {(f"p{i}", s, t) for i in range(4) for s in range(2) for t in (0.5, 1.0)}
+    different = sum(rows[(f"p{i}", s, 0.5)]["completion_token_ids"] != rows[(f"p{i}", s, 1.0)]["completion_token_ids"]
+                    for i in range(4) for s in range(2))
+    assert different >= 6
+
+
+def test_engine_that_cannot_start_fails_the_run_with_its_reason(ray_session, tmp_path):
+    inp = write_prompts(tmp_path / "in", plain_prompts(2), control={"fail_init": True})
+    spec = make_spec(inp, tmp_path / "out")
+    with pytest.raises(RunError, match="fake engine refused to start"):
+        run_job(spec, engine_factory=FAKE, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces without Ray
+
+
+def test_pending_shards_recurse_into_split_halves_and_retry_failed_ones():
+    planned = [data.Shard("part-00000", 0, 8), data.Shard("part-00001", 8, 10)]
+    committed = {
+        "part-00000.1": {"start": 0, "stop": 4},
+        "part-00000.2.1": {"start": 4, "stop": 6},
+        "part-00000.2.2.2": {"start": 7, "stop": 8, "failed": True},
+    }
+    names = [s.name for s in pending_shards(planned, committed)]
+    assert names == ["part-00000.2.2.1", "part-00000.2.2.2", "part-00001"]
+    got = {s.name: (s.start, s.stop) for s in pending_shards(planned, committed)}
+    assert got["part-00000.2.2.1"] == (6, 7)
+
+
+def test_plan_actors_follows_gpus_cpus_and_work():
+    def spec(**res):
+        return make_spec(pathlib.Path("x.parquet"), pathlib.Path("out"), **{f"resources.{k}": v for k, v in res.items()})
+
+    assert plan_actors(spec(actors="auto", gpus_per_actor=1), {"CPU": 16, "GPU": 4}, 10, local=False).count == 4
+    assert plan_actors(spec(actors="auto", gpus_per_actor=0.5), {"CPU": 16, "GPU": 2}, 10, local=False).count == 4
+    cpu_only = plan_actors(spec(actors="auto", gpus_per_actor=1), {"CPU": 8}, 10, local=True)
+    assert (cpu_only.count, cpu_only.gpus) == (1, 0.0) and "no GPU" in cpu_only.note
+    capped = plan_actors(spec(actors=4, gpus_per_actor=0, cpus_per_actor=1), {"CPU": 2}, 10, local=True)
+    assert capped.count == 2 and "exceed" in capped.note
+    assert plan_actors(spec(actors=4, gpus_per_actor=0), {"CPU": 64}, 3, local=False).count == 3
+
+
+def test_multi_node_cluster_refuses_a_local_output_path():
+    spec = make_spec(pathlib.Path("x.parquet"), pathlib.Path("/tmp/out"))
+    check_cluster_output(spec, nodes=1)
+    with pytest.raises(SpecError, match=r"^output\.path: .*local path.*3 nodes"):
+        check_cluster_output(spec, nodes=3)
+    for shared in ("s3://bucket/out", "gs://bucket/out", "file:///mnt/shared/out"):
+        check_cluster_output(make_spec(pathlib.Path("x.parquet"), pathlib.Path("/tmp/out"), **{"output.path": shared}), nodes=3)
