@@ -316,3 +316,61 @@ def test_gpu_cluster_job_uses_a_model_draft_and_object_storage():
     assert "8B" in spec.models.target.path and "1B" in (spec.models.draft.path or "")
     assert spec.output.path.startswith("s3://")
     assert spec.resources.gpus_per_actor >= 1
+
+
+# ------------------------------------------------------------------------- cluster configs
+
+CLUSTER = REPO / "cluster"
+
+
+def _pins(text: str) -> dict[str, str]:
+    """name==version pins found anywhere in a text (pip lines, YAML lists)."""
+    import re
+
+    return {m.group(1).lower(): m.group(2) for m in re.finditer(r"([A-Za-z][A-Za-z0-9_.-]*)==([0-9][0-9A-Za-z.+-]*)", text)}
+
+
+def test_cluster_yaml_files_parse_and_the_launcher_config_fits_rays_schema():
+    import json
+
+    import jsonschema
+    import ray
+
+    for path in sorted(CLUSTER.glob("*.yaml")):
+        docs = list(yaml.safe_load_all(path.read_text()))
+        assert docs and all(isinstance(d, dict) for d in docs), path.name
+    schema = json.loads((pathlib.Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text()), schema)
+
+
+def test_cluster_configs_pin_one_set_of_versions():
+    texts = {p.name: p.read_text() for p in CLUSTER.iterdir() if p.is_file()}
+    runtime_pins = _pins(texts["runtime_env.yaml"])
+    assert {"torch", "transformers", "pyarrow", "pydantic"} <= set(runtime_pins)
+    for name in ("Dockerfile", "aws-gpu.yaml"):
+        pins = _pins(texts[name])
+        assert pins and all(runtime_pins[k] == v for k, v in pins.items() if k in runtime_pins), name
+    import re
+
+    ray_versions = set(re.findall(r"rayproject/ray:([0-9.]+)-", "\n".join(texts.values())))
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        doc = yaml.safe_load(texts[name])
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        ray_versions.add(spec["rayVersion"])
+    assert len(ray_versions) == 1, ray_versions
+
+
+def test_kuberay_manifests_give_each_gpu_worker_the_models_volume():
+    job = load_spec(REPO / "jobs" / "gpu_cluster.yaml")
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        doc = yaml.safe_load((CLUSTER / name).read_text())
+        assert doc["apiVersion"] == "ray.io/v1"
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        [group] = spec["workerGroupSpecs"]
+        [container] = group["template"]["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == str(int(job.resources.gpus_per_actor))
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert "/models" in mounts
+        assert job.models.target.path.startswith("/models/") and job.models.draft.path.startswith("/models/")
+    rayjob = yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())
+    assert "jobs/gpu_cluster.yaml" in rayjob["spec"]["entrypoint"]
