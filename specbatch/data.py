@@ -109,8 +109,11 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def is_local(uri: str) -> bool:
-    """True for a path on this machine's own disk (a plain path or file://): not shared across nodes."""
-    return "://" not in uri or uri.startswith("file://")
+    """True for a plain path (no scheme): this machine's own disk as far as specbatch can tell.
+
+    A ``file://`` URI is taken as a deliberate choice of a mounted, possibly shared, file system.
+    """
+    return "://" not in uri
 
 
 def _is_object_store(fs: pafs.FileSystem) -> bool:
@@ -186,12 +189,25 @@ def output_uri(spec: JobSpec, name: str) -> str:
 # Input
 
 
+def _split_glob(uri: str) -> tuple[str, str] | None:
+    """'dir/sub/*.parquet' -> ('dir/sub', '*.parquet'); None when uri has no glob characters."""
+    if not any(c in uri for c in _GLOB_CHARS):
+        return None
+    cut = min(uri.index(c) for c in _GLOB_CHARS if c in uri)
+    head = uri[:cut].rpartition("/")[0]
+    return (head, uri[len(head) + 1 :]) if head else (".", uri)
+
+
+def _input_fs(uri: str) -> pafs.FileSystem:
+    split = _split_glob(uri)
+    return resolve(split[0] if split else uri)[0]
+
+
 def list_input_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     """The input's Parquet files in stable (sorted) order: a file, a directory or a glob."""
-    if any(c in uri for c in _GLOB_CHARS):
-        cut = min(uri.index(c) for c in _GLOB_CHARS if c in uri)
-        base_uri = uri[:cut].rpartition("/")[0] or "."
-        pattern = uri[len(base_uri) + 1 :] if uri[:cut].rpartition("/")[0] else uri
+    split = _split_glob(uri)
+    if split is not None:
+        base_uri, pattern = split
         fs, base = resolve(base_uri)
         if fs.get_file_info(base).type != pafs.FileType.Directory:
             raise InputError(f"input.path: no such directory: {base_uri}")
@@ -336,14 +352,14 @@ def check_input(spec: JobSpec) -> InputInfo:
         raise InputError(f"input.path: {spec.input.path} has no rows")
     if info.id_column is not None:
         _check_ids(spec, info)
-    _LAYOUT_CACHE[_cache_key(spec)] = (_stamp(spec, info), info)
+    _LAYOUT_CACHE[_cache_key(spec)] = (_stamp(spec), info)
     return info
 
 
 def _check_ids(spec: JobSpec, info: InputInfo) -> None:
     import pyarrow.compute as pc
 
-    fs, _ = list_input_files(spec.input.path)
+    fs = _input_fs(spec.input.path)
     seen: dict[str, tuple[str, int]] = {}
     for fi, path in enumerate(info.files):
         pf = _open_parquet(fs, path)
@@ -373,7 +389,8 @@ def _cache_key(spec: JobSpec) -> tuple:
     return (inp.path, inp.prompt_column, inp.id_column, tuple(inp.keep_columns))
 
 
-def _stamp(spec: JobSpec, info: InputInfo | None = None) -> tuple:
+def _stamp(spec: JobSpec) -> tuple:
+    """The input files' (path, size, mtime): a changed input invalidates the cached layout."""
     fs, files = list_input_files(spec.input.path)
     infos = fs.get_file_info(files)
     return tuple((i.path, i.size, i.mtime_ns) for i in infos)
@@ -418,7 +435,7 @@ def read_rows(spec: JobSpec, shard: Shard) -> list[dict[str, Any]]:
 
 def _read_range(spec: JobSpec, info: InputInfo, start: int, stop: int) -> pa.Table:
     """Rows [start, stop) of the stable order, only the columns the job reads."""
-    fs, _ = list_input_files(spec.input.path)
+    fs = _input_fs(spec.input.path)
     pieces = []
     by_file: dict[int, list[RowGroup]] = {}
     for g in info.row_groups:

@@ -542,7 +542,8 @@ def test_resolve_and_locality():
     assert isinstance(fs, pafs.LocalFileSystem) and path == "/tmp/x/y"
     fs, path = data.resolve("relative/dir")
     assert isinstance(fs, pafs.LocalFileSystem) and path == os.path.abspath("relative/dir")
-    assert data.is_local("out/demo") and data.is_local("file:///mnt/x")
+    assert data.is_local("out/demo") and data.is_local("/abs/out")
+    assert not data.is_local("file:///mnt/shared/out")  # a URI is a deliberate (possibly shared) mount
     assert not data.is_local("s3://bucket/out") and not data.is_local("gs://bucket/out")
     with pytest.raises(InputError, match="nosuchscheme://x: cannot open filesystem"):
         data.resolve("nosuchscheme://x")
