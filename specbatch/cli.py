@@ -1,0 +1,322 @@
+"""The ``specbatch`` command (also ``python -m specbatch``).
+
+    specbatch run JOB.yaml [--set key.path=value ...]   run a job (resumes by default)
+    specbatch validate JOB.yaml [--set ...]             check spec and input, write nothing
+    specbatch stats OUT [--plots DIR]                   summarize stats.json, render PNG plots
+    specbatch submit JOB.yaml --address http://HEAD:8265 [--runtime-env FILE] [--wait]
+    specbatch demo                                      pull the demo model, run jobs/demo.yaml
+    specbatch models pull NAME                          fetch and convert a registered model
+    specbatch reference                                 the job spec reference (Markdown)
+
+Exit codes: 0 success; 2 a spec or input error (one line naming the field or file, printed
+before any actor starts, nothing written); 1 a failed run (it names the failed shards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import shlex
+import sys
+from typing import Any, Sequence
+
+DEMO_MODEL = "smollm2-135m-instruct"
+DEMO_JOB = "jobs/demo.yaml"
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from specbatch.data import InputError
+    from specbatch.spec import SpecError
+
+    return (SpecError, InputError)
+
+
+def _load_and_check(job: str, overrides: Sequence[str], engine_factory: str | None = None) -> tuple[Any, Any]:
+    """Spec, input and model-path checks, in that order; raises SpecError / InputError; writes nothing.
+
+    Model paths are checked for specbatch's own engine only (a custom factory loads what it likes).
+    """
+    from specbatch.data import check_input
+    from specbatch.driver import check_models
+    from specbatch.spec import load_spec
+    from specbatch.worker import ENGINE_FACTORY
+
+    spec = load_spec(job, overrides)
+    info = check_input(spec)
+    if engine_factory in (None, ENGINE_FACTORY):
+        check_models(spec)
+    return spec, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        spec, info = _load_and_check(args.job, args.set)
+    except _input_errors() as e:
+        return _fail(str(e), EXIT_INPUT)
+    points = len(spec.sweep_points())
+    samples = info.num_rows * points * spec.sampling.n
+    print(
+        f"ok: {spec.name}: {info.num_rows} prompts ({info.prompt_kind}) in {len(info.files)} file(s), "
+        f"{points} sweep point(s) x {spec.sampling.n} samples = {samples} output rows -> {spec.output.path}"
+    )
+    return EXIT_OK
+
+
+def _run_spec(spec: Any, args: argparse.Namespace) -> int:
+    from specbatch import report
+    from specbatch.driver import RunError, run_job
+
+    try:
+        result = run_job(spec, engine_factory=args.engine_factory, progress=not args.quiet)
+    except _input_errors() as e:
+        return _fail(str(e), EXIT_INPUT)
+    except RunError as e:
+        return _fail(str(e), EXIT_FAILED)
+    print(report.summary_text(result.stats))
+    if result.failed:
+        return _fail(result.failure_line(), EXIT_FAILED)
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        spec, _ = _load_and_check(args.job, args.set, args.engine_factory)
+    except _input_errors() as e:
+        return _fail(str(e), EXIT_INPUT)
+    return _run_spec(spec, args)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from specbatch import report
+
+    try:
+        stats = report.read_stats(args.output)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        return _fail(f"{args.output}: no readable stats.json ({' '.join(str(e).split())[:200]})", EXIT_INPUT)
+    print(report.summary_text(stats))
+    if args.no_plots:
+        return EXIT_OK
+    directory = args.plots or (args.output if "://" not in args.output else ".")
+    try:
+        paths = report.render_plots(stats, directory)
+    except ImportError:
+        print("(plots skipped: matplotlib is not installed; pip install 'specbatch[dev]')", file=sys.stderr)
+        return EXIT_OK
+    for path in paths:
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def submission(job: str, overrides: Sequence[str], runtime_env: dict | None, cwd: str | os.PathLike = ".") -> tuple[str, dict]:
+    """(entrypoint, runtime_env) for the Ray Jobs API.
+
+    The working directory (cwd) is uploaded unless the runtime env names its own working_dir;
+    the job file must lie inside it, and the entrypoint refers to it relative to it.
+    """
+    from specbatch.spec import SpecError
+
+    env = dict(runtime_env or {})
+    root = pathlib.Path(env.get("working_dir") or cwd).resolve()
+    env.setdefault("working_dir", str(root))
+    job_path = pathlib.Path(job).resolve()
+    try:
+        relative = job_path.relative_to(root)
+    except ValueError:
+        raise SpecError(f"{job}: the job file must be inside the uploaded working directory {root}") from None
+    parts = ["specbatch", "run", relative.as_posix(), "--quiet"]
+    for item in overrides:
+        parts += ["--set", item]
+    return " ".join(shlex.quote(p) for p in parts), env
+
+
+def _read_runtime_env(path: str | None) -> dict | None:
+    from specbatch.spec import SpecError
+
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        env = yaml.safe_load(pathlib.Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: YAML syntax error: {' '.join(str(e).split())}") from None
+    if env is None:
+        return {}
+    if not isinstance(env, dict):
+        raise SpecError(f"{path}: a runtime env must be a mapping, got {type(env).__name__}")
+    return env
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from specbatch.spec import load_spec
+
+    try:
+        spec = load_spec(args.job, args.set)
+        entrypoint, runtime_env = submission(args.job, args.set, _read_runtime_env(args.runtime_env))
+    except _input_errors() as e:
+        return _fail(str(e), EXIT_INPUT)
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(args.address)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"specbatch_job": spec.name})
+    print(f"submitted {spec.name} as {job_id}: {entrypoint}")
+    print(f"follow it with: ray job logs -f {job_id} --address {args.address}")
+    if not args.wait:
+        return EXIT_OK
+    import time
+
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while (status := client.get_job_status(job_id)) not in terminal:
+        time.sleep(args.poll)
+    print(client.get_job_logs(job_id), end="")
+    print(f"{job_id}: {status}")
+    return EXIT_OK if status == JobStatus.SUCCEEDED else EXIT_FAILED
+
+
+def demo_job_path() -> pathlib.Path:
+    """jobs/demo.yaml of the source checkout (the package is installed editable), else of cwd."""
+    here = pathlib.Path(__file__).resolve().parent.parent / DEMO_JOB
+    return here if here.is_file() else pathlib.Path(DEMO_JOB).resolve()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from specbatch.models import pull_model
+    from specbatch.spec import load_spec
+
+    job = demo_job_path()
+    if not job.is_file():
+        return _fail(f"{DEMO_JOB}: not found (run the demo from the specbatch checkout)", EXIT_INPUT)
+    try:
+        print(f"demo model: {pull_model(DEMO_MODEL)}", file=sys.stderr)
+    except (RuntimeError, OSError, ValueError) as e:
+        return _fail(f"could not pull {DEMO_MODEL}: {e}", EXIT_FAILED)
+    # The demo's relative paths (prompts, output) are relative to the checkout.
+    os.chdir(job.parent.parent)
+    try:
+        spec = load_spec(job, args.set)
+        from specbatch.data import check_input
+
+        check_input(spec)
+    except _input_errors() as e:
+        return _fail(str(e), EXIT_INPUT)
+    code = _run_spec(spec, args)
+    if code == EXIT_OK:
+        _show_examples(spec)
+    return code
+
+
+def _show_examples(spec: Any, count: int = 3) -> None:
+    """Print a few samples of the demo's output."""
+    from specbatch.data import read_output
+
+    table = read_output(spec.output.path)
+    rows = table.slice(0, count).to_pylist()
+    print(f"\noutput: {os.path.abspath(spec.output.path)} ({table.num_rows} rows); first {len(rows)}:")
+    for row in rows:
+        prompt = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
+        print(f"- [{row['id']} #{row['sample_index']}] {prompt}\n  -> {' '.join(row['completion'].split())[:300]}")
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    from specbatch.models import pull_model
+
+    try:
+        print(pull_model(args.name))
+    except ValueError as e:
+        return _fail(str(e), EXIT_INPUT)
+    except (RuntimeError, OSError) as e:
+        return _fail(str(e), EXIT_FAILED)
+    return EXIT_OK
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    from specbatch.spec import reference_markdown
+
+    print(reference_markdown(), end="")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a spec field, value parsed as YAML (repeatable), e.g. sampling.n=4")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--engine-factory", default=None, metavar="MODULE:FUNCTION",
+                   help="advanced: build engines with this factory instead of specbatch's own (tests, custom engines)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specbatch", description="Batch generation with exact speculative sampling.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a job spec (resumes an interrupted run by default)")
+    p.add_argument("job", help="job spec YAML")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a job spec and its input; write nothing")
+    p.add_argument("job", help="job spec YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a spec field")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("stats", help="summarize an output's stats.json and render plots")
+    p.add_argument("output", help="output directory (local, s3://, gs://)")
+    p.add_argument("--plots", default=None, metavar="DIR", help="where to write the PNGs (default: the output directory)")
+    p.add_argument("--no-plots", action="store_true", help="print the summary only")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("submit", help="submit a job spec to a Ray cluster through the Ray Jobs API")
+    p.add_argument("job", help="job spec YAML (inside the working directory, which is uploaded)")
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a spec field")
+    p.add_argument("--runtime-env", default=None, metavar="FILE", help="runtime env YAML, e.g. cluster/runtime_env.yaml")
+    p.add_argument("--wait", action="store_true", help="wait for the job to finish and print its logs")
+    p.add_argument("--poll", type=float, default=5.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("demo", help=f"pull {DEMO_MODEL} and run {DEMO_JOB}")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("models", help="manage models")
+    models = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    pull = models.add_parser("pull", help="fetch and convert a registered model")
+    pull.add_argument("name", help=f"registered model name, e.g. {DEMO_MODEL}")
+    pull.set_defaults(func=cmd_models_pull)
+
+    p = sub.add_parser("reference", help="print the job spec reference (every field, default, description)")
+    p.set_defaults(func=cmd_reference)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "engine_factory", "unset") is None:
+        from specbatch.worker import ENGINE_FACTORY
+
+        args.engine_factory = ENGINE_FACTORY
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

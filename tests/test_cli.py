@@ -1,0 +1,345 @@
+"""The `specbatch` command: exit codes, malformed specs and datasets, if_exists, a killed driver.
+
+Exit codes: 0 success; 2 a spec or input error (one line naming the field or file, no
+traceback, nothing written, before any actor starts); 1 a failed run naming its shards.
+Runs use the deterministic fake engine (tests/fake_engine.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from specbatch import data
+from specbatch.cli import main, submission
+
+ray = pytest.importorskip("ray")
+
+FAKE = "tests.fake_engine:build"
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield
+    ray.shutdown()
+
+
+def write_table(path: pathlib.Path, table: pa.Table, row_group_size: int = 2) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def prompts_table(n: int = 6, prompts: list | None = None) -> pa.Table:
+    return pa.table({
+        "id": [f"p{i}" for i in range(n)],
+        "prompt": prompts or [f"describe item {i}" for i in range(n)],
+        "lang": ["en"] * n,
+    })
+
+
+@pytest.fixture
+def job(tmp_path):
+    """A valid job: input, a model directory (config.json only: the fake engine ignores it), spec dict."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    inp = write_table(tmp_path / "in" / "prompts.parquet", prompts_table())
+    spec = {
+        "name": "cli-job",
+        "input": {"path": str(inp), "keep_columns": ["lang"]},
+        "output": {"path": str(tmp_path / "out"), "if_exists": "resume"},
+        "models": {"target": {"path": str(model), "dtype": "float32"}, "draft": {"kind": "ngram"}},
+        "sampling": {"n": 2, "max_new_tokens": 5},
+        "resources": {"actors": 1, "gpus_per_actor": 0, "shard_rows": 2},
+    }
+    return tmp_path, spec
+
+
+def dump(tmp_path: pathlib.Path, spec: dict | str, name: str = "job.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(spec if isinstance(spec, str) else yaml.safe_dump(spec))
+    return str(path)
+
+
+def no_actors(monkeypatch):
+    """Any attempt to start an actor fails the test."""
+    import specbatch.worker
+
+    def refuse():
+        raise AssertionError("an actor was started")
+
+    monkeypatch.setattr(specbatch.worker, "actor_class", refuse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Malformed specs and datasets: exit 2, one line naming the field or file, nothing written
+
+
+def _set(d: dict, dotted: str, value) -> dict:
+    node = d
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node[p]
+    if value is _DELETE:
+        del node[parts[-1]]
+    else:
+        node[parts[-1]] = value
+    return d
+
+
+_DELETE = object()
+
+
+def _bad_yaml(tmp, spec):
+    return "name: x\ninput: {path: [unclosed\n", []
+
+
+def _field(dotted, value, *overrides):
+    def make(tmp, spec):
+        return _set(spec, dotted, value), list(overrides)
+    return make
+
+
+def _override(*overrides):
+    def make(tmp, spec):
+        return spec, list(overrides)
+    return make
+
+
+def _input(table_or_bytes, row_group_size=2):
+    def make(tmp, spec):
+        path = tmp / "bad" / "input.parquet"
+        path.parent.mkdir(exist_ok=True)
+        if isinstance(table_or_bytes, bytes):
+            path.write_bytes(table_or_bytes)
+        else:
+            write_table(path, table_or_bytes, row_group_size)
+        spec["input"]["path"] = str(path)
+        return spec, []
+    return make
+
+
+MALFORMED = {
+    # case: (spec maker, text expected in the one-line error)
+    "yaml-syntax": (_bad_yaml, "YAML syntax error"),
+    "typo-top-level": (lambda t, s: ({**s, "samplng": {"n": 2}}, []), "samplng: unknown field (did you mean 'sampling'?)"),
+    "typo-nested": (_field("sampling.temprature", 0.7), "sampling.temprature: unknown field (did you mean 'temperature'?)"),
+    "wrong-type": (_field("sampling.n", "four"), "sampling.n"),
+    "top-p-range": (_field("sampling.top_p", 1.5), "sampling.top_p"),
+    "negative-temperature": (_field("sampling.temperature", -0.5), "sampling.temperature"),
+    "missing-models": (_field("models", _DELETE), "models: required field is missing"),
+    "bad-if-exists": (_field("output.if_exists", "sometimes"), "output.if_exists"),
+    "draft-model-without-path": (_field("models.draft", {"kind": "model"}), "models.draft.path"),
+    "override-bad-value": (_override("sampling.max_new_tokens=lots"), "sampling.max_new_tokens"),
+    "override-unknown-key": (_override("sampling.nn=3"), "sampling.nn: unknown field"),
+    "sweep-not-sweepable": (_field("sweep", {"stop": [["a"]]}), "sweep.stop"),
+    "missing-input-file": (_field("input.path", "/nonexistent/prompts.parquet"), "/nonexistent/prompts.parquet"),
+    "missing-prompt-column": (_field("input.prompt_column", "text"), "input.prompt_column 'text' not found"),
+    "missing-keep-column": (_field("input.keep_columns", ["language"]), "'language' not found (did you mean 'lang'?)"),
+    "duplicate-ids": (_input(pa.table({"id": ["a", "b", "a"], "prompt": ["x", "y", "z"], "lang": ["en"] * 3})), "duplicate id 'a'"),
+    "not-parquet": (_input(b"id,prompt\n1,hello\n"), "not a Parquet file"),
+    "prompt-wrong-type": (_input(pa.table({"id": ["a"], "prompt": [3], "lang": ["en"]})), "column 'prompt' has type int64"),
+    "empty-dataset": (_input(pa.table({"id": pa.array([], pa.string()), "prompt": pa.array([], pa.string()),
+                                       "lang": pa.array([], pa.string())})), "has no rows"),
+    "missing-model-dir": (_field("models.target.path", "/nonexistent/model"), "models.target.path: /nonexistent/model: no such directory"),
+}
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_spec_or_input_exits_2_with_one_line_and_writes_nothing(case, command, job, capsys, monkeypatch):
+    tmp, spec = job
+    maker, expected = MALFORMED[case]
+    spec, overrides = maker(tmp, spec)
+    path = dump(tmp, spec)
+    no_actors(monkeypatch)
+    argv = [command, path] + [a for o in overrides for a in ("--set", o)]
+    if command == "run":
+        argv += ["--quiet"]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected in lines[0]
+    assert "Traceback" not in err
+    assert not (tmp / "out").exists()
+
+
+def test_missing_spec_file_exits_2(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: no such file" in capsys.readouterr().err
+
+
+def test_validate_accepts_a_good_spec_and_writes_nothing(job, capsys):
+    tmp, spec = job
+    assert main(["validate", dump(tmp, spec)]) == 0
+    assert "ok: cli-job: 6 prompts" in capsys.readouterr().out
+    assert not (tmp / "out").exists()
+
+
+def test_entry_point_exit_code_and_no_traceback(job):
+    tmp, spec = job
+    spec["sampling"]["top_p"] = 2.0
+    proc = subprocess.run([sys.executable, "-m", "specbatch", "validate", dump(tmp, spec)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: sampling.top_p") and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# if_exists and runs through the CLI
+
+
+def _run(path: str, *extra: str) -> int:
+    return main(["run", path, "--engine-factory", FAKE, "--quiet", *extra])
+
+
+def test_if_exists_overwrite_fail_and_resume_by_another_spec(ray_session, job, capsys, monkeypatch):
+    tmp, spec = job
+    out = tmp / "out"
+    path = dump(tmp, spec)
+    assert _run(path) == 0
+    first = data.read_output(str(out))
+    (out / "part-00099.manifest.json").write_text(json.dumps({"start": 100, "stop": 101}))  # a stray commit
+
+    # resume by a spec that would write different rows: refused, nothing touched
+    before = sorted(p.name for p in out.iterdir())
+    no_actors(monkeypatch)
+    assert _run(path, "--set", "sampling.seed=1") == 2
+    assert "written by a different spec" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+    # fail: refuses a non-empty directory
+    assert _run(path, "--set", "output.if_exists=fail") == 2
+    assert "is not empty (if_exists: fail)" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    # overwrite: clears the directory (the stray manifest goes) and writes everything again
+    assert _run(path, "--set", "output.if_exists=overwrite") == 0
+    assert not (out / "part-00099.manifest.json").exists()
+    assert data.read_output(str(out)).equals(first)
+
+
+def test_failed_run_exits_1_naming_the_shard(ray_session, job, capsys):
+    tmp, spec = job
+    prompts = [f"describe item {i}" for i in range(6)]
+    prompts[3] = "POISON here"
+    spec["input"]["path"] = str(write_table(tmp / "poison" / "p.parquet", prompts_table(6, prompts)))
+    spec["resources"]["max_attempts"] = 1
+    assert _run(dump(tmp, spec)) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: 1 shard(s) failed: part-00001.2 (ids 'p3')")
+
+
+def test_driver_killed_mid_run_then_rerun_equals_an_uninterrupted_run(ray_session, job):
+    tmp, spec = job
+    prompts = prompts_table(12)
+    inp = write_table(tmp / "slow" / "prompts.parquet", prompts)
+    (inp.parent / "fake_engine.json").write_text(json.dumps({"delay_s": 0.3}))
+    spec["input"]["path"] = str(inp)
+    path = dump(tmp, spec)
+    out = tmp / "out"
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+    cmd = [sys.executable, "-m", "specbatch", "run", path, "--engine-factory", FAKE, "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not list(out.glob("*.manifest.json")) and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert list(out.glob("*.manifest.json")), "no shard committed in time"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    committed_before = len(list(out.glob("*.manifest.json")))
+    assert committed_before < 6
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["run"]["resumed_shards"] >= committed_before
+
+    reference = tmp / "reference.yaml"
+    spec["output"]["path"] = str(tmp / "reference")
+    assert _run(dump(tmp, spec, reference.name)) == 0
+    got = data.read_output(str(out)).to_pylist()
+    want = data.read_output(str(tmp / "reference")).to_pylist()
+    keys = [(r["id"], r["sample_index"]) for r in got]
+    assert len(keys) == len(set(keys)) == 12 * 2
+    assert got == want
+
+
+# ---------------------------------------------------------------------------------------------
+# submit, models, reference
+
+
+def test_submission_uploads_the_working_dir_and_runs_the_job_inside_it(tmp_path):
+    (tmp_path / "jobs").mkdir()
+    job = tmp_path / "jobs" / "j.yaml"
+    job.write_text("name: x\n")
+    entrypoint, env = submission(str(job), ["sampling.n=2", "name=a b"], {"pip": ["specbatch"]}, cwd=tmp_path)
+    assert entrypoint == "specbatch run jobs/j.yaml --quiet --set sampling.n=2 --set 'name=a b'"
+    assert env == {"pip": ["specbatch"], "working_dir": str(tmp_path.resolve())}
+    from specbatch.spec import SpecError
+
+    with pytest.raises(SpecError, match="inside the uploaded working directory"):
+        submission(str(job), [], {"working_dir": str(tmp_path / "elsewhere")})
+
+
+def test_submit_sends_the_job_through_the_jobs_api(job, monkeypatch, capsys):
+    tmp, spec = job
+    path = dump(tmp, spec)
+    env_file = tmp / "runtime_env.yaml"
+    env_file.write_text(yaml.safe_dump({"env_vars": {"RAY_AUTH_MODE": "disabled"}, "working_dir": str(tmp)}))
+    calls = []
+
+    class FakeClient:
+        def __init__(self, address):
+            calls.append(("address", address))
+
+        def submit_job(self, **kwargs):
+            calls.append(("submit", kwargs))
+            return "raysubmit_123"
+
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
+    assert main(["submit", path, "--address", "http://head:8265", "--runtime-env", str(env_file), "--set", "sampling.n=3"]) == 0
+    assert calls[0] == ("address", "http://head:8265")
+    sent = calls[1][1]
+    assert sent["entrypoint"] == "specbatch run job.yaml --quiet --set sampling.n=3"
+    assert sent["runtime_env"]["env_vars"] == {"RAY_AUTH_MODE": "disabled"}
+    assert "raysubmit_123" in capsys.readouterr().out
+    # a bad spec is refused before anything is sent
+    assert main(["submit", path, "--address", "http://head:8265", "--set", "sampling.top_k=-1"]) == 2
+    assert len(calls) == 2
+
+
+def test_models_pull_unknown_name_exits_2(capsys):
+    assert main(["models", "pull", "no-such-model"]) == 2
+    assert "unknown model name 'no-such-model'" in capsys.readouterr().err
+
+
+def test_reference_lists_every_section(capsys):
+    assert main(["reference"]) == 0
+    out = capsys.readouterr().out
+    for field in ("input.path", "output.if_exists", "sampling.top_p", "speculative.num_draft_tokens", "resources.actors"):
+        assert f"`{field}`" in out
