@@ -360,7 +360,7 @@ def test_cluster_configs_pin_one_set_of_versions():
     assert len(ray_versions) == 1, ray_versions
 
 
-def test_kuberay_manifests_give_each_gpu_worker_the_models_volume():
+def test_kuberay_manifests_give_each_gpu_worker_a_gpu_and_a_persistent_model_cache():
     job = load_spec(REPO / "jobs" / "gpu_cluster.yaml")
     for name in ("raycluster.yaml", "rayjob.yaml"):
         doc = yaml.safe_load((CLUSTER / name).read_text())
@@ -370,7 +370,8 @@ def test_kuberay_manifests_give_each_gpu_worker_the_models_volume():
         [container] = group["template"]["spec"]["containers"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == str(int(job.resources.gpus_per_actor))
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
-        assert "/models" in mounts
-        assert job.models.target.path.startswith("/models/") and job.models.draft.path.startswith("/models/")
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert "/models" in mounts and env["HF_HOME"].startswith("/models/")  # hub downloads persist
+        assert "HF_TOKEN" in env
     rayjob = yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())
     assert "jobs/gpu_cluster.yaml" in rayjob["spec"]["entrypoint"]
