@@ -246,13 +246,19 @@ def _glob_match(parts: list[str], pattern: list[str]) -> bool:
     return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
 
 
-def _open_parquet(fs: pafs.FileSystem, path: str) -> pq.ParquetFile:
+def _display(uri: str, path: str) -> str:
+    """A filesystem path shown the way the user named the input: with its scheme (s3://...)."""
+    return uri.split("://", 1)[0] + "://" + path if "://" in uri else path
+
+
+def _open_parquet(fs: pafs.FileSystem, path: str, shown: str | None = None) -> pq.ParquetFile:
+    shown = shown or path
     try:
         return pq.ParquetFile(fs.open_input_file(path))
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
         if "magic" in str(e).lower() or "parquet" in str(e).lower() or "size" in str(e).lower():
-            raise InputError(f"{path}: not a Parquet file") from None
-        raise InputError(f"{path}: cannot read: {_one_line(e)}") from None
+            raise InputError(f"{shown}: not a Parquet file") from None
+        raise InputError(f"{shown}: cannot read: {_one_line(e)}") from None
 
 
 def _prompt_kind(t: pa.DataType) -> str | None:
@@ -286,7 +292,8 @@ def _scan(spec: JobSpec) -> InputInfo:
     groups: list[RowGroup] = []
     start = 0
     for fi, path in enumerate(files):
-        pf = _open_parquet(fs, path)
+        shown = _display(inp.path, path)
+        pf = _open_parquet(fs, path, shown)
         arrow_schema = pf.schema_arrow
         names = arrow_schema.names
         if fi == 0:
@@ -295,25 +302,25 @@ def _scan(spec: JobSpec) -> InputInfo:
             else:
                 id_column = inp.id_column
         if inp.prompt_column not in names:
-            raise _missing_column(path, "input.prompt_column", inp.prompt_column, names)
+            raise _missing_column(shown, "input.prompt_column", inp.prompt_column, names)
         kind = _prompt_kind(arrow_schema.field(inp.prompt_column).type)
         if kind is None:
             raise InputError(
-                f"{path}: column {inp.prompt_column!r} has type {arrow_schema.field(inp.prompt_column).type}, "
+                f"{shown}: column {inp.prompt_column!r} has type {arrow_schema.field(inp.prompt_column).type}, "
                 "expected string or list<struct<role: string, content: string>>"
             )
         if prompt_kind is not None and kind != prompt_kind:
-            raise InputError(f"{path}: column {inp.prompt_column!r} holds {kind} prompts, earlier files hold {prompt_kind}")
+            raise InputError(f"{shown}: column {inp.prompt_column!r} holds {kind} prompts, earlier files hold {prompt_kind}")
         prompt_kind = kind
         if id_column is not None:
             if id_column not in names:
-                raise _missing_column(path, "input.id_column", id_column, names)
+                raise _missing_column(shown, "input.id_column", id_column, names)
             t = arrow_schema.field(id_column).type
             if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)):
-                raise InputError(f"{path}: id column {id_column!r} has type {t}, expected string or integer")
+                raise InputError(f"{shown}: id column {id_column!r} has type {t}, expected string or integer")
         for col in inp.keep_columns:
             if col not in names:
-                raise _missing_column(path, "input.keep_columns entry", col, names)
+                raise _missing_column(shown, "input.keep_columns entry", col, names)
         columns = [inp.prompt_column] + ([id_column] if id_column else []) + [c for c in inp.keep_columns if c != id_column]
         this = pa.schema([arrow_schema.field(c) for c in columns])
         if schema is None:
@@ -321,7 +328,7 @@ def _scan(spec: JobSpec) -> InputInfo:
         else:
             for col in inp.keep_columns:
                 if not this.field(col).type.equals(schema.field(col).type):
-                    raise InputError(f"{path}: column {col!r} has type {this.field(col).type}, earlier files have {schema.field(col).type}")
+                    raise InputError(f"{shown}: column {col!r} has type {this.field(col).type}, earlier files have {schema.field(col).type}")
         md = pf.metadata
         rows = 0
         for g in range(md.num_row_groups):
@@ -362,19 +369,20 @@ def _check_ids(spec: JobSpec, info: InputInfo) -> None:
     fs = _input_fs(spec.input.path)
     seen: dict[str, tuple[str, int]] = {}
     for fi, path in enumerate(info.files):
-        pf = _open_parquet(fs, path)
+        shown = _display(spec.input.path, path)
+        pf = _open_parquet(fs, path, shown)
         col = pf.read(columns=[info.id_column]).column(0)
         offset = sum(info.file_rows[:fi])
         nulls = col.null_count
         if nulls:
             row = pc.index(pc.is_null(col), True).as_py()
-            raise InputError(f"{path}: id column {info.id_column!r} is null at row {offset + row}")
+            raise InputError(f"{shown}: id column {info.id_column!r} is null at row {offset + row}")
         for i, value in enumerate(col.to_pylist()):
             key = str(value)
             if key in seen:
                 first_path, first_row = seen[key]
                 raise InputError(
-                    f"{path}: duplicate id {key!r} in column {info.id_column!r} (rows {first_row} and {offset + i})"
+                    f"{shown}: duplicate id {key!r} in column {info.id_column!r} (rows {first_row} and {offset + i})"
                 )
             seen[key] = (path, offset + i)
 

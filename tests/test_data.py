@@ -537,6 +537,14 @@ def test_file_uris_go_through_pyarrow_fs(tmp_path):
     assert json.loads((tmp_path / "out" / "stats.json").read_text()) == {"rows": 10}
 
 
+def test_errors_name_files_the_way_the_input_was_given(tmp_path):
+    make_parquet(tmp_path / "d" / "a.parquet", n=2)
+    spec = make_spec(f"file://{tmp_path}/d", tmp_path / "out", prompt_column="text")
+    with pytest.raises(InputError) as info:
+        check_input(spec)
+    assert str(info.value).startswith(f"file://{tmp_path}/d/a.parquet: input.prompt_column 'text' not found")
+
+
 def test_resolve_and_locality():
     fs, path = data.resolve("file:///tmp/x/y")
     assert isinstance(fs, pafs.LocalFileSystem) and path == "/tmp/x/y"
