@@ -343,6 +343,22 @@ def point_key(point: Mapping[str, Any]) -> str:
 # Loading
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_spec(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> JobSpec:
     """Read a YAML job spec (safe loader), apply ``key.path=value`` overrides, validate.
 
@@ -359,7 +375,7 @@ def load_spec(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> JobSpe
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(f"{path}: cannot read: {_one_line(str(e))}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""

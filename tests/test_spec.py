@@ -82,6 +82,8 @@ MALFORMED = [
     ("not a mapping", "- a\n- b\n", (), "job.yaml: expected a mapping"),
     ("empty file", "", (), "job.yaml: empty file"),
     ("unsafe yaml tag", MINIMAL + "extra: !!python/object/apply:os.system ['true']\n", (), "job.yaml:"),
+    ("duplicate key", MINIMAL + "sampling: {n: 2}\nsampling: {n: 3}\n", (), "job.yaml:7:1: YAML syntax error: duplicate key 'sampling'"),
+    ("duplicate nested key", MINIMAL + "sampling: {n: 2, n: 3}\n", (), "job.yaml:6:18: YAML syntax error: duplicate key 'n'"),
     ("top-level typo", MINIMAL + "samplng: {n: 2}\n", (), "samplng: unknown field (did you mean 'sampling'?)"),
     ("nested typo", MINIMAL + "sampling: {temprature: 0.5}\n", (), "sampling.temprature: unknown field (did you mean 'temperature'?)"),
     ("deep typo", None, ("models.target.dtyp=float32",), "models.target.dtyp: unknown field (did you mean 'dtype'?)"),
