@@ -292,6 +292,8 @@ class JobSpec(BaseModel):
                 raise ValueError(f"sweep.{key}: not a sweepable sampling field{_did_you_mean(key, SWEEPABLE)}")
             if not values:
                 raise ValueError(f"sweep.{key}: needs at least one value")
+            if key in self.input.keep_columns:
+                raise ValueError(f"sweep.{key}: also in input.keep_columns; an output column cannot be both")
             if len(set(map(repr, values))) != len(values):
                 raise ValueError(f"sweep.{key}: values must be distinct, got {values}")
             for i, value in enumerate(values):

@@ -119,6 +119,7 @@ MALFORMED = [
     ("sweep of n", None, ("sweep.n=[1, 2]",), "sweep.n: not a sweepable sampling field"),
     ("sweep bad value", None, ("sweep.temperature=[0.5, hot]",), "sweep.temperature[1]: Input should be a valid number, got 'hot'"),
     ("sweep out of range", None, ("sweep.top_p=[0.5, 2.0]",), "sweep.top_p[1]: Input should be less than or equal to 1"),
+    ("sweep key kept from input", None, ("sweep.top_k=[1, 2]", "input.keep_columns=[top_k]"), "sweep.top_k: also in input.keep_columns"),
     ("sweep empty", None, ("sweep.temperature=[]",), "sweep.temperature: needs at least one value"),
     ("sweep duplicate", None, ("sweep.temperature=[0.5, 0.5]",), "sweep.temperature: values must be distinct"),
     ("section not a mapping", "name: t\ninput: {path: a}\noutput: {path: o}\nmodels: gpt\n", (), "models: Input should be a valid dictionary"),
