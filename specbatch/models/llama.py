@@ -1,0 +1,245 @@
+"""The native Llama-family decoder: a ragged, slot-cached forward in plain torch.
+
+One forward serves prefill, plain decoding and speculative verification alike.  Inputs:
+
+- ``tokens [R, W]``: row r's real tokens are ``tokens[r, :num_tokens[r]]``; the rest is
+  padding, which affects nothing and is never written to the cache.
+- ``slots [R]``: the distinct cache slot each row reads and writes.
+- ``num_tokens [R]`` in ``0..W``.
+
+Row r's positions are ``cache.lengths[slots[r]] + 0 .. num_tokens[r]-1``: RoPE uses these
+per-row positions.  The forward writes K/V for exactly those positions into the row's slot,
+attends causally over the slot (and only within the sliding window on layers that have one),
+then advances ``cache.lengths[slots]`` by ``num_tokens``.  Attention reads the cache only up
+to the longest live row of the batch.
+
+Weights are stored fused where that saves kernel launches: q/k/v in one matrix, gate/up in
+one matrix.  Norms follow transformers' numerics (statistics in float32, scale in the model
+dtype) so that float32 logits match it to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specbatch.cache import KVCache
+from specbatch.models.config import ModelConfig
+from specbatch.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim; the statistic in float32, the result in x's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _param(t: torch.Tensor | None) -> nn.Parameter | None:
+    return None if t is None else nn.Parameter(t, requires_grad=False)
+
+
+# Up to this many new tokens per row, attention is two grouped matmuls over the cache (cheapest
+# for decode and verify steps, and no K/V repeat for GQA); wider calls (prefill) use
+# scaled_dot_product_attention, whose memory does not grow with width x cache length.
+MATMUL_ATTENTION_MAX_WIDTH = 16
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention (fused qkv, GQA, optional q/k norm) then a SwiGLU MLP (fused gate/up)."""
+
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], prefix: str, sliding: bool):
+        super().__init__()
+        self.config = config
+        self.sliding = sliding
+        a, m = prefix + "self_attn.", prefix + "mlp."
+        nh, kvh = config.num_attention_heads, config.num_key_value_heads
+        self.attn_norm = _param(w[prefix + "input_layernorm.weight"])  # [H]
+        self.mlp_norm = _param(w[prefix + "post_attention_layernorm.weight"])  # [H]
+        self.qkv = _param(torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]]))  # [(nh + 2 kvh) hd, H]
+        self.qkv_bias = _param(
+            torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]]) if config.qkv_bias else None
+        )
+        self.o = _param(w[a + "o_proj.weight"])  # [H, nh hd]
+        self.o_bias = _param(w.get(a + "o_proj.bias"))
+        # Qwen3's q_norm and k_norm, stacked per head so that one norm serves q and k: [nh + kvh, hd]
+        self.qk_norm = _param(
+            torch.cat([w[a + "q_norm.weight"].expand(nh, -1), w[a + "k_norm.weight"].expand(kvh, -1)])
+            if config.qk_norm else None
+        )
+        self.gate_up = _param(torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]]))  # [2 I, H]
+        self.gate_up_bias = _param(
+            torch.cat([w[m + "gate_proj.bias"], w[m + "up_proj.bias"]]) if config.mlp_bias else None
+        )
+        self.down = _param(w[m + "down_proj.weight"])  # [H, I]
+        self.down_bias = _param(w.get(m + "down_proj.bias"))
+
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, plan: "_Plan") -> torch.Tensor:
+        c = self.config
+        R, W, _ = x.shape
+        nh, kvh, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+
+        h = rms_norm(x, self.attn_norm, c.rms_norm_eps)
+        qkv = F.linear(h, self.qkv, self.qkv_bias).view(R, W, nh + 2 * kvh, hd)
+        qk, v = qkv[:, :, : nh + kvh], qkv[:, :, nh + kvh :]  # [R, W, nh + kvh, hd], [R, W, kvh, hd]
+        if self.qk_norm is not None:
+            qk = rms_norm(qk, self.qk_norm, c.rms_norm_eps)
+        q, k = apply_rope(qk, plan.cos, plan.sin).split((nh, kvh), dim=2)
+
+        k_cache, v_cache = cache.k[layer], cache.v[layer]  # [S, kvh, max_len, hd]
+        if plan.write_valid is None:  # every token is real
+            k_cache[plan.write_slots, :, plan.write_pos] = k
+            v_cache[plan.write_slots, :, plan.write_pos] = v
+        else:
+            k_cache[plan.write_slots, :, plan.write_pos] = k[plan.write_valid]  # [N, kvh, hd]
+            v_cache[plan.write_slots, :, plan.write_pos] = v[plan.write_valid]
+        if plan.slot_range is not None:  # a contiguous run of slots: a view, no copy
+            lo, hi = plan.slot_range
+            keys, values = k_cache[lo:hi, :, : plan.kv_len], v_cache[lo:hi, :, : plan.kv_len]
+        else:
+            keys, values = k_cache[plan.slots, :, : plan.kv_len], v_cache[plan.slots, :, : plan.kv_len]
+        # keys, values: [R, kvh, L, hd]
+        mask = plan.sliding_mask if self.sliding else plan.mask
+        if W <= MATMUL_ATTENTION_MAX_WIDTH:
+            out = _matmul_attention(q, keys, values, mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=nh != kvh
+            ).transpose(1, 2)  # [R, W, nh, hd]
+        x = x + F.linear(out.reshape(R, W, nh * hd), self.o, self.o_bias)
+
+        h = rms_norm(x, self.mlp_norm, c.rms_norm_eps)
+        gate, up = F.linear(h, self.gate_up, self.gate_up_bias).chunk(2, dim=-1)  # [R, W, I] each
+        return x + F.linear(F.silu(gate) * up, self.down, self.down_bias)
+
+
+def _matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Attention for narrow calls: q ``[R, W, nh, hd]``, keys/values ``[R, kvh, L, hd]``,
+    bias ``[R, 1, 1, W, L]`` (0 or -inf) -> ``[R, W, nh, hd]``.
+
+    Query heads are grouped under their K/V head (head i reads K/V head i // (nh / kvh)), so
+    GQA needs no K/V copy; scores and softmax are in float32.
+    """
+    R, W, nh, hd = q.shape
+    kvh, L = keys.shape[1], keys.shape[2]
+    g = nh // kvh
+    qg = q.reshape(R, W, kvh, g, hd).permute(0, 2, 3, 1, 4).reshape(R, kvh, g * W, hd)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float().view(R, kvh, g, W, L)  # [R, kvh, g, W, L]
+    probs = torch.softmax(scores * hd**-0.5 + bias, dim=-1).to(q.dtype)
+    out = torch.matmul(probs.view(R, kvh, g * W, L), values)  # [R, kvh, g W, hd]
+    return out.view(R, kvh, g, W, hd).permute(0, 3, 1, 2, 4)  # [R, W, kvh, g, hd] = [R, W, nh, hd]
+
+
+class _Plan:
+    """Per-forward index and mask tensors shared by all layers (computed once per call).
+
+    Masks: for wide calls a boolean ``[R, 1, W, L]`` (True = attend) for
+    scaled_dot_product_attention; for narrow calls an additive float32 ``[R, 1, 1, W, L]``.
+    """
+
+    def __init__(self, model: "LlamaModel", cache: KVCache, slots: torch.Tensor, num_tokens: torch.Tensor, W: int):
+        device = slots.device
+        R = slots.shape[0]
+        starts = cache.lengths[slots]  # [R]
+        offsets = torch.arange(W, device=device)
+        positions = starts[:, None] + offsets  # [R, W]
+        valid = offsets < num_tokens[:, None]  # [R, W]
+        ends = starts + num_tokens  # [R]
+        # One host sync for everything the shapes depend on.
+        first = slots[0] if R else slots.new_zeros(())
+        facts = torch.stack([
+            ends.max() if R else ends.new_zeros(()),
+            (num_tokens == W).all().long(),
+            (slots == first + torch.arange(R, device=device)).all().long(),
+            first,
+            starts.min() if R else ends.new_zeros(()),
+            num_tokens.min() if R else ends.new_zeros(()),
+        ]).tolist()
+        kv_len, all_valid, contiguous, lo, min_start, min_tokens = facts
+        if kv_len > cache.max_len:
+            raise ValueError(f"a row would hold {kv_len} tokens but the cache's max_len is {cache.max_len}")
+        if min_tokens < 0 or min_start < 0:
+            raise ValueError("num_tokens and cache lengths must be >= 0")
+        self.kv_len = max(kv_len, 1)
+        self.slots = slots
+        self.slot_range = (lo, lo + R) if contiguous else None
+        self.cos, self.sin = (t.unsqueeze(2) for t in rope_cos_sin(positions, model.inv_freq, model.dtype))  # [R, W, 1, hd]
+
+        if all_valid:
+            self.write_valid = None
+            self.write_slots = slots[:, None].expand(R, W)  # [R, W]
+            self.write_pos = positions
+        else:
+            self.write_valid = valid
+            self.write_slots = slots[:, None].expand(R, W)[valid]  # [N]
+            self.write_pos = positions[valid]  # [N]
+
+        key_pos = torch.arange(self.kv_len, device=device)  # [L]
+        causal = key_pos <= positions[:, :, None]  # [R, W, L]
+        padding = None if all_valid else ~valid[:, :, None]  # padded queries attend anywhere (finite, unused)
+        self.mask = self._mask(causal, padding, W)
+        self.sliding_mask = None
+        window = model.config.sliding_window
+        if window is not None:
+            self.sliding_mask = self._mask(causal & (key_pos > positions[:, :, None] - window), padding, W)
+
+    @staticmethod
+    def _mask(allowed: torch.Tensor, padding: torch.Tensor | None, W: int) -> torch.Tensor:
+        if padding is not None:
+            allowed = allowed | padding
+        if W > MATMUL_ATTENTION_MAX_WIDTH:
+            return allowed.unsqueeze(1)  # [R, 1, W, L] bool
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+        return bias.masked_fill_(~allowed, float("-inf"))[:, None, None]  # [R, 1, 1, W, L]
+
+
+class LlamaModel(nn.Module):
+    """Llama / Mistral / Qwen2 / Qwen3 decoder with a slot KV cache (see the module docstring)."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]):
+        super().__init__()
+        self.config = config
+        self.embed = _param(weights["model.embed_tokens.weight"])  # [V, H]
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, weights, f"model.layers.{i}.", config.sliding_layers[i])
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = _param(weights["model.norm.weight"])  # [H]
+        self.lm_head = self.embed if config.tie_word_embeddings else _param(weights["lm_head.weight"])  # [V, H]
+        inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq.to(self.embed.device), persistent=False)  # [hd / 2] float32
+        self.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+        """An empty KV cache for this model, in its dtype and on its device."""
+        c = self.config
+        return KVCache(c.num_hidden_layers, num_slots, max_len, c.num_key_value_heads, c.head_dim,
+                       dtype=self.dtype, device=self.device)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor, num_tokens: torch.Tensor,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits ``[R, W, V]`` float32, or ``[R, 1, V]`` at each row's last real token with last_only."""
+        R, W = tokens.shape
+        slots = slots.to(device=self.device, dtype=torch.int64)
+        num_tokens = num_tokens.to(device=self.device, dtype=torch.int64)
+        plan = _Plan(self, cache, slots, num_tokens, W)
+        x = F.embedding(tokens.to(self.device), self.embed)  # [R, W, H]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, i, cache, plan)
+        if last_only:
+            last = (num_tokens - 1).clamp(min=0)  # [R]
+            x = x[torch.arange(R, device=self.device), last].unsqueeze(1)  # [R, 1, H]
+        x = rms_norm(x, self.norm, self.config.rms_norm_eps)
+        logits = F.linear(x, self.lm_head).float()  # [R, W or 1, V]
+        cache.lengths.index_add_(0, slots, num_tokens)
+        return logits

