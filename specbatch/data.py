@@ -623,6 +623,7 @@ def prepare_output(spec: JobSpec) -> None:
             for e in entries:
                 if e.type == pafs.FileType.File and (e.base_name == SUCCESS_FILE or ".tmp-" in e.base_name):
                     _delete_quietly(fs, e.path)
+            remove_uncommitted(spec)
         else:
             fs.delete_dir_contents(root)
     fs.create_dir(root, recursive=True)
@@ -724,6 +725,28 @@ def _json_default(x: Any) -> Any:
     if hasattr(x, "to_dict"):
         return x.to_dict()
     raise TypeError(f"not JSON serializable: {type(x).__name__}")
+
+
+def remove_uncommitted(spec: JobSpec) -> list[str]:
+    """Delete shard files that no manifest commits (and stray temporary files); return their names.
+
+    Such files are left by an attempt that wrote its file but was never committed (its actor
+    died, the driver stopped, or the shard was later split). Call only while no actor writes:
+    before dispatch (prepare_output does, on resume) and after the last commit, so that a
+    finished directory's ``part-*.parquet`` files are exactly its committed shards and tools
+    that glob them read every row once.
+    """
+    fs, root = resolve(spec.output.path)
+    files = {m.get("file", name + ".parquet") for name, m in committed(spec).items()}
+    removed = []
+    for e in _list_dir(fs, root):
+        if e.type != pafs.FileType.File:
+            continue
+        stray_shard = e.base_name.startswith("part-") and e.base_name.endswith(".parquet") and e.base_name not in files
+        if stray_shard or ".tmp-" in e.base_name:
+            _delete_quietly(fs, e.path)
+            removed.append(e.base_name)
+    return sorted(removed)
 
 
 def committed(spec: JobSpec | str) -> dict[str, dict[str, Any]]:

@@ -449,10 +449,11 @@ def test_resume_keeps_committed_shards_and_clears_leftovers(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=6)
     spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=3")
     prepare_output(spec)
-    s0, _ = plan_shards(spec)
+    s0, s1 = plan_shards(spec)
     commit(spec, s0)
     (tmp_path / "out" / "_SUCCESS").write_text("")
     (tmp_path / "out" / ".part-00001.parquet.tmp-abc").write_text("partial")
+    write_shard(spec, s1, [record(r) for r in read_rows(spec, s1)])  # written, never committed
     # Different resources: same outputs, so resuming is allowed.
     again = make_spec(inp, tmp_path / "out", "resources.shard_rows=5", "resources.actors=3")
     prepare_output(again)
@@ -460,6 +461,23 @@ def test_resume_keeps_committed_shards_and_clears_leftovers(tmp_path):
     assert [s.name for s in pending_shards(again)] == ["part-00001"]
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["_plan.json", "_spec.json", "part-00000.manifest.json", "part-00000.parquet"]
+
+
+def test_remove_uncommitted_leaves_exactly_the_committed_shards(tmp_path):
+    inp = make_parquet(tmp_path / "in.parquet", n=8)
+    spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=4")
+    prepare_output(spec)
+    s0, s1 = plan_shards(spec)
+    commit(spec, s0)
+    # s1 was written by an attempt whose actor died before the commit, then split and redone.
+    write_shard(spec, s1, [record(r) for r in read_rows(spec, s1)])
+    for half in split_shard(s1):
+        commit(spec, half)
+    (tmp_path / "out" / ".part-00009.parquet.tmp-0123").write_text("partial")
+    assert data.remove_uncommitted(spec) == [".part-00009.parquet.tmp-0123", "part-00001.parquet"]
+    parts = sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet"))
+    assert parts == ["part-00000.parquet", "part-00001.1.parquet", "part-00001.2.parquet"]
+    assert read_output(str(tmp_path / "out")).column("id").to_pylist() == [f"p{i}" for i in range(8)]
 
 
 def test_resume_refuses_a_directory_written_by_a_different_spec(tmp_path):
@@ -580,3 +598,15 @@ def test_repository_prompt_data_checks_out():
         assert info.num_rows >= 24, job
         rows = read_rows(spec, Shard("all", 0, info.num_rows))
         assert not any("error" in r for r in rows), job
+
+
+def test_committed_prompt_data_matches_its_generator():
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("make_prompts", REPO / "jobs" / "data" / "make_prompts.py")
+    make_prompts = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(make_prompts)
+    assert pq.read_table(REPO / "jobs" / "data" / "demo_prompts.parquet").equals(make_prompts.demo_table())
+    assert pq.read_table(REPO / "jobs" / "data" / "brainstorm_chat.parquet").equals(make_prompts.chat_table())
+    prompts = make_prompts.demo_table().column("prompt").to_pylist()
+    assert len(set(prompts)) == len(prompts) >= 24
