@@ -289,7 +289,6 @@ class Driver:
         self.retired: list[_Slot] = []
         self.next_label = 0
         self.counts = collections.Counter()
-        self.failed: list[dict[str, Any]] = []
         self.this_run: list[dict[str, Any]] = []
         self.first_commit_s: float | None = None
         self.ray_ready_s: float | None = None
@@ -481,7 +480,6 @@ class Driver:
             "error": error,
         }
         data.write_manifest(spec, shard, info)
-        self.failed.append({"shard": shard.name, "ids": [str(r["id"]) for r in rows], "error": error})
         self.log(f"error: {shard.name} failed {task.attempts} times: {error}")
         progress.shard_done(info)
 
@@ -504,9 +502,11 @@ class Driver:
             "actor_deaths": self.counts["actor_deaths"],
             "engine_factory": self.engine_factory,
         }
-        failed = self.failed or [
-            {"shard": name, "ids": list(info.get("error_ids", [])), "error": info.get("error", "")}
-            for name, info in sorted(manifests.items()) if info.get("failed")
+        # Every committed shard with errors, this run's or earlier: failed shards (their rows
+        # kept failing) and shards whose engine reported row errors (e.g. a prompt too long).
+        failed = [
+            {"shard": name, "ids": list(info.get("error_ids", [])), "error": info.get("error") or info.get("first_error") or ""}
+            for name, info in manifests.items() if info.get("failed") or info.get("errors")
         ]
         stats = report.build_stats(
             spec, manifests, this_run=self.this_run, run=run, actors=self._descriptions(),

@@ -13,6 +13,8 @@ Behaviour is steered by an optional ``fake_engine.json`` beside the input Parque
 ``{"delay_s": seconds per request, "die_marker": path}``; when the ``die_marker`` file
 exists during ``generate``, the engine deletes it and kills its own process, once (so a test
 can kill an actor in the middle of generation after some shards were committed).
+
+``build_real(spec)`` is the real engine with the same die_marker behaviour.
 """
 
 from __future__ import annotations
@@ -115,3 +117,37 @@ def build(spec) -> LoadedEngine:
     if control.get("fail_init"):
         raise RuntimeError("fake engine refused to start")
     return LoadedEngine(engine=FakeEngine(control), encode=encode, description={"device": "cpu", "engine": "fake"})
+
+
+class _DyingEngine:
+    """The real engine, killing its process (once) when the control's die_marker appears."""
+
+    def __init__(self, engine, die_marker: str | None):
+        self.engine = engine
+        self.die_marker = die_marker
+
+    def __getattr__(self, name):  # stats, cost_model, gamma, gamma_reason
+        return getattr(self.engine, name)
+
+    def _maybe_die(self, _output=None) -> None:
+        if self.die_marker and os.path.exists(self.die_marker):
+            try:
+                os.remove(self.die_marker)
+            except FileNotFoundError:
+                return
+            os._exit(1)
+
+    def generate(self, requests):
+        return self.engine.generate(requests, on_output=self._maybe_die)
+
+
+def build_real(spec) -> LoadedEngine:
+    """specbatch's real engine (worker.build_engine), which dies on the control's die_marker
+    between two finished samples: an actor killed in the middle of real generation."""
+    from specbatch.worker import build_engine
+
+    control_path = pathlib.Path(spec.input.path).parent / "fake_engine.json"
+    control = json.loads(control_path.read_text()) if control_path.is_file() else {}
+    loaded = build_engine(spec)
+    loaded.engine = _DyingEngine(loaded.engine, control.get("die_marker"))
+    return loaded
