@@ -23,6 +23,7 @@ Every path goes through ``pyarrow.fs`` (``FileSystem.from_uri``), so local paths
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 import json
 import math
@@ -274,8 +275,6 @@ def _prompt_kind(t: pa.DataType) -> str | None:
 
 
 def _missing_column(path: str, field: str, column: str, names: Sequence[str]) -> InputError:
-    import difflib
-
     close = difflib.get_close_matches(column, list(names), n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else f" (columns: {', '.join(names)})"
     return InputError(f"{path}: {field} {column!r} not found{hint}")
@@ -367,7 +366,7 @@ def _check_ids(spec: JobSpec, info: InputInfo) -> None:
     import pyarrow.compute as pc
 
     fs = _input_fs(spec.input.path)
-    seen: dict[str, tuple[str, int]] = {}
+    seen: dict[str, int] = {}  # id -> its global row index
     for fi, path in enumerate(info.files):
         shown = _display(spec.input.path, path)
         pf = _open_parquet(fs, path, shown)
@@ -380,11 +379,10 @@ def _check_ids(spec: JobSpec, info: InputInfo) -> None:
         for i, value in enumerate(col.to_pylist()):
             key = str(value)
             if key in seen:
-                first_path, first_row = seen[key]
                 raise InputError(
-                    f"{shown}: duplicate id {key!r} in column {info.id_column!r} (rows {first_row} and {offset + i})"
+                    f"{shown}: duplicate id {key!r} in column {info.id_column!r} (rows {seen[key]} and {offset + i})"
                 )
-            seen[key] = (path, offset + i)
+            seen[key] = offset + i
 
 
 # read_rows runs once per shard in long-lived actors: keep each input's layout, keyed by the
