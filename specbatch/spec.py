@@ -282,6 +282,21 @@ class JobSpec(BaseModel):
         "point (the cartesian product, keys in the order given), n samples each; swept keys become output columns.",
     )
 
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_floats(cls, v: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+        """Integers given for float fields become floats, so [0, 1] and [0.0, 1.0] are one sweep
+        (same fingerprint, same request ids, same output column values)."""
+        if not v:
+            return v
+        out = {}
+        for key, values in v.items():
+            field = SamplingSpec.model_fields.get(key)
+            if field is not None and field.annotation is float and isinstance(values, list):
+                values = [float(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in values]
+            out[key] = values
+        return out
+
     @model_validator(mode="after")
     def _sweep_ok(self) -> "JobSpec":
         if not self.sweep:

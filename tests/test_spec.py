@@ -241,6 +241,18 @@ def test_sweep_points_are_the_grid_in_key_order():
         assert params.temperature == point["temperature"] and params.top_k == point["top_k"] and params.n == 2
 
 
+def test_integer_sweep_values_of_float_fields_become_floats():
+    a = spec_from_dict(apply_override(minimal_dict(), "sweep.temperature=[0, 1]"))
+    b = spec_from_dict(apply_override(minimal_dict(), "sweep.temperature=[0.0, 1.0]"))
+    assert a.sweep == {"temperature": [0.0, 1.0]} and all(isinstance(x, float) for x in a.sweep["temperature"])
+    assert a.fingerprint() == b.fingerprint()
+    assert [point_key(p) for p, _ in a.sweep_points()] == [point_key(p) for p, _ in b.sweep_points()]
+    c = spec_from_dict(apply_override(minimal_dict(), "sweep.top_k=[0, 5]"))
+    assert c.sweep == {"top_k": [0, 5]} and all(type(x) is int for x in c.sweep["top_k"])
+    with pytest.raises(SpecError, match=r"sweep.temperature: values must be distinct"):
+        spec_from_dict(apply_override(minimal_dict(), "sweep.temperature=[1, 1.0]"))
+
+
 def test_no_sweep_is_one_empty_point():
     spec = spec_from_dict(minimal_dict())
     [(point, params)] = spec.sweep_points()
