@@ -1,0 +1,271 @@
+"""Host wrapper: what the engine calls.  Validates, allocates, picks the backend once.
+
+Backends: ``"triton"`` runs the fused kernels (CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``); ``"torch"`` runs the unfused torch reference (``specbatch.sampling`` +
+``specbatch.speculative``).  The choice is made once, on first use: ``SPECBATCH_KERNELS=triton``
+or ``=torch`` in the environment decides; otherwise Triton when CUDA is available, else torch.
+:func:`force_backend` overrides it (tests use it to run the kernels under the interpreter).
+
+Sparse adjustments (logit bias, repetition/presence/frequency penalties, min_new_tokens bans)
+are applied in torch before the kernels (``specbatch.sampling.apply_bias_and_penalties``); the
+kernels do temperature/greedy, top-k, top-p, min-p, softmax, the acceptance test and the
+recovered/bonus draw, with the counter-based uniforms computed in-kernel.
+
+Row layout for verification: pair (r, i) of R rows and G+1 positions is flattened row-major,
+``pair = r * (G + 1) + i``.  ``warp`` may hold R entries (one per row, expanded to its positions)
+or R*(G+1) entries (one per pair); ``history`` and ``ban`` are per pair.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from specbatch import rng, speculative
+from specbatch.sampling import History, WarpParams, apply_bias_and_penalties
+from specbatch.speculative import VerifyResult
+
+BACKENDS = ("triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_backend: str | None = None
+
+
+def _triton_usable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def backend() -> str:
+    """The backend in use, chosen once: "triton" or "torch"."""
+    global _backend
+    if _backend is None:
+        wanted = os.environ.get("SPECBATCH_KERNELS", "").strip().lower()
+        if wanted:
+            force_backend(wanted)
+        else:
+            _backend = "triton" if torch.cuda.is_available() and _triton_usable() else "torch"
+    return _backend
+
+
+def force_backend(name: str | None) -> None:
+    """Use ``name`` ("triton" or "torch") from now on; None chooses again on next use."""
+    global _backend
+    if name is None:
+        _backend = None
+        return
+    if name not in BACKENDS:
+        raise ValueError(f"SPECBATCH_KERNELS must be one of {BACKENDS}, got {name!r}")
+    if name == "triton" and not _triton_usable():
+        raise RuntimeError("the triton backend was asked for but triton is not installed")
+    _backend = name
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_device(t: torch.Tensor, what: str) -> None:
+    if backend() == "triton" and t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{what}: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {t.device}")
+
+
+def _index_vector(t: torch.Tensor, n: int, what: str, device: torch.device) -> torch.Tensor:
+    """A [n] int64 tensor on device, contiguous (small: made so rather than refused)."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t)
+    if t.shape != (n,):
+        raise ValueError(f"{what} must have shape [{n}], got {tuple(t.shape)}")
+    if t.dtype != torch.int64:
+        raise ValueError(f"{what} must be int64, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{what} is on {t.device}, the logits on {device}")
+    return t.contiguous()
+
+
+def _logits(t: torch.Tensor, ndim: int, what: str) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{what} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{what} must be float32, bfloat16 or float16, got {t.dtype}")
+    if t.shape[-1] < 1:
+        raise ValueError(f"{what} has an empty vocabulary")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{what} must be contiguous in the vocabulary dim (stride {t.stride(-1)})")
+    _check_device(t, what)
+
+
+def _params(warp: WarpParams, rows: int, per_row: int, device: torch.device) -> WarpParams:
+    """Warp parameters with one entry per logits row: expands per-sequence entries if needed."""
+    n = len(warp)
+    if n == rows * per_row:
+        out = warp
+    elif n == rows:
+        out = warp.index(torch.arange(rows, device=warp.temperature.device).repeat_interleave(per_row))
+    else:
+        raise ValueError(f"warp has {n} rows, expected {rows} (per row) or {rows * per_row} (per position)")
+
+    def col(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+        if t.dtype != dtype:
+            raise ValueError(f"warp.{name} must be {dtype}, got {t.dtype}")
+        return t.to(device).contiguous()
+
+    return WarpParams(
+        temperature=col(out.temperature, torch.float32, "temperature"),
+        top_k=col(out.top_k, torch.int64, "top_k"),
+        top_p=col(out.top_p, torch.float32, "top_p"),
+        min_p=col(out.min_p, torch.float32, "min_p"),
+        repetition_penalty=out.repetition_penalty.to(device),
+        presence_penalty=out.presence_penalty.to(device),
+        frequency_penalty=out.frequency_penalty.to(device),
+        logit_bias=out.logit_bias,
+    )
+
+
+def _adjusted(flat: torch.Tensor, params: WarpParams, history: History | None, ban: torch.Tensor | None) -> torch.Tensor:
+    """Apply bias, penalties and bans in torch when there are any. flat: [M, V] -> [M, V]."""
+    needs = params.logit_bias is not None or (history is not None and params.any_penalty) or ban is not None
+    if not needs:
+        return flat
+    scores = apply_bias_and_penalties(flat, params, history)  # [M, V] float32
+    if ban is not None:
+        scores = scores.masked_fill(ban.reshape(scores.shape).to(torch.bool), float("-inf"))
+    return scores
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def warp_and_sample(
+    logits: torch.Tensor,
+    warp: WarpParams,
+    key: torch.Tensor,
+    sample_index: torch.Tensor,
+    position: torch.Tensor,
+    role: rng.Role | int = rng.Role.SAMPLE,
+    history: History | None = None,
+    ban: torch.Tensor | None = None,
+    return_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warp M rows of logits and draw one token each with the uniform of (key, sample, position, role).
+
+    logits: [M, V] float32/bf16/fp16; warp: M rows; key, sample_index, position: [M] int64;
+    role: Role.SAMPLE for plain rows, Role.DRAFT for draft proposals; history/ban as in
+    ``specbatch.sampling.warp``.
+    Returns (tokens [M] int64, logprob [M] float32 = log p(token)), or with return_probs=True
+    (tokens [M] int64, probs [M, V] float32 = the full warped distribution sampled from: the q a
+    drafter must hand to verification).
+    """
+    _logits(logits, 2, "logits")
+    m, v = logits.shape
+    dev = logits.device
+    key, sample_index, position = (
+        _index_vector(t, m, name, dev) for t, name in ((key, "key"), (sample_index, "sample_index"), (position, "position"))
+    )
+    params = _params(warp, m, 1, dev)
+    scores = _adjusted(logits, params, history, ban)  # [M, V]
+    if backend() == "triton":
+        from specbatch_kernels.warp import warp_and_sample_triton as run
+    else:
+        from specbatch_kernels.warp import reference_warp_and_sample as run
+    tokens, logprob, probs = run(scores, params, key, sample_index, position, int(role), return_probs)
+    return (tokens, probs) if return_probs else (tokens, logprob)
+
+
+def verify(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    num_proposed: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    warp: WarpParams,
+    key: torch.Tensor,
+    sample_index: torch.Tensor,
+    position: torch.Tensor,
+    history: History | None = None,
+    ban: torch.Tensor | None = None,
+    approximate: bool = False,
+) -> tuple[VerifyResult, torch.Tensor]:
+    """Verify one speculative step from target logits (see ``specbatch.speculative.verify``).
+
+    target_logits: [R, G+1, V] float32/bf16/fp16 (position i scores proposal i; G+1 = bonus);
+    draft_tokens: [R, G] int64; num_proposed: [R] int64 in 0..G;
+    draft_probs: [R, G, V] float32, the q each proposal was sampled from, or None (one-hot q);
+    warp: R rows (per sequence) or R*(G+1) (per pair r*(G+1)+i); key, sample_index,
+    position (completion position of the first proposal): [R] int64;
+    history: per pair (R*(G+1) rows), ban: [R, G+1, V] or [R*(G+1), V] bool.
+    approximate: opt-in sigmoid approximation of p (``specbatch_kernels.approximate``): NOT exact.
+    Returns (VerifyResult, logprobs [R, G+1] float32: log p of each emitted token under the
+    warped target at its position, 0 after num_emitted).
+    """
+    _logits(target_logits, 3, "target_logits")
+    r, g1, v = target_logits.shape
+    g = g1 - 1
+    dev = target_logits.device
+    if draft_tokens.shape != (r, g) or draft_tokens.dtype != torch.int64:
+        raise ValueError(f"draft_tokens must be int64 [{r}, {g}], got {draft_tokens.dtype} {tuple(draft_tokens.shape)}")
+    if draft_tokens.device != dev:
+        raise ValueError(f"draft_tokens is on {draft_tokens.device}, the logits on {dev}")
+    draft_tokens = draft_tokens.contiguous()
+    num_proposed = _index_vector(num_proposed, r, "num_proposed", dev)
+    key, sample_index, position = (
+        _index_vector(t, r, name, dev) for t, name in ((key, "key"), (sample_index, "sample_index"), (position, "position"))
+    )
+    if draft_probs is not None:
+        if draft_probs.shape != (r, g, v) or draft_probs.dtype != torch.float32:
+            raise ValueError(f"draft_probs must be float32 [{r}, {g}, {v}], got {draft_probs.dtype} {tuple(draft_probs.shape)}")
+        if v > 1 and draft_probs.stride(-1) != 1:
+            raise ValueError("draft_probs must be contiguous in the vocabulary dim")
+        if draft_probs.device != dev:
+            raise ValueError(f"draft_probs is on {draft_probs.device}, the logits on {dev}")
+    if dev.type == "cpu":  # value checks cost a device sync elsewhere; cheap here
+        if bool(((num_proposed < 0) | (num_proposed > g)).any()):
+            raise ValueError(f"num_proposed must be in 0..{g}")
+        live = torch.arange(g)[None, :] < num_proposed[:, None]
+        if bool(((draft_tokens < 0) | (draft_tokens >= v))[live].any()):
+            raise ValueError(f"proposed draft_tokens must be in 0..{v - 1}")
+    params = _params(warp, r, g1, dev)
+    scores = _adjusted(target_logits.reshape(r * g1, v), params, history, ban).view(r, g1, v)  # [R, G+1, V]
+    args = (scores, draft_tokens, num_proposed, draft_probs, params, key, sample_index, position)
+    if approximate:
+        from specbatch_kernels import approximate as approx
+
+        return approx.verify_triton(*args) if backend() == "triton" else approx.reference_verify(*args)
+    if backend() == "triton":
+        from specbatch_kernels.verify import verify_triton
+
+        return verify_triton(*args)
+    from specbatch_kernels.verify import reference_verify
+
+    result, logprobs, _ = reference_verify(*args)
+    return result, logprobs
+
+
+def verify_probs(
+    draft_tokens: torch.Tensor,
+    num_proposed: torch.Tensor,
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    key: torch.Tensor,
+    sample_index: torch.Tensor,
+    position: torch.Tensor,
+) -> VerifyResult:
+    """``specbatch.speculative.verify``'s signature (p given as probabilities) through :func:`verify`.
+
+    log p as logits at temperature 1 is an exact input: softmax(log p) = p, zeros stay zero.
+    """
+    r, g1, _ = target_probs.shape
+    ones = torch.ones(r, dtype=torch.float32, device=target_probs.device)
+    warp = WarpParams(
+        temperature=ones,
+        top_k=torch.zeros(r, dtype=torch.int64, device=target_probs.device),
+        top_p=ones.clone(),
+        min_p=torch.zeros_like(ones),
+        repetition_penalty=ones.clone(),
+        presence_penalty=torch.zeros_like(ones),
+        frequency_penalty=torch.zeros_like(ones),
+    )
+    logits = target_probs.to(torch.float32).log().contiguous()  # [R, G+1, V]
+    result, _ = verify(logits, draft_tokens.clamp(min=0), num_proposed, draft_probs, warp, key, sample_index, position)
+    return result
