@@ -353,6 +353,7 @@ def _scan(spec: JobSpec) -> InputInfo:
 def check_input(spec: JobSpec) -> InputInfo:
     """Check the input before anything starts: it exists, is Parquet, has the columns, has rows,
     and its ids are unique and non-null. Reads footers and the id column only; writes nothing."""
+    _check_output_outside_input(spec)
     info = _scan(spec)
     if info.num_rows == 0:
         raise InputError(f"input.path: {spec.input.path} has no rows")
@@ -360,6 +361,20 @@ def check_input(spec: JobSpec) -> InputInfo:
         _check_ids(spec, info)
     _LAYOUT_CACHE[_cache_key(spec)] = (_stamp(spec), info)
     return info
+
+
+def _check_output_outside_input(spec: JobSpec) -> None:
+    """An output directory inside an input directory would be read back as input on a rerun."""
+    split = _split_glob(spec.input.path)
+    in_fs, in_path = resolve(split[0] if split else spec.input.path)
+    out_fs, out_path = resolve(spec.output.path)
+    if in_fs.type_name != out_fs.type_name:
+        return
+    if split is None and in_fs.get_file_info(in_path).type != pafs.FileType.Directory:
+        return
+    base = in_path.rstrip("/")
+    if out_path.rstrip("/") == base or out_path.startswith(base + "/"):
+        raise InputError(f"output.path: {spec.output.path} is inside the input directory {spec.input.path}; write it elsewhere")
 
 
 def _check_ids(spec: JobSpec, info: InputInfo) -> None:

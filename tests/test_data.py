@@ -309,6 +309,15 @@ def build_malformed(name: str, tmp: pathlib.Path):
     raise AssertionError(name)
 
 
+def test_output_inside_the_input_directory_is_refused(tmp_path):
+    make_parquet(tmp_path / "d" / "a.parquet")
+    for inp in (tmp_path / "d", f"{tmp_path}/d/*.parquet"):
+        with pytest.raises(InputError, match=r"^output.path: .* is inside the input directory"):
+            check_input(make_spec(inp, tmp_path / "d" / "out"))
+    check_input(make_spec(tmp_path / "d" / "a.parquet", tmp_path / "d" / "out"))  # a single file is fine
+    check_input(make_spec(tmp_path / "d", tmp_path / "d2"))  # a sibling whose name extends it is fine
+
+
 @pytest.mark.parametrize("name", MALFORMED_INPUTS)
 def test_malformed_input_fails_with_one_line_naming_the_file_and_writes_nothing(tmp_path, name):
     inp, fields, expected = build_malformed(name, tmp_path)
