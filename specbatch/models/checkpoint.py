@@ -8,6 +8,7 @@ was expected.
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import torch
@@ -67,12 +68,35 @@ def weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
     raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} (expected safetensors weights){hint}")
 
 
+def _expected_size(path: pathlib.Path) -> int | None:
+    """The byte size a safetensors file's own header implies, or None if the header is unreadable.
+
+    Layout: 8-byte little-endian header length n, n bytes of JSON header, then the data, each
+    tensor at ``data_offsets`` [begin, end) relative to the data start.
+    """
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > 100_000_000:
+                return None
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        return 8 + n + max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
 def _open(path: pathlib.Path):
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found (expected a safetensors weights file)")
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        size, expected = path.stat().st_size, _expected_size(path)
+        if expected is not None and size < expected:
+            raise CheckpointError(
+                f"{path}: truncated safetensors file ({size} bytes, its header describes {expected})"
+            ) from None
         reason = " ".join(str(e).split())
         raise CheckpointError(f"{path}: not a valid safetensors file ({reason})") from None
 
