@@ -487,6 +487,9 @@ class Driver:
         from specbatch import data, report
 
         spec = self.spec
+        # Every attempt has returned: files no manifest commits (an actor died after writing,
+        # a shard was split) can go, so the part files are exactly the committed rows.
+        data.remove_uncommitted(spec)
         manifests = data.committed(spec)
         cost_model, gamma = self._engine_facts()
         run = {

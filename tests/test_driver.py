@@ -74,7 +74,11 @@ def plain_prompts(n: int = NUM_PROMPTS) -> list[str]:
 
 
 def rows_by_key(path) -> dict[tuple, dict]:
-    """Output rows keyed by (id, sample_index[, sweep values]); asserts each key appears once."""
+    """Output rows keyed by (id, sample_index[, sweep values]); asserts each key appears once
+    and that the part files are exactly the committed shards (globbing them reads each row once)."""
+    path = pathlib.Path(path)
+    parts = sorted(p.name[: -len(".parquet")] for p in path.glob("part-*.parquet"))
+    assert parts == sorted(data.committed(str(path))), parts
     rows = data.read_output(str(path)).to_pylist()
     keyed = {}
     for r in rows:
