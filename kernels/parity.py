@@ -65,6 +65,11 @@ def _truncation_margin(scores: torch.Tensor, params: WarpParams) -> torch.Tensor
     return torch.where(sampled & (params.min_p > 0), torch.minimum(margin, near_min), margin)
 
 
+def truncation_near(scores: torch.Tensor, params: WarpParams, eps: float = EPS) -> torch.Tensor:
+    """[M] bool: rows whose top-p / min-p truncation sits within eps of flipping (their p may differ)."""
+    return _truncation_margin(scores.to(torch.float32), params) < eps
+
+
 def classify_sample(
     tokens: torch.Tensor,
     ref_tokens: torch.Tensor,
