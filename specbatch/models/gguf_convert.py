@@ -18,13 +18,13 @@ import torch
 _SOURCE_ONLY_KEYS = ("quantization_config", "_model_name_or_path")
 
 
-def load_gguf_reference(gguf_path: pathlib.Path):
-    """(model, tokenizer) as transformers' GGUF loader builds them (float32, eval mode)."""
+def load_gguf_reference(gguf_path: pathlib.Path, with_tokenizer: bool = True):
+    """(model, tokenizer or None) as transformers' GGUF loader builds them (float32, eval mode)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = pathlib.Path(gguf_path)
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name) if with_tokenizer else None
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     return model.eval(), tokenizer
 
