@@ -135,7 +135,9 @@ def submission(job: str, overrides: Sequence[str], runtime_env: dict | None, cwd
         relative = job_path.relative_to(root)
     except ValueError:
         raise SpecError(f"{job}: the job file must be inside the uploaded working directory {root}") from None
-    parts = ["specbatch", "run", relative.as_posix(), "--quiet"]
+    # `python -m specbatch`: the package is importable from the uploaded working directory even
+    # where it is not installed (the stock Ray images).
+    parts = ["python", "-m", "specbatch", "run", relative.as_posix(), "--quiet"]
     for item in overrides:
         parts += ["--set", item]
     return " ".join(shlex.quote(p) for p in parts), env

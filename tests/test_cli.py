@@ -296,7 +296,7 @@ def test_submission_uploads_the_working_dir_and_runs_the_job_inside_it(tmp_path)
     job = tmp_path / "jobs" / "j.yaml"
     job.write_text("name: x\n")
     entrypoint, env = submission(str(job), ["sampling.n=2", "name=a b"], {"pip": ["specbatch"]}, cwd=tmp_path)
-    assert entrypoint == "specbatch run jobs/j.yaml --quiet --set sampling.n=2 --set 'name=a b'"
+    assert entrypoint == "python -m specbatch run jobs/j.yaml --quiet --set sampling.n=2 --set 'name=a b'"
     assert env == {"pip": ["specbatch"], "working_dir": str(tmp_path.resolve())}
     from specbatch.spec import SpecError
 
@@ -325,7 +325,7 @@ def test_submit_sends_the_job_through_the_jobs_api(job, monkeypatch, capsys):
     assert main(["submit", path, "--address", "http://head:8265", "--runtime-env", str(env_file), "--set", "sampling.n=3"]) == 0
     assert calls[0] == ("address", "http://head:8265")
     sent = calls[1][1]
-    assert sent["entrypoint"] == "specbatch run job.yaml --quiet --set sampling.n=3"
+    assert sent["entrypoint"] == "python -m specbatch run job.yaml --quiet --set sampling.n=3"
     assert sent["runtime_env"]["env_vars"] == {"RAY_AUTH_MODE": "disabled"}
     assert "raysubmit_123" in capsys.readouterr().out
     # a bad spec is refused before anything is sent
