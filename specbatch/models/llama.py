@@ -14,8 +14,8 @@ then advances ``cache.lengths[slots]`` by ``num_tokens``.  Attention reads the c
 to the longest live row of the batch.
 
 Weights are stored fused where that saves kernel launches: q/k/v in one matrix, gate/up in
-one matrix.  Norms follow transformers' numerics (statistics in float32, scale in the model
-dtype) so that float32 logits match it to rounding.
+one matrix.  In float32 the logits match transformers' to rounding; in half precision the
+fused RMSNorm rounds once where transformers rounds twice, so logits differ slightly.
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ from specbatch.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim; the statistic in float32, the result in x's dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    """RMSNorm over the last dim: ``x / sqrt(mean(x^2) + eps) * weight`` (one fused op)."""
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 def _param(t: torch.Tensor | None) -> nn.Parameter | None:
@@ -84,16 +82,15 @@ class DecoderLayer(nn.Module):
         qkv = F.linear(h, self.qkv, self.qkv_bias).view(R, W, nh + 2 * kvh, hd)
         qk, v = qkv[:, :, : nh + kvh], qkv[:, :, nh + kvh :]  # [R, W, nh + kvh, hd], [R, W, kvh, hd]
         if self.qk_norm is not None:
-            qk = rms_norm(qk, self.qk_norm, c.rms_norm_eps)
+            qk = F.rms_norm(qk, (hd,), eps=c.rms_norm_eps) * self.qk_norm
         q, k = apply_rope(qk, plan.cos, plan.sin).split((nh, kvh), dim=2)
 
         k_cache, v_cache = cache.k[layer], cache.v[layer]  # [S, kvh, max_len, hd]
-        if plan.write_valid is None:  # every token is real
-            k_cache[plan.write_slots, :, plan.write_pos] = k
-            v_cache[plan.write_slots, :, plan.write_pos] = v
-        else:
-            k_cache[plan.write_slots, :, plan.write_pos] = k[plan.write_valid]  # [N, kvh, hd]
-            v_cache[plan.write_slots, :, plan.write_pos] = v[plan.write_valid]
+        if plan.write_valid is not None:  # only real tokens are written
+            k, v = k[plan.write_valid], v[plan.write_valid]  # [N, kvh, hd]
+        # Position-major views [S, max_len, kvh, hd] so (slot, position) index the first two dims.
+        k_cache.transpose(1, 2).index_put_(plan.write_index, k)
+        v_cache.transpose(1, 2).index_put_(plan.write_index, v)
         if plan.slot_range is not None:  # a contiguous run of slots: a view, no copy
             lo, hi = plan.slot_range
             keys, values = k_cache[lo:hi, :, : plan.kv_len], v_cache[lo:hi, :, : plan.kv_len]
@@ -125,8 +122,9 @@ def _matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     kvh, L = keys.shape[1], keys.shape[2]
     g = nh // kvh
     qg = q.reshape(R, W, kvh, g, hd).permute(0, 2, 3, 1, 4).reshape(R, kvh, g * W, hd)
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).float().view(R, kvh, g, W, L)  # [R, kvh, g, W, L]
-    probs = torch.softmax(scores * hd**-0.5 + bias, dim=-1).to(q.dtype)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).view(R, kvh, g, W, L)  # [R, kvh, g, W, L]
+    scores = torch.add(bias, scores, alpha=hd**-0.5)  # float32: bias + scores / sqrt(hd)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
     out = torch.matmul(probs.view(R, kvh, g * W, L), values)  # [R, kvh, g W, hd]
     return out.view(R, kvh, g, W, hd).permute(0, 3, 1, 2, 4)  # [R, W, kvh, g, hd] = [R, W, nh, hd]
 
@@ -168,12 +166,10 @@ class _Plan:
 
         if all_valid:
             self.write_valid = None
-            self.write_slots = slots[:, None].expand(R, W)  # [R, W]
-            self.write_pos = positions
+            self.write_index = (slots[:, None].expand(R, W), positions)  # ([R, W], [R, W])
         else:
             self.write_valid = valid
-            self.write_slots = slots[:, None].expand(R, W)[valid]  # [N]
-            self.write_pos = positions[valid]  # [N]
+            self.write_index = (slots[:, None].expand(R, W)[valid], positions[valid])  # ([N], [N])
 
         key_pos = torch.arange(self.kv_len, device=device)  # [L]
         causal = key_pos <= positions[:, :, None]  # [R, W, L]

@@ -37,14 +37,16 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> to
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin ``[R, W, head_dim]`` for positions ``[R, W]`` (angles in float32)."""
+    """cos and *signed* sin ``[R, W, head_dim]`` for positions ``[R, W]`` (angles in float32).
+
+    The signed sin is ``(-sin, sin)`` over the two halves, so that rotating is
+    ``x * cos + roll(x, half) * signed_sin`` (the same products as ``rotate_half``, exactly).
+    """
     angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [R, W, head_dim/2]
-    angles = torch.cat((angles, angles), dim=-1)  # [R, W, head_dim]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    sin = angles.sin()
+    return torch.cat((angles, angles), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [R, W, heads, head_dim]`` by cos/sin ``[R, W, 1, head_dim]``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [R, W, heads, head_dim]`` by cos / signed sin ``[R, W, 1, head_dim]``."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
