@@ -1,0 +1,87 @@
+"""specbatch's engine vs transformers' generate on the demo model, side by side.
+
+Same prompts, same settings (temperature 0.8, fixed lengths: EOS ignored), N = 1 and N = 16
+samples per prompt, median of 3 runs.  Prints tokens/s, the ratio, the batch-1 step time and
+the batch-1 memory-bandwidth bound (weights bytes / measured copy bandwidth).
+
+    .venv/bin/python bench/engine.py [--model smollm2-135m-instruct] [--dtype bfloat16] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import PROMPTS, median_time, memory_bandwidth, table  # noqa: E402
+
+from specbatch.costmodel import time_forward  # noqa: E402
+from specbatch.engine import Engine, EngineConfig  # noqa: E402
+from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
+from specbatch.request import Request  # noqa: E402
+from specbatch.sampling import SamplingParams  # noqa: E402
+from specbatch.tokenization import encode_prompt  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--ns", default="1,16")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    path = resolve_model_path(args.model)
+    dtype = getattr(torch, args.dtype)
+    tok = load_tokenizer(path)
+    prompts = [encode_prompt(tok, p) for p in PROMPTS[: args.prompts]]
+
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    ours = load_model(path, dtype=args.dtype)
+
+    def run_hf(n: int) -> int:
+        total = 0
+        with torch.inference_mode():
+            for ids in prompts:
+                out = hf.generate(
+                    torch.tensor([ids]), do_sample=True, temperature=0.8, top_k=0, top_p=1.0,
+                    max_new_tokens=args.tokens, min_new_tokens=args.tokens, num_return_sequences=n,
+                    pad_token_id=tok.eos_token_id,
+                )
+                total += (out.shape[1] - len(ids)) * n
+        return total
+
+    def run_ours(engine: Engine, n: int) -> int:
+        params = SamplingParams(n=n, max_new_tokens=args.tokens, temperature=0.8, ignore_eos=True)
+        with torch.inference_mode():
+            outs = engine.generate([Request(f"p{i}", ids, params) for i, ids in enumerate(prompts)])
+        return sum(o.num_tokens for o in outs)
+
+    rows = []
+    for n in [int(x) for x in args.ns.split(",")]:
+        engine = Engine(ours, tok, None, EngineConfig(max_batch_size=n, measure_cost=False))
+        t_hf, tokens_hf = median_time(lambda: run_hf(n))
+        t_ours, tokens_ours = median_time(lambda: run_ours(engine, n))
+        rows.append([n, tokens_hf / t_hf, tokens_ours / t_ours, (tokens_ours / t_ours) / (tokens_hf / t_hf)])
+    print(table(["N", "transformers tok/s", "specbatch tok/s", "ratio"], rows))
+    if len(rows) > 1:
+        print(f"N={rows[-1][0]} vs N={rows[0][0]} (specbatch): {rows[-1][2] / rows[0][2]:.1f}x tokens/s")
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    bw = memory_bandwidth()
+    bound = weight_bytes / bw
+    step = time_forward(ours, 1, 1, context=64)
+    print(table(
+        ["weights MB", "copy bandwidth GB/s", "batch-1 bound ms", "batch-1 step ms", "step / bound"],
+        [[weight_bytes / 1e6, bw / 1e9, bound * 1e3, step * 1e3, step / bound]],
+    ))
+
+
+if __name__ == "__main__":
+    main()

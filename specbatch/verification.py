@@ -1,0 +1,53 @@
+"""One verification step from raw target logits: warp every position, then verify.
+
+This is the seam between the engine and the math: the engine hands over logits and per-row
+settings, and gets back what each row emits plus the log-probability of each emitted token
+under the warped target distribution p (for cumulative_logprob).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specbatch.sampling import History, WarpParams, warp
+from specbatch.speculative import VerifyResult, verify, verify_coupled
+
+
+def warp_positions(
+    logits: torch.Tensor, params: WarpParams, history: History | None, ban: torch.Tensor | None
+) -> torch.Tensor:
+    """logits: [R, W, V] -> p: [R, W, V] float32. params are per row (R); history and ban are
+    per (row, position) flattened row-major ([R*W, ...])."""
+    r, w, v = logits.shape
+    rows = torch.arange(r, device=logits.device).repeat_interleave(w)  # [R*W]
+    return warp(logits.reshape(r * w, v), params.index(rows), history, ban).view(r, w, v)
+
+
+def emitted_logprobs(p: torch.Tensor, result: VerifyResult) -> torch.Tensor:
+    """log p(token) at each emitted position, 0 elsewhere. p: [R, W, V] -> [R, W]."""
+    tokens = result.tokens  # [R, W]
+    lp = p.gather(2, tokens.clamp(min=0)[..., None]).squeeze(-1).log()
+    return torch.where(tokens >= 0, lp, torch.zeros_like(lp))
+
+
+def warp_and_verify(
+    logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    num_proposed: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    params: WarpParams,
+    key: torch.Tensor,
+    sample_index: torch.Tensor,
+    position: torch.Tensor,
+    *,
+    history: History | None = None,
+    ban: torch.Tensor | None = None,
+    coupled: bool = False,
+) -> tuple[VerifyResult, torch.Tensor]:
+    """logits [R, G+1, V] of the target over [last token, proposals] -> (VerifyResult, logp [R, G+1])."""
+    p = warp_positions(logits, params, history, ban)  # [R, G+1, V]
+    if coupled:
+        result = verify_coupled(draft_tokens, num_proposed, p, key, sample_index, position)
+    else:
+        result = verify(draft_tokens, num_proposed, p, draft_probs, key, sample_index, position)
+    return result, emitted_logprobs(p, result)

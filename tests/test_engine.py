@@ -1,0 +1,293 @@
+"""The engine end to end on tiny random checkpoints (float32, CPU).
+
+Exactness: the engine's samples of the first L completion tokens must follow the exact
+distribution of plain sampling from the warped target, computed by enumerating every prefix
+with the model itself (tests/exactness/distribution.py).  Each speculative case also asserts
+a minimum number of rejections per proposal position, so the test has power.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from specbatch import rng
+from specbatch.drafters import NgramDrafter, build_drafter
+from specbatch.engine import Engine, EngineConfig
+from specbatch.models import load_model, load_tokenizer
+from specbatch.request import Request
+from specbatch.sampling import SamplingParams, WarpParams, sample_from_probs, warp
+from specbatch.speculative import coupled_choice
+from tests.exactness.distribution import assert_samples_match, sequence_probs
+from tests.tiny import EOS_ID, make_tiny_checkpoint, make_tiny_pair
+
+V = 32
+L = 3  # completion tokens compared
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    target, draft = make_tiny_pair(root, vocab_size=V, draft_vocab_size=40)
+    return target, draft
+
+
+@pytest.fixture(scope="module")
+def target(ckpts):
+    return load_model(ckpts[0], dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(ckpts):
+    return load_tokenizer(ckpts[0])
+
+
+PROMPT = [1, 10, 11, 12, 10, 11]  # "<s> d e f d e": repeats, so the n-gram drafter has material
+
+
+def exact_probs(model, prompt: list[int], params: SamplingParams, length: int = L) -> torch.Tensor:
+    """Exact distribution of the first `length` completion tokens under plain sampling."""
+
+    def next_probs(prefix: torch.Tensor) -> torch.Tensor:
+        m, t = prefix.shape
+        seqs = torch.cat([torch.tensor(prompt).expand(m, -1), prefix], dim=1)  # [M, P+t]
+        cache = model.new_cache(m, seqs.shape[1])
+        logits = model(seqs, cache, torch.arange(m), torch.full((m,), seqs.shape[1]), last_only=True)[:, 0]
+        ban = None
+        if params.min_new_tokens > t:
+            ban = torch.zeros(m, V, dtype=torch.bool)
+            ban[:, EOS_ID] = True
+        return warp(logits, WarpParams.from_params([params] * m), None, ban)
+
+    with torch.inference_mode():
+        return sequence_probs(next_probs, V, length, stop_ids=[EOS_ID])
+
+
+def sample_matrix(outputs, length: int = L) -> torch.Tensor:
+    rows = []
+    for out in outputs:
+        ids = out.token_ids[:length]
+        rows.append(ids + [-1] * (length - len(ids)))
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def run(target, tokenizer, drafter, params, n, gamma=3, verification="rejection", max_batch=256, prompt=PROMPT, rid="p0"):
+    engine = Engine(target, tokenizer, drafter, EngineConfig(max_batch_size=max_batch, num_draft_tokens=gamma,
+                                                               verification=verification, measure_cost=False))
+    outs = engine.generate([Request(rid, list(prompt), dataclasses.replace(params, n=n))])
+    return engine, outs
+
+
+def assert_power(engine, min_rejections: int = 50):
+    st = engine.stats
+    width = min(len(st.tested_at), 2)
+    assert width >= 1, "no proposal was ever tested"
+    for i in range(width):
+        rejected = st.tested_at[i] - st.accepted_at[i]
+        assert rejected >= min_rejections, f"only {rejected} rejections at position {i}: the test has no power"
+
+
+BASE = SamplingParams(max_new_tokens=L, temperature=1.0, seed=7)
+N = 6000
+
+
+def test_plain_sampling_matches_exact_distribution(target, tokenizer):
+    params = dataclasses.replace(BASE, temperature=0.9, top_k=8, top_p=0.95)
+    _, outs = run(target, tokenizer, None, params, N)
+    assert len(outs) == N and sorted(o.sample_index for o in outs) == list(range(N))
+    assert_samples_match(sample_matrix(outs), exact_probs(target, PROMPT, params), V, label="plain")
+
+
+@pytest.mark.parametrize(
+    "draft_settings",
+    [
+        dict(),  # same temperature as the target
+        dict(draft_temperature=0.6, draft_top_k=4),  # colder and truncated narrower than the target
+        dict(draft_temperature=1.5),  # hotter than the target
+    ],
+    ids=["same", "cold-truncated", "hot"],
+)
+def test_model_drafter_matches_exact_distribution(target, tokenizer, ckpts, draft_settings):
+    params = dataclasses.replace(BASE, temperature=1.0, top_k=10)
+    drafter = build_drafter("model", target, tokenizer, path=str(ckpts[1]), dtype="float32", **draft_settings)
+    engine, outs = run(target, tokenizer, drafter, params, N)
+    assert_power(engine)
+    assert_samples_match(sample_matrix(outs), exact_probs(target, PROMPT, params), V, label=f"model {draft_settings}")
+
+
+def test_ngram_drafter_matches_exact_distribution(target, tokenizer):
+    params = dataclasses.replace(BASE, temperature=0.8, min_p=0.02)
+    engine, outs = run(target, tokenizer, NgramDrafter(1, 3), params, N)
+    assert_power(engine)
+    assert_samples_match(sample_matrix(outs), exact_probs(target, PROMPT, params), V, label="ngram")
+
+
+def test_min_new_tokens_and_penalties_through_the_engine(target, tokenizer, ckpts):
+    # EOS is banned for the first 2 tokens; repetition penalty makes p depend on the proposals.
+    params = dataclasses.replace(BASE, min_new_tokens=2, repetition_penalty=1.3)
+    drafter = build_drafter("model", target, tokenizer, path=str(ckpts[1]), dtype="float32")
+    engine, outs = run(target, tokenizer, drafter, params, 4000)
+    assert_power(engine, 30)
+    assert all(EOS_ID not in o.token_ids[:2] for o in outs)
+
+    def next_probs_with_history(prefix: torch.Tensor) -> torch.Tensor:
+        from specbatch.sampling import History
+
+        m, t = prefix.shape
+        seqs = torch.cat([torch.tensor(PROMPT).expand(m, -1), prefix], dim=1)
+        cache = target.new_cache(m, seqs.shape[1])
+        logits = target(seqs, cache, torch.arange(m), torch.full((m,), seqs.shape[1]), last_only=True)[:, 0]
+        ban = torch.zeros(m, V, dtype=torch.bool)
+        if t < 2:
+            ban[:, EOS_ID] = True
+        hist = History(prompt_ids=torch.tensor(PROMPT).expand(m, -1), output_ids=prefix if t else torch.full((m, 1), -1))
+        return warp(logits, WarpParams.from_params([params] * m), hist, ban)
+
+    with torch.inference_mode():
+        expected = sequence_probs(next_probs_with_history, V, L, stop_ids=[EOS_ID])
+    assert_samples_match(sample_matrix(outs), expected, V, label="penalties")
+
+
+def test_coupled_verification_equals_plain_coupled_sampling(target, tokenizer, ckpts):
+    """Coupled: output token for token equal to plain Gumbel-max sampling with the same seed."""
+    params = dataclasses.replace(BASE, max_new_tokens=6, temperature=1.0)
+    drafter = build_drafter("model", target, tokenizer, path=str(ckpts[1]), dtype="float32")
+    engine, spec_outs = run(target, tokenizer, drafter, params, 64, verification="coupled")
+    _, plain_outs = run(target, tokenizer, None, params, 64, verification="coupled")
+    assert engine.stats.tested > engine.stats.accepted > 0
+    assert [o.token_ids for o in spec_outs] == [o.token_ids for o in plain_outs]
+    # And plain coupled sampling is Gumbel-max over p, re-derived here for sample 0.
+    key = torch.tensor([rng.row_key(params.seed, "p0")])
+    seq = list(PROMPT)
+    for t in range(len(plain_outs[0].token_ids)):
+        cache = target.new_cache(1, len(seq))
+        logits = target(torch.tensor([seq]), cache, torch.tensor([0]), torch.tensor([len(seq)]), last_only=True)[:, 0]
+        p = warp(logits, WarpParams.from_params([params]))
+        tok = int(coupled_choice(p, rng.gumbel(key, torch.tensor([0]), torch.tensor([t]), V))[0])
+        assert tok == plain_outs[0].token_ids[t]
+        seq.append(tok)
+
+
+def test_coupled_verification_matches_exact_distribution(target, tokenizer, ckpts):
+    params = dataclasses.replace(BASE, temperature=1.0)
+    drafter = build_drafter("model", target, tokenizer, path=str(ckpts[1]), dtype="float32")
+    engine, outs = run(target, tokenizer, drafter, params, 4000, verification="coupled")
+    assert_power(engine, 30)
+    assert_samples_match(sample_matrix(outs), exact_probs(target, PROMPT, params), V, label="coupled")
+
+
+def test_greedy_speculative_equals_greedy_plain(target, tokenizer, ckpts):
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    drafter = build_drafter("model", target, tokenizer, path=str(ckpts[1]), dtype="float32")
+    prompts = [PROMPT, [1, 20, 21], [1, 5, 9, 14, 9, 5]]
+    plain = [run(target, tokenizer, None, params, 1, prompt=p)[1][0].token_ids for p in prompts]
+    spec = [run(target, tokenizer, drafter, params, 1, prompt=p)[1][0].token_ids for p in prompts]
+    ngram = [run(target, tokenizer, NgramDrafter(), params, 1, prompt=p)[1][0].token_ids for p in prompts]
+    assert spec == plain and ngram == plain
+
+
+def test_draft_identical_to_target_accepts_everything(target, tokenizer, ckpts):
+    params = dataclasses.replace(BASE, max_new_tokens=10, temperature=0.8, ignore_eos=True)
+    drafter = build_drafter("model", target, tokenizer, path=str(ckpts[0]), dtype="float32")
+    engine, outs = run(target, tokenizer, drafter, params, 16, gamma=4)
+    assert engine.stats.tested > 0 and engine.stats.accepted == engine.stats.tested
+    assert all(len(o.token_ids) == 10 for o in outs)
+
+
+def test_row_tokens_do_not_depend_on_batch(target, tokenizer, ckpts):
+    """A row's tokens are the same alone or in a full, mixed batch with slot refills."""
+    drafter_kinds = [lambda: None, lambda: NgramDrafter(), lambda: build_drafter("model", target, tokenizer, path=str(ckpts[1]), dtype="float32")]
+    reqs = [
+        Request("a", PROMPT, SamplingParams(n=5, max_new_tokens=9, temperature=0.9, seed=1)),
+        Request("b", [1, 20, 21], SamplingParams(n=3, max_new_tokens=5, temperature=0.0, seed=1)),
+        Request("c", [1, 7, 8, 9, 7, 8], SamplingParams(n=4, max_new_tokens=12, temperature=1.2, top_k=6, seed=1)),
+    ]
+    for make in drafter_kinds:
+        full = Engine(target, tokenizer, make(), EngineConfig(max_batch_size=4, num_draft_tokens=3, measure_cost=False)).generate(reqs)
+        for req in reqs:
+            for i in req.indices():
+                alone_req = Request(req.request_id, req.prompt_token_ids, req.params, sample_indices=[i])
+                alone = Engine(target, tokenizer, make(), EngineConfig(max_batch_size=1, num_draft_tokens=3, measure_cost=False)).generate([alone_req])[0]
+                batched = next(o for o in full if o.request_id == req.request_id and o.sample_index == i)
+                assert alone.token_ids == batched.token_ids
+
+
+def test_seed_reproducible_and_samples_independent(target, tokenizer):
+    params = dataclasses.replace(BASE, max_new_tokens=8, temperature=1.0, seed=3)
+    _, a = run(target, tokenizer, NgramDrafter(), params, 32)
+    _, b = run(target, tokenizer, NgramDrafter(), params, 32)
+    _, c = run(target, tokenizer, NgramDrafter(), dataclasses.replace(params, seed=4), 32)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.token_ids for o in a] != [o.token_ids for o in c]
+    # An engine copying the first token to all N rows would make these all equal.
+    assert len({o.token_ids[0] for o in a}) > 1
+
+
+def test_stops_and_finish_reasons(target, tokenizer):
+    eng = Engine(target, tokenizer, NgramDrafter(), EngineConfig(max_batch_size=8, num_draft_tokens=3, measure_cost=False))
+    base = SamplingParams(n=8, max_new_tokens=20, temperature=1.0, seed=5)
+    outs = eng.generate([Request("x", PROMPT, base)])
+    for o in outs:
+        assert o.finish_reason in ("eos", "length")
+        if o.finish_reason == "eos":
+            assert o.token_ids[-1] == EOS_ID and EOS_ID not in o.token_ids[:-1]
+        else:
+            assert len(o.token_ids) == 20
+        assert o.num_tokens == len(o.token_ids) and o.target_passes >= 1
+        assert o.draft_accepted <= o.draft_tested <= o.draft_proposed
+    # A stop token id: take a token that sample 0 emits, and stop on it.
+    free = eng.generate([Request("x", PROMPT, dataclasses.replace(base, n=1, ignore_eos=True))])[0]
+    stop_tok = free.token_ids[3]
+    first = free.token_ids.index(stop_tok)
+    cut = eng.generate([Request("x", PROMPT, dataclasses.replace(base, n=1, ignore_eos=True, stop_token_ids=(stop_tok,)))])[0]
+    assert cut.token_ids == free.token_ids[: first + 1]
+    assert cut.finish_reason == "stop" and cut.stop_reason == str(stop_tok)
+    # A stop string spanning two tokens.
+    words = tokenizer.decode(free.token_ids[2:4])
+    s = eng.generate([Request("x", PROMPT, dataclasses.replace(base, n=1, ignore_eos=True, stop=(words,)))])[0]
+    assert s.finish_reason == "stop" and s.stop_reason == words
+    assert words not in s.text and len(s.token_ids) <= 4
+    # min_new_tokens: no EOS before it.
+    m = eng.generate([Request("x", PROMPT, dataclasses.replace(base, n=16, min_new_tokens=5))])
+    assert all(EOS_ID not in o.token_ids[:5] for o in m)
+
+
+def test_prompt_errors_are_rows_not_crashes(target, tokenizer):
+    eng = Engine(target, tokenizer, None, EngineConfig(max_batch_size=4, max_model_len=16, measure_cost=False))
+    outs = eng.generate([
+        Request("long", [1] + [10] * 20, SamplingParams(n=2, max_new_tokens=4)),
+        Request("ok", PROMPT, SamplingParams(n=2, max_new_tokens=4)),
+        Request("empty", [], SamplingParams(n=1, max_new_tokens=4)),
+    ])
+    assert [o.finish_reason for o in outs[:2]] == ["error", "error"] and "max_model_len" in outs[0].error
+    assert all(o.error is None and o.num_tokens > 0 for o in outs[2:4])
+    assert outs[4].finish_reason == "error"
+
+
+def test_max_model_len_cuts_rows_with_length(target, tokenizer):
+    eng = Engine(target, tokenizer, NgramDrafter(), EngineConfig(max_batch_size=4, max_model_len=12, num_draft_tokens=4, measure_cost=False))
+    outs = eng.generate([Request("x", PROMPT, SamplingParams(n=4, max_new_tokens=50, ignore_eos=True))])
+    for o in outs:
+        assert o.finish_reason == "length" and len(PROMPT) + o.num_tokens <= 13
+
+
+def test_out_of_memory_halves_the_batch_and_retries(target, tokenizer):
+    params = SamplingParams(n=8, max_new_tokens=6, temperature=1.0, seed=2)
+    reference = Engine(target, tokenizer, None, EngineConfig(max_batch_size=8, measure_cost=False)).generate([Request("x", PROMPT, params)])
+    eng = Engine(target, tokenizer, None, EngineConfig(max_batch_size=8, measure_cost=False))
+    real_forward = eng.target.forward
+
+    def forward(tokens, cache, slots, num_tokens, last_only=False):
+        if tokens.shape[0] > 2:
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return real_forward(tokens, cache, slots, num_tokens, last_only=last_only)
+
+    eng.target.forward = forward
+    try:
+        outs = eng.generate([Request("x", PROMPT, params)])
+    finally:
+        del eng.target.forward
+    assert eng.max_batch <= 2
+    assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
