@@ -396,6 +396,10 @@ class Driver:
                         self._task_failed(task, _error_line(e), tasks, progress)
                     except rex.RayTaskError as e:
                         self._task_failed(task, _error_line(e), tasks, progress)
+                    except rex.RayError as e:  # e.g. the object was lost with its node: a fresh actor
+                        self.log(f"warning: {slot.label} lost {task.shard.name} ({_error_line(e)}); replacing it")
+                        self._replace(slot, plan)
+                        self._task_failed(task, _error_line(e), tasks, progress)
                     else:
                         self._commit(task, info, progress, run_started)
                 if self.show_progress and time.time() - last_poll >= self.poll_s:
@@ -491,7 +495,7 @@ class Driver:
         # a shard was split) can go, so the part files are exactly the committed rows.
         data.remove_uncommitted(spec)
         manifests = data.committed(spec)
-        cost_model, gamma = self._engine_facts()
+        cost_model, gamma = self._engine_facts(manifests)
         run = {
             "started_at": run_started,
             "finished_at": time.time(),
@@ -520,16 +524,14 @@ class Driver:
             data.write_json(data.output_uri(spec, data.SUCCESS_FILE), {"finished_at": run["finished_at"]})
         return RunResult(output=spec.output.path, failed=failed, stats=stats)
 
-    def _engine_facts(self) -> tuple[dict | None, dict | None]:
-        """The measured cost model and the engine's gamma, from a live actor if there is one."""
-        import ray
-
-        for slot in self.slots:
-            try:
-                return ray.get(slot.handle.cost_model.remote(), timeout=30), ray.get(slot.handle.gamma.remote(), timeout=30)
-            except Exception:
-                continue
-        return None, None
+    @staticmethod
+    def _engine_facts(manifests: dict[str, dict]) -> tuple[dict | None, dict | None]:
+        """The cost model and gamma of the engine that committed the latest shard (kept in
+        every manifest, so a resumed run with nothing left to do still reports them)."""
+        latest = max((m for m in manifests.values() if m.get("engine")), key=lambda m: m["finished_at"], default=None)
+        if latest is None:
+            return None, None
+        return latest["engine"].get("cost_model"), latest["engine"].get("gamma")
 
 
 def _init_error(slot: _Slot) -> str:

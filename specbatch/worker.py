@@ -304,6 +304,7 @@ class ShardRunner:
             "finished_at": finished,
             "elapsed_s": finished - started,
             "failed": False,
+            "engine": {"cost_model": self.cost_model(), "gamma": self.gamma()},
         }
         return info
 
@@ -370,12 +371,6 @@ class GenerationActor:
 
     def progress(self) -> dict[str, Any]:
         return self.runner.progress()
-
-    def cost_model(self) -> dict[str, Any] | None:
-        return self.runner.cost_model()
-
-    def gamma(self) -> dict[str, Any]:
-        return self.runner.gamma()
 
 
 def actor_class() -> Any:

@@ -133,3 +133,7 @@ def test_resumed_run_reproduces_the_reference(reference, setup):
     result = run_job(spec, engine_factory=ENGINE_FACTORY, progress=False)
     assert sorted(result.stats["run"]["shards_this_run"]) == ["part-00000", "part-00002"]
     assert rows_of(spec) == rows_of(reference[0])
+    # Nothing left to run: no actor starts, and stats.json still reports the engine's figures.
+    again = run_job(spec, progress=False)
+    assert again.stats["run"]["shards_this_run"] == [] and again.stats["actors"] == []
+    assert again.stats["expected_speedup"]["cost_model"] is not None and again.stats["gamma"]["chosen"] == 3
