@@ -229,25 +229,30 @@ class Progress:
         self.samples = 0
         self.committed_tokens = 0
         self.live: dict[str, dict] = {}  # actor label -> latest cumulative engine counters
+        # A terminal gets a live bar; a log file (ray job logs, CI) a line every 30 s.
+        self.interval = 1.0 if sys.stderr.isatty() else 30.0
+        self.shown = 0.0
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_prompts, unit="prompt", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=total_prompts, unit="prompt", file=sys.stderr, dynamic_ncols=True,
+                            mininterval=self.interval)
 
     def shard_done(self, info: dict) -> None:
         self.samples += info["samples"]
         self.committed_tokens += info["tokens"]
         if self.bar is not None:
             self.bar.update(info["rows"])
-            self.refresh()
+            self.refresh(force=True)
 
     def actor_counters(self, label: str, counters: dict) -> None:
         self.live[label] = counters
         self.refresh()
 
-    def refresh(self) -> None:
-        if self.bar is None:
+    def refresh(self, force: bool = False) -> None:
+        if self.bar is None or (not force and time.time() - self.shown < self.interval):
             return
+        self.shown = time.time()
         emitted = max(self.committed_tokens, sum(c["emitted"] for c in self.live.values()))
         tested = sum(c["tested"] for c in self.live.values())
         accepted = sum(c["accepted"] for c in self.live.values())

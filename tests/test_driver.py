@@ -265,3 +265,15 @@ def test_multi_node_cluster_refuses_a_local_output_path():
         check_cluster_output(spec, nodes=3)
     for shared in ("s3://bucket/out", "gs://bucket/out", "file:///mnt/shared/out"):
         check_cluster_output(make_spec(pathlib.Path("x.parquet"), pathlib.Path("/tmp/out"), **{"output.path": shared}), nodes=3)
+
+
+def test_progress_bar_counts_prompts_samples_and_live_acceptance(capsys):
+    from specbatch.driver import Progress
+
+    progress = Progress(total_prompts=10, enabled=True)
+    progress.actor_counters("actor-0", {"emitted": 40, "tested": 8, "accepted": 6})
+    progress.shard_done({"rows": 4, "samples": 8, "tokens": 40})
+    assert progress.bar.n == 4
+    assert "samples=8" in str(progress.bar) and "accept=0.75" in str(progress.bar)
+    progress.close()
+    assert "4/10" in capsys.readouterr().err
