@@ -277,3 +277,43 @@ def test_progress_bar_counts_prompts_samples_and_live_acceptance(capsys):
     assert "samples=8" in str(progress.bar) and "accept=0.75" in str(progress.bar)
     progress.close()
     assert "4/10" in capsys.readouterr().err
+
+
+def test_shard_runner_keys_sweep_points_apart_and_reports_row_errors(tmp_path):
+    from specbatch.request import SampleOutput
+    from specbatch.stats import AcceptanceStats
+    from specbatch.worker import LoadedEngine, ShardRunner
+
+    class Recorder:
+        def __init__(self):
+            self.stats = AcceptanceStats()
+            self.requests = []
+
+        def generate(self, requests):
+            self.requests += requests
+            self.stats.emitted += 2 * sum(len(r.indices()) for r in requests)
+            return [SampleOutput(r.request_id, i, token_ids=[5, 6], text="x y", finish_reason="eos")
+                    for r in requests for i in r.indices()]
+
+    def encode(prompt):
+        if "unencodable" in prompt:
+            raise ValueError("no tokens for this")
+        return [1, 2, 3]
+
+    prompts = ["first prompt", "", "an unencodable prompt"]
+    spec = make_spec(write_prompts(tmp_path / "in", prompts), tmp_path / "out",
+                     sweep={"temperature": [0.5, 1.0]}, **{"sampling.n": 2})
+    data.check_input(spec)
+    data.prepare_output(spec)
+    engine = Recorder()
+    runner = ShardRunner(spec, LoadedEngine(engine=engine, encode=encode), "actor-7")
+    info = runner.run_shard(data.Shard("part-00000", 0, 3))
+    assert [r.request_id for r in engine.requests] == ['p0|{"temperature":0.5}', 'p0|{"temperature":1.0}']
+    assert [r.params.temperature for r in engine.requests] == [0.5, 1.0]
+    rows = pq.read_table(info["path"]).to_pylist()
+    assert [(r["id"], r["temperature"], r["sample_index"]) for r in rows] == [
+        (f"p{i}", t, s) for i in range(3) for t in (0.5, 1.0) for s in range(2)]
+    errors = {r["id"]: r["error"] for r in rows if r["error"]}
+    assert set(errors) == {"p1", "p2"} and "empty" in errors["p1"] and "no tokens for this" in errors["p2"]
+    assert info["samples"] == 12 and info["errors"] == 8 and info["error_ids"] == ["p1", "p2"]
+    assert info["tokens"] == 8 and info["stats"]["emitted"] == 8 and info["actor"] == "actor-7"
