@@ -49,9 +49,9 @@ def time_forward(model: Any, batch: int, width: int, context: int = 32) -> float
 
 
 def measure_cost_model(target: Any, drafter: Any, max_batch: int, gamma: int) -> CostModel:
-    """Target forwards at widths 1 and gamma+1 for batch 1 and max_batch; a draft step likewise."""
+    """Target forwards at every width 1..gamma+1 for batch 1 and max_batch; a draft step likewise."""
     batches = sorted({1, max_batch})
-    widths = sorted({1, gamma + 1})
+    widths = range(1, gamma + 2)
     cost = CostModel()
     for b in batches:
         for w in widths:

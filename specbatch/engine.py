@@ -363,14 +363,13 @@ class Engine:
             return
         self.steps_since_adapt = 0
         alpha = self.stats.acceptance_rate or 0.0
-        best = max(range(self.config.num_draft_tokens + 1), key=lambda g: expected_speedup(alpha, g, self.cost_model, batch))
-        if best == 0:
-            # keep probing with one proposal so alpha stays measured
-            best = 1 if expected_speedup(alpha, 1, self.cost_model, batch) > 0.9 else 0
+        speedups = {g: expected_speedup(alpha, g, self.cost_model, batch) for g in range(self.config.num_draft_tokens + 1)}
+        best = max(speedups, key=speedups.get)  # gamma 0 (plain sampling) has speedup 1 by definition
         if best != self.gamma:
+            verdict = "speculation measured to lose: plain sampling" if best == 0 else f"gamma={best}"
             self.gamma_reason = (
                 f"adaptive: alpha={alpha:.3f} at batch {batch} gives expected speedup "
-                f"{expected_speedup(alpha, best, self.cost_model, batch):.2f}x at gamma={best}"
+                f"{speedups[best]:.2f}x -> {verdict}"
             )
             self.gamma = best
 

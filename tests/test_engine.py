@@ -291,3 +291,18 @@ def test_out_of_memory_halves_the_batch_and_retries(target, tokenizer):
         del eng.target.forward
     assert eng.max_batch <= 2
     assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
+
+
+def test_adaptive_gamma_falls_back_to_plain_when_speculation_loses(target, tokenizer, ckpts):
+    """A hot draft is rejected so often that, at the measured costs, plain sampling wins."""
+    drafter = build_drafter("model", target, tokenizer, path=str(ckpts[1]), dtype="float32", draft_temperature=3.0)
+    eng = Engine(target, tokenizer, drafter, EngineConfig(max_batch_size=16, num_draft_tokens=4, adaptive_gamma=True))
+    assert eng.cost_model is not None and (16, 5) in eng.cost_model.target
+    # Make the measured costs unambiguous: drafting is as expensive as a target step.
+    eng.cost_model.draft = {b: eng.cost_model.target[(b, 1)] for b in (1, 16)}
+    params = SamplingParams(n=64, max_new_tokens=12, temperature=0.7, ignore_eos=True, seed=1)
+    outs = eng.generate([Request("x", PROMPT, params)])
+    assert eng.gamma == 0 and "plain sampling" in eng.gamma_reason
+    assert all(len(o.token_ids) == 12 for o in outs)
+    summary = eng.summary()
+    assert summary["gamma"] == 0 and summary["cost_model"]["target"]
