@@ -1,0 +1,272 @@
+"""Warping and sampling (specbatch.sampling) against transformers' logits processors.
+
+The oracle applies, per parameter combination, in float32 and in this order:
+SequenceBiasLogitsProcessor (single-token sequences = logit_bias), RepetitionPenaltyLogitsProcessor
+(over prompt + completion), presence / frequency penalties (no transformers processor: a plain
+loop implementing OpenAI's definition over completion tokens only), MinNewTokensLengthLogitsProcessor
+(EOS and stop ids), then either greedy (one-hot argmax, lowest id on ties) or
+TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper and a softmax.
+Our side warps every combination in ONE mixed batch with per-row parameters.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+from transformers import (
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from specbatch.sampling import History, SamplingParams, WarpParams, sample_from_probs, warp
+
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Thousands of tiny [4, 16] operations: one thread avoids synchronization overhead."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+V = 16
+EOS = 3
+STOP_IDS = (11,)
+PROMPT_LEN = 5
+OUTPUT_LEN = 4
+ROWS_PER_COMBO = 4  # two continuous random rows, two tie-heavy integer rows
+
+TRUNCATION_GRID = list(
+    itertools.product(
+        [0.0, 0.6, 1.0, 1.9],  # temperature (0 = greedy)
+        [0, 1, 3, 20],  # top_k (20 > V keeps all)
+        [1.0, 0.85, 0.3],  # top_p
+        [0.0, 0.1, 0.6],  # min_p
+    )
+)
+PENALTY_GRID = list(
+    itertools.product(
+        [1.0, 1.4, 0.7],  # repetition_penalty
+        [0.0, 0.6],  # presence_penalty
+        [0.0, 0.35],  # frequency_penalty
+        [{}, {2: 1.5, 9: -3.0, 0: 0.25}],  # logit_bias
+        [0, OUTPUT_LEN, OUTPUT_LEN + 1],  # min_new_tokens (EOS / stop banned only in the last case)
+    )
+)
+
+
+def oracle_probs(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """transformers' processors on a batch sharing one parameter set.
+
+    logits: [B, V] float32; prompt: [B, P]; output: [B, O] (completion so far) -> probs [B, V].
+    """
+    ids = torch.cat([prompt, output], dim=1)  # [B, P+O]
+    scores = logits.to(torch.float32).clone()
+    if params.logit_bias:
+        bias = SequenceBiasLogitsProcessor([[[tok], float(b)] for tok, b in params.logit_bias.items()])
+        scores = bias(ids, scores)
+    scores = RepetitionPenaltyLogitsProcessor(float(params.repetition_penalty))(ids, scores)
+    presence = torch.tensor(params.presence_penalty, dtype=torch.float32)
+    frequency = torch.tensor(params.frequency_penalty, dtype=torch.float32)
+    for b in range(scores.shape[0]):  # OpenAI: logit - count * frequency - (count > 0) * presence
+        for tok, count in Counter(output[b].tolist()).items():
+            scores[b, tok] = scores[b, tok] - frequency * count
+            scores[b, tok] = scores[b, tok] - presence
+    stops = [EOS, *STOP_IDS]
+    scores = MinNewTokensLengthLogitsProcessor(prompt.shape[1], params.min_new_tokens, stops)(ids, scores)
+    if params.temperature == 0:
+        first_max = (scores == scores.max(dim=-1, keepdim=True).values).to(torch.int64).argmax(dim=-1)
+        return torch.nn.functional.one_hot(first_max, scores.shape[-1]).to(torch.float32)
+    scores = TemperatureLogitsWarper(float(params.temperature))(ids, scores)
+    if params.top_k > 0:
+        scores = TopKLogitsWarper(int(params.top_k))(ids, scores)
+    if params.top_p < 1:
+        scores = TopPLogitsWarper(float(params.top_p))(ids, scores)
+    if params.min_p > 0:
+        scores = MinPLogitsWarper(float(params.min_p))(ids, scores)
+    return scores.softmax(dim=-1)
+
+
+def random_logits(rows: int, generator: torch.Generator) -> torch.Tensor:
+    """[rows, V]: half continuous N(0, 2^2), half integers in -2..2 (many exact ties)."""
+    cont = torch.randn(rows, V, generator=generator) * 2.0
+    ties = torch.randint(-2, 3, (rows, V), generator=generator).to(torch.float32)
+    use_ties = (torch.arange(rows) % ROWS_PER_COMBO >= ROWS_PER_COMBO // 2)[:, None]
+    return torch.where(use_ties, ties, cont)
+
+
+def ban_mask(params_list: list[SamplingParams], output_len: int) -> torch.Tensor:
+    """min_new_tokens: [M, V] True where EOS / stop ids are masked at this position."""
+    stops = torch.zeros(V, dtype=torch.bool)
+    stops[[EOS, *STOP_IDS]] = True
+    min_new = torch.tensor([p.min_new_tokens for p in params_list])
+    return (output_len < min_new)[:, None] & stops[None, :]
+
+
+def check_against_oracle(params_list: list[SamplingParams], logits, prompt, output) -> None:
+    """Warp all rows in one mixed batch; compare with the oracle one parameter set at a time."""
+    wp = WarpParams.from_params(params_list)
+    ours = warp(logits, wp, History(prompt_ids=prompt, output_ids=output), ban_mask(params_list, output.shape[1]))
+    assert ours.dtype == torch.float32 and ours.shape == logits.shape
+    expected = torch.empty_like(ours)
+    start = 0
+    while start < len(params_list):  # consecutive rows with the same parameters form one oracle batch
+        end = start
+        while end < len(params_list) and params_list[end] == params_list[start]:
+            end += 1
+        sl = slice(start, end)
+        expected[sl] = oracle_probs(logits[sl], params_list[start], prompt[sl], output[sl])
+        start = end
+    support_differs = ((ours > 0) != (expected > 0)).any(dim=1)
+    assert not bool(support_differs.any()), [params_list[i] for i in support_differs.nonzero().squeeze(1)[:5].tolist()]
+    torch.testing.assert_close(ours, expected, atol=2e-6, rtol=1e-5)
+
+
+def test_warp_equals_transformers_processors_on_every_combination():
+    combos = [
+        SamplingParams(temperature=t, top_k=k, top_p=p, min_p=mp, repetition_penalty=rep, presence_penalty=pres,
+                       frequency_penalty=freq, logit_bias=bias, min_new_tokens=mn, max_new_tokens=16)
+        for (t, k, p, mp), (rep, pres, freq, bias, mn) in itertools.product(TRUNCATION_GRID, PENALTY_GRID)
+    ]
+    params_list = [c for c in combos for _ in range(ROWS_PER_COMBO)]
+    m = len(params_list)
+    g = torch.Generator().manual_seed(0)
+    logits = random_logits(m, g)
+    prompt = torch.randint(0, V, (m, PROMPT_LEN), generator=g)
+    output = torch.randint(0, V // 2, (m, OUTPUT_LEN), generator=g)  # repeats: frequency counts > 1
+    check_against_oracle(params_list, logits, prompt, output)
+
+
+def test_mixed_batch_equals_row_by_row():
+    """Per-row parameters: warping a shuffled mixed batch gives each row what it gets alone."""
+    g = torch.Generator().manual_seed(1)
+    choices = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.7, top_k=4),
+        SamplingParams(temperature=1.3, top_p=0.6, repetition_penalty=1.2),
+        SamplingParams(temperature=1.0, min_p=0.2, presence_penalty=0.5, frequency_penalty=0.2, logit_bias={5: 2.0}),
+        SamplingParams(temperature=0.9, min_new_tokens=3, top_k=2, top_p=0.9, min_p=0.05),
+    ]
+    m = 200
+    params_list = [choices[i] for i in torch.randint(0, len(choices), (m,), generator=g).tolist()]
+    logits = random_logits(m, g)
+    prompt = torch.randint(0, V, (m, PROMPT_LEN), generator=g)
+    output = torch.randint(0, V, (m, 2), generator=g)
+    ban = ban_mask(params_list, 2)
+    batch = warp(logits, WarpParams.from_params(params_list), History(prompt, output), ban)
+    for i in range(m):
+        alone = warp(logits[i : i + 1], WarpParams.from_params([params_list[i]]), History(prompt[i : i + 1], output[i : i + 1]), ban[i : i + 1])
+        torch.testing.assert_close(batch[i : i + 1], alone, atol=1e-7, rtol=0)
+    check_against_oracle(params_list, logits, prompt, output)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_logits_are_warped_in_float32(dtype):
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(64, V, generator=g) * 3).to(dtype)
+    params_list = [SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05)] * 64
+    prompt = torch.randint(0, V, (64, PROMPT_LEN), generator=g)
+    output = torch.randint(0, V, (64, OUTPUT_LEN), generator=g)
+    ours = warp(logits, WarpParams.from_params(params_list))
+    torch.testing.assert_close(ours, oracle_probs(logits.float(), params_list[0], prompt, output), atol=2e-6, rtol=1e-5)
+
+
+def test_greedy_is_one_hot_at_lowest_tied_argmax_and_never_divides():
+    logits = torch.tensor([[1.0, 3.0, 3.0, -1.0], [5.0, 5.0, 5.0, 5.0], [-2.0, -1.0, -1.0, -3.0]])
+    probs = warp(logits, WarpParams.from_params([SamplingParams(temperature=0.0, top_p=0.1, top_k=1)] * 3))
+    assert torch.equal(probs, torch.tensor([[0.0, 1, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0]]))
+    assert bool(torch.isfinite(probs).all())
+
+
+def test_top_k_keeps_ties_at_the_threshold():
+    logits = torch.tensor([[4.0, 2.0, 2.0, 2.0, 1.0, 0.0]])
+    probs = warp(logits, WarpParams.from_params([SamplingParams(top_k=2)]))
+    assert (probs[0] > 0).tolist() == [True, True, True, True, False, False]
+
+
+def test_top_p_keeps_the_crossing_token():
+    # probabilities 0.5, 0.3, 0.2 (logits are their logs): top_p 0.6 needs the first two tokens.
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    probs = warp(logits, WarpParams.from_params([SamplingParams(top_p=0.6)]))
+    torch.testing.assert_close(probs, torch.tensor([[0.625, 0.375, 0.0]]))
+
+
+def test_min_p_is_relative_to_the_largest_probability():
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    probs = warp(logits, WarpParams.from_params([SamplingParams(min_p=0.5)]))  # keep p >= 0.25
+    torch.testing.assert_close(probs, torch.tensor([[0.625, 0.375, 0.0]]))
+
+
+def test_presence_and_frequency_use_completion_only_repetition_uses_prompt_too():
+    logits = torch.zeros(1, 4)
+    history = History(prompt_ids=torch.tensor([[0]]), output_ids=torch.tensor([[1, 1, -1]]))
+    params = WarpParams.from_params([SamplingParams(presence_penalty=1.0, frequency_penalty=0.5, temperature=1.0)])
+    probs = warp(logits, params, history)
+    expected = torch.tensor([[0.0, -2.0, 0.0, 0.0]]).softmax(-1)  # token 1: -0.5*2 - 1; prompt token 0 untouched
+    torch.testing.assert_close(probs, expected)
+    rep = WarpParams.from_params([SamplingParams(repetition_penalty=2.0)])
+    logits = torch.tensor([[2.0, -2.0, 2.0, 0.5]])
+    history = History(prompt_ids=torch.tensor([[0]]), output_ids=torch.tensor([[1, -1]]))
+    torch.testing.assert_close(warp(logits, rep, history), torch.tensor([[1.0, -4.0, 2.0, 0.5]]).softmax(-1))
+
+
+def test_ban_masks_eos_before_min_new_tokens():
+    logits = torch.tensor([[0.0, 10.0, 0.0]])
+    ban = torch.tensor([[False, True, False]])
+    probs = warp(logits, WarpParams.from_params([SamplingParams()]), ban=ban)
+    assert probs[0, 1] == 0 and torch.isclose(probs.sum(), torch.tensor(1.0))
+
+
+# ---- inverse-CDF sampling -------------------------------------------------------------------
+
+
+def test_sample_from_probs_inverse_cdf_boundaries():
+    probs = torch.tensor([0.25, 0.0, 0.5, 0.25]).expand(6, 4)
+    u = torch.tensor([1e-7, 0.2499, 0.2501, 0.7499, 0.7501, 1 - 1e-7])
+    assert sample_from_probs(probs, u).tolist() == [0, 0, 2, 2, 3, 3]
+
+
+def test_sample_from_probs_never_returns_zero_mass_and_accepts_unnormalized():
+    probs = torch.tensor([[0.0, 2.0, 0.0, 6.0, 0.0]]).expand(5, 5)  # total 8: cut at 0.25
+    u = torch.tensor([1e-9, 0.2, 0.3, 0.999999, 1.0 - 2**-24])
+    assert sample_from_probs(probs, u).tolist() == [1, 1, 3, 3, 3]
+
+
+def test_sample_from_probs_follows_the_distribution():
+    from scipy import stats
+
+    g = torch.Generator().manual_seed(3)
+    p = torch.tensor([0.05, 0.0, 0.3, 0.15, 0.5])
+    u = torch.rand(200_000, generator=g).clamp(min=2**-24)
+    counts = torch.bincount(sample_from_probs(p.expand(u.numel(), -1), u), minlength=5)
+    assert counts[1] == 0
+    keep = p > 0
+    expected = p[keep].double() / p[keep].double().sum() * u.numel()
+    chi2 = stats.chisquare(counts[keep].double().numpy(), expected.numpy())
+    assert chi2.pvalue > 1e-4
+
+
+def test_sampling_params_validation():
+    for bad in [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(min_p=2.0),
+                dict(repetition_penalty=0.0), dict(n=0), dict(max_new_tokens=0), dict(min_new_tokens=5, max_new_tokens=4)]:
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    assert SamplingParams(temperature=0).greedy and SamplingParams(frequency_penalty=0.1).has_penalties
+
+
+def test_warp_params_index_expands_rows():
+    wp = WarpParams.from_params([SamplingParams(temperature=0.5, logit_bias={1: 2.0}), SamplingParams(top_k=3)])
+    sub = wp.index(torch.tensor([1, 1, 0]))
+    assert sub.top_k.tolist() == [3, 3, 0] and sub.temperature.tolist() == [1.0, 1.0, 0.5]
+    assert sub.logit_bias == [{}, {}, {1: 2.0}]
+    assert WarpParams.from_params([SamplingParams()]).logit_bias is None
