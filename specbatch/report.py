@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 from specbatch.stats import AcceptanceStats, CostModel, expected_speedup
 
 STATS = "stats.json"
-GAMMA_CANDIDATES = range(1, 9)
+GAMMA_CANDIDATES = range(0, 9)  # 0: plain sampling (speedup 1 by definition)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +249,8 @@ def summary_text(stats: Mapping[str, Any]) -> str:
     if per_pos:
         lines.append("  acceptance per position: " + " ".join(_fmt(a, 2) for a in per_pos))
     lines += [
-        f"  gamma {g['chosen']} ({g['why']}); best predicted {_fmt(g['best_predicted'])}"
+        f"  gamma {g['chosen']} ({g['why']}); best predicted gamma {_fmt(g['best_predicted'])}"
+        + (" (plain sampling)" if g.get("best_predicted") == 0 else "")
         + (f" at {_fmt(g['best_predicted_speedup'], 2)}x" if g.get("best_predicted_speedup") else ""),
         f"  expected speedup {_fmt(sp['value'], 2)}x ({sp['basis']})",
         f"  this run: {thr['tokens_this_run']} tokens in {_fmt(thr['wall_s'], 1)} s = {_fmt(thr['tokens_per_s'], 1)} tokens/s"

@@ -366,7 +366,10 @@ class GenerationActor:
     def run_shard(self, shard: Any, attempt: int = 1) -> dict[str, Any]:
         info = self.runner.run_shard(shard, attempt)
         if self.metrics is not None:
-            self.metrics.record_shard(info)
+            try:
+                self.metrics.record_shard(info)
+            except Exception:  # a metrics exporter problem never fails a written shard
+                self.metrics = None
         return info
 
     def progress(self) -> dict[str, Any]:

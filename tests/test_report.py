@@ -89,10 +89,11 @@ def test_expected_speedup_uses_the_measured_cost_model_and_explains_gamma(stats)
     assert sp["batch"] == 4 and "measured cost model" in sp["basis"]
     assert sp["value"] == pytest.approx(expected_speedup(alpha, 2, COST, batch=4))
     # by_gamma holds exactly the gammas whose verification width the cost model measured
-    assert sorted(sp["by_gamma"]) == ["1", "2", "3"]
+    assert sorted(sp["by_gamma"]) == ["0", "1", "2", "3"] and sp["by_gamma"]["0"] == 1.0
     g = s["gamma"]
     assert g["chosen"] == 2 and g["why"] == "fixed by speculative.num_draft_tokens"
-    best = max((1, 2, 3), key=lambda k: expected_speedup(alpha, k, COST, batch=4))
+    best = max((0, 1, 2, 3), key=lambda k: expected_speedup(alpha, k, COST, batch=4))
+    assert best > 0
     assert g["best_predicted"] == best
     json.dumps(s, allow_nan=False)  # strict JSON
 
