@@ -14,7 +14,10 @@ The generator is Philox-4x32-10 (Salmon et al., SC'11): key = the row key's two 
 halves, counter = (position, sample index, role, lane).  Only the first output word is used,
 turned into a float32 uniform in the open interval (0, 1) with 24 random bits::
 
-    u = ((x0 >> 8) + 0.5) * 2**-24
+    u = min(((x0 >> 8) + 0.5) * 2**-24, 1 - 2**-24)    (float32 arithmetic)
+
+(in float32, k + 0.5 rounds to even for k >= 2**23, and the one value that would round up to
+1.0 is clamped to the largest float32 below 1, so u is always inside the open interval).
 
 Torch has no unsigned 32-bit multiply, so the 32x32 -> 64-bit products are computed in
 int64 from 16-bit halves, which never overflows.  The Triton kernels compute the same
@@ -37,6 +40,7 @@ PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
 PHILOX_W1 = 0xBB67AE85
 PHILOX_ROUNDS = 10
+UNIFORM_MAX = 1.0 - 2.0**-24  # largest float32 below 1
 
 
 class Role(enum.IntEnum):
@@ -100,7 +104,10 @@ def uniform(
     lane = torch.as_tensor(lane, dtype=torch.int64, device=device)
     role_t = torch.as_tensor(role if isinstance(role, torch.Tensor) else int(role), dtype=torch.int64, device=device)
     x0, _, _, _ = philox4x32(position, sample_index, role_t, lane, key & MASK32, key >> 32)
-    return ((x0 >> 8).to(torch.float32) + 0.5) * (2.0**-24)
+    u = ((x0 >> 8).to(torch.float32) + 0.5) * (2.0**-24)
+    # float32 rounds k + 0.5 to even for k >= 2**23, so k = 2**24 - 1 would give exactly 1.0
+    # (and Gumbel noise +inf): clamp to the largest float32 below 1 to stay inside (0, 1).
+    return u.clamp(max=UNIFORM_MAX)
 
 
 def gumbel(key: torch.Tensor, sample_index: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
