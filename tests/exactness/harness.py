@@ -45,7 +45,7 @@ Typical use::
     sc = harness.scenario("draft_colder")
     result = harness.run_chain(my_verify, sc, rows=200_000, length=4, gamma=3)
     harness.assert_distribution(result.counts, sc.exact_probs(4), label=sc.name)
-    harness.assert_power(result, min_rejections=500)
+    harness.assert_power(result, gamma=3, min_rejections=500)
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ LENGTH = 4
 GAMMA = 3
 
 PLAIN = [name for name, make in SCENARIOS.items() if make().draft_mode != "coupled"]
+# Power: rejections required at every proposal position.  Rows that stop early (stops) or whose
+# draft rarely proposes the greedy choice (greedy_ties) seldom reach the last position.
+MIN_REJECTIONS = 1000
+MIN_REJECTIONS_OVERRIDE = {"greedy_ties": 10, "greedy_target": 300, "stops": 100}
 
 
 @pytest.mark.parametrize("name", PLAIN)
@@ -26,7 +30,7 @@ def test_reference_verifier_is_exact(name):
     sc = SCENARIOS[name]()
     result = harness.run_chain(speculative.verify, sc, rows=ROWS, length=LENGTH, gamma=GAMMA)
     harness.assert_distribution(result.counts, sc.exact_probs(LENGTH), label=name)
-    harness.assert_power(result, GAMMA, min_rejections=20)
+    harness.assert_power(result, GAMMA, min_rejections=MIN_REJECTIONS_OVERRIDE.get(name, MIN_REJECTIONS))
     # The counters agree with what was emitted.
     assert result.stats.emitted == int((result.sequences >= 0).sum())
     assert result.stats.accepted <= result.stats.tested <= result.stats.proposed
@@ -67,7 +71,7 @@ def test_coupled_verification_is_exact():
     sc = SCENARIOS["coupled"]()
     result = harness.run_chain(speculative.verify_coupled, sc, rows=COUPLED_ROWS, length=LENGTH, gamma=GAMMA)
     harness.assert_distribution(result.counts, sc.exact_probs(LENGTH), label=sc.name)
-    harness.assert_power(result, GAMMA, min_rejections=20)
+    harness.assert_power(result, GAMMA, min_rejections=MIN_REJECTIONS)
 
 
 def plain_coupled_sampling(sc: harness.Scenario, rows: int, length: int) -> torch.Tensor:
