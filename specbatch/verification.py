@@ -3,6 +3,10 @@
 This is the seam between the engine and the math: the engine hands over logits and per-row
 settings, and gets back what each row emits plus the log-probability of each emitted token
 under the warped target distribution p (for cumulative_logprob).
+
+Rejection sampling goes through the kernels' host wrapper (``specbatch_kernels.ops``), which
+picks its backend once: the fused Triton kernels on CUDA tensors (or when forced), the torch
+reference elsewhere.  Coupled verification runs the torch reference here.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from specbatch.sampling import History, WarpParams, warp
-from specbatch.speculative import VerifyResult, verify, verify_coupled
+from specbatch.speculative import VerifyResult, verify_coupled
+from specbatch_kernels import ops
 
 
 def warp_positions(
@@ -45,9 +50,9 @@ def warp_and_verify(
     coupled: bool = False,
 ) -> tuple[VerifyResult, torch.Tensor]:
     """logits [R, G+1, V] of the target over [last token, proposals] -> (VerifyResult, logp [R, G+1])."""
+    if not coupled:
+        return ops.verify(logits, draft_tokens, num_proposed, draft_probs, params, key, sample_index, position,
+                          history=history, ban=ban)
     p = warp_positions(logits, params, history, ban)  # [R, G+1, V]
-    if coupled:
-        result = verify_coupled(draft_tokens, num_proposed, p, key, sample_index, position)
-    else:
-        result = verify(draft_tokens, num_proposed, p, draft_probs, key, sample_index, position)
+    result = verify_coupled(draft_tokens, num_proposed, p, key, sample_index, position)
     return result, emitted_logprobs(p, result)
