@@ -130,6 +130,7 @@ class Scenario:
     eos_token_id: int | None = None
     draft_mode: str = "sample"  # sample | deterministic (one-hot q) | coupled (Gumbel)
     ragged: bool = True  # num_proposed varies per row and step (0..gamma), else always gamma
+    adaptive: bool = False  # num_proposed = 1 + (previous token mod gamma): chosen from the row's past
     first_plain: bool = False  # the first token is sampled plainly (0 proposals), as after a prefill
     samples_per_prompt: int = 1  # N: rows with the same key and sample indices 0..N-1
     description: str = ""
@@ -219,9 +220,15 @@ def row_keys(seed: int, prompt_ids: torch.Tensor) -> torch.Tensor:
     return ((x1 & 0x7FFFFFFF) << 32) | x0
 
 
-def proposal_counts(scenario: Scenario, gamma: int, key: torch.Tensor, sample_index: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """num_proposed per row for one step: a pure function of (row, position). -> [R] int64."""
-    if scenario.ragged:
+def proposal_counts(
+    scenario: Scenario, gamma: int, key: torch.Tensor, sample_index: torch.Tensor, position: torch.Tensor,
+    prev_token: torch.Tensor,
+) -> torch.Tensor:
+    """num_proposed per row for one step, a function of the row, its position and its last token
+    (never of the future), as an adaptive schedule would be. -> [R] int64."""
+    if scenario.adaptive:
+        g = 1 + prev_token % max(gamma, 1)
+    elif scenario.ragged:
         u = rng.uniform(key, sample_index, position, rng.Role.DRAFT, RAGGED_LANE)
         g = (u * (gamma + 1)).to(torch.int64).clamp(max=gamma)
     else:
@@ -302,7 +309,8 @@ def run_chain(
         ar = torch.arange(a)
         work = comp[act]  # [A, W] completion plus this step's proposals
         pos, k, s = n[act], key[act], sample_index[act]  # [A]
-        g_row = proposal_counts(scenario, gamma, k, s, pos)  # [A]
+        prev = _prev_token(scenario.prompt_ids, work, pos, 0)  # [A]
+        g_row = proposal_counts(scenario, gamma, k, s, pos, prev).clamp(max=gamma)  # [A]
 
         draft_tokens = torch.full((a, gamma), -1, dtype=torch.int64)  # [A, G]
         q_reported = torch.zeros(a, gamma, v)  # [A, G, V]

@@ -50,6 +50,11 @@ def fixed_gamma() -> Scenario:
                   "every row proposes gamma tokens every step", ragged=False)
 
 
+def adaptive_gamma() -> Scenario:
+    return _basic("adaptive_gamma", SamplingParams(temperature=1.0), SamplingParams(temperature=0.8),
+                  "num_proposed chosen from each row's last token (an adaptive schedule)", adaptive=True)
+
+
 def target_top_k() -> Scenario:
     return _basic("target_top_k", SamplingParams(temperature=1.2, top_k=3), SamplingParams(temperature=1.0),
                   "target top-k 3: q puts mass where p is zero")
@@ -140,7 +145,7 @@ def wide_vocab() -> Scenario:
 SCENARIOS: dict[str, Callable[[], Scenario]] = {
     f.__name__: f
     for f in (
-        same_temperature, draft_colder, draft_hotter, fixed_gamma, target_top_k, target_top_p, target_min_p,
+        same_temperature, draft_colder, draft_hotter, fixed_gamma, adaptive_gamma, target_top_k, target_top_p, target_min_p,
         target_all_truncations, draft_truncated_narrower, deterministic_draft, greedy_target, greedy_ties,
         penalties, min_new_tokens, stops, n_samples, coupled, wide_vocab,
     )
