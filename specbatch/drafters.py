@@ -28,8 +28,9 @@ import torch
 
 from specbatch import rng
 from specbatch.rows import Row
-from specbatch.sampling import WarpParams, sample_from_probs, warp
+from specbatch.sampling import WarpParams, warp
 from specbatch.speculative import coupled_choice
+from specbatch_kernels import ops
 
 
 @dataclass
@@ -240,11 +241,12 @@ class ModelDrafter:
         tokens = torch.full((r, g), -1, dtype=torch.int64, device=dev)
         q = torch.zeros(r, g, self.vocab, dtype=torch.float32, device=dev)
         for i in range(g):
-            probs = warp(self._to_target_width(last), params)  # [R, V]
+            logits_i = self._to_target_width(last)  # [R, V]
             if coupled:
+                probs = warp(logits_i, params)
                 x = coupled_choice(probs, rng.gumbel(key, sidx, pos + i, self.vocab))
             else:
-                x = sample_from_probs(probs, rng.uniform(key, sidx, pos + i, rng.Role.DRAFT))
+                x, probs = ops.warp_and_sample(logits_i, params, key, sidx, pos + i, rng.Role.DRAFT, return_probs=True)
             live = i < limits  # [R]
             tokens[:, i] = torch.where(live, x, tokens[:, i])
             q[:, i] = probs
