@@ -166,6 +166,18 @@ class Scenario:
             self.draft_logits, self.draft, self.prompt_ids, completion, length, self._stops(self.draft), lag
         )
 
+    def first_acceptance_rate(self) -> float:
+        """Chance that the first proposal of a row's first step is accepted: sum_x min(p_0, q_0)
+        for a sampling drafter, p_0(argmax q_0) for a deterministic one (rejection sampling's
+        optimum: a verifier that accepts less is exact but wasteful)."""
+        empty = torch.zeros(1, 0, dtype=torch.int64)
+        zero = torch.zeros(1, dtype=torch.int64)
+        p0, q0 = self.target_probs(empty, zero)[0], self.draft_probs(empty, zero)[0]  # [V] each
+        if self.draft_mode == "deterministic":
+            return float(p0[q0.argmax()])
+        assert self.draft_mode == "sample", "no closed form for coupled acceptance"
+        return float(torch.minimum(p0, q0).sum())
+
     def exact_probs(self, length: int) -> torch.Tensor:
         """Exact probability of every sequence of ``length`` symbols: [(V+1)^length] float64."""
 
@@ -200,6 +212,7 @@ class ChainResult:
     key: torch.Tensor  # [R] int64 row keys
     sample_index: torch.Tensor  # [R] int64
     steps: int  # loop iterations (target passes of the widest row)
+    first_step: AcceptanceStats  # the first step alone (every row at position 0, same context)
     stops_in_accepted: int  # steps where a stop token fell on an accepted proposal and cut the run
 
     def rejections_at(self, gamma: int) -> list[int]:
@@ -299,7 +312,7 @@ def run_chain(
     comp = torch.full((n_rows, width), -1, dtype=torch.int64)  # [R, W] emitted completion tokens
     n = torch.zeros(n_rows, dtype=torch.int64)  # [R] tokens emitted so far
     done = torch.zeros(n_rows, dtype=torch.bool)
-    stats = AcceptanceStats()
+    stats, first_step = AcceptanceStats(), AcceptanceStats()
     steps = stops_in_accepted = 0
     while True:
         act = (~done).nonzero().squeeze(1)  # [A]
@@ -340,6 +353,8 @@ def run_chain(
         stops_in_accepted += int((stop_hit & (keep < res.num_emitted) & (keep <= res.num_accepted)).sum())
         res = speculative.cut(res, keep)
         stats.add_step(res.num_proposed, res.num_tested, res.num_accepted, res.num_emitted)
+        if steps == 0:
+            first_step.add_step(res.num_proposed, res.num_tested, res.num_accepted, res.num_emitted)
 
         for j in range(gamma + 1):
             m = j < keep
@@ -356,6 +371,7 @@ def run_chain(
         key=key,
         sample_index=sample_index,
         steps=steps,
+        first_step=first_step,
         stops_in_accepted=stops_in_accepted,
     )
 
@@ -365,6 +381,18 @@ def assert_power(result: ChainResult, gamma: int, min_rejections: int = 200) -> 
     rejections = result.rejections_at(gamma)
     assert all(r >= min_rejections for r in rejections), f"too few rejections per position: {rejections}"
     return rejections
+
+
+def assert_optimal_acceptance(result: ChainResult, scenario: Scenario, sigmas: float = 5.0) -> tuple[float, float]:
+    """The verifier accepts the first proposal as often as rejection sampling should
+    (:meth:`Scenario.first_acceptance_rate`), within ``sigmas`` binomial standard errors.
+    Catches verifiers that are exact but accept too little. -> (measured, expected)."""
+    tested, accepted = result.first_step.tested_at[0], result.first_step.accepted_at[0]
+    expected = scenario.first_acceptance_rate()
+    measured = accepted / tested
+    se = max((expected * (1 - expected) / tested) ** 0.5, 1 / tested)
+    assert abs(measured - expected) <= sigmas * se, f"first acceptance {measured:.4f}, expected {expected:.4f} (se {se:.4f})"
+    return measured, expected
 
 
 def token_marginal(exact: torch.Tensor, vocab_size: int, length: int, position: int) -> torch.Tensor:

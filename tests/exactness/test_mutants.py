@@ -58,4 +58,7 @@ def test_one_hot_verification_of_a_sampling_drafter_is_exact():
     harness.assert_distribution(result.counts, sc.exact_probs(4), label="one-hot verification")
     reference = harness.run_chain(speculative.verify, sc, rows=40_000, length=4, gamma=3)
     assert result.stats.acceptance_rate < reference.stats.acceptance_rate
+    harness.assert_optimal_acceptance(reference, sc)
+    with pytest.raises(AssertionError, match="first acceptance"):
+        harness.assert_optimal_acceptance(result, sc)  # exact, but wasteful
     assert not torch.equal(result.sequences, reference.sequences)

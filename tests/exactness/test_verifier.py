@@ -31,6 +31,8 @@ def test_reference_verifier_is_exact(name):
     result = harness.run_chain(speculative.verify, sc, rows=ROWS, length=LENGTH, gamma=GAMMA)
     harness.assert_distribution(result.counts, sc.exact_probs(LENGTH), label=name)
     harness.assert_power(result, GAMMA, min_rejections=MIN_REJECTIONS_OVERRIDE.get(name, MIN_REJECTIONS))
+    if sc.draft_mode != "coupled" and not sc.first_plain:
+        harness.assert_optimal_acceptance(result, sc)
     # The counters agree with what was emitted.
     assert result.stats.emitted == int((result.sequences >= 0).sum())
     assert result.stats.accepted <= result.stats.tested <= result.stats.proposed
