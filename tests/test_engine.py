@@ -332,3 +332,18 @@ def test_engine_on_the_triton_kernels_equals_the_torch_reference(target, tokeniz
         ops.force_backend(previous)
     assert stats.tested > stats.accepted  # rejections happened on the kernel path
     assert fused == reference
+
+
+def test_stale_draft_cache_is_caught_by_the_length_invariants(target, tokenizer, ckpts):
+    """A model drafter that forgets to roll its cache back after a rejection is refused loudly."""
+    from specbatch.drafters import ModelDrafter
+
+    class StaleDrafter(ModelDrafter):
+        def commit(self, rows, num_proposed, num_accepted):  # never rolls back
+            pass
+
+    good = build_drafter("model", target, tokenizer, path=str(ckpts[1]), dtype="float32", draft_temperature=2.0)
+    stale = StaleDrafter(good.model, V, draft_temperature=2.0)
+    params = SamplingParams(n=8, max_new_tokens=10, temperature=1.0, ignore_eos=True)
+    with pytest.raises(AssertionError, match="draft cache"):
+        Engine(target, tokenizer, stale, EngineConfig(max_batch_size=8, measure_cost=False)).generate([Request("s", PROMPT, params)])
