@@ -273,3 +273,32 @@ def test_parity_checker_flags_a_real_difference():
                                          sample_index, position)
     assert not bool(equal.any())
     assert int(near.sum()) <= 1
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_engine_shaped_inputs(triton_path, backend):
+    """What the engine hands over: per-row warp, -1 padding after num_proposed, a sliced logits
+    view, and plain steps (gamma 0) with an empty q; both backends agree."""
+    ops.force_backend(backend)
+    rows, gamma, vocab = 5, 3, 64
+    logits, draft_tokens, num_proposed, draft_probs, warp, key, sample_index, position = make_step(
+        vocab, rows, gamma, torch.float32, one_hot=False, seed=17, kinds=("plain", "top_k", "greedy"))
+    wide = torch.randn(rows, gamma + 3, vocab)
+    wide[:, 2:] = logits
+    sliced = wide[:, 2:]  # [R, G+1, V] view, not contiguous across rows
+    padded = torch.where(torch.arange(gamma)[None, :] < num_proposed[:, None], draft_tokens, -1)
+    result, logprobs = ops.verify(sliced, padded, num_proposed, draft_probs, warp, key, sample_index, position)
+    ops.force_backend("torch")
+    expected, expected_lp = ops.verify(logits, draft_tokens, num_proposed, draft_probs, warp, key, sample_index,
+                                       position)
+    assert torch.equal(result.tokens, expected.tokens)
+    torch.testing.assert_close(logprobs, expected_lp, atol=2e-4, rtol=1e-4)
+    plain = logits[:, :1].contiguous()
+    empty_q = torch.zeros(rows, 0, vocab)
+    no_proposals = torch.zeros(rows, dtype=torch.int64)
+    ops.force_backend(backend)
+    first, _ = ops.verify(plain, padded[:, :0], no_proposals, empty_q, warp, key, sample_index, position)
+    assert bool((first.num_emitted == 1).all()) and bool((first.num_tested == 0).all())
+    tokens, _ = ops.warp_and_sample(plain[:, 0], warp, key, sample_index, position, rng.Role.SAMPLE)
+    assert torch.equal(first.tokens[:, 0], tokens)  # a bonus at position t is the plain SAMPLE draw at t
+    assert triton_path["verify"] == (2 if backend == "triton" else 0)
