@@ -132,10 +132,15 @@ def test_bad_dtype(ckpt):
 
 
 def test_unknown_model_name(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub
+
+    def unreachable(repo_id, **kw):
+        raise OSError(f"cannot reach the hub for {repo_id}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
     with pytest.raises(CheckpointError, match="no such directory; expected a checkpoint directory, a registered name"):
         resolve_model_path(str(tmp_path / "nope"))
-    with pytest.raises(CheckpointError, match="hub download failed"):
+    with pytest.raises(CheckpointError, match="hub download failed .cannot reach the hub for no-such-owner/no-such-model"):
         resolve_model_path("no-such-owner/no-such-model")
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="expected a checkpoint directory, found a file"):
@@ -148,3 +153,18 @@ def test_cache_overflow_is_refused(ckpt):
     with pytest.raises(ValueError, match="would hold 5 tokens but the cache's max_len is 4"):
         model(torch.tensor([[3, 4, 5, 6, 7]]), cache, torch.tensor([0]), torch.tensor([5]))
     assert cache.lengths.tolist() == [0]
+
+
+def test_hub_id_resolves_through_snapshot_download(ckpt, monkeypatch):
+    import huggingface_hub
+
+    asked = {}
+
+    def download(repo_id, allow_patterns=None, **kw):
+        asked.update(repo_id=repo_id, patterns=allow_patterns)
+        return str(ckpt)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert load_model("some-owner/some-model").config.architecture == "Qwen2ForCausalLM"
+    assert asked["repo_id"] == "some-owner/some-model"
+    assert not any(p.endswith((".bin", ".pt", ".py")) for p in asked["patterns"])  # no pickles, no code
