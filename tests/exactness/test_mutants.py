@@ -38,11 +38,12 @@ def test_mutant_fails_the_harness(name):
 
 def test_patches_are_undone():
     """Installing a mutant leaves specbatch.speculative intact afterwards."""
-    before = (speculative.rng, speculative.sample_from_probs, speculative.residual)
+    names = ("rng", "sample_from_probs", "residual", "acceptance_test", "first_rejection", "verify")
+    before = [getattr(speculative, n) for n in names]
     for mutant in MUTANTS.values():
         with contextlib.ExitStack() as stack:
             mutant.install(stack)
-    assert (speculative.rng, speculative.sample_from_probs, speculative.residual) == before
+    assert [getattr(speculative, n) for n in names] == before
 
 
 def test_one_hot_verification_of_a_sampling_drafter_is_exact():

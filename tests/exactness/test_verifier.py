@@ -38,6 +38,21 @@ def test_reference_verifier_is_exact(name):
     assert result.stats.accepted <= result.stats.tested <= result.stats.proposed
 
 
+@pytest.mark.parametrize("gamma,length", [(0, 4), (6, 3)])
+def test_plain_sampling_and_runs_longer_than_the_budget(gamma, length):
+    """gamma 0 is plain sampling through the same loop; gamma 6 > length cuts accepted runs at
+    the length budget."""
+    sc = SCENARIOS["draft_colder"]()
+    result = harness.run_chain(speculative.verify, sc, rows=50_000, length=length, gamma=gamma)
+    harness.assert_distribution(result.counts, sc.exact_probs(length), label=f"gamma={gamma}")
+    assert bool((result.sequences >= 0).all())  # no stops in this scenario: every row has L tokens
+    if gamma == 0:
+        assert result.stats.proposed == result.stats.tested == 0 and result.steps == length
+    else:
+        # Uncut steps emit accepted + 1 tokens; a budget cut inside the accepted run emits fewer.
+        assert result.stats.emitted == 50_000 * length < result.stats.accepted + result.stats.steps
+
+
 def test_stops_fall_inside_accepted_runs():
     """The stops scenario really exercises cutting a run at an accepted stop token."""
     sc = SCENARIOS["stops"]()
