@@ -333,6 +333,35 @@ def test_submit_sends_the_job_through_the_jobs_api(job, monkeypatch, capsys):
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("final, code", [("SUCCEEDED", 0), ("FAILED", 1)])
+def test_submit_wait_follows_the_job_to_its_end(job, monkeypatch, capsys, final, code):
+    tmp, spec = job
+    path = dump(tmp, spec)
+    import ray.job_submission
+    from ray.job_submission import JobStatus
+
+    statuses = [JobStatus.PENDING, JobStatus.RUNNING, getattr(JobStatus, final)]
+
+    class FakeClient:
+        def __init__(self, address):
+            pass
+
+        def submit_job(self, **kwargs):
+            return "raysubmit_9"
+
+        def get_job_status(self, job_id):
+            return statuses.pop(0)
+
+        def get_job_logs(self, job_id):
+            return "job log line\n"
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
+    monkeypatch.chdir(tmp)
+    assert main(["submit", path, "--address", "http://head:8265", "--wait", "--poll", "0"]) == code
+    out = capsys.readouterr().out
+    assert "job log line" in out and f"raysubmit_9: {final}" in out
+
+
 def test_models_pull_unknown_name_exits_2(capsys):
     assert main(["models", "pull", "no-such-model"]) == 2
     assert "unknown model name 'no-such-model'" in capsys.readouterr().err
