@@ -226,6 +226,13 @@ class SpeculativeSpec(BaseModel):
         description="'rejection': accept x iff u q(x) < p(x), else a recovered token from norm(max(p - q, 0)). "
         "'coupled': shared Gumbel noise, the output is token-for-token that of plain sampling with the same seed.",
     )
+    adaptive_gamma: bool = Field(
+        False,
+        description="Choose gamma (0..num_draft_tokens) from the measured acceptance rate and the cost model "
+        "measured at start-up; gamma 0 (plain sampling) where speculation is measured to lose. Still exact, but a "
+        "row's tokens then depend on what ran before it on its actor, so a resumed or retried shard may differ "
+        "from an uninterrupted run (each is still an exact sample).",
+    )
 
 
 class ResourcesSpec(BaseModel):
