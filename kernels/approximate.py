@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from specbatch import rng
-from specbatch.sampling import WarpParams
+from specbatch.sampling import WarpParams, sample_from_probs
 from specbatch.speculative import VerifyResult, verify
 from specbatch_kernels.rng import uniform
 from specbatch_kernels.warp import first_crossing, tile_scores, tiles
@@ -221,8 +221,6 @@ def measure_tv(
     key = torch.full((rows,), seed, dtype=torch.int64)
     sample_index = torch.arange(rows, dtype=torch.int64)
     position = torch.zeros(rows, dtype=torch.int64)
-    from specbatch.sampling import sample_from_probs
-
     qs = q.to(torch.float32)[None, :].expand(rows, v).contiguous()  # [rows, V]
     draft = sample_from_probs(qs, rng.uniform(key, sample_index, position, rng.Role.DRAFT))  # [rows]
     ones = torch.ones(rows, dtype=torch.float32)

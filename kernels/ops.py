@@ -1,10 +1,12 @@
 """Host wrapper: what the engine calls.  Validates, allocates, picks the backend once.
 
-Backends: ``"triton"`` runs the fused kernels (CUDA tensors, or CPU tensors under
-``TRITON_INTERPRET=1``); ``"torch"`` runs the unfused torch reference (``specbatch.sampling`` +
-``specbatch.speculative``).  The choice is made once, on first use: ``SPECBATCH_KERNELS=triton``
-or ``=torch`` in the environment decides; otherwise Triton when CUDA is available, else torch.
-:func:`force_backend` overrides it (tests use it to run the kernels under the interpreter).
+Backends: ``"triton"`` runs the fused kernels; ``"torch"`` runs the unfused torch reference
+(``specbatch.sampling`` + ``specbatch.speculative``).  The choice is made once, on first use:
+``SPECBATCH_KERNELS=triton`` or ``=torch`` in the environment decides; otherwise Triton when CUDA
+is available, else torch.  :func:`force_backend` overrides it (tests use it to run the kernels
+under the interpreter).  An automatic "triton" applies to CUDA tensors; CPU tensors then take the
+torch reference (one rule, :func:`_use_triton`).  A *forced* "triton" runs CPU tensors through
+the kernels too, which needs ``TRITON_INTERPRET=1``.
 
 Sparse adjustments (logit bias, repetition/presence/frequency penalties, min_new_tokens bans)
 are applied in torch before the kernels (``specbatch.sampling.apply_bias_and_penalties``); the
@@ -22,13 +24,14 @@ import os
 
 import torch
 
-from specbatch import rng, speculative
+from specbatch import rng
 from specbatch.sampling import History, WarpParams, apply_bias_and_penalties
 from specbatch.speculative import VerifyResult
 
 BACKENDS = ("triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _backend: str | None = None
+_forced = False  # the backend was asked for (environment or force_backend), not inferred
 
 
 def _triton_usable() -> bool:
@@ -41,35 +44,45 @@ def _triton_usable() -> bool:
 
 def backend() -> str:
     """The backend in use, chosen once: "triton" or "torch"."""
-    global _backend
+    global _backend, _forced
     if _backend is None:
         wanted = os.environ.get("SPECBATCH_KERNELS", "").strip().lower()
         if wanted:
             force_backend(wanted)
         else:
             _backend = "triton" if torch.cuda.is_available() and _triton_usable() else "torch"
+            _forced = False
     return _backend
 
 
 def force_backend(name: str | None) -> None:
     """Use ``name`` ("triton" or "torch") from now on; None chooses again on next use."""
-    global _backend
+    global _backend, _forced
     if name is None:
         _backend = None
+        _forced = False
         return
     if name not in BACKENDS:
         raise ValueError(f"SPECBATCH_KERNELS must be one of {BACKENDS}, got {name!r}")
     if name == "triton" and not _triton_usable():
         raise RuntimeError("the triton backend was asked for but triton is not installed")
     _backend = name
+    _forced = True
+
+
+def _use_triton(device: torch.device) -> bool:
+    """Whether tensors on ``device`` go through the kernels (the one dispatch rule)."""
+    if backend() != "triton":
+        return False
+    return device.type == "cuda" or _forced
 
 
 # --------------------------------------------------------------------------- validation
 
 
 def _check_device(t: torch.Tensor, what: str) -> None:
-    if backend() == "triton" and t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"{what}: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {t.device}")
+    if _use_triton(t.device) and t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{what}: the forced triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {t.device}")
 
 
 def _index_vector(t: torch.Tensor, n: int, what: str, device: torch.device) -> torch.Tensor:
@@ -166,7 +179,7 @@ def warp_and_sample(
     )
     params = _params(warp, m, 1, dev)
     scores = _adjusted(logits, params, history, ban)  # [M, V]
-    if backend() == "triton":
+    if _use_triton(dev):
         from specbatch_kernels.warp import warp_and_sample_triton as run
     else:
         from specbatch_kernels.warp import reference_warp_and_sample as run
@@ -231,8 +244,8 @@ def verify(
     if approximate:
         from specbatch_kernels import approximate as approx
 
-        return approx.verify_triton(*args) if backend() == "triton" else approx.reference_verify(*args)
-    if backend() == "triton":
+        return approx.verify_triton(*args) if _use_triton(dev) else approx.reference_verify(*args)
+    if _use_triton(dev):
         from specbatch_kernels.verify import verify_triton
 
         return verify_triton(*args)

@@ -14,7 +14,7 @@ import torch
 
 from specbatch.sampling import WarpParams
 from specbatch_kernels import approximate, ops
-from tests.test_kernels_verify import make_step
+from tests.test_kernels_verify import keep_backend_choice, make_step
 
 pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
@@ -24,7 +24,7 @@ ROWS = 20_000
 
 @pytest.fixture
 def triton_path(monkeypatch):
-    previous = ops.backend()
+    keep_backend_choice(monkeypatch)
     ops.force_backend("triton")
     calls = {"approximate": 0}
     real = approximate.verify_triton
@@ -35,7 +35,6 @@ def triton_path(monkeypatch):
 
     monkeypatch.setattr(approximate, "verify_triton", counted)
     yield calls
-    ops.force_backend(previous)
 
 
 def sampling_bound(p: torch.Tensor, n: int, delta: float = 1e-6) -> float:

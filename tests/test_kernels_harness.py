@@ -27,6 +27,7 @@ from specbatch_kernels import verify as kverify
 from tests.exactness import harness
 from tests.exactness.mutants import MUTANTS, run_mutant
 from tests.exactness.scenarios import SCENARIOS
+from tests.test_kernels_verify import keep_backend_choice
 
 pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
@@ -39,7 +40,7 @@ PLAIN = [name for name, make in SCENARIOS.items() if make().draft_mode != "coupl
 @pytest.fixture(autouse=True)
 def triton_path(monkeypatch):
     """Triton forced, one torch thread (many small rows), kernel launches counted."""
-    previous = ops.backend()
+    keep_backend_choice(monkeypatch)
     threads = torch.get_num_threads()
     ops.force_backend("triton")
     torch.set_num_threads(1)
@@ -53,7 +54,6 @@ def triton_path(monkeypatch):
     monkeypatch.setattr(kverify, "verify_triton", counted)
     yield calls
     torch.set_num_threads(threads)
-    ops.force_backend(previous)
 
 
 @pytest.mark.parametrize("name", PLAIN)

@@ -23,10 +23,16 @@ pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::RuntimeWar
 KINDS = ("plain", "greedy", "top_k_1", "top_k", "tiny_top_p", "top_p", "min_p", "all")
 
 
+def keep_backend_choice(monkeypatch) -> None:
+    """Restore the wrapper's backend choice (name and whether it was forced) after the test."""
+    monkeypatch.setattr(ops, "_backend", ops._backend)
+    monkeypatch.setattr(ops, "_forced", ops._forced)
+
+
 @pytest.fixture
 def triton_path(monkeypatch):
     """Force the Triton backend for one test and count kernel launches through ops."""
-    previous = ops.backend()
+    keep_backend_choice(monkeypatch)
     ops.force_backend("triton")
     calls = {"verify": 0}
     real = kverify.verify_triton
@@ -37,7 +43,6 @@ def triton_path(monkeypatch):
 
     monkeypatch.setattr(kverify, "verify_triton", counted)
     yield calls
-    ops.force_backend(previous)
 
 
 def row_params(kinds: list[str], vocab: int, g: torch.Generator) -> WarpParams:
@@ -236,24 +241,21 @@ def test_verify_validates_inputs(triton_path):
 
 
 def test_backend_is_chosen_once_from_the_environment(monkeypatch):
-    previous = ops.backend()
-    try:
-        monkeypatch.setenv("SPECBATCH_KERNELS", "triton")
-        ops.force_backend(None)
-        assert ops.backend() == "triton"
-        monkeypatch.setenv("SPECBATCH_KERNELS", "torch")
-        assert ops.backend() == "triton"  # chosen once: a later change of the variable does not flip it
-        ops.force_backend(None)
-        assert ops.backend() == "torch"
-        monkeypatch.setenv("SPECBATCH_KERNELS", "cuda-please")
-        ops.force_backend(None)
-        with pytest.raises(ValueError, match="SPECBATCH_KERNELS"):
-            ops.backend()
-        monkeypatch.delenv("SPECBATCH_KERNELS")
-        ops.force_backend(None)
-        assert ops.backend() == ("triton" if torch.cuda.is_available() else "torch")
-    finally:
-        ops.force_backend(previous)
+    keep_backend_choice(monkeypatch)
+    monkeypatch.setenv("SPECBATCH_KERNELS", "triton")
+    ops.force_backend(None)
+    assert ops.backend() == "triton"
+    monkeypatch.setenv("SPECBATCH_KERNELS", "torch")
+    assert ops.backend() == "triton"  # chosen once: a later change of the variable does not flip it
+    ops.force_backend(None)
+    assert ops.backend() == "torch"
+    monkeypatch.setenv("SPECBATCH_KERNELS", "cuda-please")
+    ops.force_backend(None)
+    with pytest.raises(ValueError, match="SPECBATCH_KERNELS"):
+        ops.backend()
+    monkeypatch.delenv("SPECBATCH_KERNELS")
+    ops.force_backend(None)
+    assert ops.backend() == ("triton" if torch.cuda.is_available() else "torch")
 
 
 def test_parity_checker_flags_a_real_difference():
@@ -302,3 +304,27 @@ def test_engine_shaped_inputs(triton_path, backend):
     tokens, _ = ops.warp_and_sample(plain[:, 0], warp, key, sample_index, position, rng.Role.SAMPLE)
     assert torch.equal(first.tokens[:, 0], tokens)  # a bonus at position t is the plain SAMPLE draw at t
     assert triton_path["verify"] == (2 if backend == "triton" else 0)
+
+
+def test_automatic_triton_leaves_cpu_tensors_to_torch(monkeypatch):
+    """Chosen automatically (CUDA present), "triton" applies to CUDA tensors; CPU tensors take the
+    reference instead of failing. Forced, it runs them through the kernels (interpreted here)."""
+    keep_backend_choice(monkeypatch)
+    calls = {"verify": 0}
+    real = kverify.verify_triton
+
+    def counted(*args, **kwargs):
+        calls["verify"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kverify, "verify_triton", counted)
+    monkeypatch.delenv("SPECBATCH_KERNELS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ops.force_backend(None)
+    assert ops.backend() == "triton"
+    step = make_step(30, 3, 2, torch.float32, one_hot=False, seed=4)
+    ops.verify(*step)
+    assert calls["verify"] == 0
+    ops.force_backend("triton")
+    ops.verify(*step)
+    assert calls["verify"] == 1
