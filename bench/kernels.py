@@ -18,7 +18,6 @@ Warping: temperature 0.8 and top-p 0.9 on every row (``--plain`` for temperature
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -158,8 +157,6 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        os.environ.pop("TRITON_INTERPRET", None)
     full = args.full or device.type == "cuda"
     vocabs = args.vocab or ([32000, 128256, 151936] if full else [32000, 151936])
     rows_list = args.rows or ([1, 16, 64, 256] if full else [1, 16])
