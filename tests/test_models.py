@@ -193,3 +193,23 @@ def test_generate_matches_transformers_greedy(checkpoints):
         got.append(token)
         logits = model(torch.tensor([[token]]), cache, torch.tensor([0]), torch.tensor([1]))
     assert got == want
+
+
+def test_packed_bfloat16_linears_equal_plain_ones(checkpoints, monkeypatch):
+    """The oneDNN pre-packed path (chosen on CPUs that support it) gives F.linear's results."""
+    import specbatch.models.llama as llama
+
+    path = checkpoints["qwen2"]
+    tokens = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(7))
+
+    def run(model):
+        return model(tokens, model.new_cache(2, 7), torch.arange(2), torch.tensor([7, 4]))
+
+    packed = load_model(path, dtype="bfloat16")
+    monkeypatch.setattr(llama, "_onednn_packing_works", lambda device, dtype: False)
+    plain = load_model(path, dtype="bfloat16")
+    assert not plain.packed
+    if not packed.packed:
+        pytest.skip("this CPU has no oneDNN bfloat16 packing")
+    torch.testing.assert_close(run(packed)[0], run(plain)[0], atol=0, rtol=0)
+    torch.testing.assert_close(run(packed)[1, :4], run(plain)[1, :4], atol=0, rtol=0)

@@ -38,6 +38,41 @@ def _param(t: torch.Tensor | None) -> nn.Parameter | None:
     return None if t is None else nn.Parameter(t, requires_grad=False)
 
 
+def _onednn_packing_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether bfloat16 linears on this CPU can run through oneDNN with pre-packed weights.
+
+    Packed weights make decode-sized bfloat16 matmuls about 1.5x faster on CPUs with AMX /
+    AVX512-BF16 and give the same result as F.linear (checked here once, on a small case).
+    """
+    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w = torch.randn(24, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+        x = torch.randn(3, 2, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return torch.equal(got, F.linear(x, w))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+class Linear:
+    """``y = x W^T + b`` through F.linear, or through oneDNN with W pre-packed (see above).
+
+    The path is chosen once, when the model is built; the plain weight stays the model's
+    parameter, the packed copy is an extra (opaque) tensor.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
+        self.weight, self.bias = weight, bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1) if pack else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+
+
 # Up to this many new tokens per row, attention is two grouped matmuls over the cache (cheapest
 # for decode and verify steps, and no K/V repeat for GQA); wider calls (prefill) use
 # scaled_dot_product_attention, whose memory does not grow with width x cache length.
@@ -47,7 +82,7 @@ MATMUL_ATTENTION_MAX_WIDTH = 16
 class DecoderLayer(nn.Module):
     """Pre-norm attention (fused qkv, GQA, optional q/k norm) then a SwiGLU MLP (fused gate/up)."""
 
-    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], prefix: str, sliding: bool):
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], prefix: str, sliding: bool, pack: bool):
         super().__init__()
         self.config = config
         self.sliding = sliding
@@ -72,6 +107,10 @@ class DecoderLayer(nn.Module):
         )
         self.down = _param(w[m + "down_proj.weight"])  # [H, I]
         self.down_bias = _param(w.get(m + "down_proj.bias"))
+        self.qkv_linear = Linear(self.qkv, self.qkv_bias, pack)
+        self.o_linear = Linear(self.o, self.o_bias, pack)
+        self.gate_up_linear = Linear(self.gate_up, self.gate_up_bias, pack)
+        self.down_linear = Linear(self.down, self.down_bias, pack)
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, plan: "_Plan") -> torch.Tensor:
         c = self.config
@@ -79,7 +118,7 @@ class DecoderLayer(nn.Module):
         nh, kvh, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
 
         h = rms_norm(x, self.attn_norm, c.rms_norm_eps)
-        qkv = F.linear(h, self.qkv, self.qkv_bias).view(R, W, nh + 2 * kvh, hd)
+        qkv = self.qkv_linear(h).view(R, W, nh + 2 * kvh, hd)
         qk, v = qkv[:, :, : nh + kvh], qkv[:, :, nh + kvh :]  # [R, W, nh + kvh, hd], [R, W, kvh, hd]
         if self.qk_norm is not None:
             qk = F.rms_norm(qk, (hd,), eps=c.rms_norm_eps) * self.qk_norm
@@ -104,11 +143,11 @@ class DecoderLayer(nn.Module):
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=nh != kvh
             ).transpose(1, 2)  # [R, W, nh, hd]
-        x = x + F.linear(out.reshape(R, W, nh * hd), self.o, self.o_bias)
+        x = x + self.o_linear(out.reshape(R, W, nh * hd))
 
         h = rms_norm(x, self.mlp_norm, c.rms_norm_eps)
-        gate, up = F.linear(h, self.gate_up, self.gate_up_bias).chunk(2, dim=-1)  # [R, W, I] each
-        return x + F.linear(F.silu(gate) * up, self.down, self.down_bias)
+        gate, up = self.gate_up_linear(h).chunk(2, dim=-1)  # [R, W, I] each
+        return x + self.down_linear(F.silu(gate) * up)
 
 
 def _matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -197,12 +236,15 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed = _param(weights["model.embed_tokens.weight"])  # [V, H]
+        pack = _onednn_packing_works(self.embed.device, self.embed.dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, weights, f"model.layers.{i}.", config.sliding_layers[i])
+            DecoderLayer(config, weights, f"model.layers.{i}.", config.sliding_layers[i], pack)
             for i in range(config.num_hidden_layers)
         )
         self.norm = _param(weights["model.norm.weight"])  # [H]
         self.lm_head = self.embed if config.tie_word_embeddings else _param(weights["lm_head.weight"])  # [V, H]
+        self.lm_head_linear = Linear(self.lm_head, None, pack)
+        self.packed = pack
         inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq.to(self.embed.device), persistent=False)  # [hd / 2] float32
         self.eval()
@@ -236,6 +278,6 @@ class LlamaModel(nn.Module):
             last = (num_tokens - 1).clamp(min=0)  # [R]
             x = x[torch.arange(R, device=self.device), last].unsqueeze(1)  # [R, 1, H]
         x = rms_norm(x, self.norm, self.config.rms_norm_eps)
-        logits = F.linear(x, self.lm_head).float()  # [R, W or 1, V]
+        logits = self.lm_head_linear(x).float()  # [R, W or 1, V]
         cache.lengths.index_add_(0, slots, num_tokens)
         return logits
