@@ -10,13 +10,14 @@ norm(max(p_j - q_j, 0)) (p_j where that is empty); if all are accepted a *bonus*
 from p_n.  Uniforms come from the counter-based generator (roles ACCEPT, RESIDUAL, SAMPLE at
 completion position ``position[r] + i``), computed in-kernel.
 
-Two launches:
-  1. ``_pair_kernel``, one program per (row, position) pair with position <= n: warps the
+Two launches (each program takes BLOCK_R rows or pairs: 1 for big vocabularies, many for small
+ones, see ``warp.tiles``):
+  1. ``_pair_kernel``, over the (row, position) pairs with position <= n: warps the
      target logits of that pair without sorting (``warp.row_distribution``) and stores the
      handful of scalars that describe p (max, threshold, min-p floor, mass, argmax) plus
      p(x_i) and log p(x_i) of the proposal there.  Traffic: 1 read of the pair's logits
      (V*b bytes), more only for top-k/top-p rows (one read per bisection step).
-  2. ``_emit_kernel``, one program per row: runs the acceptance tests in order from the stored
+  2. ``_emit_kernel``, over the rows: runs the acceptance tests in order from the stored
      p(x_i) and q(x_i) (one gathered element of q each), then draws the recovered token (one
      pass over p_j and q_j for the residual mass, one inverse-CDF pass that stops at the token)
      or the bonus token (one inverse-CDF pass).  Traffic: <= 2 * V * (b + 4) bytes per row.
