@@ -168,3 +168,16 @@ def test_hub_id_resolves_through_snapshot_download(ckpt, monkeypatch):
     assert load_model("some-owner/some-model").config.architecture == "Qwen2ForCausalLM"
     assert asked["repo_id"] == "some-owner/some-model"
     assert not any(p.endswith((".bin", ".pt", ".py")) for p in asked["patterns"])  # no pickles, no code
+
+
+def test_missing_or_corrupt_tokenizer(ckpt):
+    from specbatch.models import load_tokenizer
+
+    (ckpt / "tokenizer.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="the tokenizer files cannot be loaded") as info:
+        load_tokenizer(ckpt)
+    assert "\n" not in str(info.value)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (ckpt / name).unlink()
+    with pytest.raises(CheckpointError, match="no tokenizer files .expected one of tokenizer.json"):
+        load_tokenizer(ckpt)

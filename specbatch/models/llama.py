@@ -122,7 +122,7 @@ class DecoderLayer(nn.Module):
         qk, v = qkv[:, :, : nh + kvh], qkv[:, :, nh + kvh :]  # [R, W, nh + kvh, hd], [R, W, kvh, hd]
         if self.qk_norm is not None:
             qk = F.rms_norm(qk, (hd,), eps=c.rms_norm_eps) * self.qk_norm
-        q, k = apply_rope(qk, plan.cos, plan.sin).split((nh, kvh), dim=2)
+        q, k = apply_rope(qk, plan.cos, plan.signed_sin).split((nh, kvh), dim=2)
 
         k_cache, v_cache = cache.k[layer], cache.v[layer]  # [S, kvh, max_len, hd]
         if plan.write_valid is not None:  # only real tokens are written
@@ -201,7 +201,7 @@ class _Plan:
         self.kv_len = max(kv_len, 1)
         self.slots = slots
         self.slot_range = (lo, lo + R) if contiguous else None
-        self.cos, self.sin = (t.unsqueeze(2) for t in rope_cos_sin(positions, model.inv_freq, model.dtype))  # [R, W, 1, hd]
+        self.cos, self.signed_sin = (t.unsqueeze(2) for t in rope_cos_sin(positions, model.inv_freq, model.dtype))  # [R, W, 1, hd]
 
         if all_valid:
             self.write_valid = None

@@ -8,6 +8,7 @@ import torch
 
 from specbatch.models.checkpoint import load_weights
 from specbatch.models.config import parse_config
+from specbatch.models.errors import CheckpointError
 from specbatch.models.llama import LlamaModel
 from specbatch.models.registry import resolve_model_path
 
@@ -33,9 +34,18 @@ def load_model(path_or_name: str | pathlib.Path, dtype: str | torch.dtype = "flo
     return LlamaModel(config, weights)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path_or_name: str | pathlib.Path):
     """The checkpoint's own tokenizer (transformers AutoTokenizer; never remote code)."""
     from transformers import AutoTokenizer
 
     directory = resolve_model_path(path_or_name)
-    return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{directory}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{directory}: the tokenizer files cannot be loaded ({reason})") from None
