@@ -5,9 +5,9 @@ each configuration 3 times (median reported). Every shard holds the same work (e
 counts, fixed lengths: EOS ignored), so two actors can split it evenly. Reported per
 configuration:
 
-* tokens/s over the *generation window*, from the moment the last actor to start takes its
-  first shard to the last commit, counting the shards started inside it: the scaling
-  figure, goal 2 actors >= 1.8x one;
+* tokens/s over the *generation window*, the time every actor is generating (from the last
+  actor's first shard to the first actor's last commit; each shard's tokens spread over its
+  run time): the scaling figure, goal 2 actors >= 1.8x one;
 * tokens/s over the whole run (wall clock, actor start-up included);
 * start-to-first-shard: run start -> first manifest, and its *overhead* (minus that shard's own
   generation time): actor start, model load, the engine's cost-model measurement, dispatch.
@@ -109,15 +109,22 @@ def one_run(spec) -> dict:
     from specbatch import data
 
     infos = [m for m in data.committed(spec).values()]
-    # The window opens when the last actor to start takes its first shard (before that, actors
-    # still load and measure while others generate) and closes at the last commit; it counts
-    # the shards started inside it.
-    first_start: dict[str, float] = {}
+    # The window is the time every actor is generating: from the last actor's first shard start
+    # to the first actor's last commit (before it, actors still load and measure while others
+    # generate; after it, the tail runs on fewer actors). Each shard's tokens are spread evenly
+    # over its own run time and counted for the part inside the window.
+    spans: dict[str, list[float]] = {}
     for m in infos:
-        first_start[m["actor"]] = min(first_start.get(m["actor"], m["started_at"]), m["started_at"])
-    start = max(first_start.values())
-    end = max(m["finished_at"] for m in infos)
-    tokens = sum(m["tokens"] for m in infos if m["started_at"] >= start)
+        lo, hi = spans.get(m["actor"], [m["started_at"], m["finished_at"]])
+        spans[m["actor"]] = [min(lo, m["started_at"]), max(hi, m["finished_at"])]
+    start = max(lo for lo, _ in spans.values())
+    end = min(hi for _, hi in spans.values())
+    if end <= start:
+        raise SystemExit("the actors never generated at the same time: use more prompts (--prompts)")
+    tokens = sum(
+        m["tokens"] * max(0.0, min(end, m["finished_at"]) - max(start, m["started_at"])) / (m["finished_at"] - m["started_at"])
+        for m in infos
+    )
     first = min(infos, key=lambda m: m["finished_at"])
     run = result.stats["run"]
     return {
@@ -126,7 +133,6 @@ def one_run(spec) -> dict:
         "first_shard_s": run["first_shard_s"],
         "overhead_s": run["first_shard_s"] - first["elapsed_s"],
         "tokens": tokens,
-        "all_tokens": sum(m["tokens"] for m in infos),
     }
 
 
@@ -135,7 +141,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tiny", action="store_true", help="a random hidden-256 checkpoint instead of --model")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--shard-rows", type=int, default=2)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=32)
