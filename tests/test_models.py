@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from specbatch.models import load_model
+from specbatch.models.rope import inverse_frequencies
 from tests.tiny import make_tiny_checkpoint
 
 ATOL = 2e-5  # float32 rounding; logits are O(10)
@@ -213,3 +214,29 @@ def test_packed_bfloat16_linears_equal_plain_ones(checkpoints, monkeypatch):
         pytest.skip("this CPU has no oneDNN bfloat16 packing")
     torch.testing.assert_close(run(packed)[0], run(plain)[0], atol=0, rtol=0)
     torch.testing.assert_close(run(packed)[1, :4], run(plain)[1, :4], atol=0, rtol=0)
+
+
+def test_older_config_layout_reads_the_same(checkpoints, tmp_path):
+    """Hub checkpoints written by older transformers keep rope_theta / rope_scaling at the top level."""
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(checkpoints["llama3-rope"], old)
+    config = json.loads((old / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = {**rope, "type": rope.pop("rope_type")}  # the oldest spelling: "type"
+    config.pop("head_dim", None)
+    (old / "config.json").write_text(json.dumps(config))
+
+    a, b = load_model(checkpoints["llama3-rope"]), load_model(old)
+    assert b.config.rope_scaling == a.config.rope_scaling and b.config.head_dim == a.config.head_dim
+    tokens = torch.randint(0, 32, (1, 20), generator=torch.Generator().manual_seed(8))
+    run = lambda m: m(tokens, m.new_cache(1, 20), torch.tensor([0]), torch.tensor([20]))  # noqa: E731
+    assert torch.equal(run(a), run(b))
+
+    plain = load_model(checkpoints["llama"])
+    assert plain.config.rope_scaling is None
+    scaled_freq, plain_freq = a.inv_freq, inverse_frequencies(8, 10000.0, None)
+    assert (scaled_freq <= plain_freq).all() and (scaled_freq < plain_freq).any()  # scaling slows rotations

@@ -113,7 +113,8 @@ def _rope(raw: dict, path: pathlib.Path) -> tuple[float, dict | None]:
         raise CheckpointError(f"{path}: field 'rope_theta' must be a positive number, got {theta!r}")
     if scaling is not None:
         scaling.pop("rope_theta", None)
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        legacy = scaling.pop("type", None)  # the oldest spelling of rope_type
+        rope_type = scaling.pop("rope_type", legacy or "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise CheckpointError(
                 f"{path}: field 'rope_scaling' has rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
