@@ -84,8 +84,9 @@ def test_prefill_matches_transformers(checkpoints, name):
     assert cache.lengths.tolist() == [13, 7, 0, SEQ]
 
 
+@pytest.mark.parametrize("slots", [[4, 0, 2], [2, 0, 1]], ids=["scattered", "permuted-run"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_ragged_steps_match_transformers(checkpoints, name):
+def test_ragged_steps_match_transformers(checkpoints, name, slots):
     path = checkpoints[name]
     tokens = torch.randint(0, 32, (3, SEQ), generator=torch.Generator().manual_seed(2))
     want = reference_logits(path, tokens)
@@ -94,7 +95,7 @@ def test_ragged_steps_match_transformers(checkpoints, name):
     # so each step has rows at different positions; slots are not 0..R-1.
     chunks = [(6, 3, 9), (1, 5, 2), (4, 0, 1), (5, 5, 5), (1, 2, 3), (3, 4, 0), (4, 5, 4)]
     assert all(sum(c[r] for c in chunks) == SEQ for r in range(3))
-    got, _ = ragged_run(model, tokens, torch.tensor([4, 0, 2]), chunks)
+    got, _ = ragged_run(model, tokens, torch.tensor(slots), chunks)
     for r in range(3):
         torch.testing.assert_close(got[r], want[r], atol=ATOL, rtol=0)
 
@@ -105,8 +106,10 @@ def test_contiguous_slot_run_matches_gathered_slots(checkpoints):
     chunks = [(5, 8), (1, 1), (3, 2), (15, 13)]
     a, _ = ragged_run(model, tokens, torch.tensor([2, 3]), chunks)   # a contiguous run: views
     b, _ = ragged_run(model, tokens, torch.tensor([3, 1]), chunks)   # scattered: gathered
+    c, _ = ragged_run(model, tokens, torch.tensor([1, 0]), chunks)   # a run out of order: permuted
     for r in range(2):
         torch.testing.assert_close(a[r], b[r], atol=ATOL, rtol=0)
+        torch.testing.assert_close(c[r], b[r], atol=ATOL, rtol=0)
 
 
 def test_padding_is_never_written_and_rollback_recomputes(checkpoints):

@@ -130,12 +130,14 @@ class DecoderLayer(nn.Module):
         # Position-major views [S, max_len, kvh, hd] so (slot, position) index the first two dims.
         k_cache.transpose(1, 2).index_put_(plan.write_index, k)
         v_cache.transpose(1, 2).index_put_(plan.write_index, v)
-        if plan.slot_range is not None:  # a contiguous run of slots: a view, no copy
+        if plan.slot_range is not None:  # the slots are a contiguous run: a view, no copy
             lo, hi = plan.slot_range
             keys, values = k_cache[lo:hi, :, : plan.kv_len], v_cache[lo:hi, :, : plan.kv_len]
+            if plan.order is not None:  # rows are not in slot order: permute the queries instead
+                q = q[plan.order]
         else:
             keys, values = k_cache[plan.slots, :, : plan.kv_len], v_cache[plan.slots, :, : plan.kv_len]
-        # keys, values: [R, kvh, L, hd]
+        # keys, values: [R, kvh, L, hd], in the same row order as q and the masks
         mask = plan.sliding_mask if self.sliding else plan.mask
         if W <= MATMUL_ATTENTION_MAX_WIDTH:
             out = _matmul_attention(q, keys, values, mask)
@@ -143,6 +145,8 @@ class DecoderLayer(nn.Module):
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=nh != kvh
             ).transpose(1, 2)  # [R, W, nh, hd]
+        if plan.order is not None:
+            out = out[plan.unorder]  # back to the caller's row order
         x = x + self.o_linear(out.reshape(R, W, nh * hd))
 
         h = rms_norm(x, self.mlp_norm, c.rms_norm_eps)
@@ -184,16 +188,20 @@ class _Plan:
         valid = offsets < num_tokens[:, None]  # [R, W]
         ends = starts + num_tokens  # [R]
         # One host sync for everything the shapes depend on.
-        first = slots[0] if R else slots.new_zeros(())
+        zero = slots.new_zeros(())
+        sorted_slots, order = slots.sort()
+        first = sorted_slots[0] if R else zero
+        arange = torch.arange(R, device=device)
         facts = torch.stack([
-            ends.max() if R else ends.new_zeros(()),
+            ends.max() if R else zero,
             (num_tokens == W).all().long(),
-            (slots == first + torch.arange(R, device=device)).all().long(),
+            (sorted_slots == first + arange).all().long(),  # the slots are a contiguous run
+            (order == arange).all().long(),                 # ... already in slot order
             first,
-            starts.min() if R else ends.new_zeros(()),
-            num_tokens.min() if R else ends.new_zeros(()),
+            starts.min() if R else zero,
+            num_tokens.min() if R else zero,
         ]).tolist()
-        kv_len, all_valid, contiguous, lo, min_start, min_tokens = facts
+        kv_len, all_valid, contiguous, in_order, lo, min_start, min_tokens = facts
         if kv_len > cache.max_len:
             raise ValueError(f"a row would hold {kv_len} tokens but the cache's max_len is {cache.max_len}")
         if min_tokens < 0 or min_start < 0:
@@ -201,6 +209,9 @@ class _Plan:
         self.kv_len = max(kv_len, 1)
         self.slots = slots
         self.slot_range = (lo, lo + R) if contiguous else None
+        # Row permutation into slot order (attention over the contiguous view), and back.
+        self.order = order if contiguous and not in_order else None  # [R]
+        self.unorder = torch.argsort(order) if self.order is not None else None  # [R]
         self.cos, self.signed_sin = (t.unsqueeze(2) for t in rope_cos_sin(positions, model.inv_freq, model.dtype))  # [R, W, 1, hd]
 
         if all_valid:
@@ -219,10 +230,12 @@ class _Plan:
         if window is not None:
             self.sliding_mask = self._mask(causal & (key_pos > positions[:, :, None] - window), padding, W)
 
-    @staticmethod
-    def _mask(allowed: torch.Tensor, padding: torch.Tensor | None, W: int) -> torch.Tensor:
+    def _mask(self, allowed: torch.Tensor, padding: torch.Tensor | None, W: int) -> torch.Tensor:
+        """The attention mask in the row order attention runs in (slot order when permuted)."""
         if padding is not None:
             allowed = allowed | padding
+        if self.order is not None:
+            allowed = allowed[self.order]
         if W > MATMUL_ATTENTION_MAX_WIDTH:
             return allowed.unsqueeze(1)  # [R, 1, W, L] bool
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
