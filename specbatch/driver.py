@@ -12,6 +12,9 @@ committed; an application error re-queues the shard (bounded by ``resources.max_
 then split); an actor death re-queues its shard the same way and replaces the actor (its
 constructor runs again and loads the models from their paths). A rerun of the same job
 skips committed shards (resume), including the halves of a split shard.
+
+A run *fails* (exit code 1) when any committed row carries an error: a failed shard's rows,
+or rows the engine itself reported as errors (e.g. a prompt longer than max_model_len).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ class Task:
 
 @dataclasses.dataclass
 class RunResult:
-    """What a finished run produced: failed shards (empty on success) and stats.json's content."""
+    """What a finished run produced: the shards whose rows carry errors (empty on success) and
+    stats.json's content."""
 
     output: str
     failed: list[dict[str, Any]]
@@ -178,8 +182,9 @@ def plan_actors(spec: Any, resources: dict[str, float], num_tasks: int, local: b
     """How many actors, with which resources.
 
     'auto' is one actor per GPU in the cluster (gpus_per_actor each), or one on a CPU-only
-    cluster. Asking for GPUs on a cluster without any runs on CPU instead (with a note). On a
-    local Ray started here, actors are capped by the CPUs there are; never more actors than
+    machine. On a local Ray (this machine alone), asking for GPUs where there are none runs on
+    CPU instead (with a note), and actors are capped by the CPUs there are. On a cluster, GPUs
+    not there yet are asked for anyway (an autoscaler may add them). Never more actors than
     shards.
     """
     res = spec.resources
@@ -187,10 +192,13 @@ def plan_actors(spec: Any, resources: dict[str, float], num_tasks: int, local: b
     cluster_cpus = float(resources.get("CPU", 1.0))
     gpus, note = res.gpus_per_actor, None
     if gpus > 0 and cluster_gpus == 0:
-        gpus = 0.0
-        note = "the cluster has no GPU: actors run on CPU"
+        if local:
+            gpus = 0.0
+            note = "this machine has no GPU: actors run on CPU"
+        else:
+            note = f"the cluster shows no GPU yet: the actors wait for {gpus:g} GPU each"
     if res.actors == "auto":
-        count = int(cluster_gpus // gpus) if gpus > 0 else 1
+        count = int(cluster_gpus // gpus) if gpus > 0 and cluster_gpus > 0 else 1
     else:
         count = int(res.actors)
     if local and count * res.cpus_per_actor > cluster_cpus:
@@ -351,14 +359,16 @@ class Driver:
         started_ray = connect_ray()
         self.ray_ready_s = time.time() - run_started
         try:
-            check_cluster_output(spec, alive_nodes())
+            nodes = alive_nodes()
+            check_cluster_output(spec, nodes)
             data.prepare_output(spec)
             planned = data.plan_shards(spec)
             committed = data.committed(spec)
             tasks = collections.deque(Task(s) for s in pending_shards(planned, committed))
             self.counts["resumed"] = len(planned) - len(tasks)
             if tasks:
-                plan = plan_actors(spec, ray.cluster_resources(), len(tasks), local=started_ray)
+                local = nodes == 1 and not os.environ.get("RAY_ADDRESS")  # a Ray of this machine alone
+                plan = plan_actors(spec, ray.cluster_resources(), len(tasks), local=local)
                 if plan.note:
                     self.log(f"note: {plan.note}")
                 self._dispatch(tasks, plan, run_started)

@@ -253,6 +253,8 @@ def test_plan_actors_follows_gpus_cpus_and_work():
     assert plan_actors(spec(actors="auto", gpus_per_actor=0.5), {"CPU": 16, "GPU": 2}, 10, local=False).count == 4
     cpu_only = plan_actors(spec(actors="auto", gpus_per_actor=1), {"CPU": 8}, 10, local=True)
     assert (cpu_only.count, cpu_only.gpus) == (1, 0.0) and "no GPU" in cpu_only.note
+    autoscaling = plan_actors(spec(actors="auto", gpus_per_actor=1), {"CPU": 8}, 10, local=False)
+    assert (autoscaling.count, autoscaling.gpus) == (1, 1) and "wait" in autoscaling.note
     capped = plan_actors(spec(actors=4, gpus_per_actor=0, cpus_per_actor=1), {"CPU": 2}, 10, local=True)
     assert capped.count == 2 and "exceed" in capped.note
     assert plan_actors(spec(actors=4, gpus_per_actor=0), {"CPU": 64}, 3, local=False).count == 3
