@@ -91,6 +91,7 @@ def build_engine(spec: Any) -> LoadedEngine:
         max_batch_size=spec.resources.max_batch_size,
         num_draft_tokens=gamma,
         verification=spec_cfg.verification,
+        adaptive_gamma=spec_cfg.adaptive_gamma,
         max_model_len=target_spec.max_model_len,
     )
     engine = Engine(target, tokenizer, drafter, config)
