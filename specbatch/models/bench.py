@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
                 reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.steps,
                                    min_new_tokens=args.steps, do_sample=False, pad_token_id=0)
                 gen_ms = (time.perf_counter() - start) * 1000 / args.steps
-            line += f"   transformers generate {gen_ms:7.2f} ms/token (incl. prefill)"
+            line += f"   transformers generate {gen_ms:7.2f} ms/step (incl. prefill)"
         print(line, flush=True)
 
 
