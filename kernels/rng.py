@@ -61,7 +61,9 @@ def uniform(key, sample_index, position, role, lane):
     k0 = _u32(key64)
     k1 = _u32(key64 >> 32)
     x0 = philox_x0(_u32(position), _u32(sample_index), _u32(role), _u32(lane), k0, k1)
-    return ((x0 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2**-24
+    u = ((x0 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2**-24
+    # (2^24 - 1) + 0.5 rounds up to 2^24 in float32: clamp to the largest float32 below 1, as the torch contract does.
+    return tl.minimum(u, 0.99999994)
 
 
 @triton.jit
