@@ -243,7 +243,11 @@ class _Plan:
 
 
 class LlamaModel(nn.Module):
-    """Llama / Mistral / Qwen2 / Qwen3 decoder with a slot KV cache (see the module docstring)."""
+    """Llama / Mistral / Qwen2 / Qwen3 decoder with a slot KV cache (see the module docstring).
+
+    Built by ``load_model`` on its final device and dtype: do not ``.to()`` it afterwards
+    (fused and pre-packed weights are derived at construction).
+    """
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]):
         super().__init__()
