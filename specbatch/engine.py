@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -49,7 +48,7 @@ class EngineConfig:
     num_draft_tokens: int = 4  # gamma: proposals per row per step (upper bound when adaptive)
     verification: str = "rejection"  # rejection | coupled
     max_model_len: int | None = None  # prompt + completion tokens per row; None: the model's limit
-    kv_cache_bytes: int | None = None  # KV budget; None: enough for max_batch_size rows of max_model_len
+    kv_cache_bytes: int | None = None  # KV budget; None: default_kv_budget (capped by device memory)
     adaptive_gamma: bool = False  # choose gamma from measured alpha and the cost model
     measure_cost: bool = True  # measure the cost model at start-up (needed for expected speedup)
 
@@ -88,13 +87,9 @@ class Engine:
         self.gamma = self.config.num_draft_tokens if not isinstance(self.drafter, NoDrafter) else 0
         self.gamma_reason = "fixed by speculative.num_draft_tokens" if self.gamma else "no drafter"
         self.max_batch = self.config.max_batch_size
-        max_len = self.config.max_model_len or cfg.max_position_embeddings
-        budget = self.config.kv_cache_bytes
-        if budget is None:
-            per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * _itemsize(cfg.dtype)
-            budget = per_token * (self.max_batch + 1) * max_len
         # One extra slot holds the prompt being fanned out (its prefix).
-        num_slots, self.max_len = plan_cache(cfg, budget, max_len, self.max_batch + 1, cfg.dtype)
+        budget = self.config.kv_cache_bytes or default_kv_budget(cfg, self.max_batch + 1, self.device)
+        num_slots, self.max_len = plan_cache(cfg, budget, self.config.max_model_len, self.max_batch + 1, cfg.dtype)
         if num_slots < 2:
             raise ValueError(f"KV budget of {budget} bytes holds {num_slots} slot(s); need at least 2")
         self.max_batch = min(self.max_batch, num_slots - 1)
@@ -421,7 +416,14 @@ class Engine:
         return out
 
 
-def _itemsize(dtype: Any) -> int:
-    if isinstance(dtype, torch.dtype):
-        return torch.empty((), dtype=dtype).element_size()
-    return {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(dtype).replace("torch.", ""), 4)
+CPU_KV_BUDGET = 1 << 30  # bytes of KV cache on CPU when the config sets none
+
+
+def default_kv_budget(cfg: Any, slots: int, device: torch.device) -> int:
+    """KV bytes for `slots` rows of the model's full context, capped: on CUDA by 80% of the free
+    device memory, on CPU by 1 GiB (plan_cache then shortens max_len, or plans fewer slots)."""
+    want = cfg.kv_bytes_per_token * slots * cfg.max_position_embeddings
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return min(want, int(free * 0.8))
+    return min(want, CPU_KV_BUDGET)
