@@ -372,3 +372,22 @@ def test_reference_lists_every_section(capsys):
     out = capsys.readouterr().out
     for field in ("input.path", "output.if_exists", "sampling.top_p", "speculative.num_draft_tokens", "resources.actors"):
         assert f"`{field}`" in out
+
+
+def test_demo_pulls_the_model_runs_the_demo_job_and_shows_samples(ray_session, job, monkeypatch, capsys):
+    tmp, spec = job
+    import specbatch.cli
+    import specbatch.models
+
+    pulled = []
+    monkeypatch.setattr(specbatch.models, "pull_model", lambda name: pulled.append(name) or tmp / "model")
+    (tmp / "jobs").mkdir()
+    demo = pathlib.Path(dump(tmp / "jobs", spec, "demo.yaml"))
+    monkeypatch.setattr(specbatch.cli, "demo_job_path", lambda: demo)
+    monkeypatch.chdir(tmp)  # the demo moves to the checkout root (here tmp); restored afterwards
+    assert main(["demo", "--engine-factory", FAKE, "--quiet"]) == 0
+    assert pulled == ["smollm2-135m-instruct"]
+    out = capsys.readouterr().out
+    assert "job cli-job: complete" in out
+    assert f"output: {tmp / 'out'} (12 rows); first 3:" in out
+    assert "- [p0 #0] describe item 0" in out
