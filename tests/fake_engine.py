@@ -14,7 +14,8 @@ Behaviour is steered by an optional ``fake_engine.json`` beside the input Parque
 exists during ``generate``, the engine deletes it and kills its own process, once (so a test
 can kill an actor in the middle of generation after some shards were committed).
 
-``build_real(spec)`` is the real engine with the same die_marker behaviour.
+``build_real(spec)`` is the real engine with the same die_marker behaviour (and delay_s
+slept before each shard's generation).
 """
 
 from __future__ import annotations
@@ -122,9 +123,10 @@ def build(spec) -> LoadedEngine:
 class _DyingEngine:
     """The real engine, killing its process (once) when the control's die_marker appears."""
 
-    def __init__(self, engine, die_marker: str | None):
+    def __init__(self, engine, die_marker: str | None, delay_s: float = 0.0):
         self.engine = engine
         self.die_marker = die_marker
+        self.delay_s = delay_s
 
     def __getattr__(self, name):  # stats, cost_model, gamma, gamma_reason
         return getattr(self.engine, name)
@@ -138,6 +140,7 @@ class _DyingEngine:
             os._exit(1)
 
     def generate(self, requests):
+        time.sleep(self.delay_s)  # widens the window in which a test can kill mid-shard
         return self.engine.generate(requests, on_output=self._maybe_die)
 
 
@@ -149,5 +152,5 @@ def build_real(spec) -> LoadedEngine:
     control_path = pathlib.Path(spec.input.path).parent / "fake_engine.json"
     control = json.loads(control_path.read_text()) if control_path.is_file() else {}
     loaded = build_engine(spec)
-    loaded.engine = _DyingEngine(loaded.engine, control.get("die_marker"))
+    loaded.engine = _DyingEngine(loaded.engine, control.get("die_marker"), float(control.get("delay_s", 0.0)))
     return loaded

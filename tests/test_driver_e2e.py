@@ -105,7 +105,7 @@ def test_uninterrupted_run_generates_and_reports_the_long_prompt(reference):
 def test_actor_killed_mid_generation_reproduces_the_reference(reference, setup, tmp_path):
     root, checkpoint, table = setup
     marker = tmp_path / "die-now"
-    spec = make_spec(root, checkpoint, table, "killed", control={"die_marker": str(marker)})
+    spec = make_spec(root, checkpoint, table, "killed", control={"die_marker": str(marker), "delay_s": 0.5})
     out = pathlib.Path(spec.output.path)
 
     def kill_after_first_commit():
