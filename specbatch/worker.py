@@ -341,7 +341,6 @@ class GenerationActor:
         torch.set_num_threads(max(1, int(threads)))
         self.threads = torch.get_num_threads()
         self.label = label
-        self.spec = spec
         started = time.time()
         loaded = import_factory(factory)(spec)
         self.load_s = time.time() - started
