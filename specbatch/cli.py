@@ -79,7 +79,7 @@ def _run_spec(spec: Any, args: argparse.Namespace) -> int:
     from specbatch.driver import RunError, run_job
 
     try:
-        result = run_job(spec, engine_factory=args.engine_factory, progress=not args.quiet)
+        result = run_job(spec, engine_factory=args.engine_factory, progress=not args.quiet, input_checked=True)
     except _input_errors() as e:
         return _fail(str(e), EXIT_INPUT)
     except RunError as e:
