@@ -2,8 +2,10 @@
 
 For each drafter and N (samples per prompt): acceptance rate alpha, mean accepted length
 (tokens per target pass), measured speedup over plain sampling at the same N, the expected
-speedup from alpha and the cost model measured at engine start-up, and efficiency =
-measured / expected.  Median of 3 runs.  The model drafter is the demo model drafting for
+speedup from alpha and the cost model measured at engine start-up (over the steps actually run:
+an n-gram drafter often proposes fewer than gamma tokens, and the last rows of a batch run in
+smaller batches), and efficiency = measured / expected.  Median of 3 runs.
+The model drafter is the demo model drafting for
 itself (no smaller sibling exists on this machine): its speedup is < 1 by construction, but
 its efficiency still says whether the engine delivers what the cost model predicts.
 
@@ -26,7 +28,6 @@ from specbatch.engine import Engine, EngineConfig  # noqa: E402
 from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
 from specbatch.request import Request  # noqa: E402
 from specbatch.sampling import SamplingParams  # noqa: E402
-from specbatch.stats import AcceptanceStats, expected_speedup  # noqa: E402
 from specbatch.tokenization import encode_prompt  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def main() -> None:
             reqs = [Request(f"p{i}", ids, params) for i, ids in enumerate(prompts)]
 
             def once():
-                engine.stats = AcceptanceStats()
+                engine.reset_stats()
                 with torch.inference_mode():
                     return sum(o.num_tokens for o in engine.generate(reqs))
 
@@ -75,7 +76,7 @@ def main() -> None:
                 continue
             alpha = st.acceptance_rate or 0.0
             measured = tps / plain_tps if plain_tps else float("nan")
-            expected = expected_speedup(alpha, engine.gamma, engine.cost_model, n)
+            expected = engine.expected_speedup()  # for the steps actually run: ragged proposals, real batch sizes
             rows.append([kind, n, f"{alpha:.3f}", f"{st.mean_accepted_length:.2f}", f"{tps:.1f}",
                          f"{measured:.2f}", f"{expected:.2f}", f"{measured / expected:.2f}"])
     print(table(["drafter", "N", "alpha", "tokens/pass", "tok/s", "measured speedup", "expected speedup", "efficiency"], rows))

@@ -33,7 +33,7 @@ from specbatch.request import Request, SampleOutput
 from specbatch.rows import Row
 from specbatch.sampling import History, WarpParams
 from specbatch.speculative import VerifyResult, cut, stop_cut
-from specbatch.stats import AcceptanceStats, CostModel, expected_speedup
+from specbatch.stats import AcceptanceStats, CostModel, expected_speedup, expected_speedup_of_steps
 from specbatch.tokenization import StopStringMatcher
 from specbatch.verification import warp_and_verify
 
@@ -96,10 +96,8 @@ class Engine:
         self.prefix_slot = num_slots - 1
         self.cache = target.new_cache(num_slots, self.max_len)
         self.drafter.attach(num_slots, self.max_len)
-        self.stats = AcceptanceStats()
         self.cost_model: CostModel | None = None
-        self.tokens_generated = 0
-        self.generate_seconds = 0.0
+        self.reset_stats()
         self._matchers: dict[tuple[str, ...], StopStringMatcher] = {}
         if self.config.measure_cost:
             from specbatch.costmodel import measure_cost_model
@@ -108,6 +106,21 @@ class Engine:
         self.steps_since_adapt = 0
 
     # ------------------------------------------------------------------ public API
+
+    def reset_stats(self) -> None:
+        """Start counting acceptance, throughput and step shapes afresh."""
+        self.stats = AcceptanceStats()
+        self.tokens_generated = 0
+        self.generate_seconds = 0.0
+        self.rows_by_proposals: collections.Counter[tuple[int, int]] = collections.Counter()
+        self.steps_by_shape: collections.Counter[tuple[int, int]] = collections.Counter()
+
+    def expected_speedup(self) -> float | None:
+        """Speedup over plain sampling that alpha and the cost model predict for the steps run."""
+        alpha = self.stats.acceptance_rate
+        if alpha is None or self.cost_model is None or not self.steps_by_shape:
+            return None
+        return expected_speedup_of_steps(alpha, self.rows_by_proposals, self.steps_by_shape, self.cost_model)
 
     def generate(self, requests: Sequence[Request], on_output: Callable[[SampleOutput], None] | None = None) -> list[SampleOutput]:
         """All samples of all requests, in request order then sample-index order."""
@@ -232,6 +245,9 @@ class Engine:
         coupled = self.config.verification == "coupled"
         proposal = self.drafter.propose(rows, self._max_proposals(rows), coupled)
         g = proposal.tokens.shape[1]
+        counts = proposal.num_proposed.tolist()
+        self.steps_by_shape[(r, max(counts, default=0))] += 1
+        self.rows_by_proposals.update((r, c) for c in counts)
         num_proposed = proposal.num_proposed.to(dev)
         draft_tokens = proposal.tokens.to(dev)
 
@@ -400,8 +416,7 @@ class Engine:
 
     def summary(self) -> dict[str, Any]:
         """Figures for stats.json: acceptance statistics, throughput, cost model, gamma."""
-        alpha = self.stats.acceptance_rate
-        out = {
+        return {
             "acceptance": self.stats.to_dict(),
             "tokens": self.tokens_generated,
             "seconds": self.generate_seconds,
@@ -409,11 +424,8 @@ class Engine:
             "gamma": self.gamma,
             "gamma_reason": self.gamma_reason,
             "cost_model": self.cost_model.to_dict() if self.cost_model else None,
-            "expected_speedup": None,
+            "expected_speedup": self.expected_speedup(),
         }
-        if alpha is not None and self.cost_model is not None and self.gamma:
-            out["expected_speedup"] = expected_speedup(alpha, self.gamma, self.cost_model, self.max_batch)
-        return out
 
 
 CPU_KV_BUDGET = 1 << 30  # bytes of KV cache on CPU when the config sets none

@@ -170,3 +170,23 @@ def expected_speedup(alpha: float, gamma: int, cost: CostModel | None = None, ba
     if cost is not None:
         return tokens / cost.relative_step_cost(batch, gamma)
     return tokens / (gamma * (c or 0.0) + 1.0)
+
+
+def expected_speedup_of_steps(
+    alpha: float,
+    rows_by_proposals: dict[tuple[int, int], int],
+    steps_by_shape: dict[tuple[int, int], int],
+    cost: CostModel,
+) -> float:
+    """Expected speedup of the steps an engine actually ran (ragged proposals, varying batch).
+
+    rows_by_proposals[(batch, g)]: row-steps that proposed g tokens in a step of `batch` rows;
+    steps_by_shape[(batch, g_max)]: batched steps of `batch` rows whose widest row proposed g_max.
+    Speculation is modeled to take sum(target_cost(batch, g_max + 1) + g_max * draft_cost(batch))
+    and to emit sum(E[tokens | g]) = sum((1 - alpha^(g+1)) / (1 - alpha)); plain sampling would
+    need target_cost(batch, 1) / batch per token for the same tokens at the same batch sizes.
+    With every row proposing gamma at one batch size this is :func:`expected_speedup`.
+    """
+    plain = sum(n * expected_tokens_per_step(alpha, g) * cost.target_cost(b, 1) / b for (b, g), n in rows_by_proposals.items())
+    spec = sum(n * (cost.target_cost(b, g + 1) + g * cost.draft_cost(b)) for (b, g), n in steps_by_shape.items())
+    return plain / spec if spec else 1.0

@@ -133,3 +133,15 @@ def test_cost_model_and_expected_speedup():
     assert CostModel(target={(1, 1): 1.0, (1, 2): 1.0}).draft_cost(1) == 0.0
     d = cost.to_dict()
     assert d["target"][0] == {"batch": 1, "width": 1, "seconds": 0.030} and len(d["draft"]) == 2
+
+
+def test_expected_speedup_of_steps_reduces_to_the_fixed_gamma_formula():
+    from specbatch.stats import CostModel, expected_speedup, expected_speedup_of_steps
+
+    cost = CostModel(target={(8, w): 0.01 * (1 + 0.1 * (w - 1)) for w in range(1, 6)}, draft={8: 0.002})
+    fixed = expected_speedup(0.7, 4, cost, 8)
+    assert abs(expected_speedup_of_steps(0.7, {(8, 4): 800}, {(8, 4): 100}, cost) - fixed) < 1e-12
+    # Rows that proposed nothing emit one token each but still pay for the widest row's width.
+    ragged = expected_speedup_of_steps(0.7, {(8, 4): 400, (8, 0): 400}, {(8, 4): 100}, cost)
+    assert ragged < fixed
+    assert expected_speedup_of_steps(0.7, {(8, 0): 800}, {(8, 0): 100}, cost) == 1.0
