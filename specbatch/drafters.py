@@ -230,8 +230,7 @@ class ModelDrafter:
             if p:
                 feed[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
         n_feed = torch.tensor([len(p) for p in pending], dtype=torch.int64, device=dev)
-        logits = self.model(feed, self.cache, slots, n_feed)  # [R, width, Vd]
-        last = logits[torch.arange(r, device=dev), (n_feed - 1).clamp(min=0)]  # [R, Vd]
+        last = self.model(feed, self.cache, slots, n_feed, last_only=True)[:, 0]  # [R, Vd] at each row's last token
 
         params = self._warp_params(rows)
         key = torch.tensor([row.key for row in rows], dtype=torch.int64, device=dev)
