@@ -8,3 +8,18 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Two cores: keep torch from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+import pytest  # noqa: E402  (after the environment is set)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread: for many tiny tensor operations a second thread only adds
+    synchronization (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,12 +24,8 @@ PHILOX_KAT = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Many tiny operations: one torch thread avoids synchronization overhead (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("counter,key,expected", PHILOX_KAT)

@@ -30,13 +30,8 @@ from specbatch.sampling import History, SamplingParams, WarpParams, sample_from_
 
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Thousands of tiny [4, 16] operations: one thread avoids synchronization overhead."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Many tiny operations: one torch thread avoids synchronization overhead (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 V = 16

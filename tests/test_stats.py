@@ -12,12 +12,8 @@ from specbatch import rng, speculative
 from specbatch.stats import AcceptanceStats, CostModel, expected_speedup, expected_tokens_per_step
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Many tiny operations: one torch thread avoids synchronization overhead (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def t(values):

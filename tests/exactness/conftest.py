@@ -2,12 +2,8 @@
 thread only adds synchronization, and on a shared 2-core machine spinning threads cost 5-10x."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _harness_on_one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
