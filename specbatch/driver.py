@@ -350,7 +350,7 @@ class Driver:
         """Check, prepare, dispatch, commit; return the result (stats.json written)."""
         import ray
 
-        from specbatch import data, report
+        from specbatch import data
 
         spec = self.spec
         run_started = time.time()

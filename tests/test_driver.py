@@ -9,7 +9,6 @@ the real engine's, so interrupted runs must equal an uninterrupted one row for r
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 import threading

@@ -18,10 +18,10 @@ from specbatch.drafters import NgramDrafter, build_drafter
 from specbatch.engine import Engine, EngineConfig
 from specbatch.models import load_model, load_tokenizer
 from specbatch.request import Request
-from specbatch.sampling import SamplingParams, WarpParams, sample_from_probs, warp
+from specbatch.sampling import SamplingParams, WarpParams, warp
 from specbatch.speculative import coupled_choice
 from tests.exactness.distribution import assert_samples_match, sequence_probs
-from tests.tiny import EOS_ID, make_tiny_checkpoint, make_tiny_pair
+from tests.tiny import EOS_ID, make_tiny_pair
 
 V = 32
 L = 3  # completion tokens compared

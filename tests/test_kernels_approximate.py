@@ -14,7 +14,8 @@ import torch
 
 from specbatch.sampling import WarpParams
 from specbatch_kernels import approximate, ops
-from tests.test_kernels_verify import keep_backend_choice, make_step
+from tests.kernel_support import force_triton
+from tests.test_kernels_verify import make_step
 
 pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
@@ -24,17 +25,7 @@ ROWS = 20_000
 
 @pytest.fixture
 def triton_path(monkeypatch):
-    keep_backend_choice(monkeypatch)
-    ops.force_backend("triton")
-    calls = {"approximate": 0}
-    real = approximate.verify_triton
-
-    def counted(*args, **kwargs):
-        calls["approximate"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(approximate, "verify_triton", counted)
-    yield calls
+    return force_triton(monkeypatch, approximate, "verify_triton", "approximate")
 
 
 def sampling_bound(p: torch.Tensor, n: int, delta: float = 1e-6) -> float:

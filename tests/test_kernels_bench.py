@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from specbatch_kernels import ops
-from tests.test_kernels_verify import keep_backend_choice
+from tests.kernel_support import keep_backend_choice
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
 

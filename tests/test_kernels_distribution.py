@@ -18,7 +18,7 @@ from specbatch.sampling import WarpParams, sample_from_probs, truncate_and_norma
 from specbatch_kernels import ops
 from specbatch_kernels import verify as kverify
 from tests.exactness.distribution import assert_distribution, compare
-from tests.test_kernels_verify import keep_backend_choice
+from tests.kernel_support import force_triton
 
 pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
@@ -36,17 +36,7 @@ SETTINGS = {  # temperature, top_k, top_p, min_p
 
 @pytest.fixture
 def triton_path(monkeypatch):
-    keep_backend_choice(monkeypatch)
-    ops.force_backend("triton")
-    calls = {"verify": 0}
-    real = kverify.verify_triton
-
-    def counted(*args, **kwargs):
-        calls["verify"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kverify, "verify_triton", counted)
-    return calls
+    return force_triton(monkeypatch, kverify, "verify_triton", "verify")
 
 
 @pytest.mark.parametrize("one_hot", [False, True], ids=["dense_q", "one_hot_q"])

@@ -21,7 +21,6 @@ import dataclasses
 from unittest import mock
 
 import pytest
-import torch
 
 from specbatch import speculative
 from specbatch_kernels import ops
@@ -29,7 +28,7 @@ from specbatch_kernels import verify as kverify
 from tests.exactness import harness
 from tests.exactness.mutants import MUTANTS, run_mutant
 from tests.exactness.scenarios import SCENARIOS
-from tests.test_kernels_verify import keep_backend_choice
+from tests.kernel_support import force_triton
 
 pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
@@ -40,22 +39,9 @@ PLAIN = [name for name, make in SCENARIOS.items() if make().draft_mode != "coupl
 
 
 @pytest.fixture(autouse=True)
-def triton_path(monkeypatch):
+def triton_path(monkeypatch, one_torch_thread):
     """Triton forced, one torch thread (many small rows), kernel launches counted."""
-    keep_backend_choice(monkeypatch)
-    threads = torch.get_num_threads()
-    ops.force_backend("triton")
-    torch.set_num_threads(1)
-    calls = {"verify": 0}
-    real = kverify.verify_triton
-
-    def counted(*args, **kwargs):
-        calls["verify"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kverify, "verify_triton", counted)
-    yield calls
-    torch.set_num_threads(threads)
+    return force_triton(monkeypatch, kverify, "verify_triton", "verify")
 
 
 @pytest.mark.parametrize("name", PLAIN)

@@ -17,32 +17,18 @@ from specbatch import rng
 from specbatch.sampling import History, WarpParams, apply_bias_and_penalties, sample_from_probs
 from specbatch_kernels import ops, parity
 from specbatch_kernels import verify as kverify
+from tests.kernel_support import force_triton, keep_backend_choice
 
 pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
 KINDS = ("plain", "greedy", "top_k_1", "top_k", "tiny_top_p", "top_p", "min_p", "all")
 
 
-def keep_backend_choice(monkeypatch) -> None:
-    """Restore the wrapper's backend choice (name and whether it was forced) after the test."""
-    monkeypatch.setattr(ops, "_backend", ops._backend)
-    monkeypatch.setattr(ops, "_forced", ops._forced)
-
 
 @pytest.fixture
 def triton_path(monkeypatch):
     """Force the Triton backend for one test and count kernel launches through ops."""
-    keep_backend_choice(monkeypatch)
-    ops.force_backend("triton")
-    calls = {"verify": 0}
-    real = kverify.verify_triton
-
-    def counted(*args, **kwargs):
-        calls["verify"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kverify, "verify_triton", counted)
-    yield calls
+    return force_triton(monkeypatch, kverify, "verify_triton", "verify")
 
 
 def row_params(kinds: list[str], vocab: int, g: torch.Generator) -> WarpParams:

@@ -14,24 +14,15 @@ from specbatch import rng
 from specbatch.sampling import History, apply_bias_and_penalties, warp as reference_warp
 from specbatch_kernels import ops, parity
 from specbatch_kernels import warp as kwarp
-from tests.test_kernels_verify import KINDS, keep_backend_choice, row_params
+from tests.kernel_support import force_triton
+from tests.test_kernels_verify import KINDS, row_params
 
 pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
 
 @pytest.fixture
 def triton_path(monkeypatch):
-    keep_backend_choice(monkeypatch)
-    ops.force_backend("triton")
-    calls = {"sample": 0}
-    real = kwarp.warp_and_sample_triton
-
-    def counted(*args, **kwargs):
-        calls["sample"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kwarp, "warp_and_sample_triton", counted)
-    yield calls
+    return force_triton(monkeypatch, kwarp, "warp_and_sample_triton", "sample")
 
 
 def make_rows(vocab, rows, dtype, seed, zeros=False, kinds=KINDS):
