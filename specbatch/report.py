@@ -18,7 +18,7 @@ import math
 import pathlib
 from typing import Any, Mapping, Sequence
 
-from specbatch.stats import AcceptanceStats, CostModel, expected_speedup
+from specbatch.stats import AcceptanceStats, CostModel, expected_speedup, expected_speedup_of_steps
 
 STATS = "stats.json"
 GAMMA_CANDIDATES = range(0, 9)  # 0: plain sampling (speedup 1 by definition)
@@ -90,6 +90,24 @@ def expected_speedup_report(alpha: float | None, gamma: int, cost: CostModel | N
         "by_gamma": {str(g): s for g, s in by_gamma.items()},
         "cost_model": cost.to_dict() if cost is not None else None,
     }
+
+
+def _speedup_over_steps(alpha: float | None, infos: Sequence[Mapping[str, Any]], cost: CostModel | None) -> float | None:
+    """The expected speedup of the steps the engines actually ran (ragged proposals, real batch
+    sizes), from the step shapes the manifests carry; None without them or a cost model."""
+    rows: dict[tuple[int, int], int] = {}
+    steps: dict[tuple[int, int], int] = {}
+    for info in infos:
+        shapes = (info.get("engine") or {}).get("steps") or {}
+        for table, name in ((rows, "rows_by_proposals"), (steps, "steps_by_shape")):
+            for b, g, n in shapes.get(name, []):
+                table[(int(b), int(g))] = table.get((int(b), int(g)), 0) + int(n)
+    if alpha is None or cost is None or not cost.target or not steps:
+        return None
+    try:
+        return expected_speedup_of_steps(alpha, rows, steps, cost)
+    except KeyError:  # a verification width the cost model did not measure
+        return None
 
 
 def gamma_report(spec: Any, engine_gamma: Mapping[str, Any] | None, speedup: Mapping[str, Any]) -> dict[str, Any]:
@@ -191,7 +209,9 @@ def build_stats(
     if gamma and gamma.get("value") is not None:
         configured_gamma = int(gamma["value"])
     batch = max(1, min(spec.resources.max_batch_size, spec.sampling.n * spec.resources.shard_rows))
-    speedup = expected_speedup_report(alpha, configured_gamma, cost_model_from_dict(cost_model), batch)
+    cost = cost_model_from_dict(cost_model)
+    speedup = expected_speedup_report(alpha, configured_gamma, cost, batch)
+    speedup["over_steps_run"] = _speedup_over_steps(alpha, infos, cost)
     timeline = [
         {k: info.get(k) for k in ("shard", "actor", "started_at", "finished_at", "rows", "samples", "tokens")}
         for info in infos if not info.get("failed")
@@ -252,7 +272,8 @@ def summary_text(stats: Mapping[str, Any]) -> str:
         f"  gamma {g['chosen']} ({g['why']}); best predicted gamma {_fmt(g['best_predicted'])}"
         + (" (plain sampling)" if g.get("best_predicted") == 0 else "")
         + (f" at {_fmt(g['best_predicted_speedup'], 2)}x" if g.get("best_predicted_speedup") else ""),
-        f"  expected speedup {_fmt(sp['value'], 2)}x ({sp['basis']})",
+        f"  expected speedup {_fmt(sp['value'], 2)}x ({sp['basis']})"
+        + (f"; over the steps actually run {_fmt(sp['over_steps_run'], 2)}x" if sp.get("over_steps_run") else ""),
         f"  this run: {thr['tokens_this_run']} tokens in {_fmt(thr['wall_s'], 1)} s = {_fmt(thr['tokens_per_s'], 1)} tokens/s"
         f" (per busy actor-second {_fmt(thr['tokens_per_actor_s'], 1)}); first shard after {_fmt(thr['first_shard_s'], 1)} s",
     ]

@@ -234,6 +234,15 @@ def summarize_records(records: list[dict]) -> dict[str, Any]:
     }
 
 
+
+def _counter_delta(now: dict[str, dict], before: dict[str, dict]) -> dict[str, list[list[int]]]:
+    """Per counter, [[batch, g, count], ...] added since `before` (JSON-friendly)."""
+    out = {}
+    for name, counts in now.items():
+        prev = before.get(name, {})
+        out[name] = [[b, g, n - prev.get((b, g), 0)] for (b, g), n in sorted(counts.items()) if n > prev.get((b, g), 0)]
+    return out
+
 class ShardRunner:
     """Runs shards on one loaded engine: read, encode, generate, write; no Ray inside."""
 
@@ -286,10 +295,12 @@ class ShardRunner:
         with self.lock:
             started = time.time()
             before = _snapshot(self.loaded.engine.stats)
+            shapes_before = self.step_shapes()
             rows = data.read_rows(self.spec, shard)
             records = self.records(rows)
             path = data.write_shard(self.spec, shard, records)
             stats = stats_delta(self.loaded.engine.stats, before)
+            shapes = _counter_delta(self.step_shapes(), shapes_before)
             finished = time.time()
         info = {
             "shard": shard.name,
@@ -305,7 +316,7 @@ class ShardRunner:
             "finished_at": finished,
             "elapsed_s": finished - started,
             "failed": False,
-            "engine": {"cost_model": self.cost_model(), "gamma": self.gamma()},
+            "engine": {"cost_model": self.cost_model(), "gamma": self.gamma(), "steps": shapes},
         }
         return info
 
@@ -313,6 +324,14 @@ class ShardRunner:
         """The engine's cumulative counters right now (read while a shard runs)."""
         stats = self.loaded.engine.stats
         return {"emitted": stats.emitted, "tested": stats.tested, "accepted": stats.accepted}
+
+    def step_shapes(self) -> dict[str, dict[tuple[int, int], int]]:
+        """The engine's step-shape counters (see Engine.expected_speedup), when it keeps them."""
+        engine = self.loaded.engine
+        return {
+            "rows_by_proposals": dict(getattr(engine, "rows_by_proposals", {})),
+            "steps_by_shape": dict(getattr(engine, "steps_by_shape", {})),
+        }
 
     def cost_model(self) -> dict[str, Any] | None:
         cost = getattr(self.loaded.engine, "cost_model", None)

@@ -100,6 +100,7 @@ def test_uninterrupted_run_generates_and_reports_the_long_prompt(reference):
     assert stats["acceptance"]["tested"] == sum(r["draft_tested"] for r in good)
     assert stats["expected_speedup"]["cost_model"] is not None  # measured by the engine at start-up
     assert stats["gamma"]["chosen"] == 3
+    assert stats["expected_speedup"]["over_steps_run"] > 0  # from the step shapes every manifest carries
 
 
 def test_actor_killed_mid_generation_reproduces_the_reference(reference, setup, tmp_path):

@@ -158,3 +158,21 @@ def test_metrics_publish_each_shards_counts():
     assert got == {"specbatch_tokens": 50, "specbatch_samples": 8, "specbatch_draft_proposed": 40,
                    "specbatch_draft_tested": 30, "specbatch_draft_accepted": 20, "specbatch_target_passes": 25}
     assert all(tags == {"job": "job", "actor": "actor-3"} for _, _, tags in incs)
+
+
+def test_expected_speedup_over_the_steps_run_merges_the_manifests_step_shapes(tmp_path):
+    from specbatch.stats import expected_speedup_of_steps
+
+    spec = make_spec(tmp_path)
+    a = manifest("part-00000", "actor-0", 0, 4, [10, 6], [8, 3], emitted=40, steps=20, t0=100.0)
+    b = manifest("part-00001", "actor-0", 4, 4, [10, 8], [6, 4], emitted=30, steps=20, t0=101.0)
+    a["engine"] = {"steps": {"rows_by_proposals": [[4, 2, 12], [4, 0, 8]], "steps_by_shape": [[4, 2, 5]]}}
+    b["engine"] = {"steps": {"rows_by_proposals": [[4, 2, 20]], "steps_by_shape": [[4, 2, 5]]}}
+    s = report.build_stats(spec, {"part-00000": a, "part-00001": b}, cost_model=COST.to_dict())
+    alpha = s["acceptance_rate"]
+    expected = expected_speedup_of_steps(alpha, {(4, 2): 32, (4, 0): 8}, {(4, 2): 10}, COST)
+    assert s["expected_speedup"]["over_steps_run"] == pytest.approx(expected)
+    assert "over the steps actually run" in report.summary_text(s)
+    # Without step shapes (an engine that keeps none) the figure is absent, not invented.
+    del a["engine"], b["engine"]
+    assert report.build_stats(spec, {"part-00000": a, "part-00001": b}, cost_model=COST.to_dict())["expected_speedup"].get("over_steps_run") is None
