@@ -9,7 +9,7 @@ Length invariants (DESIGN section 8), with n = len(tokens) the committed sequenc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from specbatch.request import Request
 from specbatch.sampling import SamplingParams
@@ -30,8 +30,6 @@ class Row:
     steps: int = 0
     finish_reason: str | None = None
     stop_reason: str | None = None
-    completion_text: str | None = None
-    extra: dict = field(default_factory=dict)  # drafter-private per-row state
 
     @property
     def params(self) -> SamplingParams:
