@@ -25,7 +25,7 @@ import triton.language as tl
 
 from specbatch import rng
 from specbatch.sampling import WarpParams, sample_from_probs
-from specbatch.speculative import VerifyResult, verify
+from specbatch.speculative import VerifyResult, emitted_logprobs, verify
 from specbatch_kernels.rng import uniform
 from specbatch_kernels.warp import first_crossing, tile_scores, tiles
 
@@ -185,10 +185,7 @@ def reference_verify(
     _check_supported(params)
     p_hat = sigmoid_probs(scores, params)  # [R, G+1, V]
     result = verify(draft_tokens, num_proposed, p_hat, draft_probs, key, sample_index, position)
-    g1 = scores.shape[1]
-    emitted = torch.arange(g1, device=scores.device)[None, :] < result.num_emitted[:, None]
-    p_tok = p_hat.gather(2, result.tokens.clamp(min=0)[..., None]).squeeze(-1)
-    return result, torch.where(emitted, p_tok.log(), torch.zeros_like(p_tok))
+    return result, emitted_logprobs(p_hat, result)
 
 
 def output_distribution(logits: torch.Tensor, q: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

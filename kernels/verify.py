@@ -33,7 +33,7 @@ import triton.language as tl
 
 from specbatch import rng
 from specbatch.sampling import WarpParams, truncate_and_normalize
-from specbatch.speculative import VerifyResult, verify
+from specbatch.speculative import VerifyResult, emitted_logprobs, verify
 from specbatch_kernels.rng import uniform
 from specbatch_kernels.warp import first_crossing, row_distribution, tile_scores, tile_weights, tiles, token_prob
 
@@ -264,7 +264,4 @@ def reference_verify(
     r, g1, v = scores.shape
     probs = truncate_and_normalize(scores.reshape(r * g1, v).to(torch.float32), params).view(r, g1, v)
     result = verify(draft_tokens, num_proposed, probs, draft_probs, key, sample_index, position)
-    emitted = torch.arange(g1, device=scores.device)[None, :] < result.num_emitted[:, None]  # [R, G+1]
-    p_tok = probs.gather(2, result.tokens.clamp(min=0)[..., None]).squeeze(-1)  # [R, G+1]
-    logprobs = torch.where(emitted, p_tok.log(), torch.zeros_like(p_tok))
-    return result, logprobs, probs
+    return result, emitted_logprobs(probs, result), probs

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from specbatch.sampling import History, WarpParams, warp
-from specbatch.speculative import VerifyResult, verify_coupled
+from specbatch.speculative import VerifyResult, emitted_logprobs, verify_coupled
 from specbatch_kernels import ops
 
 
@@ -26,13 +26,6 @@ def warp_positions(
     r, w, v = logits.shape
     rows = torch.arange(r, device=logits.device).repeat_interleave(w)  # [R*W]
     return warp(logits.reshape(r * w, v), params.index(rows), history, ban).view(r, w, v)
-
-
-def emitted_logprobs(p: torch.Tensor, result: VerifyResult) -> torch.Tensor:
-    """log p(token) at each emitted position, 0 elsewhere. p: [R, W, V] -> [R, W]."""
-    tokens = result.tokens  # [R, W]
-    lp = p.gather(2, tokens.clamp(min=0)[..., None]).squeeze(-1).log()
-    return torch.where(tokens >= 0, lp, torch.zeros_like(lp))
 
 
 def warp_and_verify(
