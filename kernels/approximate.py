@@ -28,6 +28,7 @@ from specbatch.sampling import WarpParams, sample_from_probs
 from specbatch.speculative import VerifyResult, emitted_logprobs, verify
 from specbatch_kernels.rng import uniform
 from specbatch_kernels.warp import first_crossing, tile_scores, tiles
+from specbatch_kernels.verify import result_from_counts
 
 ROLE_ACCEPT = tl.constexpr(int(rng.Role.ACCEPT))
 ROLE_RESIDUAL = tl.constexpr(int(rng.Role.RESIDUAL))
@@ -160,8 +161,7 @@ def verify_triton(
             r, g, v,
             ONE_HOT=one_hot, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=8,
         )
-    result = VerifyResult(tokens, counts[:, 0].clone(), counts[:, 1].clone(), counts[:, 2].clone(), num_proposed.clone())
-    return result, logprobs
+    return result_from_counts(tokens, counts, num_proposed), logprobs
 
 
 def sigmoid_probs(scores: torch.Tensor, params: WarpParams) -> torch.Tensor:

@@ -237,14 +237,18 @@ def verify_triton(
         r, g, v,
         ONE_HOT=one_hot, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=8,
     )
-    result = VerifyResult(
+    return result_from_counts(tokens, counts, num_proposed), logprobs
+
+
+def result_from_counts(tokens: torch.Tensor, counts: torch.Tensor, num_proposed: torch.Tensor) -> VerifyResult:
+    """A VerifyResult from a kernel's outputs: tokens [R, G+1], counts [R, 3] = (emitted, tested, accepted)."""
+    return VerifyResult(
         tokens=tokens,
         num_emitted=counts[:, 0].clone(),
         num_tested=counts[:, 1].clone(),
         num_accepted=counts[:, 2].clone(),
         num_proposed=num_proposed.clone(),
     )
-    return result, logprobs
 
 
 def reference_verify(
