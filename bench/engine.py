@@ -2,9 +2,11 @@
 
 Same prompts, same settings (temperature 0.8, fixed lengths: EOS ignored), N = 1 and N = 16
 samples per prompt, median of 3 runs.  Prints tokens/s, the ratio, the batch-1 step time and
-the batch-1 memory-bandwidth bound (weights bytes / measured copy bandwidth).
+the batch-1 memory-bandwidth bound (weights bytes / measured copy bandwidth).  With --compile,
+also the engine on a compiled target (specbatch.models.compile; the compilation, minutes on a
+small CPU, happens in the untimed warm-up run) and its batch-1 step.
 
-    .venv/bin/python bench/engine.py [--model smollm2-135m-instruct] [--dtype bfloat16] [--tokens 64]
+    .venv/bin/python bench/engine.py [--model smollm2-135m-instruct] [--dtype bfloat16] [--tokens 64] [--compile]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from common import PROMPTS, median_time, memory_bandwidth, table  # noqa: E402
 from specbatch.costmodel import time_forward  # noqa: E402
 from specbatch.engine import Engine, EngineConfig  # noqa: E402
 from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
+from specbatch.models.compile import compile_steps  # noqa: E402
 from specbatch.request import Request  # noqa: E402
 from specbatch.sampling import SamplingParams  # noqa: E402
 from specbatch.tokenization import encode_prompt  # noqa: E402
@@ -33,6 +36,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--ns", default="1,16")
+    ap.add_argument("--compile", action="store_true", help="add the engine on a compiled target")
     args = ap.parse_args()
     torch.manual_seed(0)
     path = resolve_model_path(args.model)
@@ -44,6 +48,10 @@ def main() -> None:
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
     ours = load_model(path, dtype=args.dtype)
+    compiled = None
+    if args.compile:
+        compiled = load_model(path, dtype=args.dtype)
+        compile_steps(compiled)
 
     def run_hf(n: int) -> int:
         total = 0
@@ -63,23 +71,35 @@ def main() -> None:
             outs = engine.generate([Request(f"p{i}", ids, params) for i, ids in enumerate(prompts)])
         return sum(o.num_tokens for o in outs)
 
+    def tokens_per_s(model, n: int) -> float:
+        engine = Engine(model, tok, None, EngineConfig(max_batch_size=n, measure_cost=False))
+        seconds, tokens = median_time(lambda: run_ours(engine, n))
+        return tokens / seconds
+
     rows = []
     for n in [int(x) for x in args.ns.split(",")]:
-        engine = Engine(ours, tok, None, EngineConfig(max_batch_size=n, measure_cost=False))
         t_hf, tokens_hf = median_time(lambda: run_hf(n))
-        t_ours, tokens_ours = median_time(lambda: run_ours(engine, n))
-        rows.append([n, tokens_hf / t_hf, tokens_ours / t_ours, (tokens_ours / t_ours) / (tokens_hf / t_hf)])
-    print(table(["N", "transformers tok/s", "specbatch tok/s", "ratio"], rows))
+        hf_rate, our_rate = tokens_hf / t_hf, tokens_per_s(ours, n)
+        row = [n, hf_rate, our_rate, our_rate / hf_rate]
+        if compiled is not None:
+            compiled_rate = tokens_per_s(compiled, n)
+            row += [compiled_rate, compiled_rate / hf_rate]
+        rows.append(row)
+    headers = ["N", "transformers tok/s", "specbatch tok/s", "ratio"]
+    if compiled is not None:
+        headers += ["compiled tok/s", "compiled ratio"]
+    print(table(headers, rows))
     if len(rows) > 1:
         print(f"N={rows[-1][0]} vs N={rows[0][0]} (specbatch): {rows[-1][2] / rows[0][2]:.1f}x tokens/s")
 
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     bw = memory_bandwidth()
     bound = weight_bytes / bw
-    step = time_forward(ours, 1, 1, context=64)
+    steps = [("eager", ours)] + ([("compiled", compiled)] if compiled is not None else [])
     print(table(
-        ["weights MB", "copy bandwidth GB/s", "batch-1 bound ms", "batch-1 step ms", "step / bound"],
-        [[weight_bytes / 1e6, bw / 1e9, bound * 1e3, step * 1e3, step / bound]],
+        ["weights MB", "copy bandwidth GB/s", "batch-1 bound ms", "step", "batch-1 step ms", "step / bound"],
+        [[weight_bytes / 1e6, bw / 1e9, bound * 1e3, name, step * 1e3, step / bound]
+         for name, step in ((name, time_forward(model, 1, 1, context=64)) for name, model in steps)],
     ))
 
 

@@ -67,11 +67,14 @@ def build_engine(spec: Any) -> LoadedEngine:
     from specbatch.drafters import build_drafter
     from specbatch.engine import Engine, EngineConfig
     from specbatch.models import load_model, load_tokenizer
+    from specbatch.models.compile import compile_steps
     from specbatch.tokenization import encode_prompt
 
     device = device_for(spec)
     target_spec, draft_spec, spec_cfg = spec.models.target, spec.models.draft, spec.speculative
     target = load_model(target_spec.path, dtype=target_spec.dtype, device=device)
+    if target_spec.compile:
+        compile_steps(target)
     tokenizer = load_tokenizer(target_spec.path)
     drafter = build_drafter(
         draft_spec.kind,
@@ -104,6 +107,7 @@ def build_engine(spec: Any) -> LoadedEngine:
         "device": device,
         "target": target_spec.path,
         "dtype": target_spec.dtype,
+        "compiled": target_spec.compile,
         "draft": draft_spec.kind if draft_spec.kind != "model" else f"model:{draft_spec.path}",
         "num_draft_tokens": gamma,
     }

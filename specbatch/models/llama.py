@@ -112,7 +112,8 @@ class DecoderLayer(nn.Module):
         self.gate_up_linear = Linear(self.gate_up, self.gate_up_bias, pack)
         self.down_linear = Linear(self.down, self.down_bias, pack)
 
-    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, plan: "_Plan") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: "_Plan") -> torch.Tensor:
+        """x ``[R, W, H]`` -> ``[R, W, H]``; writes this layer's K/V ``[S, kvh, max_len, hd]``."""
         c = self.config
         R, W, _ = x.shape
         nh, kvh, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -122,9 +123,8 @@ class DecoderLayer(nn.Module):
         qk, v = qkv[:, :, : nh + kvh], qkv[:, :, nh + kvh :]  # [R, W, nh + kvh, hd], [R, W, kvh, hd]
         if self.qk_norm is not None:
             qk = F.rms_norm(qk, (hd,), eps=c.rms_norm_eps) * self.qk_norm
-        q, k = apply_rope(qk, plan.cos, plan.signed_sin).split((nh, kvh), dim=2)
+        q, k = apply_rope(qk, plan.cos.unsqueeze(2), plan.signed_sin.unsqueeze(2)).split((nh, kvh), dim=2)
 
-        k_cache, v_cache = cache.k[layer], cache.v[layer]  # [S, kvh, max_len, hd]
         if plan.write_valid is not None:  # only real tokens are written
             k, v = k[plan.write_valid], v[plan.write_valid]  # [N, kvh, hd]
         # Position-major views [S, max_len, kvh, hd] so (slot, position) index the first two dims.
@@ -138,12 +138,12 @@ class DecoderLayer(nn.Module):
         else:
             keys, values = k_cache[plan.slots, :, : plan.kv_len], v_cache[plan.slots, :, : plan.kv_len]
         # keys, values: [R, kvh, L, hd], in the same row order as q and the masks
-        mask = plan.sliding_mask if self.sliding else plan.mask
+        mask = plan.sliding_mask if self.sliding else plan.mask  # [R, W, L]
         if W <= MATMUL_ATTENTION_MAX_WIDTH:
-            out = _matmul_attention(q, keys, values, mask)
+            out = _matmul_attention(q, keys, values, mask[:, None, None])
         else:
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=nh != kvh
+                q.transpose(1, 2), keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=nh != kvh
             ).transpose(1, 2)  # [R, W, nh, hd]
         if plan.order is not None:
             out = out[plan.unorder]  # back to the caller's row order
@@ -175,8 +175,8 @@ def _matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 class _Plan:
     """Per-forward index and mask tensors shared by all layers (computed once per call).
 
-    Masks: for wide calls a boolean ``[R, 1, W, L]`` (True = attend) for
-    scaled_dot_product_attention; for narrow calls an additive float32 ``[R, 1, 1, W, L]``.
+    Masks ``[R, W, L]``: for wide calls boolean (True = attend), for
+    scaled_dot_product_attention; for narrow calls additive float32 (0 or -inf).
     """
 
     def __init__(self, model: "LlamaModel", cache: KVCache, slots: torch.Tensor, num_tokens: torch.Tensor, W: int):
@@ -212,7 +212,9 @@ class _Plan:
         # Row permutation into slot order (attention over the contiguous view), and back.
         self.order = order if contiguous and not in_order else None  # [R]
         self.unorder = torch.argsort(order) if self.order is not None else None  # [R]
-        self.cos, self.signed_sin = (t.unsqueeze(2) for t in rope_cos_sin(positions, model.inv_freq, model.dtype))  # [R, W, 1, hd]
+        # Tensors the layers read are kept free of size-1 broadcast dims (added where used), so
+        # that a compiled step with symbolic sizes sees no dim that is 1 by construction.
+        self.cos, self.signed_sin = rope_cos_sin(positions, model.inv_freq, model.dtype)  # [R, W, hd]
 
         if all_valid:
             self.write_valid = None
@@ -237,9 +239,9 @@ class _Plan:
         if self.order is not None:
             allowed = allowed[self.order]
         if W > MATMUL_ATTENTION_MAX_WIDTH:
-            return allowed.unsqueeze(1)  # [R, 1, W, L] bool
+            return allowed  # [R, W, L] bool
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
-        return bias.masked_fill_(~allowed, float("-inf"))[:, None, None]  # [R, 1, 1, W, L]
+        return bias.masked_fill_(~allowed, float("-inf"))  # [R, W, L]
 
 
 class LlamaModel(nn.Module):
@@ -262,6 +264,10 @@ class LlamaModel(nn.Module):
         self.lm_head = self.embed if config.tie_word_embeddings else _param(weights["lm_head.weight"])  # [V, H]
         self.lm_head_linear = Linear(self.lm_head, None, pack)
         self.packed = pack
+        # Set by specbatch.models.compile.compile_steps: the compiled `body`, used for steps of
+        # at most compiled_max_width new tokens per row.
+        self.compiled_body = None
+        self.compiled_max_width = 0
         inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq.to(self.embed.device), persistent=False)  # [hd / 2] float32
         self.eval()
@@ -289,12 +295,34 @@ class LlamaModel(nn.Module):
         num_tokens = num_tokens.to(device=self.device, dtype=torch.int64)
         plan = _Plan(self, cache, slots, num_tokens, W)
         x = F.embedding(tokens.to(self.device), self.embed)  # [R, W, H]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, i, cache, plan)
-        if last_only:
-            last = (num_tokens - 1).clamp(min=0)  # [R]
-            x = x[torch.arange(R, device=self.device), last].unsqueeze(1)  # [R, 1, H]
-        x = rms_norm(x, self.norm, self.config.rms_norm_eps)
-        logits = self.lm_head_linear(x).float()  # [R, W or 1, V]
+        last = (num_tokens - 1).clamp(min=0) if last_only else None  # [R]
+        # Steps (narrow calls wanting every position's logits) run compiled when compile_steps
+        # was applied; prefill (last position only) always runs eager.
+        compiled = self.compiled_body is not None and W <= self.compiled_max_width and not last_only
+        logits = (self.compiled_body if compiled else self.body)(x, cache.k, cache.v, plan, last)
         cache.lengths.index_add_(0, slots, num_tokens)
         return logits
+
+    def body(self, x: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], plan: "_Plan",
+             last: torch.Tensor | None) -> torch.Tensor:
+        """Embedded tokens ``[R, W, H]`` -> float32 logits ``[R, W, V]`` (``[R, 1, V]`` at ``last [R]``).
+
+        Everything between the embedding and the logits: the part ``compile_steps`` compiles.
+        """
+        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
+            x = layer(x, k_cache, v_cache, plan)
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)  # [R, 1, H]
+        x = rms_norm(x, self.norm, self.config.rms_norm_eps)
+        return self.lm_head_linear(x).float()  # [R, W or 1, V]
+
+    def linears(self) -> list[Linear]:
+        """Every projection of the model (the packed ones among them, if any)."""
+        per_layer = [(l.qkv_linear, l.o_linear, l.gate_up_linear, l.down_linear) for l in self.layers]
+        return [lin for group in per_layer for lin in group] + [self.lm_head_linear]
+
+    def unpack(self) -> None:
+        """Drop the oneDNN pre-packed weight copies: projections go through F.linear again."""
+        for lin in self.linears():
+            lin.packed = None
+        self.packed = False

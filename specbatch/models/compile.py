@@ -1,0 +1,73 @@
+"""compile_steps: an opt-in torch.compile of a model's decode and verify steps.
+
+A *step* is a forward of at most a few new tokens per row (plain decoding: 1; speculative
+verification: gamma + 1).  At small batch it is bound by reading the weights once, and in eager
+mode the launch overhead of its ~20 small ops per layer adds as much again.  Compiling fuses
+those ops (norms, RoPE, residual adds, SwiGLU) into a few generated kernels and, on CPU, runs
+the whole step from generated C++ (``cpp_wrapper``) with the weights frozen as constants, which
+lets inductor pre-pack them for oneDNN itself.  Prefill (wider calls) stays eager.
+
+Shapes are dynamic: batch rows, step width and the attended cache length are symbolic, so one
+compiled program serves every context length; no length buckets and no recompilation as rows
+grow.  A size-1 batch or width is not specialized either (``backed_size_oblivious``), so a
+job compiles once per *kind* of step (which masks and index paths it takes), not per shape.
+
+Costs and limits:
+
+- compiling takes minutes on a small CPU (about 1.5 min per kind of step for the demo model on
+  2 cores); it pays off on long jobs only, and is off unless a job asks for it;
+- compiled logits are not bit-identical to eager ones (fused kernels round differently, by
+  about one unit in the last place of bfloat16); the sampling contract is unaffected, since it
+  holds for whatever logits the model produces, but a compiled job's rows differ from an eager
+  job's, which is why the setting belongs to the job spec's target model;
+- CUDA graphs are not used: with symbolic lengths every new length would record a new graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch._inductor.config as inductor_config
+
+# Steps of up to this many new tokens per row run compiled (prefill runs eager).
+DEFAULT_MAX_WIDTH = 16
+
+# Kinds of step a job may meet (masks, index paths, last-token-only or not), with room to spare:
+# past this many compiled variants of the step, dynamo would fall back to eager silently.
+RECOMPILE_LIMIT = 64
+
+
+def inductor_options(device: torch.device) -> dict[str, Any]:
+    """Inductor settings for a step on `device`: frozen weights; on CPU a C++ wrapper too."""
+    options: dict[str, Any] = {"freezing": True}
+    if device.type == "cpu":
+        options["cpp_wrapper"] = True
+    return options
+
+
+def compile_steps(model: Any, max_width: int = DEFAULT_MAX_WIDTH) -> Callable[..., torch.Tensor]:
+    """Make `model` run its steps through torch.compile: calls of at most `max_width` new tokens
+    per row that return every position's logits (calls with ``last_only``, prefill, stay eager).
+
+    `model` is a LlamaModel; its oneDNN pre-packed weight copies are dropped first, since the
+    compiled program packs frozen weights itself (and dynamo cannot trace the packed ones).
+    Compilation happens lazily, at the first step of each kind.  Returns the compiled body.
+    """
+    if max_width < 1:
+        raise ValueError(f"max_width must be >= 1, got {max_width}")
+    model.unpack()
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    compiled = torch.compile(model.body, dynamic=True)
+    options = inductor_options(model.device)
+
+    def body(*args: Any) -> torch.Tensor:
+        # Inductor reads these settings when it compiles, which happens inside a call; set
+        # around each call (not passed to torch.compile, where freezing was measured to be
+        # ignored: no pre-packed weights, no speed-up).
+        with inductor_config.patch(options):
+            return compiled(*args)
+
+    model.compiled_body = body
+    model.compiled_max_width = max_width
+    return body
