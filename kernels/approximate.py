@@ -28,7 +28,7 @@ from specbatch.sampling import WarpParams, sample_from_probs
 from specbatch.speculative import VerifyResult, emitted_logprobs, verify
 from specbatch_kernels.rng import uniform
 from specbatch_kernels.warp import first_crossing, tile_scores, tiles
-from specbatch_kernels.verify import result_from_counts
+from specbatch_kernels.verify import draft_prob_at, draft_tile, finish_rows, result_from_counts, row_block
 
 ROLE_ACCEPT = tl.constexpr(int(rng.Role.ACCEPT))
 ROLE_RESIDUAL = tl.constexpr(int(rng.Role.RESIDUAL))
@@ -40,10 +40,7 @@ def _approx_tile(s, offs, V, q_rows, x_j, use_q, ONE_HOT: tl.constexpr):
     """max(sigmoid(s) - q, 0) where use_q, else sigmoid(s), on one tile [BLOCK_R, BLOCK_V]."""
     valid = (offs < V)[None, :]
     p_hat = tl.where(valid & (s > float("-inf")), tl.sigmoid(s), 0.0)
-    if ONE_HOT:
-        q = tl.where(offs[None, :] == x_j[:, None], 1.0, 0.0)
-    else:
-        q = tl.load(q_rows[:, None] + offs[None, :], mask=use_q[:, None] & valid, other=0.0)
+    q = draft_tile(q_rows, offs, V, x_j, use_q, ONE_HOT)
     return tl.where(use_q[:, None], tl.maximum(p_hat - q, 0.0), p_hat)
 
 
@@ -57,12 +54,7 @@ def _approx_kernel(
     ONE_HOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Rows, BLOCK_R per program: sigmoid acceptance tests, then the recovered or bonus token."""
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
-    live = r < R
-    n = tl.load(num_proposed_ptr + r, mask=live, other=0)
-    key = tl.load(key_ptr + r, mask=live, other=0)
-    sample = tl.load(sample_ptr + r, mask=live, other=0)
-    pos0 = tl.load(position_ptr + r, mask=live, other=0)
+    r, live, n, key, sample, pos0 = row_block(R, num_proposed_ptr, key_ptr, sample_ptr, position_ptr, BLOCK_R)
     n_acc = tl.zeros((BLOCK_R,), tl.int64)
     going = live
     for i in range(0, G):
@@ -72,10 +64,7 @@ def _approx_kernel(
         temp = tl.load(temperature_ptr + pair, mask=tested, other=1.0)
         s = tl.math.div_rn(tl.load(logits_ptr + r * stride_r + i * stride_g + x, mask=tested, other=0.0).to(tl.float32), temp)
         p_x = tl.sigmoid(s)
-        if ONE_HOT:
-            q_x = tl.full((BLOCK_R,), 1.0, tl.float32)
-        else:
-            q_x = tl.load(q_ptr + r * stride_qr + i * stride_qg + x, mask=tested, other=1.0)
+        q_x = draft_prob_at(q_ptr, r, i, stride_qr, stride_qg, x, tested, BLOCK_R, ONE_HOT)
         u = uniform(key, sample, pos0 + i, ROLE_ACCEPT, 0)
         ok = tested & (u * q_x < p_x)
         n_acc += ok.to(tl.int64)
@@ -115,13 +104,7 @@ def _approx_kernel(
     tl.store(tokens_ptr + r * (G + 1) + j, token, mask=live)
     s_tok = tl.math.div_rn(tl.load(row_ptrs + token, mask=live, other=0.0).to(tl.float32), temp)
     tl.store(logprobs_ptr + r * (G + 1) + j, tl.log(tl.sigmoid(s_tok)), mask=live)
-    for i in range(0, G + 1):
-        after = live & (i > j)
-        tl.store(tokens_ptr + r * (G + 1) + i, tl.full((BLOCK_R,), -1, tl.int64), mask=after)
-        tl.store(logprobs_ptr + r * (G + 1) + i, tl.zeros((BLOCK_R,), tl.float32), mask=after)
-    tl.store(counts_ptr + r * 3 + 0, n_acc + 1, mask=live)
-    tl.store(counts_ptr + r * 3 + 1, n_acc + rejected.to(tl.int64), mask=live)
-    tl.store(counts_ptr + r * 3 + 2, n_acc, mask=live)
+    finish_rows(tokens_ptr, logprobs_ptr, counts_ptr, r, j, n_acc, rejected, live, G, BLOCK_R)
 
 
 def _check_supported(params: WarpParams) -> None:

@@ -44,6 +44,47 @@ N_STATS = 5  # per-pair float stats: temperature (0 = greedy), m, thr, min_p flo
 
 
 @triton.jit
+def row_block(R, num_proposed_ptr, key_ptr, sample_ptr, position_ptr, BLOCK_R: tl.constexpr):
+    """This program's rows r [BLOCK_R], which are live (< R), and their proposal counts n and
+    random-number coordinates (key, sample index, first completion position)."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    live = r < R
+    n = tl.load(num_proposed_ptr + r, mask=live, other=0)
+    key = tl.load(key_ptr + r, mask=live, other=0)
+    sample = tl.load(sample_ptr + r, mask=live, other=0)
+    pos0 = tl.load(position_ptr + r, mask=live, other=0)
+    return r, live, n, key, sample, pos0
+
+
+@triton.jit
+def draft_prob_at(q_ptr, r, i, stride_qr, stride_qg, x, tested, BLOCK_R: tl.constexpr, ONE_HOT: tl.constexpr):
+    """q_i(x) of proposal x at position i of rows r ([BLOCK_R]); 1 for one-hot (greedy) drafts."""
+    if ONE_HOT:
+        return tl.full((BLOCK_R,), 1.0, tl.float32)
+    return tl.load(q_ptr + r * stride_qr + i * stride_qg + x, mask=tested, other=1.0)
+
+
+@triton.jit
+def draft_tile(q_rows, offs, V, x_j, use_q, ONE_HOT: tl.constexpr):
+    """q_j on one tile [BLOCK_R, BLOCK_V] (0 where not use_q): dense rows, or one-hot at x_j."""
+    if ONE_HOT:
+        return tl.where(use_q[:, None] & (offs[None, :] == x_j[:, None]), 1.0, 0.0)
+    return tl.load(q_rows[:, None] + offs[None, :], mask=use_q[:, None] & (offs < V)[None, :], other=0.0)
+
+
+@triton.jit
+def finish_rows(tokens_ptr, logprobs_ptr, counts_ptr, r, j, n_acc, rejected, live, G, BLOCK_R: tl.constexpr):
+    """Blank the slots after the extra token at j (-1, logprob 0) and store (emitted, tested, accepted)."""
+    for i in range(0, G + 1):
+        after = live & (i > j)
+        tl.store(tokens_ptr + r * (G + 1) + i, tl.full((BLOCK_R,), -1, tl.int64), mask=after)
+        tl.store(logprobs_ptr + r * (G + 1) + i, tl.zeros((BLOCK_R,), tl.float32), mask=after)
+    tl.store(counts_ptr + r * 3 + 0, n_acc + 1, mask=live)  # emitted
+    tl.store(counts_ptr + r * 3 + 1, n_acc + rejected.to(tl.int64), mask=live)  # tested
+    tl.store(counts_ptr + r * 3 + 2, n_acc, mask=live)  # accepted
+
+
+@triton.jit
 def _pair_kernel(
     logits_ptr, stride_r, stride_g,
     draft_ptr, num_proposed_ptr,
@@ -83,11 +124,7 @@ def _pair_kernel(
 def _residual_tile(s, offs, V, q_rows, x_j, greedy, m, thr, min_p, amax, inv_z, rejected, ONE_HOT: tl.constexpr):
     """max(p - q, 0) on one tile (p = w / Z; q dense rows, or one-hot at x_j). [BLOCK_R, BLOCK_V]."""
     p = tile_weights(s, offs, V, greedy, m, thr, min_p, amax) * inv_z[:, None]
-    if ONE_HOT:
-        q = tl.where(offs[None, :] == x_j[:, None], 1.0, 0.0)
-    else:
-        mask = rejected[:, None] & (offs < V)[None, :]
-        q = tl.load(q_rows[:, None] + offs[None, :], mask=mask, other=0.0)
+    q = draft_tile(q_rows, offs, V, x_j, rejected, ONE_HOT)
     return tl.where(rejected[:, None] & (offs < V)[None, :], tl.maximum(p - q, 0.0), 0.0)
 
 
@@ -102,12 +139,7 @@ def _emit_kernel(
     ONE_HOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Rows, BLOCK_R per program: acceptance tests in order, then the recovered or bonus token."""
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
-    live = r < R
-    n = tl.load(num_proposed_ptr + r, mask=live, other=0)
-    key = tl.load(key_ptr + r, mask=live, other=0)
-    sample = tl.load(sample_ptr + r, mask=live, other=0)
-    pos0 = tl.load(position_ptr + r, mask=live, other=0)
+    r, live, n, key, sample, pos0 = row_block(R, num_proposed_ptr, key_ptr, sample_ptr, position_ptr, BLOCK_R)
 
     # 1. acceptance tests: the accepted prefix length n_acc (testing stops at the first rejection).
     n_acc = tl.zeros((BLOCK_R,), tl.int64)
@@ -117,10 +149,7 @@ def _emit_kernel(
         x = tl.load(draft_ptr + r * G + i, mask=tested, other=0)
         pair = r * (G + 1) + i
         p_x = tl.load(p_x_ptr + pair, mask=tested, other=0.0)
-        if ONE_HOT:
-            q_x = tl.full((BLOCK_R,), 1.0, tl.float32)
-        else:
-            q_x = tl.load(q_ptr + r * stride_qr + i * stride_qg + x, mask=tested, other=1.0)
+        q_x = draft_prob_at(q_ptr, r, i, stride_qr, stride_qg, x, tested, BLOCK_R, ONE_HOT)
         u = uniform(key, sample, pos0 + i, ROLE_ACCEPT, 0)
         ok = tested & (u * q_x < p_x)
         n_acc += ok.to(tl.int64)
@@ -177,13 +206,7 @@ def _emit_kernel(
     tl.store(tokens_ptr + r * (G + 1) + j, token, mask=live)
     _, lp = token_prob(row_ptrs, token, greedy, temp, m, thr, min_p, z, amax, live)
     tl.store(logprobs_ptr + r * (G + 1) + j, lp, mask=live)
-    for i in range(0, G + 1):
-        after = live & (i > j)
-        tl.store(tokens_ptr + r * (G + 1) + i, tl.full((BLOCK_R,), -1, tl.int64), mask=after)
-        tl.store(logprobs_ptr + r * (G + 1) + i, tl.zeros((BLOCK_R,), tl.float32), mask=after)
-    tl.store(counts_ptr + r * 3 + 0, n_acc + 1, mask=live)  # emitted
-    tl.store(counts_ptr + r * 3 + 1, n_acc + rejected.to(tl.int64), mask=live)  # tested
-    tl.store(counts_ptr + r * 3 + 2, n_acc, mask=live)  # accepted
+    finish_rows(tokens_ptr, logprobs_ptr, counts_ptr, r, j, n_acc, rejected, live, G, BLOCK_R)
 
 
 # --------------------------------------------------------------------------- host side
