@@ -219,6 +219,33 @@ def test_packed_bfloat16_linears_equal_plain_ones(checkpoints, monkeypatch):
     torch.testing.assert_close(run(packed)[1, :4], run(plain)[1, :4], atol=0, rtol=0)
 
 
+def test_float32_attention_for_small_bfloat16_steps(checkpoints, monkeypatch):
+    """Small narrow steps of a half-precision model attend in float32 on CPU; the logits agree
+    with half-precision attention to bfloat16 rounding, and larger steps keep half precision."""
+    import specbatch.models.llama as llama
+
+    model = load_model(checkpoints["llama"], dtype="bfloat16")
+    prompt = torch.randint(0, 32, (3, 9), generator=torch.Generator().manual_seed(3))
+    step = torch.randint(0, 32, (3, 2), generator=torch.Generator().manual_seed(4))
+    used = []
+    real = llama._matmul_attention
+    monkeypatch.setattr(llama, "_matmul_attention", lambda q, *rest: used.append(q.dtype) or real(q, *rest))
+
+    def decode(limit):
+        monkeypatch.setattr(llama, "CPU_FLOAT32_ATTENTION_MAX_ELEMENTS", limit)
+        cache = model.new_cache(3, 11)
+        model(prompt, cache, torch.arange(3), torch.full((3,), 9))
+        used.clear()
+        return model(step, cache, torch.arange(3), torch.tensor([2, 1, 2]))
+
+    half = decode(0)
+    assert set(used) == {torch.bfloat16}
+    full = decode(1 << 17)
+    assert set(used) == {torch.float32}
+    for row, n in enumerate([2, 1, 2]):
+        torch.testing.assert_close(full[row, :n], half[row, :n], atol=0.1, rtol=0.02)
+
+
 def test_older_config_layout_reads_the_same(checkpoints, tmp_path):
     """Hub checkpoints written by older transformers keep rope_theta / rope_scaling at the top level."""
     import json
