@@ -30,7 +30,7 @@ def ckpt(tmp_path_factory):
 def models(ckpt):
     """(compiled, eager) copies of one tiny checkpoint, plus a list counting compiled calls."""
     compiled, eager = load_model(ckpt), load_model(ckpt)
-    inner = compile_steps(compiled, max_width=4)
+    inner = compile_steps(compiled, max_width=4, autotune=False)  # autotuning: its own test below
     calls: list[int] = []
 
     def counting(*args):
@@ -89,6 +89,21 @@ def test_engine_on_compiled_target_gives_the_eager_rows(models, ckpt):
     assert rows[0] == rows[1]
     assert calls
     assert engine.stats.proposed > 0
+
+
+def test_autotuned_step_matches_eager(ckpt):
+    """The shipped CPU setting (GEMM kernels autotuned) on one kind of step: batch 2, width 1."""
+    compiled, eager = load_model(ckpt), load_model(ckpt)
+    compile_steps(compiled, max_width=1)
+    caches = [m.new_cache(2, 16) for m in (compiled, eager)]
+    prompt = torch.randint(2, 32, (2, 5), generator=torch.Generator().manual_seed(1))
+    out = []
+    for model, cache in zip((compiled, eager), caches):
+        model(prompt, cache, torch.arange(2), torch.tensor([5, 3]), last_only=True)
+        out.append([model(torch.tensor([[7], [9]]), cache, torch.arange(2), torch.ones(2, dtype=torch.int64))
+                    for _ in range(2)])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_compile_steps_rejects_a_zero_width(ckpt):

@@ -20,6 +20,9 @@ Costs and limits:
   about one unit in the last place of bfloat16); the sampling contract is unaffected, since it
   holds for whatever logits the model produces, but a compiled job's rows differ from an eager
   job's, which is why the setting belongs to the job spec's target model;
+- autotuning picks GEMM kernels by timing them, so two processes may pick differently and round
+  differently: a shard retried on another actor has the same distribution but is not promised
+  bit-identical rows (an eager job's retries are);
 - CUDA graphs are not used: with symbolic lengths every new length would record a new graph.
 """
 
@@ -38,28 +41,37 @@ DEFAULT_MAX_WIDTH = 16
 RECOMPILE_LIMIT = 64
 
 
-def inductor_options(device: torch.device) -> dict[str, Any]:
-    """Inductor settings for a step on `device`: frozen weights; on CPU a C++ wrapper too."""
+def inductor_options(device: torch.device, autotune: bool = True) -> dict[str, Any]:
+    """Inductor settings for a step on `device`: frozen weights; on CPU a C++ wrapper too, and
+    (with `autotune`) GEMM kernels chosen by timing."""
     options: dict[str, Any] = {"freezing": True}
     if device.type == "cpu":
         options["cpp_wrapper"] = True
+    if device.type == "cpu" and autotune:
+        # Let inductor pick, per projection, between oneDNN and its own C++ GEMM templates by
+        # timing them: for one-row projections the templates read weights at 30 GB/s where
+        # oneDNN's packed GEMM reaches 19 (demo model's MLP projections, 2 cores).
+        options["max_autotune"] = True
+        options["max_autotune_gemm_backends"] = "CPP,ATEN"
     return options
 
 
-def compile_steps(model: Any, max_width: int = DEFAULT_MAX_WIDTH) -> Callable[..., torch.Tensor]:
+def compile_steps(model: Any, max_width: int = DEFAULT_MAX_WIDTH, autotune: bool = True) -> Callable[..., torch.Tensor]:
     """Make `model` run its steps through torch.compile: calls of at most `max_width` new tokens
     per row that return every position's logits (calls with ``last_only``, prefill, stay eager).
 
     `model` is a LlamaModel; its oneDNN pre-packed weight copies are dropped first, since the
     compiled program packs frozen weights itself (and dynamo cannot trace the packed ones).
-    Compilation happens lazily, at the first step of each kind.  Returns the compiled body.
+    Compilation happens lazily, at the first step of each kind.  `autotune` (CPU) times
+    candidate GEMM kernels while compiling: slower to compile, faster steps.  Returns the
+    compiled body.
     """
     if max_width < 1:
         raise ValueError(f"max_width must be >= 1, got {max_width}")
     model.unpack()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     compiled = torch.compile(model.body, dynamic=True)
-    options = inductor_options(model.device)
+    options = inductor_options(model.device, autotune)
 
     def body(*args: Any) -> torch.Tensor:
         # Inductor reads these settings when it compiles, which happens inside a call; set
