@@ -249,6 +249,6 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     target = (u.to(torch.float32) * cdf[:, -1])[:, None]  # [M, 1]
     idx = torch.searchsorted(cdf, target, right=True).squeeze(1)  # [M]
     # Rounding can put target at the very top; fall back to the last token with mass.
-    positive = probs > 0
-    last = (positive.cumsum(dim=-1) == positive.sum(dim=-1, keepdim=True)).to(torch.int64).argmax(dim=-1)
+    vocab = torch.arange(probs.shape[-1], device=probs.device)  # [V]
+    last = torch.where(probs > 0, vocab, -1).amax(dim=-1).clamp(min=0)  # [M] (0 when no mass)
     return torch.minimum(idx, last)

@@ -133,7 +133,8 @@ class TargetSpec(BaseModel):
         description="Run the target's decode and verify steps through torch.compile (dynamic shapes, frozen weights; "
         "prefill stays eager). Faster steps after minutes of compilation per kind of step at start-up, so worth it "
         "on long jobs only. Compiled logits round slightly differently from eager ones: the rows differ from an "
-        "uncompiled run's (the distribution contract holds either way).",
+        "uncompiled run's, and a shard retried on another actor may differ too (kernels are autotuned per process); "
+        "the distribution contract holds either way.",
     )
 
 

@@ -110,15 +110,16 @@ def verify(
 
     # 2. the extra token at position n_acc: recovered (after a rejection) or bonus (all accepted).
     p_next = target_probs[rows, n_acc]  # [R, V]
-    q_next = torch.zeros_like(p_next)
-    if g:
+    extra_probs = p_next  # [R, V]: p for bonus rows (residual(p, 0) is p exactly)
+    if g and bool(rejected.any()):  # plain steps (g = 0) and all-accepted steps skip this
         j = n_acc.clamp(max=g - 1)  # a rejection happened at j = n_acc < proposed
         if draft_probs is None:
+            q_next = torch.zeros_like(p_next)
             q_next[rows, draft_tokens[rows, j].clamp(min=0)] = 1.0
         else:
             q_next = draft_probs[rows, j]
-    q_next = torch.where(rejected[:, None], q_next, torch.zeros_like(q_next))
-    extra_probs = residual(p_next, q_next)  # [R, V]; equals p_next for bonus rows
+        q_next = torch.where(rejected[:, None], q_next, torch.zeros_like(q_next))
+        extra_probs = residual(p_next, q_next)
     role = torch.where(rejected, int(rng.Role.RESIDUAL), int(rng.Role.SAMPLE))  # [R]
     u_extra = rng.uniform(key, sample_index, position + n_acc, role)  # [R]
     extra = sample_from_probs(extra_probs, u_extra)  # [R]
