@@ -4,17 +4,18 @@ A *step* is a forward of at most a few new tokens per row (plain decoding: 1; sp
 verification: gamma + 1).  At small batch it is bound by reading the weights once, and in eager
 mode the launch overhead of its ~20 small ops per layer adds as much again.  Compiling fuses
 those ops (norms, RoPE, residual adds, SwiGLU) into a few generated kernels and, on CPU, runs
-the whole step from generated C++ (``cpp_wrapper``) with the weights frozen as constants, which
-lets inductor pre-pack them for oneDNN itself.  Prefill (wider calls) stays eager.
+the whole step from generated C++ (``cpp_wrapper``) with the weights frozen as constants and
+each projection's GEMM kernel chosen by timing (oneDNN or inductor's C++ templates).  Prefill
+(calls that want the last position only) stays eager.
 
 Shapes are dynamic: batch rows, step width and the attended cache length are symbolic, so one
 compiled program serves every context length; no length buckets and no recompilation as rows
-grow.  A size-1 batch or width is not specialized either (``backed_size_oblivious``), so a
-job compiles once per *kind* of step (which masks and index paths it takes), not per shape.
+grow.  Dynamo still specializes sizes of 1 (batch 1, width 1) and the plan's paths (masks,
+row order, float32 attention), so a job compiles once per *kind* of step, not per shape.
 
 Costs and limits:
 
-- compiling takes minutes on a small CPU (about 1.5 min per kind of step for the demo model on
+- compiling takes minutes on a small CPU (about 2 min per kind of step for the demo model on
   2 cores); it pays off on long jobs only, and is off unless a job asks for it;
 - compiled logits are not bit-identical to eager ones (fused kernels round differently, by
   about one unit in the last place of bfloat16); the sampling contract is unaffected, since it
