@@ -109,5 +109,6 @@ def main() -> None:
                      statistics.median(s / b for b, s in zip(bounds, steps))])
     print(table(["weights MB", "copy bandwidth GB/s", "batch-1 bound ms", "step", "batch-1 step ms", "step / bound"], rows))
 
+
 if __name__ == "__main__":
     main()

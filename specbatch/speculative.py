@@ -140,13 +140,13 @@ def verify(
     )
 
 
-
 def emitted_logprobs(p: torch.Tensor, result: VerifyResult) -> torch.Tensor:
     """log p(token) at each emitted position, 0 after the run. p: [R, G+1, V] -> [R, G+1]."""
     width = p.shape[1]
     emitted = torch.arange(width, device=p.device)[None, :] < result.num_emitted[:, None]  # [R, G+1]
     p_tok = p.gather(2, result.tokens.clamp(min=0)[..., None]).squeeze(-1)  # [R, G+1]
     return torch.where(emitted, p_tok.log(), torch.zeros_like(p_tok))
+
 
 def verify_coupled(
     draft_tokens: torch.Tensor,

@@ -238,7 +238,6 @@ def summarize_records(records: list[dict]) -> dict[str, Any]:
     }
 
 
-
 def _counter_delta(now: dict[str, dict], before: dict[str, dict]) -> dict[str, list[list[int]]]:
     """Per counter, [[batch, g, count], ...] added since `before` (JSON-friendly)."""
     out = {}
@@ -246,6 +245,7 @@ def _counter_delta(now: dict[str, dict], before: dict[str, dict]) -> dict[str, l
         prev = before.get(name, {})
         out[name] = [[b, g, n - prev.get((b, g), 0)] for (b, g), n in sorted(counts.items()) if n > prev.get((b, g), 0)]
     return out
+
 
 class ShardRunner:
     """Runs shards on one loaded engine: read, encode, generate, write; no Ray inside."""

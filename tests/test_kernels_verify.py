@@ -24,7 +24,6 @@ pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::RuntimeWar
 KINDS = ("plain", "greedy", "top_k_1", "top_k", "tiny_top_p", "top_p", "min_p", "all")
 
 
-
 @pytest.fixture
 def triton_path(monkeypatch):
     """Force the Triton backend for one test and count kernel launches through ops."""

@@ -28,8 +28,6 @@ from transformers import (
 
 from specbatch.sampling import History, SamplingParams, WarpParams, sample_from_probs, warp
 
-
-
 # Many tiny operations: one torch thread avoids synchronization overhead (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -48,12 +48,12 @@ def inductor_options(device: torch.device, autotune: bool = True) -> dict[str, A
     options: dict[str, Any] = {"freezing": True}
     if device.type == "cpu":
         options["cpp_wrapper"] = True
-    if device.type == "cpu" and autotune:
-        # Let inductor pick, per projection, between oneDNN and its own C++ GEMM templates by
-        # timing them: for one-row projections the templates read weights at 30 GB/s where
-        # oneDNN's packed GEMM reaches 19 (demo model's MLP projections, 2 cores).
-        options["max_autotune"] = True
-        options["max_autotune_gemm_backends"] = "CPP,ATEN"
+        if autotune:
+            # Let inductor pick, per projection, between oneDNN and its own C++ GEMM templates by
+            # timing them: for one-row projections the templates read weights at 30 GB/s where
+            # oneDNN's packed GEMM reaches 19 (demo model's MLP projections, 2 cores).
+            options["max_autotune"] = True
+            options["max_autotune_gemm_backends"] = "CPP,ATEN"
     return options
 
 
