@@ -105,6 +105,7 @@ MALFORMED = [
     ("path on an ngram draft", None, ("models.draft.path=some/model",), "models.draft.path: only for kind 'model'"),
     ("ngram min_n > max_n", None, ("models.draft.min_n=4",), "models.draft.min_n: must be <= max_n (3), got 4"),
     ("max_model_len zero", None, ("models.target.max_model_len=0",), "models.target.max_model_len: Input should be greater than 0"),
+    ("compile not a bool", None, ("models.target.compile=sometimes",), "models.target.compile: Input should be a valid boolean, got 'sometimes'"),
     ("negative gamma", None, ("speculative.num_draft_tokens=-1",), "speculative.num_draft_tokens:"),
     ("verification typo", None, ("speculative.verification=couple",), "speculative.verification:"),
     ("actors zero", None, ("resources.actors=0",), "resources.actors: must be 'auto' or an integer >= 1, got 0"),
