@@ -112,7 +112,7 @@ def _speedup_over_steps(alpha: float | None, infos: Sequence[Mapping[str, Any]],
 
 def gamma_report(spec: Any, engine_gamma: Mapping[str, Any] | None, speedup: Mapping[str, Any]) -> dict[str, Any]:
     """The gamma the job ran with and why; the best gamma the measurements predict."""
-    configured = spec.speculative.num_draft_tokens if spec.models.draft.kind != "none" else 0
+    configured = spec.gamma
     value, why = configured, "speculative.num_draft_tokens in the job spec"
     if spec.models.draft.kind == "none":
         why = "models.draft.kind is none: plain sampling"
@@ -205,7 +205,7 @@ def build_stats(
         "first_shard_s": run.get("first_shard_s"),
     }
     alpha = acceptance.acceptance_rate
-    configured_gamma = spec.speculative.num_draft_tokens if spec.models.draft.kind != "none" else 0
+    configured_gamma = spec.gamma
     if gamma and gamma.get("value") is not None:
         configured_gamma = int(gamma["value"])
     batch = max(1, min(spec.resources.max_batch_size, spec.sampling.n * spec.resources.shard_rows))

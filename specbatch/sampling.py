@@ -30,6 +30,8 @@ from typing import Sequence
 
 import torch
 
+from specbatch.limits import sampling_problem
+
 NEG_INF = float("-inf")
 
 
@@ -54,19 +56,9 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.n >= 1, "n must be >= 1"),
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, max_new_tokens]"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 disables)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        problem = sampling_problem(vars(self))  # the job spec's limits (specbatch.limits), one table
+        if problem:
+            raise ValueError(problem)
 
     @property
     def greedy(self) -> bool:

@@ -19,13 +19,16 @@ import difflib
 import hashlib
 import itertools
 import json
+import math
 import pathlib
 import re
-from typing import Any, Literal, Mapping, Sequence, Union
+from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from specbatch import limits
+from specbatch.limits import SAMPLING as _BOUNDS
 from specbatch.sampling import SamplingParams
 
 
@@ -33,7 +36,7 @@ class SpecError(ValueError):
     """A malformed job spec. ``str(e)`` is one line naming the field path or the file."""
 
 
-_CONFIG = ConfigDict(extra="forbid", frozen=True, strict=True)
+_CONFIG = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)  # NaN, inf: refused
 
 
 class InputSpec(BaseModel):
@@ -62,6 +65,7 @@ class InputSpec(BaseModel):
     )
     keep_columns: list[str] = Field(
         default_factory=list,
+        max_length=limits.MAX_KEEP_COLUMNS,
         description="Input columns copied to every output row of the prompt (their Arrow types are kept).",
     )
 
@@ -185,28 +189,41 @@ class SamplingSpec(BaseModel):
 
     model_config = _CONFIG
 
-    n: int = Field(1, ge=1, description="Samples per prompt (per sweep point).")
-    max_new_tokens: int = Field(256, ge=1, description="Most tokens generated per sample.")
-    min_new_tokens: int = Field(0, ge=0, description="EOS and stop token ids are masked before this many tokens.")
+    n: int = Field(1, **_BOUNDS["n"].field_kwargs(), description="Samples per prompt (per sweep point).")
+    max_new_tokens: int = Field(
+        256, **_BOUNDS["max_new_tokens"].field_kwargs(),
+        description="Most tokens generated per sample (at most the target's context: max_model_len or max_position_embeddings).",
+    )
+    min_new_tokens: int = Field(0, **_BOUNDS["min_new_tokens"].field_kwargs(), description="EOS and stop token ids are masked before this many tokens.")
     ignore_eos: bool = Field(False, description="Keep generating past EOS (until max_new_tokens or a stop).")
-    temperature: float = Field(1.0, ge=0, description="0: greedy (argmax, lowest id on ties); else logits / T.")
-    top_k: int = Field(0, ge=0, description="Keep tokens whose logit is >= the k-th largest (ties kept); 0: off.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Keep the smallest most-likely set whose mass reaches top_p; 1: off.")
-    min_p: float = Field(0.0, ge=0, le=1, description="Keep tokens with probability >= min_p x the largest; 0: off.")
+    temperature: float = Field(1.0, **_BOUNDS["temperature"].field_kwargs(), description="0: greedy (argmax, lowest id on ties); else logits / T.")
+    top_k: int = Field(0, **_BOUNDS["top_k"].field_kwargs(), description="Keep tokens whose logit is >= the k-th largest (ties kept); 0: off.")
+    top_p: float = Field(1.0, **_BOUNDS["top_p"].field_kwargs(), description="Keep the smallest most-likely set whose mass reaches top_p; 1: off.")
+    min_p: float = Field(0.0, **_BOUNDS["min_p"].field_kwargs(), description="Keep tokens with probability >= min_p x the largest; 0: off.")
     repetition_penalty: float = Field(
-        1.0, gt=0, description="Logits of tokens seen in prompt or completion: divided if positive, multiplied if negative; 1: off."
+        1.0, **_BOUNDS["repetition_penalty"].field_kwargs(), description="Logits of tokens seen in prompt or completion: divided if positive, multiplied if negative; 1: off."
     )
     presence_penalty: float = Field(0.0, description="Subtracted once from the logit of every token already in the completion.")
     frequency_penalty: float = Field(0.0, description="Subtracted per occurrence of a token in the completion.")
-    logit_bias: dict[int, float] = Field(default_factory=dict, description="Token id -> value added to its logit first.")
-    stop: list[str] = Field(default_factory=list, description="Stop strings: the completion is cut before the first match.")
-    stop_token_ids: list[int] = Field(default_factory=list, description="Token ids that end a sample, like EOS.")
+    logit_bias: dict[int, float] = Field(
+        default_factory=dict, max_length=limits.MAX_LOGIT_BIAS,
+        description="Token id (within the target's vocabulary) -> finite value added to its logit first.",
+    )
+    stop: list[str] = Field(
+        default_factory=list, max_length=limits.MAX_STOPS,
+        description="Stop strings: the completion is cut before the first match.",
+    )
+    stop_token_ids: list[int] = Field(
+        default_factory=list, max_length=limits.MAX_STOPS,
+        description="Token ids (within the target's vocabulary) that end a sample, like EOS.",
+    )
     seed: int = Field(0, ge=0, description="Job seed: every random number is a function of (seed, id, sample index, position, role).")
 
     @model_validator(mode="after")
-    def _min_le_max(self) -> "SamplingSpec":
-        if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(f"min_new_tokens: must be <= max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}")
+    def _within_limits(self) -> "SamplingSpec":
+        problem = limits.sampling_problem(self.model_dump())  # the table SamplingParams checks too
+        if problem:
+            raise ValueError(problem)
         if any(s == "" for s in self.stop):
             raise ValueError("stop: stop strings must not be empty")
         return self
@@ -252,7 +269,7 @@ class ResourcesSpec(BaseModel):
         "auto", description="Worker actors, each building one engine. 'auto': one per GPU in the cluster, or one on a CPU-only machine."
     )
     gpus_per_actor: float = Field(1, ge=0, description="GPUs per actor (fractions share a GPU); 0: run on CPU.")
-    cpus_per_actor: int = Field(1, ge=1, description="CPUs per actor; on CPU this is also the actor's torch thread count.")
+    cpus_per_actor: int = Field(1, ge=1, le=limits.MAX_CPUS_PER_ACTOR, description="CPUs per actor; on CPU this is also the actor's torch thread count.")
     max_batch_size: int = Field(32, ge=1, description="Most rows (prompt, sample) decoded together by one engine.")
     shard_rows: int = Field(256, ge=1, description="Prompts per shard (shards follow Parquet row groups; planned once into _plan.json).")
     max_attempts: int = Field(3, ge=1, description="Attempts per shard before it is split to isolate failing rows.")
@@ -260,9 +277,9 @@ class ResourcesSpec(BaseModel):
     @field_validator("actors", mode="before")
     @classmethod
     def _actors_value(cls, v: Any) -> Any:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limits.MAX_ACTORS):
             return v
-        raise ValueError(f"must be 'auto' or an integer >= 1, got {v!r}")
+        raise ValueError(f"must be 'auto' or an integer in [1, {limits.MAX_ACTORS}], got {v!r}")
 
 
 # Sampling fields a sweep may vary: scalars only, each becomes an output column of its type.
@@ -291,7 +308,7 @@ class JobSpec(BaseModel):
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling settings (the target's warping).")
     speculative: SpeculativeSpec = Field(default_factory=SpeculativeSpec, description="Speculative decoding settings.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Actors and batching.")
-    sweep: dict[str, list[Any]] | None = Field(
+    sweep: dict[str, Annotated[list[Any], Field(max_length=limits.MAX_SWEEP_VALUES)]] | None = Field(
         None,
         description="Optional grid over sampling fields, e.g. {temperature: [0.5, 1.0]}: every prompt runs at every "
         "point (the cartesian product, keys in the order given), n samples each; swept keys become output columns.",
@@ -324,6 +341,9 @@ class JobSpec(BaseModel):
                 raise ValueError(f"sweep.{key}: needs at least one value")
             if key in self.input.keep_columns:
                 raise ValueError(f"sweep.{key}: also in input.keep_columns; an output column cannot be both")
+            for i, value in enumerate(values):
+                if isinstance(value, (list, dict)):
+                    raise ValueError(f"sweep.{key}[{i}]: expected a single value, got a {type(value).__name__}")
             if len(set(map(repr, values))) != len(values):
                 raise ValueError(f"sweep.{key}: values must be distinct, got {values}")
             for i, value in enumerate(values):
@@ -332,7 +352,16 @@ class JobSpec(BaseModel):
                 except ValidationError as e:
                     err = e.errors()[0]
                     raise ValueError(f"sweep.{key}[{i}]: {_first_message(err)}") from None
+        points = math.prod(len(values) for values in self.sweep.values())
+        if points > limits.MAX_SWEEP_POINTS:
+            raise ValueError(f"sweep: {points} points, at most {limits.MAX_SWEEP_POINTS} allowed")
         return self
+
+    @property
+    def gamma(self) -> int:
+        """The configured gamma: speculative.num_draft_tokens, or 0 when there is no drafter
+        (models.draft.kind none). An adaptive engine may then run with less."""
+        return self.speculative.num_draft_tokens if self.models.draft.kind != "none" else 0
 
     def sweep_points(self) -> list[tuple[dict[str, Any], SamplingParams]]:
         """Every (point, params): [({}, params)] without a sweep; else the grid in key order."""
@@ -375,8 +404,20 @@ def point_key(point: Mapping[str, Any]) -> str:
 # Loading
 
 
+class _AliasBomb(Exception):
+    """A document whose aliases expand beyond limits.MAX_YAML_ALIAS_NODES, or refer to themselves."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last),
+    and a document whose aliases expand too far (a "billion laughs" bomb) before building it."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_alias_expansion(node)
+        return self.construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
@@ -389,6 +430,61 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     )
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_alias_expansion(root: yaml.Node) -> None:
+    """Refuse a composed document that expands to more than limits.MAX_YAML_ALIAS_NODES nodes
+    beyond its distinct ones (an alias reuses its anchor's node: the document is a graph whose
+    tree, what every consumer walks, can be exponentially larger), or that contains itself.
+
+    Iterative depth-first walk: ``sizes[id(node)]`` is None while the node is on the current
+    path (an alias back to it is a cycle), then its expanded size (nodes in its tree).
+    """
+    sizes: dict[int, int | None] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            sizes[id(node)] = 1 + sum(sizes[id(k)] or 0 for k in _children(node))
+            continue
+        if id(node) in sizes:
+            continue
+        sizes[id(node)] = None
+        stack.append((node, True))
+        for child in _children(node):
+            if id(child) in sizes and sizes[id(child)] is None:
+                raise _AliasBomb(f"line {child.start_mark.line + 1}: a YAML alias refers to a node that contains it")
+            stack.append((child, False))
+    extra = sizes[id(root)] - len(sizes)
+    if extra > limits.MAX_YAML_ALIAS_NODES:
+        raise _AliasBomb(
+            f"{_heaviest_path(root, sizes) or 'the document'}: YAML aliases expand to {extra} more values, "
+            f"at most {limits.MAX_YAML_ALIAS_NODES} allowed"
+        )
+
+
+def _heaviest_path(root: yaml.Node, sizes: Mapping[int, int | None]) -> str:
+    """The dotted field path down the mappings to the largest expanded value (names the field)."""
+    parts: list[str] = []
+    node = root
+    while isinstance(node, yaml.MappingNode) and node.value:
+        key, value = max(node.value, key=lambda pair: sizes.get(id(pair[1])) or 0)
+        parts.append(str(key.value) if isinstance(key, yaml.ScalarNode) else "?")
+        node = value
+    return ".".join(parts)
+
+
+def _load_yaml(text: str) -> Any:
+    """Plain data from YAML text (safe loader, unique keys, bounded alias expansion)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def load_spec(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> JobSpec:
@@ -407,7 +503,11 @@ def load_spec(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> JobSpe
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(f"{path}: cannot read: {_one_line(str(e))}") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
+        data = _load_yaml(text)  # a SafeLoader: plain data only
+    except _AliasBomb as e:
+        raise SpecError(f"{path}: {e}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: YAML nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -430,7 +530,9 @@ def apply_override(data: dict[str, Any], item: str) -> dict[str, Any]:
     if not sep or not key or any(not p.strip() for p in parts):
         raise SpecError(f"--set {item!r}: expected key.path=value, e.g. sampling.temperature=0.7")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
+    except _AliasBomb as e:
+        raise SpecError(f"--set {key}: {e}") from None
     except yaml.YAMLError as e:
         raise SpecError(f"--set {item!r}: value is not valid YAML: {_one_line(getattr(e, 'problem', None) or str(e))}") from None
     out = _deep_copy(data)

@@ -89,7 +89,7 @@ def build_engine(spec: Any) -> LoadedEngine:
         draft_top_p=spec_cfg.draft_top_p,
         device=device,
     )
-    gamma = spec_cfg.num_draft_tokens if draft_spec.kind != "none" else 0
+    gamma = spec.gamma
     config = EngineConfig(
         max_batch_size=spec.resources.max_batch_size,
         num_draft_tokens=gamma,
