@@ -1,15 +1,16 @@
 """The ``specbatch`` command (also ``python -m specbatch``).
 
     specbatch run JOB.yaml [--set key.path=value ...]   run a job (resumes by default)
-    specbatch validate JOB.yaml [--set ...]             check spec and input, write nothing
+    specbatch validate JOB.yaml [--set ...]             the preflight: spec, input, output, models; write nothing
     specbatch stats OUT [--plots DIR]                   summarize stats.json, render PNG plots
     specbatch submit JOB.yaml --address http://HEAD:8265 [--runtime-env FILE] [--wait]
     specbatch demo                                      pull the demo model, run jobs/demo.yaml
     specbatch models pull NAME                          fetch and convert a registered model
     specbatch reference                                 the job spec reference (Markdown)
 
-Exit codes: 0 success; 2 a spec or input error (one line naming the field or file, printed
-before any actor starts, nothing written); 1 a failed run (it names the failed shards).
+Exit codes: 0 success; 2 a spec, input, output-location or model error (one line naming the
+field or file, found by the preflight before Ray starts, nothing written); 1 a failed run (it
+names the failed shards).
 """
 
 from __future__ import annotations
@@ -39,30 +40,17 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     return (SpecError, InputError)
 
 
-def _load_and_check(job: str, overrides: Sequence[str], engine_factory: str | None = None) -> tuple[Any, Any]:
-    """Spec, input and model-path checks, in that order; raises SpecError / InputError; writes nothing.
-
-    Model paths are checked for specbatch's own engine only (a custom factory loads what it likes).
-    """
-    from specbatch.data import check_input
-    from specbatch.driver import check_models
-    from specbatch.spec import load_spec
-    from specbatch.worker import ENGINE_FACTORY
-
-    spec = load_spec(job, overrides)
-    info = check_input(spec)
-    if engine_factory in (None, ENGINE_FACTORY):
-        check_models(spec)
-    return spec, info
-
-
 # ---------------------------------------------------------------------------------------------
 # Commands
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from specbatch.preflight import preflight
+    from specbatch.spec import load_spec
+
     try:
-        spec, info = _load_and_check(args.job, args.set)
+        spec = load_spec(args.job, args.set)
+        info = preflight(spec).input
     except _input_errors() as e:
         return _fail(str(e), EXIT_INPUT)
     points = len(spec.sweep_points())
@@ -79,7 +67,7 @@ def _run_spec(spec: Any, args: argparse.Namespace) -> int:
     from specbatch.driver import RunError, run_job
 
     try:
-        result = run_job(spec, engine_factory=args.engine_factory, progress=not args.quiet, input_checked=True)
+        result = run_job(spec, engine_factory=args.engine_factory, progress=not args.quiet)  # preflight first
     except _input_errors() as e:
         return _fail(str(e), EXIT_INPUT)
     except RunError as e:
@@ -91,8 +79,10 @@ def _run_spec(spec: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from specbatch.spec import load_spec
+
     try:
-        spec, _ = _load_and_check(args.job, args.set, args.engine_factory)
+        spec = load_spec(args.job, args.set)
     except _input_errors() as e:
         return _fail(str(e), EXIT_INPUT)
     return _run_spec(spec, args)
@@ -164,10 +154,12 @@ def _read_runtime_env(path: str | None) -> dict | None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from specbatch.preflight import preflight
     from specbatch.spec import load_spec
 
     try:
         spec = load_spec(args.job, args.set)
+        preflight(spec, here=False)  # input, output and absent models are checked by the job on the cluster
         entrypoint, runtime_env = submission(args.job, args.set, _read_runtime_env(args.runtime_env))
     except _input_errors() as e:
         return _fail(str(e), EXIT_INPUT)
@@ -210,12 +202,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     os.chdir(job.parent.parent)
     try:
         spec = load_spec(job, args.set)
-        from specbatch.data import check_input
-
-        check_input(spec)
     except _input_errors() as e:
         return _fail(str(e), EXIT_INPUT)
-    code = _run_spec(spec, args)
+    code = _run_spec(spec, args)  # the preflight runs there
     if code == EXIT_OK:
         _show_examples(spec)
     return code
@@ -273,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("validate", help="check a job spec and its input; write nothing")
+    p = sub.add_parser("validate", help="the preflight: check the spec, input, output location and models; write nothing")
     p.add_argument("job", help="job spec YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a spec field")
     p.set_defaults(func=cmd_validate)

@@ -26,6 +26,7 @@ import sys
 import time
 from typing import Any, Iterable
 
+from specbatch.preflight import is_local_path, preflight
 from specbatch.worker import ENGINE_FACTORY
 
 
@@ -117,56 +118,15 @@ def alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
-def is_local_path(path: str) -> bool:
-    """A plain path (no URI scheme). file:// URIs name a mounted, possibly shared, file system."""
-    return "://" not in path
-
-
 def check_cluster_output(spec: Any, nodes: int) -> None:
-    """On a multi-node cluster a local output path is refused (each node would get a piece)."""
+    """The one check that needs a live cluster (the rest is the preflight, before Ray starts):
+    on a multi-node cluster a local output path is refused (each node would get a piece)."""
     from specbatch.spec import SpecError
 
     if nodes > 1 and is_local_path(spec.output.path):
         raise SpecError(
             f"output.path: {spec.output.path!r} is a local path but the Ray cluster has {nodes} nodes; "
             "use shared storage (s3://..., gs://..., or file:///mounted/shared/dir)"
-        )
-
-
-def check_models(spec: Any) -> None:
-    """Refuse a model path that can name nothing, before any actor starts.
-
-    A path is fine if it is a checkpoint directory (with config.json), a registered model name
-    or looks like a hub id (owner/name). Skipped when connecting to a cluster (RAY_ADDRESS):
-    there the path may exist only on the worker nodes.
-    """
-    import pathlib
-    import re
-
-    from specbatch.spec import SpecError
-
-    if os.environ.get("RAY_ADDRESS"):
-        return
-    from specbatch.models.registry import REGISTRY
-
-    fields = [("models.target.path", spec.models.target.path)]
-    if spec.models.draft.kind == "model":
-        fields.append(("models.draft.path", spec.models.draft.path))
-    for field, text in fields:
-        path = pathlib.Path(text).expanduser()
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise SpecError(f"{field}: {text}: not a checkpoint directory (no config.json)")
-            continue
-        if text in REGISTRY:
-            continue
-        if path.exists():
-            raise SpecError(f"{field}: {text}: expected a checkpoint directory, found a file")
-        if re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", text) and not text.startswith((".", "/", "~")):
-            continue  # a Hugging Face hub id, downloaded by the actors
-        raise SpecError(
-            f"{field}: {text}: no such directory (expected a checkpoint directory, a registered name "
-            f"({', '.join(sorted(REGISTRY))}) or a hub id owner/name)"
         )
 
 
@@ -292,9 +252,8 @@ class Driver:
     """One run of a job spec over a Ray cluster."""
 
     def __init__(self, spec: Any, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True,
-                 poll_s: float = 1.0, log=None, input_checked: bool = False):
+                 poll_s: float = 1.0, log=None):
         self.spec = spec
-        self.input_checked = input_checked  # the caller ran data.check_input and check_models
         self.engine_factory = engine_factory
         self.show_progress = progress
         self.poll_s = poll_s
@@ -347,17 +306,14 @@ class Driver:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        """Check, prepare, dispatch, commit; return the result (stats.json written)."""
+        """Preflight, prepare, dispatch, commit; return the result (stats.json written)."""
         import ray
 
         from specbatch import data
 
         spec = self.spec
         run_started = time.time()
-        if not self.input_checked:
-            data.check_input(spec)
-            if self.engine_factory == ENGINE_FACTORY:
-                check_models(spec)
+        preflight(spec, engine_factory=self.engine_factory)  # before Ray starts; raises SpecError / InputError
         started_ray = connect_ray()
         self.ray_ready_s = time.time() - run_started
         try:
@@ -565,11 +521,6 @@ def _init_error(slot: _Slot) -> str:
     return "unknown error"
 
 
-def run_job(spec: Any, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True, log=None,
-            input_checked: bool = False) -> RunResult:
-    """Run a job spec to completion (resume, retries, splitting); return its result.
-
-    input_checked: the caller already ran data.check_input (and check_models for the real
-    engine), which then are not repeated (the id check reads the whole id column).
-    """
-    return Driver(spec, engine_factory=engine_factory, progress=progress, log=log, input_checked=input_checked).run()
+def run_job(spec: Any, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True, log=None) -> RunResult:
+    """Run a job spec to completion (preflight, resume, retries, splitting); return its result."""
+    return Driver(spec, engine_factory=engine_factory, progress=progress, log=log).run()

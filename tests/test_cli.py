@@ -22,6 +22,7 @@ import yaml
 
 from specbatch import data
 from specbatch.cli import main, submission
+from tests.tiny import make_tiny_checkpoint
 
 ray = pytest.importorskip("ray")
 
@@ -51,12 +52,16 @@ def prompts_table(n: int = 6, prompts: list | None = None) -> pa.Table:
     })
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny checkpoint the preflight accepts (the fake engine ignores it)."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
 @pytest.fixture
-def job(tmp_path):
-    """A valid job: input, a model directory (config.json only: the fake engine ignores it), spec dict."""
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+def job(tmp_path, tiny_model):
+    """A valid job: input, a model directory, spec dict."""
+    model = tiny_model
     inp = write_table(tmp_path / "in" / "prompts.parquet", prompts_table())
     spec = {
         "name": "cli-job",
@@ -155,7 +160,7 @@ MALFORMED = {
     "prompt-wrong-type": (_input(pa.table({"id": ["a"], "prompt": [3], "lang": ["en"]})), "column 'prompt' has type int64"),
     "empty-dataset": (_input(pa.table({"id": pa.array([], pa.string()), "prompt": pa.array([], pa.string()),
                                        "lang": pa.array([], pa.string())})), "has no rows"),
-    "missing-model-dir": (_field("models.target.path", "/nonexistent/model"), "models.target.path: /nonexistent/model: no such directory"),
+    "missing-model-dir": (_field("models.target.path", "/nonexistent/model"), "models.target.path: no such directory /nonexistent/model"),
 }
 
 

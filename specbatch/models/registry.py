@@ -191,6 +191,13 @@ def pull_model(name: str) -> pathlib.Path:
     return directory
 
 
+def is_hub_id(text: str) -> bool:
+    """A Hugging Face hub id (``owner/name``) that cannot be a local path: it starts with neither
+    ``.``, ``/`` nor ``~``, and its owner part is not a directory here (``models/typo-dir`` beside
+    a ``models/`` folder is a mistyped path, never sent to the hub)."""
+    return bool(_HUB_ID.match(text)) and not pathlib.Path(text.split("/", 1)[0]).is_dir()
+
+
 def _from_hub(repo_id: str) -> pathlib.Path:
     """Download a hub checkpoint's safetensors, json and tokenizer files (no pickles, no code)."""
     try:
@@ -213,7 +220,7 @@ def resolve_model_path(path_or_name: str | os.PathLike) -> pathlib.Path:
         return pull_model(text)
     if path.exists():
         raise CheckpointError(f"{path}: expected a checkpoint directory, found a file")
-    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+    if is_hub_id(text):
         return _from_hub(text)
     raise CheckpointError(
         f"model {text!r}: no such directory; expected a checkpoint directory, a registered name "

@@ -1,0 +1,248 @@
+"""The preflight: every check a job gets before Ray starts, in one place.
+
+``run`` (through :func:`specbatch.driver.run_job`), ``validate``, ``demo`` and ``submit`` call
+:func:`preflight` on a loaded spec (``spec.load_spec`` has already checked the YAML, the schema
+and the value limits of ``specbatch.limits``). The stages, in order:
+
+1. *input*: the files exist, are Parquet, have the columns, have rows, unique non-null ids
+   (``data.check_input``), and every file's id and prompt columns have one type;
+2. *output location*: the directory can be created and written (probed with a temporary
+   directory that is removed again), is not a file, not under a file, not an input file;
+   on an object store its location is looked up once (``get_file_info``), nothing more;
+3. *models* (specbatch's own engine only; a custom engine factory loads what it likes): each
+   checkpoint directory has config.json (parsed), safetensors weights, tokenizer files; a name
+   is a checkpoint directory, a registered name or a hub id, and a string that looks like a path
+   is never taken for a hub id; then the sampling values that depend on the target (token ids
+   within its vocabulary, max_new_tokens within its context).
+
+Every failure raises ``SpecError`` or ``InputError`` (exit code 2) with one line naming the field
+or file and what was expected; nothing is written. Checks that need a live cluster (a local
+output path on a multi-node cluster) stay in the driver (``driver.check_cluster_output``).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from specbatch import data
+from specbatch.data import InputError, InputInfo
+from specbatch.spec import JobSpec, SpecError
+from specbatch.worker import ENGINE_FACTORY
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What the preflight found: the input's layout (None when not checked here) and the
+    target's config (None when its checkpoint is not on this machine: a hub id, a registered
+    model not pulled yet, a path on the cluster's nodes)."""
+
+    spec: JobSpec
+    input: InputInfo | None
+    target: Any | None  # specbatch.models.ModelConfig
+
+
+def preflight(spec: JobSpec, *, engine_factory: str = ENGINE_FACTORY, here: bool = True) -> Checked:
+    """Check input, output location and models; raise SpecError / InputError (one line).
+
+    here=False (``submit``): the job runs on a cluster whose disks this machine may not see;
+    input and output are left to the job's own preflight there, and model directories are
+    checked only where they exist here.
+    """
+    info = check_input(spec) if here else None
+    if here:
+        check_output_location(spec, info)
+    target = None
+    if engine_factory == ENGINE_FACTORY:
+        elsewhere = not here or bool(os.environ.get("RAY_ADDRESS"))  # paths may exist on the nodes only
+        target = check_models(spec, elsewhere=elsewhere)
+    return Checked(spec=spec, input=info, target=target)
+
+
+def is_local_path(path: str) -> bool:
+    """A plain path (no URI scheme). file:// URIs name a mounted, possibly shared, file system."""
+    return "://" not in path
+
+
+# ---------------------------------------------------------------------------------------------
+# Input
+
+
+def check_input(spec: JobSpec) -> InputInfo:
+    """data.check_input, then one type per id column and per prompt column across the files."""
+    info = data.check_input(spec)
+    if len(info.files) > 1:
+        _check_column_types(spec, info)
+    return info
+
+
+def _type_family(t: pa.DataType) -> str:
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if pa.types.is_integer(t):
+        return "integer"
+    return str(t)
+
+
+def _check_column_types(spec: JobSpec, info: InputInfo) -> None:
+    """Ids: all strings or all integers (a shard mixing them cannot be read as one column).
+    Prompts: every file's type casts to the first file's (string and large_string do)."""
+    fs, files = data.list_input_files(spec.input.path)
+    uri = spec.input.path
+    shown = [uri.split("://", 1)[0] + "://" + f if "://" in uri else f for f in files]
+    first: pa.Schema | None = None
+    for path, name in zip(files, shown):
+        with fs.open_input_file(path) as f:
+            schema = pq.read_schema(f)
+        if first is None:
+            first = schema
+            continue
+        if info.id_column is not None:
+            want, got = first.field(info.id_column).type, schema.field(info.id_column).type
+            if _type_family(want) != _type_family(got):
+                raise InputError(
+                    f"{name}: id column {info.id_column!r} has type {got}, but {shown[0]} has {want}; "
+                    "ids must have one type (all strings or all integers) across the input files"
+                )
+        column = spec.input.prompt_column
+        want, got = first.field(column).type, schema.field(column).type
+        try:
+            pa.array([], type=got).cast(want)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise InputError(
+                f"{name}: prompt column {column!r} has type {got}, but {shown[0]} has {want}; "
+                "prompts must have one type across the input files"
+            ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Output location
+
+
+def check_output_location(spec: JobSpec, info: InputInfo | None) -> None:
+    """The output directory can be made and written here; it is neither a file nor an input file."""
+    uri = spec.output.path
+    fs, path = data.resolve(uri)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        try:
+            kind = fs.get_file_info(path).type
+        except (OSError, pa.ArrowException) as e:
+            raise InputError(f"output.path: {uri}: cannot reach it ({' '.join(str(e).split())[:300]})") from None
+        if kind == pafs.FileType.File:
+            raise InputError(f"output.path: {uri} is a file, expected a directory")
+        return
+    if info is not None and (is_local_path(info.uri) or info.uri.startswith("file://")):
+        inputs = {os.path.realpath(f) for f in info.files}
+        if os.path.realpath(path) in inputs:
+            raise InputError(f"output.path: {uri} is an input file; write the output to a directory elsewhere")
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = uri if existing == path else f"{uri}: {existing}"
+        raise InputError(f"output.path: {what} is a file, expected a directory")
+    verb = "write in it" if existing == path else f"create it in {existing}"
+    try:
+        probe = tempfile.mkdtemp(prefix=".specbatch-probe-", dir=existing)
+    except OSError as e:
+        raise InputError(f"output.path: {uri}: cannot {verb} ({e.strerror or e})") from None
+    shutil.rmtree(probe, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def check_models(spec: JobSpec, elsewhere: bool = False) -> Any | None:
+    """Check the target and the draft checkpoints; return the target's ModelConfig (or None).
+
+    elsewhere: a path that is not here may exist on the cluster's nodes, so it is not an error.
+    """
+    target = _check_model("models.target.path", spec.models.target.path, elsewhere)
+    if spec.models.draft.kind == "model":
+        _check_model("models.draft.path", spec.models.draft.path, elsewhere)
+    if target is not None:
+        _check_against_target(spec, target)
+    return target
+
+
+def _check_model(field: str, text: str, elsewhere: bool) -> Any | None:
+    from specbatch.models.registry import REGISTRY, cache_root, is_hub_id
+
+    path = pathlib.Path(text).expanduser()
+    if path.is_dir():
+        return _check_checkpoint(field, text, path)
+    if text in REGISTRY:
+        pulled = cache_root() / "models" / text
+        return _check_checkpoint(field, text, pulled) if pulled.is_dir() else None  # else the actors pull it
+    if path.exists():
+        raise SpecError(f"{field}: {text}: expected a checkpoint directory, found a file")
+    if elsewhere:
+        return None
+    if is_hub_id(text):
+        return None  # downloaded by the actors
+    raise SpecError(
+        f"{field}: no such directory {text} (expected a checkpoint directory, a registered name "
+        f"({', '.join(sorted(REGISTRY))}) or a hub id owner/name)"
+    )
+
+
+def _check_checkpoint(field: str, text: str, directory: pathlib.Path) -> Any:
+    """config.json that parses, safetensors weights (all shards of an index), tokenizer files."""
+    from specbatch.models.checkpoint import INDEX_FILE, SINGLE_FILE, weight_files
+    from specbatch.models.config import parse_config
+    from specbatch.models.errors import CheckpointError
+    from specbatch.models.loader import TOKENIZER_FILES
+
+    if not (directory / "config.json").is_file():
+        raise SpecError(f"{field}: {text}: not a checkpoint directory (no config.json)")
+    try:
+        config = parse_config(directory)
+        if not (directory / SINGLE_FILE).is_file() and not (directory / INDEX_FILE).is_file():
+            pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            found = f"; found {', '.join(pickled)}, which is never unpickled" if pickled else ""
+            raise SpecError(f"{field}: {text}: needs safetensors weights ({SINGLE_FILE} or {INDEX_FILE}){found}")
+        missing = sorted({p.name for p in weight_files(directory).values() if not p.is_file()})
+        if missing:
+            raise SpecError(f"{field}: {text}: {INDEX_FILE} lists {missing[0]}, which is missing")
+    except CheckpointError as e:
+        raise SpecError(f"{field}: {' '.join(str(e).split())}") from None
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise SpecError(f"{field}: {text}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+    return config
+
+
+def _sampling_values(spec: JobSpec, key: str) -> Iterator[tuple[str, Any]]:
+    """(field path, value) of a sampling key: its sweep values when swept, else sampling.<key>."""
+    if spec.sweep and key in spec.sweep:
+        for i, value in enumerate(spec.sweep[key]):
+            yield f"sweep.{key}[{i}]", value
+    else:
+        yield f"sampling.{key}", getattr(spec.sampling, key)
+
+
+def _check_against_target(spec: JobSpec, config: Any) -> None:
+    """Values that depend on the target: the context length and the vocabulary."""
+    limit = config.max_position_embeddings
+    max_model_len = spec.models.target.max_model_len
+    if max_model_len is not None and max_model_len > limit:
+        raise SpecError(f"models.target.max_model_len: must be <= the target's max_position_embeddings ({limit}), got {max_model_len}")
+    context, source = (max_model_len, "models.target.max_model_len") if max_model_len else (limit, "max_position_embeddings")
+    for where, value in _sampling_values(spec, "max_new_tokens"):
+        if value > context:
+            raise SpecError(f"{where}: must be <= the target's context of {context} tokens ({source}), got {value}")
+    vocab = config.vocab_size
+    for token in spec.sampling.logit_bias:
+        if token >= vocab:
+            raise SpecError(f"sampling.logit_bias: token id {token} is outside the target's vocabulary (ids 0..{vocab - 1})")
+    for token in spec.sampling.stop_token_ids:
+        if token >= vocab:
+            raise SpecError(f"sampling.stop_token_ids: token id {token} is outside the target's vocabulary (ids 0..{vocab - 1})")
