@@ -92,6 +92,13 @@ def _type_family(t: pa.DataType) -> str:
     return str(t)
 
 
+def _holds(want: pa.DataType, got: pa.DataType) -> bool:
+    """An integer type `want` holds every value of the integer type `got` (shards cast to the first file's type)."""
+    if pa.types.is_signed_integer(want) == pa.types.is_signed_integer(got):
+        return want.bit_width >= got.bit_width
+    return pa.types.is_signed_integer(want) and want.bit_width > got.bit_width
+
+
 def _check_column_types(spec: JobSpec, info: InputInfo) -> None:
     """Ids: all strings or all integers (a shard mixing them cannot be read as one column).
     Prompts: every file's type casts to the first file's (string and large_string do)."""
@@ -107,10 +114,10 @@ def _check_column_types(spec: JobSpec, info: InputInfo) -> None:
             continue
         if info.id_column is not None:
             want, got = first.field(info.id_column).type, schema.field(info.id_column).type
-            if _type_family(want) != _type_family(got):
+            if _type_family(want) != _type_family(got) or _type_family(want) == "integer" and not _holds(want, got):
                 raise InputError(
                     f"{name}: id column {info.id_column!r} has type {got}, but {shown[0]} has {want}; "
-                    "ids must have one type (all strings or all integers) across the input files"
+                    "ids must have one type across the input files (all strings, or integers the first file's type holds)"
                 )
         column = spec.input.prompt_column
         want, got = first.field(column).type, schema.field(column).type
@@ -130,7 +137,10 @@ def _check_column_types(spec: JobSpec, info: InputInfo) -> None:
 def check_output_location(spec: JobSpec, info: InputInfo | None) -> None:
     """The output directory can be made and written here; it is neither a file nor an input file."""
     uri = spec.output.path
-    fs, path = data.resolve(uri)
+    try:
+        fs, path = data.resolve(uri)
+    except InputError as e:
+        raise InputError(f"output.path: {e}") from None
     if not isinstance(fs, pafs.LocalFileSystem):
         try:
             kind = fs.get_file_info(path).type
@@ -140,9 +150,12 @@ def check_output_location(spec: JobSpec, info: InputInfo | None) -> None:
             raise InputError(f"output.path: {uri} is a file, expected a directory")
         return
     if info is not None and (is_local_path(info.uri) or info.uri.startswith("file://")):
-        inputs = {os.path.realpath(f) for f in info.files}
-        if os.path.realpath(path) in inputs:
-            raise InputError(f"output.path: {uri} is an input file; write the output to a directory elsewhere")
+        out = os.path.realpath(path)
+        for f in map(os.path.realpath, info.files):
+            if f == out:
+                raise InputError(f"output.path: {uri} is an input file; write the output to a directory elsewhere")
+            if f.startswith(out.rstrip(os.sep) + os.sep):
+                raise InputError(f"output.path: {uri} holds the input file {f}; write the output to a directory elsewhere")
     existing = path
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)

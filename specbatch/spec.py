@@ -405,7 +405,12 @@ def point_key(point: Mapping[str, Any]) -> str:
 
 
 class _AliasBomb(Exception):
-    """A document whose aliases expand beyond limits.MAX_YAML_ALIAS_NODES, or refer to themselves."""
+    """A document whose aliases expand beyond limits.MAX_YAML_ALIAS_NODES, or refer to themselves.
+    ``field``: the dotted path to where it happens ('' for the whole document)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}" if field else problem)
+        self.field, self.problem = field, problem
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -461,13 +466,13 @@ def _check_alias_expansion(root: yaml.Node) -> None:
         stack.append((node, True))
         for child in _children(node):
             if id(child) in sizes and sizes[id(child)] is None:
-                raise _AliasBomb(f"line {child.start_mark.line + 1}: a YAML alias refers to a node that contains it")
+                raise _AliasBomb("", f"line {child.start_mark.line + 1}: a YAML alias refers to a node that contains it")
             stack.append((child, False))
     extra = sizes[id(root)] - len(sizes)
     if extra > limits.MAX_YAML_ALIAS_NODES:
         raise _AliasBomb(
-            f"{_heaviest_path(root, sizes) or 'the document'}: YAML aliases expand to {extra} more values, "
-            f"at most {limits.MAX_YAML_ALIAS_NODES} allowed"
+            _heaviest_path(root, sizes),
+            f"YAML aliases expand to {extra} more values, at most {limits.MAX_YAML_ALIAS_NODES} allowed",
         )
 
 
@@ -532,7 +537,7 @@ def apply_override(data: dict[str, Any], item: str) -> dict[str, Any]:
     try:
         value = _load_yaml(raw) if raw.strip() else ""
     except _AliasBomb as e:
-        raise SpecError(f"--set {key}: {e}") from None
+        raise SpecError(f"--set {'.'.join(filter(None, (key, e.field)))}: {e.problem}") from None
     except yaml.YAMLError as e:
         raise SpecError(f"--set {item!r}: value is not valid YAML: {_one_line(getattr(e, 'problem', None) or str(e))}") from None
     out = _deep_copy(data)
