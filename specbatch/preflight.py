@@ -4,8 +4,8 @@
 :func:`preflight` on a loaded spec (``spec.load_spec`` has already checked the YAML, the schema
 and the value limits of ``specbatch.limits``). The stages, in order:
 
-1. *input*: the files exist, are Parquet, have the columns, have rows, unique non-null ids
-   (``data.check_input``), and every file's id and prompt columns have one type;
+1. *input*: the files exist, are Parquet, have the columns, have rows, unique non-null ids and
+   one kind of prompt (``data.check_input``), and ids of one type across the files;
 2. *output location*: the directory can be created and written (probed with a temporary
    directory that is removed again), is not a file, not under a file, not an input file;
    on an object store its location is looked up once (``get_file_info``), nothing more;
@@ -45,7 +45,6 @@ class Checked:
     target's config (None when its checkpoint is not on this machine: a hub id, a registered
     model not pulled yet, a path on the cluster's nodes)."""
 
-    spec: JobSpec
     input: InputInfo | None
     target: Any | None  # specbatch.models.ModelConfig
 
@@ -64,7 +63,7 @@ def preflight(spec: JobSpec, *, engine_factory: str = ENGINE_FACTORY, here: bool
     if engine_factory == ENGINE_FACTORY:
         elsewhere = not here or bool(os.environ.get("RAY_ADDRESS"))  # paths may exist on the nodes only
         target = check_models(spec, elsewhere=elsewhere)
-    return Checked(spec=spec, input=info, target=target)
+    return Checked(input=info, target=target)
 
 
 def is_local_path(path: str) -> bool:
@@ -77,10 +76,10 @@ def is_local_path(path: str) -> bool:
 
 
 def check_input(spec: JobSpec) -> InputInfo:
-    """data.check_input, then one type per id column and per prompt column across the files."""
+    """data.check_input, then one id type across the files."""
     info = data.check_input(spec)
-    if len(info.files) > 1:
-        _check_column_types(spec, info)
+    if len(info.files) > 1 and info.id_column is not None:
+        _check_id_types(spec, info)
     return info
 
 
@@ -99,35 +98,24 @@ def _holds(want: pa.DataType, got: pa.DataType) -> bool:
     return pa.types.is_signed_integer(want) and want.bit_width > got.bit_width
 
 
-def _check_column_types(spec: JobSpec, info: InputInfo) -> None:
-    """Ids: all strings or all integers (a shard mixing them cannot be read as one column).
-    Prompts: every file's type casts to the first file's (string and large_string do)."""
+def _check_id_types(spec: JobSpec, info: InputInfo) -> None:
+    """Ids: all strings, or all integers the first file's type holds (a shard is read in the first
+    file's types). Prompts need no such check: data.check_input refuses text in one file and chat
+    messages in another, and the variants of each cast to one another."""
     fs, files = data.list_input_files(spec.input.path)
-    uri = spec.input.path
+    uri, column = spec.input.path, info.id_column
     shown = [uri.split("://", 1)[0] + "://" + f if "://" in uri else f for f in files]
-    first: pa.Schema | None = None
-    for path, name in zip(files, shown):
+    types = []
+    for path in files:
         with fs.open_input_file(path) as f:
-            schema = pq.read_schema(f)
-        if first is None:
-            first = schema
-            continue
-        if info.id_column is not None:
-            want, got = first.field(info.id_column).type, schema.field(info.id_column).type
-            if _type_family(want) != _type_family(got) or _type_family(want) == "integer" and not _holds(want, got):
-                raise InputError(
-                    f"{name}: id column {info.id_column!r} has type {got}, but {shown[0]} has {want}; "
-                    "ids must have one type across the input files (all strings, or integers the first file's type holds)"
-                )
-        column = spec.input.prompt_column
-        want, got = first.field(column).type, schema.field(column).type
-        try:
-            pa.array([], type=got).cast(want)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            types.append(pq.read_schema(f).field(column).type)
+    want = types[0]
+    for name, got in zip(shown[1:], types[1:]):
+        if _type_family(want) != _type_family(got) or _type_family(want) == "integer" and not _holds(want, got):
             raise InputError(
-                f"{name}: prompt column {column!r} has type {got}, but {shown[0]} has {want}; "
-                "prompts must have one type across the input files"
-            ) from None
+                f"{name}: id column {column!r} has type {got}, but {shown[0]} has {want}; ids must have one "
+                "type across the input files (all strings, or integers the first file's type holds)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
