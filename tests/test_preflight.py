@@ -4,6 +4,7 @@ one source for the sampling limits and for the effective gamma)."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import pathlib
@@ -104,7 +105,7 @@ def test_demo_and_submit_run_the_preflight(job, capsys, monkeypatch):
     monkeypatch.setattr(specbatch.models, "pull_model", lambda name: tmp)
     (tmp / "jobs").mkdir()
     demo = tmp / "jobs" / "demo.yaml"
-    demo.write_text(yaml.safe_dump(put(dict(spec), "output.path", str(tmp / "job.yaml" / "out"))))
+    demo.write_text(yaml.safe_dump(put(copy.deepcopy(spec), "output.path", str(tmp / "job.yaml" / "out"))))
     (tmp / "job.yaml").write_text("a file")
     monkeypatch.setattr(specbatch.cli, "demo_job_path", lambda: demo)
     monkeypatch.chdir(tmp)
@@ -173,12 +174,12 @@ def test_small_aliases_and_bounded_lists(job, capsys):
     }
     for field, value in cases.items():
         with pytest.raises(SpecError, match=rf"^{field}: .*at most"):
-            spec_from_dict(put(yaml.safe_load(yaml.safe_dump(spec)), field, value))
+            spec_from_dict(put(copy.deepcopy(spec), field, value))
     with pytest.raises(SpecError, match=r"^sweep\.temperature\[0\]: expected a single value, got a list"):
-        spec_from_dict(put(dict(spec), "sweep", {"temperature": [[0.5, 1.0]]}))
+        spec_from_dict(put(copy.deepcopy(spec), "sweep", {"temperature": [[0.5, 1.0]]}))
     grid = {"temperature": [0.01 * i for i in range(1, 101)], "top_k": list(range(101))}
     with pytest.raises(SpecError, match=rf"^sweep: 10100 points, at most {limits.MAX_SWEEP_POINTS}"):
-        spec_from_dict(put(dict(spec), "sweep", grid))
+        spec_from_dict(put(copy.deepcopy(spec), "sweep", grid))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +347,7 @@ def test_sampling_params_and_the_schema_share_one_table_of_limits():
 def test_effective_gamma_is_one_rule(job):
     _, spec = job
     ngram = spec_from_dict(spec)
-    plain = spec_from_dict(put(dict(spec), "models.draft", {"kind": "none"}))
+    plain = spec_from_dict(put(copy.deepcopy(spec), "models.draft", {"kind": "none"}))
     assert (ngram.gamma, plain.gamma) == (4, 0)
     no_speedup = {"by_gamma": {}, "alpha": None}
     assert gamma_report(plain, None, no_speedup)["chosen"] == 0
