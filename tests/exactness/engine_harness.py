@@ -78,7 +78,7 @@ class TinyModels:
 
     target: tied embeddings (repeats its last token often); near: the target's head plus noise
     (acceptance ~0.7); far: another seed with a padded 20-logit head (acceptance ~0.2);
-    eos: the target with EOS boosted (EOS ~0.4 from the first token on).  A draft equal to the
+    eos: the target with EOS boosted (P(EOS) 0.34 at the first token).  A draft equal to the
     target is the target model itself (the drafter keeps its own cache).
     """
 
@@ -100,7 +100,7 @@ def tiny_models() -> TinyModels:
         "target": target,
         "near": tiny.perturbed_copy(target, root / "near", noise=0.25, seed=1),
         "far": tiny.make_tiny_checkpoint(root / "far", seed=1, tokenizer_size=VOCAB, **{**shape, "vocab_size": 20}),
-        "eos": tiny.boost_token_logit(tiny.perturbed_copy(target, root / "eos", noise=0.0), EOS_ID, boost=1.5),
+        "eos": tiny.boost_token_logit(tiny.perturbed_copy(target, root / "eos", noise=0.0), EOS_ID, boost=2.0),
     }
     models = {name: load_model(path, dtype="float32") for name, path in paths.items()}
     return TinyModels(models=models, tokenizer=load_tokenizer(target))

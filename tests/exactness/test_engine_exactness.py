@@ -57,7 +57,7 @@ def test_exact_probs_follow_the_contract():
     assert float(cube[:, :, 9].sum()) > 0.0 and float(cube[:2, :2, eh.VOCAB].sum()) == 0.0
     free = eh.exact_probs(model, eh.PROMPT, SamplingParams(max_new_tokens=4), 3).view(v1, v1, v1)
     assert float(free[eh.EOS_ID, :, :eh.VOCAB].sum()) == 0.0  # nothing after a stop
-    assert float(free[eh.EOS_ID].sum()) > 0.2
+    assert float(free[eh.EOS_ID].sum()) > 0.3
 
 
 @pytest.mark.parametrize("drafter", ["near", "ngram"])
