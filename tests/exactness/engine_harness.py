@@ -62,7 +62,7 @@ from specbatch.sampling import History, SamplingParams, WarpParams, warp
 from specbatch.stats import AcceptanceStats, CostModel
 from specbatch_kernels import ops
 from tests import tiny
-from tests.exactness.distribution import DistributionMismatch, DistributionReport, compare, encode, histogram, sequence_probs
+from tests.exactness.distribution import DistributionMismatch, DistributionReport, compare, histogram, sequence_probs
 
 VOCAB = 16
 MAX_MODEL_LEN = 32  # prompt + completion per row: keeps every slot's cache small
