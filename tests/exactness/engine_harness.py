@@ -378,7 +378,7 @@ CASES: dict[str, EngineCase] = {
         EngineCase("refill", _params(n=1500, temperature=1.0), drafter="near",
                    prompts=(PROMPT, (1, 12, 3, 14), (1, 5, 10, 5, 10, 5)), max_batch=64, power_positions=2),
         EngineCase("coupled", _params(n=N, temperature=1.0, top_k=12), drafter="near", verification="coupled",
-                   power_positions=2),
+                   independence=True, power_positions=2),
         EngineCase("adaptive_gamma", _params(n=N, temperature=1.0), drafter="near", max_batch=128, draft_cost=0.5,
                    power_positions=1),
     )

@@ -41,10 +41,10 @@ class EngineMutant:
     """One broken line, the engine case that exposes it, and the sample size it needs."""
 
     name: str
-    breaks: str  # what is wrong, in one line
     case: str  # name in engine_harness.CASES
     install: Installer
-    n: int | None = None  # samples per prompt (None: the case's own)
+    breaks: str  # what is wrong, in one line
+    n: int = 2000  # samples per prompt (half a case's own: every mutant fails by far at this size)
 
 
 def _drafter_ops(stack: contextlib.ExitStack, **replacements: Callable[..., Any]) -> None:
@@ -176,23 +176,23 @@ def _stop_only_at_run_end(stack: contextlib.ExitStack) -> None:
 ENGINE_MUTANTS: dict[str, EngineMutant] = {
     m.name: m
     for m in (
-        EngineMutant("draft_uniform_per_step", "model drafter draws every proposal of a step with the uniform of its first",
-                     "same_draft", _draft_uniform_per_step, n=2000),
-        EngineMutant("penalty_history_without_proposals", "penalty history = completion only, not the proposals before the position",
-                     "penalties", _penalty_history_without_proposals, n=2000),
-        EngineMutant("ban_once_per_step", "min_new_tokens ban decided at the step's first position for all its positions",
-                     "min_new_tokens", _ban_once_per_step, n=2000),
-        EngineMutant("penalty_history_includes_scored", "penalty history includes the token being scored ([:j] -> [:j+1])",
-                     "penalties", _penalty_history_includes_scored, n=2000),
-        EngineMutant("q_of_another_warp", "draft samples with draft_top_k, reports q without it",
-                     "near_draft_warped", _q_of_another_warp, n=2000),
-        EngineMutant("bonus_at_widest_position", "bonus / plain token of a narrower row read at the widest row's position",
-                     "ngram", _bonus_at_widest_position, n=2000),
-        EngineMutant("draft_uniforms_shared_by_samples", "the N samples of a prompt share their draft uniforms",
-                     "same_draft", _draft_uniforms_shared_by_samples, n=2000),
-        EngineMutant("refill_keeps_stale_prefix", "a refilled slot keeps the previous row's prompt K/V",
-                     "refill", _refill_keeps_stale_prefix, n=600),
-        EngineMutant("stop_only_at_run_end", "EOS / stop id inside an accepted run is not cut",
-                     "stops", _stop_only_at_run_end, n=2000),
+        EngineMutant("draft_uniform_per_step", "same_draft", _draft_uniform_per_step,
+                     "the model drafter draws every proposal of a step with the uniform of its first"),
+        EngineMutant("penalty_history_without_proposals", "penalties", _penalty_history_without_proposals,
+                     "penalty history = completion only, without the proposals before the position"),
+        EngineMutant("ban_once_per_step", "min_new_tokens", _ban_once_per_step,
+                     "min_new_tokens ban decided at the step's first position for all its positions"),
+        EngineMutant("penalty_history_includes_scored", "penalties", _penalty_history_includes_scored,
+                     "penalty history includes the token being scored ([:j] -> [:j+1])"),
+        EngineMutant("q_of_another_warp", "near_draft_warped", _q_of_another_warp,
+                     "the draft samples with draft_top_k and reports q without it"),
+        EngineMutant("bonus_at_widest_position", "ngram", _bonus_at_widest_position,
+                     "the bonus / plain token of a narrower row is read at the widest row's position"),
+        EngineMutant("draft_uniforms_shared_by_samples", "same_draft", _draft_uniforms_shared_by_samples,
+                     "the N samples of a prompt share their draft uniforms"),
+        EngineMutant("refill_keeps_stale_prefix", "refill", _refill_keeps_stale_prefix,
+                     "a refilled slot keeps the previous row's prompt K/V", n=600),
+        EngineMutant("stop_only_at_run_end", "stops", _stop_only_at_run_end,
+                     "an EOS / stop id inside an accepted run is not cut"),
     )
 }
