@@ -32,8 +32,8 @@ seeded, so a passing case keeps passing.
 Why it has power.  The checkpoints are built for it (tests/tiny.py): the target ties its
 embeddings, so it repeats its last token about half the time (penalties and their history then
 change p a lot); a draft equal to the target accepts (nearly) everything, so the last proposal
-position is reached in most steps; a near draft (target head plus noise) accepts about 70% and a
-far draft about 20%, so every proposal position sees many rejections; an EOS-heavy target ends
+position is reached in most steps; a near draft (target head plus noise) accepts 70-80% and a
+far draft 10-20%, so every proposal position sees many rejections; an EOS-heavy target ends
 rows early (min_new_tokens, stops).  :func:`assert_power` asserts a minimum number of
 rejections at every proposal position and of tests at the last one.  The mutants of
 :mod:`tests.exactness.engine_mutants` (one-line breakages of engine.py and drafters.py applied to
@@ -76,8 +76,8 @@ PROMPT = (1, 7, 8, 9, 7, 8)  # repeats, so the n-gram drafter has material
 class TinyModels:
     """Loaded tiny checkpoints sharing one tokenizer (V = 16).
 
-    target: tied embeddings (repeats its last token often); near: the target's head plus noise
-    (acceptance ~0.7); far: another seed with a padded 20-logit head (acceptance ~0.2);
+    target: tied embeddings (repeats its last token: P(x_1 == x_0) 0.54); near: the target's head
+    plus noise (acceptance 0.7 - 0.8); far: another seed with a padded 20-logit head (0.1 - 0.2);
     eos: the target with EOS boosted (P(EOS) 0.34 at the first token).  A draft equal to the
     target is the target model itself (the drafter keeps its own cache).
     """
@@ -349,9 +349,8 @@ class EngineCase:
 
 
 def _params(**kw: Any) -> SamplingParams:
-    kw.setdefault("max_new_tokens", kw.get("length", 3) + 1)
-    kw.pop("length", None)
-    return SamplingParams(seed=kw.pop("seed", 7), **kw)
+    """Case settings: seed 7, max_new_tokens = length + 1 (4) unless given."""
+    return SamplingParams(**{"seed": 7, "max_new_tokens": 4, **kw})
 
 
 N = 4000  # samples per case (per prompt): a few seconds of engine time each
