@@ -200,3 +200,58 @@ def make_tiny_pair(
                                  vocab_size=draft_vocab_size, seed=draft_seed,
                                  tokenizer_size=vocab_size, **common, **(draft_kwargs or {}))
     return target, draft
+
+
+def _head_key(weights: dict) -> str:
+    """Name of the output head in a checkpoint's weights (the embedding when tied)."""
+    return "lm_head.weight" if "lm_head.weight" in weights else "model.embed_tokens.weight"
+
+
+def perturbed_copy(src, dst, noise: float, seed: int = 0) -> pathlib.Path:
+    """Copy checkpoint ``src`` to ``dst`` with N(0, (noise x head std)^2) added to the output head.
+
+    noise 0 gives a draft identical to the target (acceptance 1 at equal warping: every proposal
+    position is reached); a small noise (0.1 - 0.3) a draft that agrees mostly but still gets
+    rejected at every position; a large one a draft that disagrees often.  When embeddings are
+    tied the embedding changes too.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    weights = load_file(str(src / "model.safetensors"))
+    key = _head_key(weights)
+    head = weights[key]  # [V, H]
+    g = torch.Generator().manual_seed(seed)
+    weights[key] = (head + noise * head.std() * torch.randn(head.shape, generator=g)).contiguous()
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def boost_token_logit(path, token_id: int, boost: float, contexts: int = 256, seed: int = 0) -> pathlib.Path:
+    """Raise ``token_id``'s logit by ``boost`` on average over random contexts, in place.
+
+    The head row of the token gets ``boost x m / |m|^2`` added, m being the mean input of the
+    output head over ``contexts`` random 8-token sequences; e.g. an EOS that is likely from the
+    first completion token on (min_new_tokens and stop tests need one).  Returns ``path``.
+    """
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    path = pathlib.Path(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (contexts, 8), generator=g)
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        model(input_ids=ids)
+    hook.remove()
+    mean = seen[0].reshape(-1, seen[0].shape[-1]).mean(dim=0)  # [H]
+    weights = load_file(str(path / "model.safetensors"))
+    key = _head_key(weights)
+    weights[key][token_id] += boost * mean / mean.dot(mean)
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path

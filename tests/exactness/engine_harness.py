@@ -1,0 +1,384 @@
+"""Exactness through the real engine: `Engine.generate` with the real drafters, against enumeration.
+
+How the engine is tested.  A case (:class:`EngineCase`) runs ``Engine.generate`` on tiny
+checkpoints (V = 16 tokens, see :func:`tiny_models`) with a real drafter (``NoDrafter``,
+``NgramDrafter`` or ``ModelDrafter``), real requests (one prompt with many samples, or several
+prompts, with ``max_batch`` below the number of rows so that finished rows hand their slots to new
+ones: continuous batching and slot refills are exercised), and either verification backend (the
+torch reference, or the Triton kernels forced and interpreted on the CPU).  Each (prompt, sample)
+is one draw of the first L completion symbols (token ids, or V = *stopped*).  The exact
+distribution of those L symbols under plain sampling from the warped target is enumerated with
+the target model itself (:func:`exact_probs`): every prefix of up to L - 1 tokens is run, warped
+with the row's settings, the penalty history (prompt + that prefix), the min_new_tokens ban of
+that position, and stopped after EOS or a stop token id.  Nothing of the engine's step loop,
+drafts or verification enters the expectation, so any error in them shows as a mismatch.
+
+What is compared (:func:`exactness_reports`), each with Pearson's chi-square (p >= 1e-4, small
+cells pooled) and a total-variation bound from the sample size (false alarm <= 1e-6), see
+:mod:`tests.exactness.distribution`:
+
+* the marginal of every position 0..L-1 (V + 1 symbols);
+* pair statistics: P(x_t == x_{t-1}) for t >= 1 (two cells), and the joint of the first two
+  symbols ((V + 1)^2 cells);
+* the joint of the first L symbols when the sample supports it (at least 80% of the exact mass
+  in cells expecting >= 5 draws; cells expecting < 20 pooled there);
+* for N samples of one prompt (:func:`independence_reports`), samples 2k and 2k + 1 are
+  independent: the joint of their symbols at each position is the product of the marginals,
+  and P(sequence 2k == sequence 2k + 1) is the sum of squared cell probabilities.
+
+A case makes 3L + 1 or so comparisons, so its false-alarm rate is below 1e-3; every run is
+seeded, so a passing case keeps passing.
+
+Why it has power.  The checkpoints are built for it (tests/tiny.py): the target ties its
+embeddings, so it repeats its last token about half the time (penalties and their history then
+change p a lot); a draft equal to the target accepts (nearly) everything, so the last proposal
+position is reached in most steps; a near draft (target head plus noise) accepts 70-80% and a
+far draft 10-20%, so every proposal position sees many rejections; an EOS-heavy target ends
+rows early (min_new_tokens, stops).  :func:`assert_power` asserts a minimum number of
+rejections at every proposal position and of tests at the last one.  The mutants of
+:mod:`tests.exactness.engine_mutants` (one-line breakages of engine.py and drafters.py applied to
+the real code by patching) must all fail these comparisons.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import functools
+import pathlib
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from specbatch.drafters import Drafter, ModelDrafter, NgramDrafter, NoDrafter
+from specbatch.engine import Engine, EngineConfig
+from specbatch.models import load_model, load_tokenizer
+from specbatch.request import Request, SampleOutput
+from specbatch.sampling import History, SamplingParams, WarpParams, warp
+from specbatch.stats import AcceptanceStats, CostModel
+from specbatch_kernels import ops
+from tests import tiny
+from tests.exactness.distribution import DistributionMismatch, DistributionReport, compare, histogram, sequence_probs
+
+VOCAB = 16
+MAX_MODEL_LEN = 32  # prompt + completion per row: keeps every slot's cache small
+EOS_ID = tiny.EOS_ID
+PROMPT = (1, 7, 8, 9, 7, 8)  # repeats, so the n-gram drafter has material
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """Loaded tiny checkpoints sharing one tokenizer (V = 16).
+
+    target: tied embeddings (repeats its last token: P(x_1 == x_0) 0.54); near: the target's head
+    plus noise (acceptance 0.7 - 0.8); far: another seed with a padded 20-logit head (0.1 - 0.2);
+    eos: the target with EOS boosted (P(EOS) 0.34 at the first token).  A draft equal to the
+    target is the target model itself (the drafter keeps its own cache).
+    """
+
+    models: dict[str, Any]
+    tokenizer: Any
+
+    def __getitem__(self, name: str) -> Any:
+        return self.models[name]
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_models() -> TinyModels:
+    """Build (once per process) and load the harness's checkpoints."""
+    root = pathlib.Path(tempfile.mkdtemp(prefix="specbatch-engine-harness-"))
+    atexit.register(shutil.rmtree, root, True)
+    shape = dict(vocab_size=VOCAB, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
+    target = tiny.make_tiny_checkpoint(root / "target", tie_word_embeddings=True, seed=0, **shape)
+    paths = {
+        "target": target,
+        "near": tiny.perturbed_copy(target, root / "near", noise=0.25, seed=1),
+        "far": tiny.make_tiny_checkpoint(root / "far", seed=1, tokenizer_size=VOCAB, **{**shape, "vocab_size": 20}),
+        "eos": tiny.boost_token_logit(tiny.perturbed_copy(target, root / "eos", noise=0.0), EOS_ID, boost=2.0),
+    }
+    models = {name: load_model(path, dtype="float32") for name, path in paths.items()}
+    return TinyModels(models=models, tokenizer=load_tokenizer(target))
+
+
+# ---------------------------------------------------------------------------- exact distribution
+
+
+def exact_probs(model: Any, prompt: Sequence[int], params: SamplingParams, length: int,
+                eos_ids: Sequence[int] = (EOS_ID,)) -> torch.Tensor:
+    """Exact distribution of the first ``length`` completion symbols under plain sampling.
+
+    The DESIGN section 4 contract, from the model's logits after prompt + prefix: penalties with
+    history (prompt, prefix), EOS and stop token ids banned while the prefix is shorter than
+    min_new_tokens, then temperature / top-k / top-p / min-p; a prefix ending in a stop token id
+    (or EOS unless ignore_eos) is stopped.  -> [(V + 1)^length] float64.
+    """
+    v = model.config.vocab_size
+    stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+    banned = sorted((set(params.stop_token_ids) | set(eos_ids)) & set(range(v)))
+    head = torch.tensor(list(prompt), dtype=torch.int64)
+
+    def next_probs(prefix: torch.Tensor) -> torch.Tensor:  # [M, t] -> [M, V]
+        m, t = prefix.shape
+        seqs = torch.cat([head.expand(m, -1), prefix], dim=1)  # [M, P + t]
+        cache = model.new_cache(m, seqs.shape[1])
+        logits = model(seqs, cache, torch.arange(m), torch.full((m,), seqs.shape[1]), last_only=True)[:, 0]  # [M, V]
+        history = None
+        if params.has_penalties:
+            output = prefix if t else torch.full((m, 1), -1, dtype=torch.int64)
+            history = History(prompt_ids=head.expand(m, -1), output_ids=output)
+        ban = None
+        if t < params.min_new_tokens and banned:
+            ban = torch.zeros(m, v, dtype=torch.bool)
+            ban[:, banned] = True
+        return warp(logits, WarpParams.from_params([params] * m), history, ban)
+
+    with torch.inference_mode():
+        return sequence_probs(next_probs, v, length, sorted(stops))
+
+
+def joint_of(exact: torch.Tensor, vocab_size: int, length: int, positions: Sequence[int]) -> torch.Tensor:
+    """Joint distribution of the symbols at ``positions`` (ascending) -> [(V + 1)^k]."""
+    cube = exact.view(*([vocab_size + 1] * length))
+    others = [d for d in range(length) if d not in positions]
+    return (cube.sum(dim=others) if others else cube).reshape(-1)
+
+
+# ---------------------------------------------------------------------------- running the engine
+
+
+@dataclass
+class EngineRun:
+    """What one ``Engine.generate`` call produced."""
+
+    requests: list[Request]
+    outputs: list[SampleOutput]  # request order, then sample index order
+    stats: AcceptanceStats
+    engine: Engine
+
+    def sequences(self, request: int, length: int) -> torch.Tensor:
+        """First ``length`` completion tokens of each sample of one request, -1 after a stop. [N, L]."""
+        rid = self.requests[request].request_id
+        rows = [o.token_ids[:length] for o in self.outputs if o.request_id == rid]
+        return torch.tensor([r + [-1] * (length - len(r)) for r in rows], dtype=torch.int64)
+
+
+@contextlib.contextmanager
+def verification_backend(name: str) -> Iterator[None]:
+    """Use the kernels' ``name`` backend ("torch" or "triton") inside the block, then restore."""
+    saved = (ops._backend, ops._forced)
+    ops.force_backend(name)
+    try:
+        yield
+    finally:
+        ops._backend, ops._forced = saved
+
+
+def run_engine(target: Any, tokenizer: Any, drafter: Drafter | None, requests: Sequence[Request], *, gamma: int = 3,
+               max_batch: int = 512, verification: str = "rejection", cost_model: CostModel | None = None) -> EngineRun:
+    """Run the requests through a fresh Engine (no cost measurement, small max_model_len).
+
+    cost_model: given, gamma adapts (adaptive_gamma) from the measured alpha and these costs."""
+    config = EngineConfig(max_batch_size=max_batch, num_draft_tokens=gamma, verification=verification,
+                          max_model_len=MAX_MODEL_LEN, measure_cost=False, adaptive_gamma=cost_model is not None)
+    engine = Engine(target, tokenizer, drafter, config)
+    engine.cost_model = cost_model
+    with torch.inference_mode():
+        outputs = engine.generate(list(requests))
+    errors = [o.error for o in outputs if o.error]
+    assert not errors, errors[:3]
+    return EngineRun(requests=list(requests), outputs=outputs, stats=engine.stats, engine=engine)
+
+
+# ---------------------------------------------------------------------------- comparisons
+
+
+def _binary(hits: int, n: int, p: float) -> DistributionReport:
+    return compare(torch.tensor([hits, n - hits]), torch.tensor([p, 1.0 - p], dtype=torch.float64))
+
+
+def exactness_reports(seqs: torch.Tensor, exact: torch.Tensor, vocab_size: int = VOCAB,
+                      support: float = 0.8) -> dict[str, DistributionReport]:
+    """Compare samples [N, L] (-1 after a stop) with the exact distribution [(V+1)^L] (not raising)."""
+    n, length = seqs.shape
+    v1 = vocab_size + 1
+    sym = torch.where(seqs < 0, torch.full_like(seqs, vocab_size), seqs)  # [N, L] symbols
+    out: dict[str, DistributionReport] = {}
+    for t in range(length):
+        out[f"marginal@{t}"] = compare(torch.bincount(sym[:, t], minlength=v1), joint_of(exact, vocab_size, length, [t]))
+    for t in range(1, length):
+        pair = joint_of(exact, vocab_size, length, [t - 1, t]).view(v1, v1)
+        p_repeat = float(pair.diagonal()[:vocab_size].sum())  # same token twice (not stopped)
+        hits = int(((sym[:, t] == sym[:, t - 1]) & (sym[:, t] < vocab_size)).sum())
+        out[f"repeat@{t}"] = _binary(hits, n, p_repeat)
+    if length >= 2:
+        out["joint@0:2"] = compare(histogram(seqs[:, :2], vocab_size), joint_of(exact, vocab_size, length, [0, 1]))
+    if length >= 3 and float(exact[exact * n >= 5].sum()) >= support:
+        # Cells expecting < 20 draws are pooled: with many sparse cells Pearson's chi-square
+        # approximation is liberal (a correct run at n = 4000 gave p = 4e-5 with pooling at 5).
+        out[f"joint@0:{length}"] = compare(histogram(seqs, vocab_size), exact, min_expected=20.0)
+    return out
+
+
+def independence_reports(seqs: torch.Tensor, exact: torch.Tensor, vocab_size: int = VOCAB) -> dict[str, DistributionReport]:
+    """Samples (2k, 2k + 1) of one prompt are independent draws. seqs: [N, L] in sample order."""
+    n, length = seqs.shape
+    half = n // 2 * 2
+    sym = torch.where(seqs[:half] < 0, torch.full_like(seqs[:half], vocab_size), seqs[:half]).view(-1, 2, length)
+    v1 = vocab_size + 1
+    out: dict[str, DistributionReport] = {}
+    for t in range(length):
+        marginal = joint_of(exact, vocab_size, length, [t])  # [V+1]
+        counts = torch.bincount(sym[:, 0, t] * v1 + sym[:, 1, t], minlength=v1 * v1)
+        out[f"samples@{t}"] = compare(counts, (marginal[:, None] * marginal[None, :]).reshape(-1))
+    same = int((sym[:, 0] == sym[:, 1]).all(dim=1).sum())
+    out["samples_equal"] = _binary(same, half // 2, float((exact**2).sum()))
+    return out
+
+
+def failures(reports: dict[str, DistributionReport]) -> dict[str, DistributionReport]:
+    return {k: r for k, r in reports.items() if not r.ok}
+
+
+def assert_reports(reports: dict[str, DistributionReport], label: str = "") -> None:
+    """Raise DistributionMismatch naming every comparison that failed."""
+    bad = failures(reports)
+    if bad:
+        lines = "; ".join(f"{k}: {r}" for k, r in bad.items())
+        raise DistributionMismatch(f"{label}: {lines}" if label else lines)
+
+
+def strongest(reports: dict[str, DistributionReport]) -> tuple[str, DistributionReport]:
+    """The comparison with the smallest p-value (the most significant one)."""
+    return min(reports.items(), key=lambda kv: (kv[1].p_value, -kv[1].tv / kv[1].tv_threshold))
+
+
+def assert_power(stats: AcceptanceStats, positions: int, min_rejections: int, min_reached: int = 0) -> list[int]:
+    """At least ``min_rejections`` rejections at each proposal index < ``positions`` and at least
+    ``min_reached`` tests of the last one. -> rejections per index."""
+    tested = stats.tested_at + [0] * positions
+    accepted = stats.accepted_at + [0] * positions
+    rejections = [tested[i] - accepted[i] for i in range(positions)]
+    assert all(r >= min_rejections for r in rejections), f"too few rejections per proposal index: {rejections}"
+    assert tested[positions - 1] >= min_reached, f"proposal index {positions - 1} tested {tested[positions - 1]} times"
+    return rejections
+
+
+# ---------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class EngineCase:
+    """One engine configuration and the exact distribution it must reproduce.
+
+    drafter: none | ngram | same (ModelDrafter over the target itself) | near | far (ModelDrafter
+    over that checkpoint); draft: ModelDrafter settings (draft_temperature, draft_top_k, ...).
+    params.n samples of each prompt; max_new_tokens defaults to length + 1 so a first step can
+    propose gamma tokens within the compared window.
+    """
+
+    name: str
+    params: SamplingParams
+    drafter: str = "none"
+    draft: dict = field(default_factory=dict)
+    target: str = "target"
+    prompts: tuple[tuple[int, ...], ...] = (PROMPT,)
+    length: int = 3
+    gamma: int = 3
+    max_batch: int = 512
+    verification: str = "rejection"
+    backend: str = "torch"
+    independence: bool = False  # also check samples (2k, 2k+1) of each prompt
+    min_rejections: int = 100  # at each proposal index < power_positions
+    power_positions: int = 2
+    min_reached: int = 0  # tests of proposal index power_positions - 1
+    draft_cost: float | None = None  # adaptive gamma under a cost model: draft step / target step
+
+    def make_drafter(self, models: TinyModels) -> Drafter:
+        if self.drafter == "none":
+            return NoDrafter()
+        if self.drafter == "ngram":
+            return NgramDrafter(**self.draft)
+        model = models[self.target if self.drafter == "same" else self.drafter]
+        return ModelDrafter(model, VOCAB, **self.draft)
+
+    def requests(self, n: int | None = None) -> list[Request]:
+        params = self.params if n is None else dataclasses.replace(self.params, n=n)
+        return [Request(f"{self.name}-{i}", list(p), params) for i, p in enumerate(self.prompts)]
+
+    def cost_model(self) -> CostModel | None:
+        """Target passes cost 1 at every width, a draft step ``draft_cost`` (None: gamma is fixed)."""
+        if self.draft_cost is None:
+            return None
+        batches = (1, self.max_batch)
+        return CostModel(target={(b, w): 1.0 for b in batches for w in range(1, self.gamma + 2)},
+                         draft={b: self.draft_cost for b in batches})
+
+    def run(self, n: int | None = None) -> EngineRun:
+        models = tiny_models()
+        with verification_backend(self.backend):
+            return run_engine(models[self.target], models.tokenizer, self.make_drafter(models), self.requests(n),
+                              gamma=self.gamma, max_batch=self.max_batch, verification=self.verification,
+                              cost_model=self.cost_model())
+
+    def reports(self, run: EngineRun) -> dict[str, DistributionReport]:
+        """Every comparison of the run, keyed '<prompt index>:<comparison>'."""
+        model = tiny_models()[self.target]
+        out = {}
+        for i, prompt in enumerate(self.prompts):
+            exact = exact_probs(model, prompt, self.params, self.length)
+            seqs = run.sequences(i, self.length)
+            found = exactness_reports(seqs, exact)
+            if self.independence:
+                found.update(independence_reports(seqs, exact))
+            out.update({f"{i}:{k}": r for k, r in found.items()})
+        return out
+
+    def check(self, run: EngineRun) -> dict[str, DistributionReport]:
+        """Assert exactness and power; return the reports."""
+        reports = self.reports(run)
+        assert_reports(reports, self.name)
+        if self.drafter != "none":
+            assert_power(run.stats, self.power_positions, self.min_rejections, self.min_reached)
+        return reports
+
+
+def _params(**kw: Any) -> SamplingParams:
+    """Case settings: seed 7, max_new_tokens = length + 1 (4) unless given."""
+    return SamplingParams(**{"seed": 7, "max_new_tokens": 4, **kw})
+
+
+N = 4000  # samples per case (per prompt): a few seconds of engine time each
+
+CASES: dict[str, EngineCase] = {
+    c.name: c
+    for c in (
+        EngineCase("plain", _params(n=N, temperature=0.9, top_k=8, top_p=0.95, min_p=0.02), independence=True),
+        EngineCase("same_draft", _params(n=N, temperature=1.0), drafter="same", independence=True,
+                   min_rejections=0, power_positions=3, min_reached=N // 2),
+        EngineCase("near_draft_warped", _params(n=N, temperature=0.8, top_k=10, top_p=0.95),
+                   drafter="near", draft=dict(draft_temperature=1.5, draft_top_k=3), power_positions=3),
+        EngineCase("far_draft", _params(n=N, temperature=1.0, min_p=0.05), drafter="far",
+                   draft=dict(draft_temperature=0.9, draft_top_p=0.9, draft_min_p=0.01), power_positions=2),
+        EngineCase("ngram", _params(n=N, temperature=0.9, top_k=6), drafter="ngram", draft=dict(min_n=1, max_n=3),
+                   power_positions=1),
+        EngineCase("penalties", _params(n=N, temperature=1.0, presence_penalty=3.0, frequency_penalty=0.5,
+                                        repetition_penalty=1.3),
+                   drafter="same", power_positions=3, min_rejections=100),
+        EngineCase("min_new_tokens", _params(n=N, temperature=1.0, min_new_tokens=2), target="eos", drafter="same",
+                   power_positions=2),
+        EngineCase("stops", _params(n=N, temperature=1.0, stop_token_ids=(9,)), target="eos", drafter="near",
+                   power_positions=2),
+        EngineCase("refill", _params(n=1500, temperature=1.0), drafter="near",
+                   prompts=(PROMPT, (1, 12, 3, 14), (1, 5, 10, 5, 10, 5)), max_batch=64, power_positions=2),
+        EngineCase("coupled", _params(n=N, temperature=1.0, top_k=12), drafter="near", verification="coupled",
+                   independence=True, power_positions=2),
+        EngineCase("adaptive_gamma", _params(n=N, temperature=1.0), drafter="near", max_batch=128, draft_cost=0.5,
+                   power_positions=1),
+    )
+}
