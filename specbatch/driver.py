@@ -26,6 +26,7 @@ import sys
 import time
 from typing import Any, Iterable
 
+from specbatch import localray, storage
 from specbatch.worker import ENGINE_FACTORY
 
 
@@ -93,22 +94,23 @@ def pending_shards(planned: Iterable[Any], committed: dict[str, dict]) -> list[A
 # Ray: connection, cluster shape, actor count
 
 
-def connect_ray() -> bool:
-    """Connect to RAY_ADDRESS when set, else start a local Ray; True if this call started it.
+def connect_ray() -> localray.LocalRay | None:
+    """Connect to RAY_ADDRESS when set, else start a local Ray; the local Ray if this call
+    started one (the caller stops it), else None.
 
-    An already initialized Ray (a test session, a Ray job's driver) is used as it is.
+    An already initialized Ray (a test session, a Ray job's driver) is used as it is. A local
+    Ray is a new instance (never someone else's cluster found on this machine), listens on
+    127.0.0.1 only, runs no dashboard, and its processes end with the run (specbatch.localray).
     """
     import ray
 
     if ray.is_initialized():
-        return False
+        return None
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        # address="local": a new instance, never someone else's cluster found on this machine.
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
-    return True
+        return None
+    return localray.start(include_dashboard=False, dashboard_host=localray.LOOPBACK, log_to_driver=True)
 
 
 def alive_nodes() -> int:
@@ -117,16 +119,11 @@ def alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
-def is_local_path(path: str) -> bool:
-    """A plain path (no URI scheme). file:// URIs name a mounted, possibly shared, file system."""
-    return "://" not in path
-
-
 def check_cluster_output(spec: Any, nodes: int) -> None:
     """On a multi-node cluster a local output path is refused (each node would get a piece)."""
     from specbatch.spec import SpecError
 
-    if nodes > 1 and is_local_path(spec.output.path):
+    if nodes > 1 and storage.is_local(spec.output.path):
         raise SpecError(
             f"output.path: {spec.output.path!r} is a local path but the Ray cluster has {nodes} nodes; "
             "use shared storage (s3://..., gs://..., or file:///mounted/shared/dir)"
@@ -358,7 +355,7 @@ class Driver:
             data.check_input(spec)
             if self.engine_factory == ENGINE_FACTORY:
                 check_models(spec)
-        started_ray = connect_ray()
+        local_ray = connect_ray()
         self.ray_ready_s = time.time() - run_started
         try:
             nodes = alive_nodes()
@@ -377,8 +374,8 @@ class Driver:
             result = self._finish(run_started)
         finally:
             self._stop_actors()
-            if started_ray:
-                ray.shutdown()
+            if local_ray is not None:
+                local_ray.stop()
         return result
 
     def _dispatch(self, tasks: collections.deque, plan: ActorPlan, run_started: float) -> None:
