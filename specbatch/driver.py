@@ -355,27 +355,34 @@ class Driver:
             data.check_input(spec)
             if self.engine_factory == ENGINE_FACTORY:
                 check_models(spec)
-        local_ray = connect_ray()
-        self.ray_ready_s = time.time() - run_started
+        # One run at a time per output directory: a second driver would delete the files the
+        # first has written but not yet committed (prepare_output, _finish).
         try:
-            nodes = alive_nodes()
-            check_cluster_output(spec, nodes)
-            data.prepare_output(spec)
-            planned = data.plan_shards(spec)
-            committed = data.committed(spec)
-            tasks = collections.deque(Task(s) for s in pending_shards(planned, committed))
-            self.counts["resumed"] = len(planned) - len(tasks)
-            if tasks:
-                local = nodes == 1 and not os.environ.get("RAY_ADDRESS")  # a Ray of this machine alone
-                plan = plan_actors(spec, ray.cluster_resources(), len(tasks), local=local)
-                if plan.note:
-                    self.log(f"note: {plan.note}")
-                self._dispatch(tasks, plan, run_started)
-            result = self._finish(run_started)
-        finally:
-            self._stop_actors()
-            if local_ray is not None:
-                local_ray.stop()
+            held = storage.hold(spec.output.path)
+        except storage.StorageError as e:
+            raise data.InputError(f"output.path: {e}") from None
+        with held:
+            local_ray = connect_ray()
+            self.ray_ready_s = time.time() - run_started
+            try:
+                nodes = alive_nodes()
+                check_cluster_output(spec, nodes)
+                data.prepare_output(spec)
+                planned = data.plan_shards(spec)
+                committed = data.committed(spec)
+                tasks = collections.deque(Task(s) for s in pending_shards(planned, committed))
+                self.counts["resumed"] = len(planned) - len(tasks)
+                if tasks:
+                    local = nodes == 1 and not os.environ.get("RAY_ADDRESS")  # a Ray of this machine alone
+                    plan = plan_actors(spec, ray.cluster_resources(), len(tasks), local=local)
+                    if plan.note:
+                        self.log(f"note: {plan.note}")
+                    self._dispatch(tasks, plan, run_started)
+                result = self._finish(run_started)
+            finally:
+                self._stop_actors()
+                if local_ray is not None:
+                    local_ray.stop()
         return result
 
     def _dispatch(self, tasks: collections.deque, plan: ActorPlan, run_started: float) -> None:

@@ -16,6 +16,8 @@ An S3 endpoint can also come from the environment: pyarrow's S3 filesystem honou
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 
 import pyarrow as pa
@@ -24,6 +26,10 @@ import pyarrow.fs as pafs
 
 class StorageError(ValueError):
     """A location whose filesystem cannot be opened (unknown scheme, bad query option). One line."""
+
+
+class Busy(StorageError):
+    """A directory another process holds (:func:`hold`)."""
 
 
 def is_local(location: str) -> bool:
@@ -60,3 +66,32 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
         return pafs.FileSystem.from_uri(location)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as e:
         raise StorageError(f"{location}: cannot open filesystem: {' '.join(str(e).split())}") from None
+
+
+def hold(location: str) -> contextlib.ExitStack:
+    """Take the directory `location` for this process alone, creating it if missing; the
+    returned context releases it. Raises Busy when another process (or another hold in this
+    one) has it.
+
+    On a local filesystem (plain paths, ``file://`` URIs) this is an advisory lock (flock) on
+    the directory itself: no file is written, and the kernel releases it when the process ends,
+    however it ends, so a killed run leaves no stale lock (the descriptor is not inherited by
+    child processes). Object stores have no such lock: nothing is held there, and one run at a
+    time per output prefix is up to the user.
+    """
+    held = contextlib.ExitStack()
+    fs, path = resolve(location)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return held
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise StorageError(f"{location}: cannot create or open the directory: {e.strerror or e}") from None
+    held.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held.close()
+        raise Busy(f"{location} is being written by another run; wait for it to end or write elsewhere") from None
+    return held

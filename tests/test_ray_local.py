@@ -9,8 +9,8 @@ listen on. Asserted:
 * every one of those processes is gone within a bounded wait after the driver ends: killed
   with SIGKILL, interrupted with SIGINT, or finished normally;
 * the output is exactly once and row for row what the engine gives: after a driver killed
-  with SIGKILL, after a driver interrupted with SIGINT (each resumed by a rerun), and when two
-  drivers run the same job into the same directory at the same time.
+  with SIGKILL, after a driver interrupted with SIGINT (each resumed by a rerun), and when a
+  second driver is started on the same output while the first runs (it is refused).
 
 The reference rows come from the same engine run in this process without Ray.
 """
@@ -34,6 +34,7 @@ import pytest
 import yaml
 
 from specbatch import data, localray
+from specbatch.cli import main
 from specbatch.spec import spec_from_dict
 from specbatch.worker import LoadedEngine, ShardRunner
 from tests.fake_engine import FakeEngine, encode
@@ -210,18 +211,19 @@ def test_killed_then_interrupted_then_finished_run_writes_each_row_once(job):
     assert stats["run"]["resumed_shards"] >= 2
 
 
-def test_two_concurrent_drivers_on_one_output_write_each_row_once(job):
+def test_a_second_driver_on_a_busy_output_is_refused_and_the_first_writes_each_row_once(job, capsys):
+    """Two drivers on one output directory: the second, started while the first is running,
+    exits 2 naming the directory before it starts any Ray, and the first finishes exactly once."""
     root, inp, model, reference = job
     path, out = write_job(root, inp, model, "concurrent")
-    first = Run(path, root / "concurrent-1.log")
-    second = Run(path, root / "concurrent-2.log")
-    codes = [first.finish(), second.finish()]
-    assert codes == [0, 0], first.stderr() + second.stderr()
-    for run in (first, second):
-        run.assert_ray_was_local_only_and_is_gone()
+    first = Run(path, root / "concurrent.log")
+    first.wait_for_commits(out, 1)
+    assert main(["run", path, "--engine-factory", FAKE, "--quiet"]) == 2
+    assert first.proc.poll() is None, "the first run ended before the second was started"
+    assert f"output.path: {out} is being written by another run" in capsys.readouterr().err
+    assert first.finish() == 0, first.stderr()
+    first.assert_ray_was_local_only_and_is_gone()
     assert rows_of(out) == reference
-    parts = sorted(p.name for p in out.glob("part-*.parquet"))
-    assert parts == sorted(f"{name}.parquet" for name in data.committed(str(out)))
 
 
 def test_reaper_sweep_kills_marked_processes_and_their_descendants():
