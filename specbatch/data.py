@@ -27,7 +27,6 @@ import difflib
 import fnmatch
 import json
 import math
-import os
 import time
 import uuid
 from dataclasses import dataclass
