@@ -79,9 +79,11 @@ def start(**init_kwargs: Any) -> LocalRay:
     )
     try:
         # Ray reads the setting at import time (ray_constants) and its processes read it from
-        # their environment: both are set only while ray.init starts the processes.
-        with _environment({MARKER: session, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}), \
-                _attribute(ray_constants, "ENABLE_RAY_CLUSTER", False):
+        # their environment: both are set only while ray.init starts the processes. (A Ray
+        # without the constant reads the environment alone.)
+        constant = (_attribute(ray_constants, "ENABLE_RAY_CLUSTER", False)
+                    if hasattr(ray_constants, "ENABLE_RAY_CLUSTER") else contextlib.nullcontext())
+        with _environment({MARKER: session, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}), constant:
             ray.init(address="local", _node_ip_address=LOOPBACK, **init_kwargs)
     except BaseException:
         LocalRay(session, reaper).stop()
