@@ -27,7 +27,6 @@ import difflib
 import fnmatch
 import json
 import math
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from specbatch import storage
 from specbatch.request import FINISH_REASONS
 from specbatch.spec import OUTPUT_COLUMNS, SamplingSpec, JobSpec
 
@@ -100,21 +100,14 @@ class InputInfo:
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A local path or a URI (file://, s3://, gs://, ...) -> (filesystem, path on it)."""
-    if "://" in uri:
-        try:
-            return pafs.FileSystem.from_uri(uri)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as e:
-            raise InputError(f"{uri}: cannot open filesystem: {_one_line(e)}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    """A local path or a URI (file://, s3://, gs://, ..., with query options) -> (filesystem, path on it)."""
+    try:
+        return storage.resolve(uri)
+    except storage.StorageError as e:
+        raise InputError(str(e)) from None
 
 
-def is_local(uri: str) -> bool:
-    """True for a plain path (no scheme): this machine's own disk as far as specbatch can tell.
-
-    A ``file://`` URI is taken as a deliberate choice of a mounted, possibly shared, file system.
-    """
-    return "://" not in uri
+is_local = storage.is_local
 
 
 def _is_object_store(fs: pafs.FileSystem) -> bool:
@@ -124,7 +117,7 @@ def _is_object_store(fs: pafs.FileSystem) -> bool:
 
 
 def _join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name
+    return storage.join(base, name)
 
 
 def _one_line(e: Any) -> str:
@@ -191,12 +184,14 @@ def output_uri(spec: JobSpec, name: str) -> str:
 
 
 def _split_glob(uri: str) -> tuple[str, str] | None:
-    """'dir/sub/*.parquet' -> ('dir/sub', '*.parquet'); None when uri has no glob characters."""
+    """'dir/sub/*.parquet' -> ('dir/sub', '*.parquet'); None when uri has no glob characters.
+    A URI's query options (after '?') are no glob: they stay with the directory."""
+    uri, query = storage.split_query(uri)
     if not any(c in uri for c in _GLOB_CHARS):
         return None
     cut = min(uri.index(c) for c in _GLOB_CHARS if c in uri)
     head = uri[:cut].rpartition("/")[0]
-    return (head, uri[len(head) + 1 :]) if head else (".", uri)
+    return (head + query, uri[len(head) + 1 :]) if head else (".", uri)
 
 
 def _input_fs(uri: str) -> pafs.FileSystem:

@@ -26,7 +26,8 @@ import sys
 import time
 from typing import Any, Iterable
 
-from specbatch.preflight import is_local_path, preflight
+from specbatch import localray, storage
+from specbatch.preflight import preflight
 from specbatch.worker import ENGINE_FACTORY
 
 
@@ -94,22 +95,23 @@ def pending_shards(planned: Iterable[Any], committed: dict[str, dict]) -> list[A
 # Ray: connection, cluster shape, actor count
 
 
-def connect_ray() -> bool:
-    """Connect to RAY_ADDRESS when set, else start a local Ray; True if this call started it.
+def connect_ray() -> localray.LocalRay | None:
+    """Connect to RAY_ADDRESS when set, else start a local Ray; the local Ray if this call
+    started one (the caller stops it), else None.
 
-    An already initialized Ray (a test session, a Ray job's driver) is used as it is.
+    An already initialized Ray (a test session, a Ray job's driver) is used as it is. A local
+    Ray is a new instance (never someone else's cluster found on this machine), listens on
+    127.0.0.1 only, runs no dashboard, and its processes end with the run (specbatch.localray).
     """
     import ray
 
     if ray.is_initialized():
-        return False
+        return None
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        # address="local": a new instance, never someone else's cluster found on this machine.
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
-    return True
+        return None
+    return localray.start(include_dashboard=False, dashboard_host=localray.LOOPBACK, log_to_driver=True)
 
 
 def alive_nodes() -> int:
@@ -123,7 +125,7 @@ def check_cluster_output(spec: Any, nodes: int) -> None:
     on a multi-node cluster a local output path is refused (each node would get a piece)."""
     from specbatch.spec import SpecError
 
-    if nodes > 1 and is_local_path(spec.output.path):
+    if nodes > 1 and storage.is_local(spec.output.path):
         raise SpecError(
             f"output.path: {spec.output.path!r} is a local path but the Ray cluster has {nodes} nodes; "
             "use shared storage (s3://..., gs://..., or file:///mounted/shared/dir)"
@@ -314,27 +316,34 @@ class Driver:
         spec = self.spec
         run_started = time.time()
         preflight(spec, engine_factory=self.engine_factory)  # before Ray starts; raises SpecError / InputError
-        started_ray = connect_ray()
-        self.ray_ready_s = time.time() - run_started
+        # One run at a time per output directory: a second driver would delete the files the
+        # first has written but not yet committed (prepare_output, _finish).
         try:
-            nodes = alive_nodes()
-            check_cluster_output(spec, nodes)
-            data.prepare_output(spec)
-            planned = data.plan_shards(spec)
-            committed = data.committed(spec)
-            tasks = collections.deque(Task(s) for s in pending_shards(planned, committed))
-            self.counts["resumed"] = len(planned) - len(tasks)
-            if tasks:
-                local = nodes == 1 and not os.environ.get("RAY_ADDRESS")  # a Ray of this machine alone
-                plan = plan_actors(spec, ray.cluster_resources(), len(tasks), local=local)
-                if plan.note:
-                    self.log(f"note: {plan.note}")
-                self._dispatch(tasks, plan, run_started)
-            result = self._finish(run_started)
-        finally:
-            self._stop_actors()
-            if started_ray:
-                ray.shutdown()
+            held = storage.hold(spec.output.path)
+        except storage.StorageError as e:
+            raise data.InputError(f"output.path: {e}") from None
+        with held:
+            local_ray = connect_ray()
+            self.ray_ready_s = time.time() - run_started
+            try:
+                nodes = alive_nodes()
+                check_cluster_output(spec, nodes)
+                data.prepare_output(spec)
+                planned = data.plan_shards(spec)
+                committed = data.committed(spec)
+                tasks = collections.deque(Task(s) for s in pending_shards(planned, committed))
+                self.counts["resumed"] = len(planned) - len(tasks)
+                if tasks:
+                    local = nodes == 1 and not os.environ.get("RAY_ADDRESS")  # a Ray of this machine alone
+                    plan = plan_actors(spec, ray.cluster_resources(), len(tasks), local=local)
+                    if plan.note:
+                        self.log(f"note: {plan.note}")
+                    self._dispatch(tasks, plan, run_started)
+                result = self._finish(run_started)
+            finally:
+                self._stop_actors()
+                if local_ray is not None:
+                    local_ray.stop()
         return result
 
     def _dispatch(self, tasks: collections.deque, plan: ActorPlan, run_started: float) -> None:

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from specbatch import data
+from specbatch import data, storage
 from specbatch.data import InputError, InputInfo
 from specbatch.spec import JobSpec, SpecError
 from specbatch.worker import ENGINE_FACTORY
@@ -64,11 +64,6 @@ def preflight(spec: JobSpec, *, engine_factory: str = ENGINE_FACTORY, here: bool
         elsewhere = not here or bool(os.environ.get("RAY_ADDRESS"))  # paths may exist on the nodes only
         target = check_models(spec, elsewhere=elsewhere)
     return Checked(input=info, target=target)
-
-
-def is_local_path(path: str) -> bool:
-    """A plain path (no URI scheme). file:// URIs name a mounted, possibly shared, file system."""
-    return "://" not in path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +132,7 @@ def check_output_location(spec: JobSpec, info: InputInfo | None) -> None:
         if kind == pafs.FileType.File:
             raise InputError(f"output.path: {uri} is a file, expected a directory")
         return
-    if info is not None and (is_local_path(info.uri) or info.uri.startswith("file://")):
+    if info is not None and (storage.is_local(info.uri) or info.uri.startswith("file://")):
         out = os.path.realpath(path)
         for f in map(os.path.realpath, info.files):
             if f == out:
