@@ -77,9 +77,9 @@ def pending_shards(planned: Iterable[Any], committed: dict[str, dict]) -> list[A
     names = list(committed)
 
     def todo(shard: Any) -> list[Any]:
-        info = committed.get(shard.name)
-        if info is not None:
-            return [shard] if info.get("failed") else []
+        manifest = committed.get(shard.name)
+        if manifest is not None:
+            return [shard] if manifest.failed else []
         prefix = shard.name + "."
         if shard.stop - shard.start > 1 and any(n.startswith(prefix) for n in names):
             left, right = split_shard(shard)
@@ -246,11 +246,12 @@ class Progress:
             self.bar = tqdm(total=total_prompts, unit="prompt", file=sys.stderr, dynamic_ncols=True,
                             mininterval=self.interval)
 
-    def shard_done(self, info: dict) -> None:
-        self.samples += info["samples"]
-        self.committed_tokens += info["tokens"]
+    def shard_done(self, manifest: Any) -> None:
+        """Count a committed shard (a specbatch.data.ShardManifest)."""
+        self.samples += manifest.samples
+        self.committed_tokens += manifest.tokens
         if self.bar is not None:
-            self.bar.update(info["rows"])
+            self.bar.update(manifest.rows)
             self.refresh(force=True)
 
     def actor_counters(self, label: str, counters: dict) -> None:
@@ -303,7 +304,7 @@ class Driver:
         self.retired: list[_Slot] = []
         self.next_label = 0
         self.counts = collections.Counter()
-        self.this_run: list[dict[str, Any]] = []
+        self.this_run: list[Any] = []  # ShardManifests committed by this run
         self.first_commit_s: float | None = None
         self.ray_ready_s: float | None = None
 
@@ -403,7 +404,7 @@ class Driver:
                     slot = inflight.pop(ref)
                     task, slot.busy = slot.busy, None
                     try:
-                        info = ray.get(ref)
+                        manifest = ray.get(ref)
                     except rex.RayActorError as e:
                         if getattr(e, "actor_init_failed", False):
                             raise RunError(f"{slot.label} could not build its engine: {_init_error(slot)}") from None
@@ -418,7 +419,7 @@ class Driver:
                         self._replace(slot, plan)
                         self._task_failed(task, _error_line(e), tasks, progress)
                     else:
-                        self._commit(task, info, progress, run_started)
+                        self._commit(task, manifest, progress, run_started)
                 if self.show_progress and time.time() - last_poll >= self.poll_s:
                     last_poll = time.time()
                     self._poll(progress)
@@ -444,16 +445,15 @@ class Driver:
                     pass
             slot.polling = slot.handle.progress.remote()
 
-    def _commit(self, task: Task, info: dict, progress: Progress, run_started: float) -> None:
+    def _commit(self, task: Task, manifest: Any, progress: Progress, run_started: float) -> None:
         from specbatch import data
 
-        data.write_manifest(self.spec, task.shard, info)
+        manifest = data.write_manifest(self.spec, manifest)
         if self.first_commit_s is None:
             self.first_commit_s = time.time() - run_started
-        self.this_run.append(info)
-        if info.get("errors"):
-            self.counts["row_errors"] += info["errors"]
-        progress.shard_done(info)
+        self.this_run.append(manifest)
+        self.counts["row_errors"] += manifest.errors
+        progress.shard_done(manifest)
 
     def _task_failed(self, task: Task, error: str, tasks: collections.deque, progress: Progress) -> None:
         """Retry the shard, split it, or (one row left) record its rows as failed."""
@@ -476,7 +476,7 @@ class Driver:
 
     def _write_failed(self, task: Task, progress: Progress) -> None:
         from specbatch import data
-        from specbatch.worker import error_records, summarize_records
+        from specbatch.worker import error_records
 
         spec, shard = self.spec, task.shard
         error = task.errors[-1]
@@ -484,25 +484,13 @@ class Driver:
         records = error_records(spec, rows, error)
         path = data.write_shard(spec, shard, records)
         now = time.time()
-        info = {
-            "shard": shard.name,
-            "start": shard.start,
-            "stop": shard.stop,
-            "path": path,
-            "rows": len(rows),
-            **summarize_records(records),
-            "stats": {},
-            "actor": None,
-            "attempt": task.attempts,
-            "started_at": now,
-            "finished_at": now,
-            "elapsed_s": 0.0,
-            "failed": True,
-            "error": error,
-        }
-        data.write_manifest(spec, shard, info)
+        manifest = data.ShardManifest.of_records(
+            shard, len(rows), records, path=path, attempt=task.attempts, started_at=now, finished_at=now,
+            failed=True, error=error,
+        )
+        data.write_manifest(spec, manifest)
         self.log(f"error: {shard.name} failed {task.attempts} times: {error}")
-        progress.shard_done(info)
+        progress.shard_done(manifest)
 
     def _finish(self, run_started: float) -> RunResult:
         from specbatch import data, report
@@ -519,7 +507,7 @@ class Driver:
             "wall_s": time.time() - run_started,
             "ray_ready_s": self.ray_ready_s,
             "first_shard_s": self.first_commit_s,
-            "shards_this_run": [info["shard"] for info in self.this_run],
+            "shards_this_run": [m.shard for m in self.this_run],
             "resumed_shards": self.counts["resumed"],
             "retries": self.counts["retries"],
             "splits": self.counts["splits"],
@@ -529,8 +517,8 @@ class Driver:
         # Every committed shard with errors, this run's or earlier: failed shards (their rows
         # kept failing) and shards whose engine reported row errors (e.g. a prompt too long).
         failed = [
-            {"shard": name, "ids": list(info.get("error_ids", [])), "error": info.get("error") or info.get("first_error") or ""}
-            for name, info in manifests.items() if info.get("failed") or info.get("errors")
+            {"shard": name, "ids": list(m.error_ids), "error": m.error or m.first_error or ""}
+            for name, m in manifests.items() if m.failed or m.errors
         ]
         stats = report.build_stats(
             spec, manifests, this_run=self.this_run, run=run, actors=self._descriptions(),
@@ -542,13 +530,13 @@ class Driver:
         return RunResult(output=spec.output.path, failed=failed, stats=stats)
 
     @staticmethod
-    def _engine_facts(manifests: dict[str, dict]) -> tuple[dict | None, dict | None]:
+    def _engine_facts(manifests: dict[str, Any]) -> tuple[dict | None, dict | None]:
         """The cost model and gamma of the engine that committed the latest shard (kept in
         every manifest, so a resumed run with nothing left to do still reports them)."""
-        latest = max((m for m in manifests.values() if m.get("engine")), key=lambda m: m["finished_at"], default=None)
+        latest = max((m for m in manifests.values() if m.engine), key=lambda m: m.finished_at, default=None)
         if latest is None:
             return None, None
-        return latest["engine"].get("cost_model"), latest["engine"].get("gamma")
+        return latest.engine.get("cost_model"), latest.engine.get("gamma")
 
 
 def _init_error(slot: _Slot) -> str:

@@ -26,6 +26,7 @@ from typing import Any, Literal, Mapping, Sequence, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from specbatch.data import OUTPUT_COLUMNS  # the output row's fixed columns (OutputRecord)
 from specbatch.sampling import SamplingParams
 
 
@@ -271,12 +272,6 @@ SWEEPABLE = (
     "frequency_penalty", "max_new_tokens", "min_new_tokens", "ignore_eos", "seed",
 )
 
-# Output columns (DESIGN section 6), before pass-through and sweep columns.
-OUTPUT_COLUMNS = (
-    "id", "sample_index", "prompt", "completion", "completion_token_ids", "num_prompt_tokens",
-    "num_tokens", "finish_reason", "stop_reason", "cumulative_logprob", "draft_proposed",
-    "draft_tested", "draft_accepted", "target_passes", "error",
-)
 
 
 class JobSpec(BaseModel):

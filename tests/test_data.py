@@ -15,8 +15,10 @@ import pytest
 from specbatch import data
 from specbatch.data import (
     InputError,
+    OutputRecord,
     RowGroup,
     Shard,
+    ShardManifest,
     check_input,
     committed,
     output_schema,
@@ -55,21 +57,25 @@ def make_spec(inp, out, *overrides: str, **input_fields):
     return spec_from_dict(d)
 
 
-def record(row: dict, sample_index: int = 0, **extra) -> dict:
-    r = {"id": row["id"], "sample_index": sample_index, "prompt": row["prompt"], "finish_reason": "length",
-         "completion": f"done {row['id']}", "completion_token_ids": [1, 2, 3], "num_prompt_tokens": 4, "num_tokens": 3,
-         "cumulative_logprob": -1.5, "draft_proposed": 4, "draft_tested": 3, "draft_accepted": 2, "target_passes": 2}
-    r.update({k: v for k, v in row.items() if k not in ("id", "prompt", "error")})  # passed-through columns
+def record(row: dict, sample_index: int = 0, **changes) -> OutputRecord:
+    """An output record of `row`; `changes` set fixed columns, or extra ones (kept input columns, sweep keys)."""
+    fixed = {"id": row["id"], "sample_index": sample_index, "prompt": row["prompt"], "finish_reason": "length",
+             "completion": f"done {row['id']}", "completion_token_ids": [1, 2, 3], "num_prompt_tokens": 4,
+             "num_tokens": 3, "stop_reason": None, "cumulative_logprob": -1.5, "draft_proposed": 4,
+             "draft_tested": 3, "draft_accepted": 2, "target_passes": 2, "error": None}
+    extra = {k: v for k, v in row.items() if k not in ("id", "prompt", "error")}  # passed-through columns
     if "error" in row:
-        r.update(finish_reason="error", error=row["error"], completion=None, completion_token_ids=None)
-    r.update(extra)
-    return r
+        fixed.update(finish_reason="error", error=row["error"], completion=None, completion_token_ids=None)
+    for key, value in changes.items():
+        (fixed if key in fixed else extra)[key] = value
+    return OutputRecord(**fixed, extra=extra)
 
 
-def commit(spec, shard, n: int = 1) -> None:
+def commit(spec, shard, n: int = 1) -> ShardManifest:
     rows = read_rows(spec, shard)
-    write_shard(spec, shard, [record(r, s) for r in rows for s in range(n)])
-    write_manifest(spec, shard, {"rows": len(rows)})
+    records = [record(r, s) for r in rows for s in range(n)]
+    write_shard(spec, shard, records)
+    return write_manifest(spec, ShardManifest.of_records(shard, len(rows), records))
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -387,15 +393,15 @@ def test_manifest_commits_only_a_complete_file(tmp_path):
     prepare_output(spec)
     s0, s1 = plan_shards(spec)
     with pytest.raises(FileNotFoundError, match="part-00000.parquet: shard file missing"):
-        write_manifest(spec, s0, {"rows": 3})
+        write_manifest(spec, ShardManifest.of_records(s0, 3, []))
     commit(spec, s0, n=2)
     # s1's file is written but not committed (a crash between file and manifest): invisible.
     write_shard(spec, s1, [record(r) for r in read_rows(spec, s1)])
     manifests = committed(spec)
     assert list(manifests) == ["part-00000"]
     m = manifests["part-00000"]
-    assert (m["shard"], m["start"], m["stop"], m["file"], m["rows"]) == ("part-00000", 0, 3, "part-00000.parquet", 3)
-    assert m["fingerprint"] == spec.fingerprint()
+    assert (m.shard, m.start, m.stop, m.file, m.rows, m.samples) == ("part-00000", 0, 3, "part-00000.parquet", 3, 6)
+    assert m.fingerprint == spec.fingerprint() and m.tokens == 18 and m.finish_reasons == {"length": 6}
     out = read_output(str(tmp_path / "out"))
     assert out.num_rows == 6
     assert list(zip(out.column("id").to_pylist(), out.column("sample_index").to_pylist())) == [
@@ -436,7 +442,7 @@ def test_all_null_error_column_reads_back_with_the_declared_schema(tmp_path):
     rows = read_rows(spec, shard)
     records = [record(r, s, topic=r["topic"], temperature=t) for r in rows for t in (0.5, 1.0) for s in range(2)]
     write_shard(spec, shard, records)
-    write_manifest(spec, shard, {"rows": 3})
+    write_manifest(spec, ShardManifest.of_records(shard, 3, records))
     declared = output_schema(spec)
     on_disk = pq.read_schema(tmp_path / "out" / "part-00000.parquet")
     assert on_disk.equals(declared, check_metadata=False)

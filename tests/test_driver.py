@@ -234,9 +234,9 @@ def test_engine_that_cannot_start_fails_the_run_with_its_reason(ray_session, tmp
 def test_pending_shards_recurse_into_split_halves_and_retry_failed_ones():
     planned = [data.Shard("part-00000", 0, 8), data.Shard("part-00001", 8, 10)]
     committed = {
-        "part-00000.1": {"start": 0, "stop": 4},
-        "part-00000.2.1": {"start": 4, "stop": 6},
-        "part-00000.2.2.2": {"start": 7, "stop": 8, "failed": True},
+        "part-00000.1": data.ShardManifest("part-00000.1", 0, 4),
+        "part-00000.2.1": data.ShardManifest("part-00000.2.1", 4, 6),
+        "part-00000.2.2.2": data.ShardManifest("part-00000.2.2.2", 7, 8, failed=True),
     }
     names = [s.name for s in pending_shards(planned, committed)]
     assert names == ["part-00000.2.2.1", "part-00000.2.2.2", "part-00001"]
@@ -273,7 +273,7 @@ def test_progress_bar_counts_prompts_samples_and_live_acceptance(capsys):
 
     progress = Progress(total_prompts=10, enabled=True)
     progress.actor_counters("actor-0", {"emitted": 40, "tested": 8, "accepted": 6})
-    progress.shard_done({"rows": 4, "samples": 8, "tokens": 40})
+    progress.shard_done(data.ShardManifest("part-00000", 0, 4, rows=4, samples=8, tokens=40))
     assert progress.bar.n == 4
     assert "samples=8" in str(progress.bar) and "accept=0.75" in str(progress.bar)
     progress.close()
@@ -308,13 +308,13 @@ def test_shard_runner_keys_sweep_points_apart_and_reports_row_errors(tmp_path):
     data.prepare_output(spec)
     engine = Recorder()
     runner = ShardRunner(spec, LoadedEngine(engine=engine, encode=encode), "actor-7")
-    info = runner.run_shard(data.Shard("part-00000", 0, 3))
+    manifest = runner.run_shard(data.Shard("part-00000", 0, 3))
     assert [r.request_id for r in engine.requests] == ['p0|{"temperature":0.5}', 'p0|{"temperature":1.0}']
     assert [r.params.temperature for r in engine.requests] == [0.5, 1.0]
-    rows = pq.read_table(info["path"]).to_pylist()
+    rows = pq.read_table(manifest.path).to_pylist()
     assert [(r["id"], r["temperature"], r["sample_index"]) for r in rows] == [
         (f"p{i}", t, s) for i in range(3) for t in (0.5, 1.0) for s in range(2)]
     errors = {r["id"]: r["error"] for r in rows if r["error"]}
     assert set(errors) == {"p1", "p2"} and "empty" in errors["p1"] and "no tokens for this" in errors["p2"]
-    assert info["samples"] == 12 and info["errors"] == 8 and info["error_ids"] == ["p1", "p2"]
-    assert info["tokens"] == 8 and info["stats"]["emitted"] == 8 and info["actor"] == "actor-7"
+    assert manifest.samples == 12 and manifest.errors == 8 and manifest.error_ids == ["p1", "p2"]
+    assert manifest.tokens == 8 and manifest.stats["emitted"] == 8 and manifest.actor == "actor-7"
