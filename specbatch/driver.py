@@ -117,16 +117,12 @@ def alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
-def is_local_path(path: str) -> bool:
-    """A plain path (no URI scheme). file:// URIs name a mounted, possibly shared, file system."""
-    return "://" not in path
-
-
 def check_cluster_output(spec: Any, nodes: int) -> None:
     """On a multi-node cluster a local output path is refused (each node would get a piece)."""
+    from specbatch.data import is_local
     from specbatch.spec import SpecError
 
-    if nodes > 1 and is_local_path(spec.output.path):
+    if nodes > 1 and is_local(spec.output.path):
         raise SpecError(
             f"output.path: {spec.output.path!r} is a local path but the Ray cluster has {nodes} nodes; "
             "use shared storage (s3://..., gs://..., or file:///mounted/shared/dir)"

@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Any, Callable, Protocol, Sequence
 
+from specbatch import data
 from specbatch.data import OutputRecord, ShardManifest
 from specbatch.request import Request, SampleOutput
 from specbatch.stats import AcceptanceStats
@@ -229,8 +230,6 @@ class ShardRunner:
 
     def run_shard(self, shard: Any, attempt: int = 1) -> ShardManifest:
         """Generate and write one shard; return its manifest (the driver commits it)."""
-        from specbatch import data
-
         with self.lock:
             started = time.time()
             before = _snapshot(self.loaded.engine.stats)

@@ -381,7 +381,7 @@ def test_object_store_path_writes_the_fixed_key_directly(tmp_path, monkeypatch):
         targets.append(where)
         real_write(table, where, **kw)
 
-    monkeypatch.setattr(data, "_is_object_store", lambda fs: True)
+    monkeypatch.setattr(data.output, "_is_object_store", lambda fs: True)
     monkeypatch.setattr(data.pq, "write_table", spy)
     write_shard(spec, shard, [record(r) for r in read_rows(spec, shard)])
     assert targets == [str(tmp_path / "out" / "part-00000.parquet")]
