@@ -24,7 +24,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any
 
 from specbatch.worker import ENGINE_FACTORY
 
@@ -60,33 +60,6 @@ class RunResult:
             ids = ", ".join(repr(i) for i in f["ids"][:5])
             parts.append(f"{f['shard']} (ids {ids}): {f['error']}")
         return f"{len(self.failed)} shard(s) failed: " + "; ".join(parts)
-
-
-# ---------------------------------------------------------------------------------------------
-# Shards: what is left to do, and how a failing shard is cut
-
-
-def pending_shards(planned: Iterable[Any], committed: dict[str, dict]) -> list[Any]:
-    """Shards still to run: not committed, or committed as failed (a rerun retries them).
-
-    A shard split in an earlier run is not committed under its own name; its halves are
-    (some of them): recurse into them, since splitting (data.split_shard) is deterministic.
-    """
-    from specbatch.data import split_shard
-
-    names = list(committed)
-
-    def todo(shard: Any) -> list[Any]:
-        manifest = committed.get(shard.name)
-        if manifest is not None:
-            return [shard] if manifest.failed else []
-        prefix = shard.name + "."
-        if shard.stop - shard.start > 1 and any(n.startswith(prefix) for n in names):
-            left, right = split_shard(shard)
-            return todo(left) + todo(right)
-        return [shard]
-
-    return [s for shard in planned for s in todo(shard)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +336,7 @@ class Driver:
             data.prepare_output(spec)
             planned = data.plan_shards(spec)
             committed = data.committed(spec)
-            tasks = collections.deque(Task(s) for s in pending_shards(planned, committed))
+            tasks = collections.deque(Task(s) for s in data.pending_shards(planned, committed))
             self.counts["resumed"] = len(planned) - len(tasks)
             if tasks:
                 local = nodes == 1 and not os.environ.get("RAY_ADDRESS")  # a Ray of this machine alone

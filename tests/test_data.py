@@ -121,22 +121,35 @@ def test_split_and_pending_shards_cover_uncommitted_rows_once(tmp_path):
     spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=10")
     prepare_output(spec)
     plan = plan_shards(spec)
-    assert pending_shards(spec, plan) == plan
+    assert pending_shards(plan, committed(spec)) == plan
     left, right = split_shard(plan[0])
     assert (left.name, left.start, left.stop) == ("part-00000.1", 0, 5)
     assert (right.name, right.start, right.stop) == ("part-00000.2", 5, 10)
     commit(spec, left)
     commit(spec, plan[1])
-    assert pending_shards(spec, plan) == [right]
+    assert pending_shards(plan, committed(spec)) == [right]
     rl, rr = split_shard(right)
     commit(spec, rr)
-    assert pending_shards(spec, plan) == [rl]
+    assert pending_shards(plan, committed(spec)) == [rl]
     commit(spec, rl)
-    assert pending_shards(spec, plan) == []
+    assert pending_shards(plan, committed(spec)) == []
     out = read_output(str(tmp_path / "out"))
     assert out.column("id").to_pylist() == [f"p{i}" for i in range(20)]
     with pytest.raises(ValueError, match="cannot be split"):
         split_shard(Shard("part-00009", 3, 4))
+
+
+def test_pending_shards_recurse_into_split_halves_and_retry_failed_ones():
+    planned = [Shard("part-00000", 0, 8), Shard("part-00001", 8, 10)]
+    committed = {
+        "part-00000.1": ShardManifest("part-00000.1", 0, 4),
+        "part-00000.2.1": ShardManifest("part-00000.2.1", 4, 6),
+        "part-00000.2.2.2": ShardManifest("part-00000.2.2.2", 7, 8, failed=True),
+    }
+    names = [s.name for s in pending_shards(planned, committed)]
+    assert names == ["part-00000.2.2.1", "part-00000.2.2.2", "part-00001"]
+    got = {s.name: (s.start, s.stop) for s in pending_shards(planned, committed)}
+    assert got["part-00000.2.2.1"] == (6, 7)
 
 
 # -------------------------------------------------------------------------------------- inputs
@@ -473,7 +486,7 @@ def test_resume_keeps_committed_shards_and_clears_leftovers(tmp_path):
     again = make_spec(inp, tmp_path / "out", "resources.shard_rows=5", "resources.actors=3")
     prepare_output(again)
     assert list(committed(again)) == ["part-00000"]
-    assert [s.name for s in pending_shards(again)] == ["part-00001"]
+    assert [s.name for s in pending_shards(plan_shards(again), committed(again))] == ["part-00001"]
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["_plan.json", "_spec.json", "part-00000.manifest.json", "part-00000.parquet"]
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from specbatch import data
-from specbatch.driver import RunError, check_cluster_output, pending_shards, plan_actors, run_job
+from specbatch.driver import RunError, check_cluster_output, plan_actors, run_job
 from specbatch.spec import SpecError, spec_from_dict
 
 ray = pytest.importorskip("ray")
@@ -229,19 +229,6 @@ def test_engine_that_cannot_start_fails_the_run_with_its_reason(ray_session, tmp
 
 # ---------------------------------------------------------------------------------------------
 # Pieces without Ray
-
-
-def test_pending_shards_recurse_into_split_halves_and_retry_failed_ones():
-    planned = [data.Shard("part-00000", 0, 8), data.Shard("part-00001", 8, 10)]
-    committed = {
-        "part-00000.1": data.ShardManifest("part-00000.1", 0, 4),
-        "part-00000.2.1": data.ShardManifest("part-00000.2.1", 4, 6),
-        "part-00000.2.2.2": data.ShardManifest("part-00000.2.2.2", 7, 8, failed=True),
-    }
-    names = [s.name for s in pending_shards(planned, committed)]
-    assert names == ["part-00000.2.2.1", "part-00000.2.2.2", "part-00001"]
-    got = {s.name: (s.start, s.stop) for s in pending_shards(planned, committed)}
-    assert got["part-00000.2.2.1"] == (6, 7)
 
 
 def test_plan_actors_follows_gpus_cpus_and_work():

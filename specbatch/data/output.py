@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from specbatch.data.files import _delete_quietly, _exists, _is_object_store, _list_dir, _read_json, _temp_name, _write_bytes_atomic
 from specbatch.data.location import InputError, _join, output_uri, resolve
-from specbatch.data.planning import Shard, plan_shards, split_shard
+from specbatch.data.planning import Shard, split_shard
 from specbatch.data.records import OutputRecord, ShardManifest, output_schema, records_table
 
 if TYPE_CHECKING:
@@ -162,28 +162,25 @@ def read_output(path: str) -> pa.Table:
         return pa.table({})
     return pa.concat_tables(tables)
 
-def pending_shards(spec: JobSpec, plan: Sequence[Shard] | None = None) -> list[Shard]:
-    """Planned rows not yet committed, as shards: a planned shard with no committed rows comes
-    back whole; one partly covered by committed split children comes back as the uncovered
-    halves (named as :func:`split_shard` names them)."""
-    plan = list(plan) if plan is not None else plan_shards(spec)
-    done = sorted((m.start, m.stop) for m in committed(spec).values())
+def pending_shards(planned: Iterable[Shard], manifests: Mapping[str, ShardManifest]) -> list[Shard]:
+    """The shards still to run, in plan order: the one rule of resume.
 
-    def overlap(s: Shard) -> int:
-        return sum(max(0, min(b, s.stop) - max(a, s.start)) for a, b in done)
+    A shard is *done* when a manifest commits it under its own name and row range and its rows
+    did not fail (``failed``: its attempts kept failing; a rerun tries them again). Pass only
+    manifests that verify. A shard split in an earlier run is not committed under its own name
+    but some of its halves are: recurse into them, since :func:`split_shard` names and cuts
+    them the same way every time.
+    """
+    names = list(manifests)
 
-    out: list[Shard] = []
+    def todo(shard: Shard) -> list[Shard]:
+        m = manifests.get(shard.name)
+        if m is not None and (m.start, m.stop) == (shard.start, shard.stop):
+            return [shard] if m.failed else []
+        prefix = shard.name + "."
+        if shard.num_rows > 1 and any(n.startswith(prefix) for n in names):
+            left, right = split_shard(shard)
+            return todo(left) + todo(right)
+        return [shard]
 
-    def cover(s: Shard) -> None:
-        covered = overlap(s)
-        if covered >= s.num_rows:
-            return
-        if covered == 0:
-            out.append(s)
-            return
-        for half in split_shard(s):
-            cover(half)
-
-    for s in plan:
-        cover(s)
-    return out
+    return [s for shard in planned for s in todo(shard)]
