@@ -22,8 +22,10 @@ def _is_object_store(fs: pafs.FileSystem) -> bool:
         fs = fs.base_fs
     return fs.type_name in _OBJECT_STORES
 
+
 def _exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
 
 def _write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write data so that `path` is never seen partial: temp name + rename, or one object PUT."""
@@ -40,9 +42,11 @@ def _write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         _delete_quietly(fs, tmp)
         raise
 
+
 def _temp_name(path: str) -> str:
     head, _, tail = path.rpartition("/")
     return f"{head}/.{tail}.tmp-{uuid.uuid4().hex[:12]}"
+
 
 def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
     try:
@@ -50,15 +54,18 @@ def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
     except (OSError, FileNotFoundError):
         pass
 
+
 def _list_dir(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.Directory:
         return []
     return fs.get_file_info(pafs.FileSelector(path, recursive=False))
 
+
 def _read_json(fs: pafs.FileSystem, path: str) -> Any:
     with fs.open_input_stream(path) as f:
         return json.loads(f.read().decode("utf-8"))
+
 
 def write_json(uri: str, obj: Any) -> None:
     """Write a JSON document atomically to a path or URI (used for stats.json and the like)."""

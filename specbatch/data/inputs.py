@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from specbatch.data.planning import Shard
     from specbatch.spec import JobSpec
 
+
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 _GLOB_CHARS = "*?["
 
@@ -35,6 +36,7 @@ class RowGroup:
     index: int  # row group index inside its file
     start: int  # its first row's global row index
     num_rows: int
+
 
 @dataclass(frozen=True)
 class InputInfo:
@@ -50,6 +52,7 @@ class InputInfo:
     columns: tuple[str, ...]  # columns read from the input (prompt, id, keep_columns)
     schema: pa.Schema  # the input schema of those columns (from the first file)
 
+
 def _split_glob(uri: str) -> tuple[str, str] | None:
     """'dir/sub/*.parquet' -> ('dir/sub', '*.parquet'); None when uri has no glob characters."""
     if not any(c in uri for c in _GLOB_CHARS):
@@ -58,9 +61,11 @@ def _split_glob(uri: str) -> tuple[str, str] | None:
     head = uri[:cut].rpartition("/")[0]
     return (head, uri[len(head) + 1 :]) if head else (".", uri)
 
+
 def _input_fs(uri: str) -> pafs.FileSystem:
     split = _split_glob(uri)
     return resolve(split[0] if split else uri)[0]
+
 
 def list_input_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     """The input's Parquet files in stable (sorted) order: a file, a directory or a glob."""
@@ -95,6 +100,7 @@ def list_input_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
         raise InputError(f"input.path: no Parquet files (*.parquet) in directory {uri}")
     return fs, files
 
+
 def _glob_match(parts: list[str], pattern: list[str]) -> bool:
     """Shell-style match segment by segment: '*' stays inside one path segment, '**' spans any number."""
     if not pattern:
@@ -103,9 +109,11 @@ def _glob_match(parts: list[str], pattern: list[str]) -> bool:
         return any(_glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
     return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
 
+
 def _display(uri: str, path: str) -> str:
     """A filesystem path shown the way the user named the input: with its scheme (s3://...)."""
     return uri.split("://", 1)[0] + "://" + path if "://" in uri else path
+
 
 def _open_parquet(fs: pafs.FileSystem, path: str, shown: str | None = None) -> pq.ParquetFile:
     shown = shown or path
@@ -115,6 +123,7 @@ def _open_parquet(fs: pafs.FileSystem, path: str, shown: str | None = None) -> p
         if "magic" in str(e).lower() or "parquet" in str(e).lower() or "size" in str(e).lower():
             raise InputError(f"{shown}: not a Parquet file") from None
         raise InputError(f"{shown}: cannot read: {_one_line(e)}") from None
+
 
 def _prompt_kind(t: pa.DataType) -> str | None:
     if pa.types.is_string(t) or pa.types.is_large_string(t):
@@ -127,10 +136,12 @@ def _prompt_kind(t: pa.DataType) -> str | None:
                 return "chat"
     return None
 
+
 def _missing_column(path: str, field: str, column: str, names: Sequence[str]) -> InputError:
     close = difflib.get_close_matches(column, list(names), n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else f" (columns: {', '.join(names)})"
     return InputError(f"{path}: {field} {column!r} not found{hint}")
+
 
 def _scan(spec: JobSpec) -> InputInfo:
     """List the input files and read their footers: layout, schema and column checks (no data)."""
@@ -201,6 +212,7 @@ def _scan(spec: JobSpec) -> InputInfo:
         schema=schema,
     )
 
+
 def check_input(spec: JobSpec) -> InputInfo:
     """Check the input before anything starts: it exists, is Parquet, has the columns, has rows,
     and its ids are unique and non-null. Reads footers and the id column only; writes nothing."""
@@ -212,6 +224,7 @@ def check_input(spec: JobSpec) -> InputInfo:
         _check_ids(spec, info)
     _LAYOUT_CACHE[_cache_key(spec)] = (_stamp(spec), info)
     return info
+
 
 def _check_output_outside_input(spec: JobSpec) -> None:
     """An output directory inside an input directory would be read back as input on a rerun."""
@@ -225,6 +238,7 @@ def _check_output_outside_input(spec: JobSpec) -> None:
     base = in_path.rstrip("/")
     if out_path.rstrip("/") == base or out_path.startswith(base + "/"):
         raise InputError(f"output.path: {spec.output.path} is inside the input directory {spec.input.path}; write it elsewhere")
+
 
 def _check_ids(spec: JobSpec, info: InputInfo) -> None:
     fs = _input_fs(spec.input.path)
@@ -256,11 +270,13 @@ def _cache_key(spec: JobSpec) -> tuple:
     inp = spec.input
     return (inp.path, inp.prompt_column, inp.id_column, tuple(inp.keep_columns))
 
+
 def _stamp(spec: JobSpec) -> tuple:
     """The input files' (path, size, mtime): a changed input invalidates the cached layout."""
     fs, files = list_input_files(spec.input.path)
     infos = fs.get_file_info(files)
     return tuple((i.path, i.size, i.mtime_ns) for i in infos)
+
 
 def _layout(spec: JobSpec) -> InputInfo:
     key = _cache_key(spec)
@@ -271,6 +287,7 @@ def _layout(spec: JobSpec) -> InputInfo:
     info = _scan(spec)
     _LAYOUT_CACHE[key] = (stamp, info)
     return info
+
 
 def read_rows(spec: JobSpec, shard: Shard) -> list[dict[str, Any]]:
     """The shard's prompts in stable order: ``{"id": str, "prompt": str | [{"role", "content"}], <keep_columns>}``.
@@ -297,6 +314,7 @@ def read_rows(spec: JobSpec, shard: Shard) -> list[dict[str, Any]]:
         rows.append(row)
     return rows
 
+
 def _read_range(spec: JobSpec, info: InputInfo, start: int, stop: int) -> pa.Table:
     """Rows [start, stop) of the stable order, only the columns the job reads."""
     fs = _input_fs(spec.input.path)
@@ -315,6 +333,7 @@ def _read_range(spec: JobSpec, info: InputInfo, start: int, stop: int) -> pa.Tab
     if not pieces:
         return info.schema.empty_table()
     return pa.concat_tables(pieces)
+
 
 def _normalize_prompt(raw: Any, kind: str) -> tuple[Any, str | None]:
     """(prompt for the engine, None) or (prompt as read or None, error)."""

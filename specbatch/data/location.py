@@ -29,6 +29,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
             raise InputError(f"{uri}: cannot open filesystem: {_one_line(e)}") from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
+
 def is_local(uri: str) -> bool:
     """True for a plain path (no scheme): this machine's own disk as far as specbatch can tell.
 
@@ -36,8 +37,10 @@ def is_local(uri: str) -> bool:
     """
     return "://" not in uri
 
+
 def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
+
 
 def output_uri(spec: JobSpec, name: str) -> str:
     """The path or URI of a file `name` in the job's output directory."""

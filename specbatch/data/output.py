@@ -26,6 +26,7 @@ from specbatch.data.records import OutputRecord, ShardManifest, output_schema, r
 if TYPE_CHECKING:
     from specbatch.spec import JobSpec
 
+
 SPEC_FILE = "_spec.json"
 SUCCESS_FILE = "_SUCCESS"
 MANIFEST_SUFFIX = ".manifest.json"
@@ -71,6 +72,7 @@ def prepare_output(spec: JobSpec) -> None:
     record = {"fingerprint": fingerprint, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "spec": spec.to_dict()}
     _write_bytes_atomic(fs, _join(root, SPEC_FILE), (json.dumps(record, indent=1) + "\n").encode("utf-8"))
 
+
 def write_shard(spec: JobSpec, shard: Shard, records: Sequence[OutputRecord], schema: pa.Schema | None = None) -> str:
     """Write a shard's records to ``part-NNNNN.parquet`` in the output directory; return its path.
 
@@ -95,6 +97,7 @@ def write_shard(spec: JobSpec, shard: Shard, records: Sequence[OutputRecord], sc
             raise
     return output_uri(spec, f"{shard.name}.parquet")
 
+
 def write_manifest(spec: JobSpec, manifest: ShardManifest) -> ShardManifest:
     """Commit a shard: write ``part-NNNNN.manifest.json`` once its Parquet file is complete.
 
@@ -111,6 +114,7 @@ def write_manifest(spec: JobSpec, manifest: ShardManifest) -> ShardManifest:
     data = (json.dumps(manifest.to_json(), indent=1) + "\n").encode("utf-8")
     _write_bytes_atomic(fs, _join(root, manifest.shard + MANIFEST_SUFFIX), data)
     return manifest
+
 
 def remove_uncommitted(spec: JobSpec) -> list[str]:
     """Delete shard files that no manifest commits (and stray temporary files); return their names.
@@ -133,6 +137,7 @@ def remove_uncommitted(spec: JobSpec) -> list[str]:
             removed.append(e.base_name)
     return sorted(removed)
 
+
 def committed(spec: JobSpec | str) -> dict[str, ShardManifest]:
     """Committed shards of an output directory (a spec or a path/URI): shard name -> manifest."""
     uri = spec if isinstance(spec, str) else spec.output.path
@@ -143,6 +148,7 @@ def committed(spec: JobSpec | str) -> dict[str, ShardManifest]:
             name = e.base_name[: -len(MANIFEST_SUFFIX)]
             out[name] = ShardManifest.from_json(_read_json(fs, e.path))
     return dict(sorted(out.items(), key=lambda kv: (kv[1].start, kv[1].stop, kv[0])))
+
 
 def read_output(path: str) -> pa.Table:
     """All committed shards of an output directory, in row order (uncommitted files are ignored).
@@ -161,6 +167,7 @@ def read_output(path: str) -> pa.Table:
     if not tables:
         return pa.table({})
     return pa.concat_tables(tables)
+
 
 def pending_shards(planned: Iterable[Shard], manifests: Mapping[str, ShardManifest]) -> list[Shard]:
     """The shards still to run, in plan order: the one rule of resume.

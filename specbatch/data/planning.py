@@ -21,6 +21,7 @@ from specbatch.data.location import InputError, _join, output_uri, resolve
 if TYPE_CHECKING:
     from specbatch.spec import JobSpec
 
+
 PLAN_FILE = "_plan.json"
 PLAN_VERSION = 1
 
@@ -39,6 +40,7 @@ class Shard:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "start": self.start, "stop": self.stop}
+
 
 def plan_rows(row_groups: Iterable[RowGroup], shard_rows: int) -> list[Shard]:
     """Pack consecutive row groups into shards of at most shard_rows rows; cut larger groups
@@ -70,6 +72,7 @@ def plan_rows(row_groups: Iterable[RowGroup], shard_rows: int) -> list[Shard]:
         shards.append((cur_start, cur_stop))
     return [Shard(f"part-{i:05d}", a, b) for i, (a, b) in enumerate(shards)]
 
+
 def plan_shards(spec: JobSpec, info: InputInfo | None = None) -> list[Shard]:
     """The job's shards: those recorded in the output's _plan.json if present (checked against
     the input), else planned from the row groups and recorded there."""
@@ -100,6 +103,7 @@ def plan_shards(spec: JobSpec, info: InputInfo | None = None) -> list[Shard]:
     fs.create_dir(root, recursive=True)
     _write_bytes_atomic(fs, plan_path, (json.dumps(plan, indent=1) + "\n").encode("utf-8"))
     return shards
+
 
 def split_shard(shard: Shard) -> list[Shard]:
     """Halves of a shard, named ``<name>.1`` and ``<name>.2``; a one-row shard cannot be split."""

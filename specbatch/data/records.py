@@ -24,6 +24,7 @@ def _column(arrow_type: pa.DataType | None, nullable: bool = True) -> Any:
     """A fixed output column: its Arrow type (None: the prompt's, which follows the input) and nullability."""
     return dataclasses.field(metadata={"arrow": arrow_type, "nullable": nullable})
 
+
 @dataclass
 class OutputRecord:
     """One output row: one (prompt, sample) (DESIGN section 6). The field order is the column order.
@@ -97,6 +98,7 @@ def output_schema(spec: JobSpec, info: InputInfo | None = None) -> pa.Schema:
         fields.append(pa.field(key, _SWEEP_TYPES[sampling_fields[key].annotation], nullable=False))
     return pa.schema(fields, metadata={"specbatch.fingerprint": spec.fingerprint()})
 
+
 def records_table(records: Sequence[OutputRecord], schema: pa.Schema, where: str) -> pa.Table:
     """The records as one Arrow table of `schema`; `where` names the shard in errors."""
     names = set(schema.names)
@@ -115,6 +117,7 @@ MANIFEST_VERSION = 2
 
 class ManifestError(ValueError):
     """A manifest that cannot be read: treated as uncommitted."""
+
 
 @dataclass
 class ShardManifest:
