@@ -333,7 +333,8 @@ class Driver:
         try:
             nodes = alive_nodes()
             check_cluster_output(spec, nodes)
-            data.prepare_output(spec)
+            for note in data.prepare_output(spec):
+                self.log(f"warning: {note}: uncommitted, it runs again")
             planned = data.plan_shards(spec)
             committed = data.committed(spec)
             tasks = collections.deque(Task(s) for s in data.pending_shards(planned, committed))
@@ -451,10 +452,10 @@ class Driver:
         error = task.errors[-1]
         rows = data.read_rows(spec, shard)
         records = error_records(spec, rows, error)
-        path = data.write_shard(spec, shard, records)
+        written = data.write_shard(spec, shard, records)
         now = time.time()
         manifest = data.ShardManifest.of_records(
-            shard, len(rows), records, path=path, attempt=task.attempts, started_at=now, finished_at=now,
+            shard, len(rows), records, written, attempt=task.attempts, started_at=now, finished_at=now,
             failed=True, error=error,
         )
         data.write_manifest(spec, manifest)
@@ -465,10 +466,12 @@ class Driver:
         from specbatch import data, report
 
         spec = self.spec
-        # Every attempt has returned: files no manifest commits (an actor died after writing,
-        # a shard was split) can go, so the part files are exactly the committed rows.
+        # Every attempt has returned. Verify every commit before anything says the output is
+        # complete; then files no manifest commits (an actor died after writing, a shard was
+        # split, a file failed its verification) can go, so the part files are exactly the
+        # committed rows.
+        manifests, damaged = data.uncommit_unverified(spec)
         data.remove_uncommitted(spec)
-        manifests = data.committed(spec)
         cost_model, gamma = self._engine_facts(manifests)
         run = {
             "started_at": run_started,
@@ -488,7 +491,7 @@ class Driver:
         failed = [
             {"shard": name, "ids": list(m.error_ids), "error": m.error or m.first_error or ""}
             for name, m in manifests.items() if m.failed or m.errors
-        ]
+        ] + [{"shard": name, "ids": [], "error": f"{why}: uncommitted, run again to write it"} for name, why in damaged.items()]
         stats = report.build_stats(
             spec, manifests, this_run=self.this_run, run=run, actors=self._descriptions(),
             cost_model=cost_model, gamma=gamma, failed=failed,

@@ -236,12 +236,12 @@ class ShardRunner:
             shapes_before = self.step_shapes()
             rows = data.read_rows(self.spec, shard)
             records = self.records(rows)
-            path = data.write_shard(self.spec, shard, records)
+            written = data.write_shard(self.spec, shard, records)
             stats = stats_delta(self.loaded.engine.stats, before)
             shapes = _counter_delta(self.step_shapes(), shapes_before)
             finished = time.time()
         return ShardManifest.of_records(
-            shard, len(rows), records, path=path, stats=stats.to_dict(), actor=self.label, attempt=attempt,
+            shard, len(rows), records, written, stats=stats.to_dict(), actor=self.label, attempt=attempt,
             started_at=started, finished_at=finished, elapsed_s=finished - started,
             engine={"cost_model": self.cost_model(), "gamma": self.gamma(), "steps": shapes},
         )

@@ -3,6 +3,7 @@ if_exists, the output schema, and URIs through pyarrow.fs. No models, no Ray."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -74,8 +75,8 @@ def record(row: dict, sample_index: int = 0, **changes) -> OutputRecord:
 def commit(spec, shard, n: int = 1) -> ShardManifest:
     rows = read_rows(spec, shard)
     records = [record(r, s) for r in rows for s in range(n)]
-    write_shard(spec, shard, records)
-    return write_manifest(spec, ShardManifest.of_records(shard, len(rows), records))
+    written = write_shard(spec, shard, records)
+    return write_manifest(spec, ShardManifest.of_records(shard, len(rows), records, written))
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -358,24 +359,25 @@ def test_write_is_atomic_no_partial_file_under_the_final_name(tmp_path, monkeypa
     shard = Shard("part-00000", 0, 4)
     rows = read_rows(spec, shard)
     final = tmp_path / "out" / "part-00000.parquet"
-    real_write = pq.write_table
+    real_put = data.files._put
     seen = []
 
-    def crashing_write(table, where, **kw):
+    def crashing_put(fs, where, payload):
         seen.append(where)
         assert not final.exists(), "the final name must not exist while the shard is written"
         assert os.path.basename(where).startswith(".part-00000.parquet.tmp-")
-        real_write(table.slice(0, 1), where, **kw)  # a partial file ...
+        real_put(fs, where, payload[:100])  # a partial file ...
         raise OSError("disk full")  # ... then the writer dies
 
-    monkeypatch.setattr(data.pq, "write_table", crashing_write)
+    monkeypatch.setattr(data.files, "_put", crashing_put)
     with pytest.raises(OSError, match="disk full"):
         write_shard(spec, shard, [record(r) for r in rows])
     assert seen and not final.exists()
     assert [p.name for p in (tmp_path / "out").iterdir() if "part-" in p.name] == []  # temp file cleaned up
-    monkeypatch.setattr(data.pq, "write_table", real_write)
-    path = write_shard(spec, shard, [record(r) for r in rows])
-    assert path == str(tmp_path / "out") + "/part-00000.parquet"
+    monkeypatch.setattr(data.files, "_put", real_put)
+    written = write_shard(spec, shard, [record(r) for r in rows])
+    assert written.path == str(tmp_path / "out") + "/part-00000.parquet"
+    assert written.size == final.stat().st_size and written.sha256 == hashlib.sha256(final.read_bytes()).hexdigest()
     assert pq.read_table(final).num_rows == 4
     # A retry rewrites the same name whole.
     write_shard(spec, shard, [record(r, completion="second") for r in rows])
@@ -388,14 +390,14 @@ def test_object_store_path_writes_the_fixed_key_directly(tmp_path, monkeypatch):
     prepare_output(spec)
     shard = Shard("part-00000", 0, 3)
     targets = []
-    real_write = pq.write_table
+    real_put = data.files._put
 
-    def spy(table, where, **kw):
+    def spy(fs, where, payload):
         targets.append(where)
-        real_write(table, where, **kw)
+        real_put(fs, where, payload)
 
-    monkeypatch.setattr(data.output, "_is_object_store", lambda fs: True)
-    monkeypatch.setattr(data.pq, "write_table", spy)
+    monkeypatch.setattr(data.files, "_is_object_store", lambda fs: True)
+    monkeypatch.setattr(data.files, "_put", spy)
     write_shard(spec, shard, [record(r) for r in read_rows(spec, shard)])
     assert targets == [str(tmp_path / "out" / "part-00000.parquet")]
 
@@ -406,7 +408,7 @@ def test_manifest_commits_only_a_complete_file(tmp_path):
     prepare_output(spec)
     s0, s1 = plan_shards(spec)
     with pytest.raises(FileNotFoundError, match="part-00000.parquet: shard file missing"):
-        write_manifest(spec, ShardManifest.of_records(s0, 3, []))
+        write_manifest(spec, ShardManifest("part-00000", 0, 3, rows=3))
     commit(spec, s0, n=2)
     # s1's file is written but not committed (a crash between file and manifest): invisible.
     write_shard(spec, s1, [record(r) for r in read_rows(spec, s1)])
@@ -454,8 +456,7 @@ def test_all_null_error_column_reads_back_with_the_declared_schema(tmp_path):
     shard = Shard("part-00000", 0, 3)
     rows = read_rows(spec, shard)
     records = [record(r, s, topic=r["topic"], temperature=t) for r in rows for t in (0.5, 1.0) for s in range(2)]
-    write_shard(spec, shard, records)
-    write_manifest(spec, ShardManifest.of_records(shard, 3, records))
+    write_manifest(spec, ShardManifest.of_records(shard, 3, records, write_shard(spec, shard, records)))
     declared = output_schema(spec)
     on_disk = pq.read_schema(tmp_path / "out" / "part-00000.parquet")
     assert on_disk.equals(declared, check_metadata=False)
@@ -489,6 +490,52 @@ def test_resume_keeps_committed_shards_and_clears_leftovers(tmp_path):
     assert [s.name for s in pending_shards(plan_shards(again), committed(again))] == ["part-00001"]
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["_plan.json", "_spec.json", "part-00000.manifest.json", "part-00000.parquet"]
+
+
+def test_resume_uncommits_shards_whose_file_or_manifest_was_damaged(tmp_path):
+    inp = make_parquet(tmp_path / "in.parquet", n=10)
+    spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=2")
+    prepare_output(spec)
+    plan = plan_shards(spec)
+    for shard in plan:
+        commit(spec, shard, n=2)
+    out = tmp_path / "out"
+    (out / "part-00000.parquet").unlink()  # missing
+    with open(out / "part-00001.parquet", "r+b") as f:
+        f.truncate(200)  # short
+    changed = bytearray((out / "part-00002.parquet").read_bytes())
+    changed[len(changed) // 2] ^= 0xFF
+    (out / "part-00002.parquet").write_bytes(bytes(changed))  # same size, other bytes
+    manifest = out / "part-00003.manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:50])  # a manifest that does not read
+    with pytest.raises(ValueError, match=r"part-00003: manifest part-00003.manifest.json does not read"):
+        read_output(str(out))
+    notes = prepare_output(spec)
+    assert [n.split(":")[0] for n in notes] == ["part-00000", "part-00001", "part-00002", "part-00003"]
+    assert "missing" in notes[0] and "has 200 bytes" in notes[1] and "sha256" in notes[2] and "does not read" in notes[3]
+    assert list(committed(spec)) == ["part-00004"]
+    assert pending_shards(plan, committed(spec)) == plan[:4]
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00004.manifest.json", "part-00004.parquet"]
+    assert read_output(str(out)).column("id").to_pylist() == ["p8", "p8", "p9", "p9"]
+
+
+def test_a_first_version_manifest_is_verified_by_reading_its_file(tmp_path):
+    inp = make_parquet(tmp_path / "in.parquet", n=4)
+    spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=2")
+    prepare_output(spec)
+    for shard in plan_shards(spec):
+        commit(spec, shard, n=3)
+    for path in (tmp_path / "out").glob("*.manifest.json"):  # as the first version wrote them
+        m = json.loads(path.read_text())
+        for key in ("version", "file_bytes", "file_sha256"):
+            del m[key]
+        path.write_text(json.dumps(m))
+    assert committed(spec)["part-00000"].file_sha256 is None
+    with open(tmp_path / "out" / "part-00001.parquet", "r+b") as f:
+        f.truncate(200)
+    notes = prepare_output(spec)
+    assert len(notes) == 1 and notes[0].startswith("part-00001: part-00001.parquet does not read as Parquet")
+    assert list(committed(spec)) == ["part-00000"]
 
 
 def test_remove_uncommitted_leaves_exactly_the_committed_shards(tmp_path):

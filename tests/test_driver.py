@@ -208,6 +208,45 @@ def test_resume_runs_only_uncommitted_shards_and_matches(reference, tmp_path):
     assert rows_by_key(out) == rows_by_key(spec_ref.output.path)
 
 
+def test_resume_reruns_shards_whose_file_or_manifest_was_damaged(reference, tmp_path):
+    spec_ref, _ = reference
+    out = tmp_path / "out"
+    spec = spec_from_dict({**spec_ref.to_dict(), "output": {"path": str(out), "if_exists": "resume"}})
+    shutil.copytree(spec_ref.output.path, out)  # a finished output of the same spec
+    with open(out / "part-00003.parquet", "r+b") as f:
+        f.truncate(200)  # a committed file cut short
+    manifest = out / "part-00001.manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:50])  # a commit marker that no longer reads
+    logs = []
+    result = run_job(spec, engine_factory=FAKE, progress=False, log=logs.append)
+    assert result.exit_code == 0 and (out / data.SUCCESS_FILE).is_file()
+    assert sorted(result.stats["run"]["shards_this_run"]) == ["part-00001", "part-00003"]
+    assert any(line.startswith("warning: part-00003: part-00003.parquet has 200 bytes") for line in logs), logs
+    assert any(line.startswith("warning: part-00001: manifest part-00001.manifest.json does not read") for line in logs)
+    assert rows_by_key(out) == rows_by_key(spec_ref.output.path)
+
+
+def test_success_is_written_only_once_every_commit_verifies(tmp_path):
+    from specbatch.driver import Driver
+    from specbatch.worker import ShardRunner
+    from tests import fake_engine
+
+    out = tmp_path / "out"
+    spec = make_spec(write_prompts(tmp_path / "in", plain_prompts(4)), out)
+    data.check_input(spec)
+    data.prepare_output(spec)
+    runner = ShardRunner(spec, fake_engine.build(spec), "actor-0")
+    for shard in data.plan_shards(spec):
+        data.write_manifest(spec, runner.run_shard(shard))
+    with open(out / "part-00001.parquet", "r+b") as f:
+        f.truncate(200)  # changed after its commit, before the run finished
+    result = Driver(spec, engine_factory=FAKE, progress=False)._finish(time.time())
+    assert result.exit_code == 1 and result.failure_line().startswith("1 shard(s) failed: part-00001")
+    assert "has 200 bytes" in result.failure_line()
+    assert not (out / data.SUCCESS_FILE).exists() and list(data.committed(spec)) == ["part-00000"]
+    assert not (out / "part-00001.parquet").exists()
+
+
 def test_sweep_points_draw_independently_and_become_columns(ray_session, tmp_path):
     out = tmp_path / "out"
     spec = make_spec(write_prompts(tmp_path / "in", plain_prompts(4)), out, sweep={"temperature": [0.5, 1.0]},

@@ -8,8 +8,10 @@ One module per concept:
 * :mod:`~specbatch.data.planning`: shards, planned once into the output directory, and their halves;
 * :mod:`~specbatch.data.records`: the output row (:class:`OutputRecord`, the output schema) and the
   shard manifest (:class:`ShardManifest`);
-* :mod:`~specbatch.data.output`: preparing the output directory, writing and committing shards,
-  resume, reading the output back.
+* :mod:`~specbatch.data.commits`: manifests (the commit markers), their verification, and the
+  rule of resume (:func:`pending_shards`);
+* :mod:`~specbatch.data.output`: preparing the output directory, writing shard files, reading
+  the output back.
 
 Everything is importable from ``specbatch.data`` itself.
 """
@@ -18,35 +20,34 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq  # noqa: F401  (tests patch pq.write_table through this name)
 
+from specbatch.data.commits import (
+    MANIFEST_SUFFIX,
+    committed,
+    pending_shards,
+    remove_uncommitted,
+    uncommit_unverified,
+    verify_shard,
+    write_manifest,
+)
 from specbatch.data.files import _is_object_store, write_json
 from specbatch.data.inputs import InputInfo, RowGroup, check_input, list_input_files, read_rows
 from specbatch.data.location import InputError, is_local, output_uri, resolve
-from specbatch.data.output import (
-    MANIFEST_SUFFIX,
-    SPEC_FILE,
-    SUCCESS_FILE,
-    committed,
-    pending_shards,
-    prepare_output,
-    read_output,
-    remove_uncommitted,
-    write_manifest,
-    write_shard,
-)
+from specbatch.data.output import SPEC_FILE, SUCCESS_FILE, prepare_output, read_output, write_shard
 from specbatch.data.planning import PLAN_FILE, Shard, plan_rows, plan_shards, split_shard
 from specbatch.data.records import (
     CHAT_TYPE,
     OUTPUT_COLUMNS,
     ManifestError,
     OutputRecord,
+    ShardFile,
     ShardManifest,
     output_schema,
 )
 
 __all__ = [
     "CHAT_TYPE", "MANIFEST_SUFFIX", "OUTPUT_COLUMNS", "PLAN_FILE", "SPEC_FILE", "SUCCESS_FILE", "InputError",
-    "InputInfo", "ManifestError", "OutputRecord", "RowGroup", "Shard", "ShardManifest", "check_input", "committed",
-    "is_local", "list_input_files", "output_schema", "output_uri", "pending_shards", "plan_rows", "plan_shards",
-    "prepare_output", "read_output", "read_rows", "remove_uncommitted", "resolve", "split_shard", "write_json",
-    "write_manifest", "write_shard",
+    "InputInfo", "ManifestError", "OutputRecord", "RowGroup", "Shard", "ShardFile", "ShardManifest", "check_input",
+    "committed", "is_local", "list_input_files", "output_schema", "output_uri", "pending_shards", "plan_rows",
+    "plan_shards", "prepare_output", "read_output", "read_rows", "remove_uncommitted", "resolve", "split_shard",
+    "uncommit_unverified", "verify_shard", "write_json", "write_manifest", "write_shard",
 ]

@@ -6,15 +6,18 @@ name (``.NAME.tmp-XXXX``) and renamed; on an object store it is one PUT of the w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from specbatch.data.location import resolve
 
 _OBJECT_STORES = ("s3", "gcs")
+_DIGEST_PIECE = 8 << 20
 
 
 def _is_object_store(fs: pafs.FileSystem) -> bool:
@@ -27,20 +30,34 @@ def _exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def _write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+def _write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes | pa.Buffer) -> None:
     """Write data so that `path` is never seen partial: temp name + rename, or one object PUT."""
     if _is_object_store(fs):
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+        _put(fs, path, data)
         return
     tmp = _temp_name(path)
     try:
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
+        _put(fs, tmp, data)
         fs.move(tmp, path)
     except BaseException:
         _delete_quietly(fs, tmp)
         raise
+
+
+def _put(fs: pafs.FileSystem, path: str, data: bytes | pa.Buffer) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def file_digest(fs: pafs.FileSystem, path: str) -> tuple[int, str]:
+    """(size in bytes, sha256 hex digest) of a file, streamed in 8 MiB pieces."""
+    digest = hashlib.sha256()
+    size = 0
+    with fs.open_input_stream(path) as f:
+        while piece := f.read(_DIGEST_PIECE):
+            digest.update(piece)
+            size += len(piece)
+    return size, digest.hexdigest()
 
 
 def _temp_name(path: str) -> str:

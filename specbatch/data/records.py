@@ -115,6 +115,15 @@ def records_table(records: Sequence[OutputRecord], schema: pa.Schema, where: str
 MANIFEST_VERSION = 2
 
 
+@dataclass(frozen=True)
+class ShardFile:
+    """A shard file as written: its path or URI, its size in bytes and the sha256 of its bytes."""
+
+    path: str
+    size: int
+    sha256: str
+
+
 class ManifestError(ValueError):
     """A manifest that cannot be read: treated as uncommitted."""
 
@@ -124,9 +133,12 @@ class ShardManifest:
     """A committed shard: its rows, counts and statistics, and the file that holds them.
 
     The worker fills everything but the commit fields (``fingerprint``, ``committed_at``), which
-    :func:`write_manifest` sets. ``rows`` counts prompts, ``samples`` output rows (records);
-    ``failed`` marks a shard whose attempts kept failing (its rows carry the error; a rerun
-    tries them again), ``errors`` counts records with an error either way.
+    :func:`write_manifest` sets. ``rows`` counts prompts, ``samples`` output rows (records: the
+    file's row count); ``failed`` marks a shard whose attempts kept failing (its rows carry the
+    error; a rerun tries them again), ``errors`` counts records with an error either way.
+    ``file_bytes`` and ``file_sha256`` identify the file's bytes, so a resume can tell a file that
+    changed after its commit (truncated, rewritten, lost) from the one committed; manifests of
+    the first version have neither.
     """
 
     shard: str
@@ -155,13 +167,16 @@ class ShardManifest:
     engine: dict[str, Any] | None = None  # {"cost_model", "gamma", "steps"} of the engine that ran it
     path: str | None = None  # the shard file's path or URI
     file: str | None = None  # the shard file's name in the output directory
+    file_bytes: int | None = None
+    file_sha256: str | None = None
     fingerprint: str | None = None
     committed_at: str | None = None
     version: int = MANIFEST_VERSION
 
     @classmethod
-    def of_records(cls, shard: Any, rows: int, records: Sequence[OutputRecord], **fields: Any) -> "ShardManifest":
-        """A shard's manifest with the counts of its records; `fields` sets the rest."""
+    def of_records(cls, shard: Any, rows: int, records: Sequence[OutputRecord], written: ShardFile,
+                   **fields: Any) -> "ShardManifest":
+        """The manifest of a shard's records, written as `written`; `fields` sets the rest."""
         reasons: dict[str, int] = {}
         for r in records:
             reasons[r.finish_reason] = reasons.get(r.finish_reason, 0) + 1
@@ -172,7 +187,8 @@ class ShardManifest:
             draft_proposed=sum(r.draft_proposed for r in records), draft_tested=sum(r.draft_tested for r in records),
             draft_accepted=sum(r.draft_accepted for r in records), target_passes=sum(r.target_passes for r in records),
             finish_reasons=reasons, errors=len(errors), error_ids=sorted({str(r.id) for r in errors})[:20],
-            first_error=errors[0].error if errors else None, **fields,
+            first_error=errors[0].error if errors else None, path=written.path, file_bytes=written.size,
+            file_sha256=written.sha256, **fields,
         )
 
     def to_json(self) -> dict[str, Any]:
