@@ -18,10 +18,14 @@ import math
 import pathlib
 from typing import Any, Mapping, Sequence
 
-from specbatch.data import ShardManifest
+import pyarrow.fs as pafs
+
+from specbatch import data
+from specbatch.data import STATS_FILE, ShardManifest
+from specbatch.data.layout import LEGACY_STATS_FILE
 from specbatch.stats import AcceptanceStats, CostModel, expected_speedup, expected_speedup_of_steps
 
-STATS = "stats.json"
+STATS = STATS_FILE  # in the output directory
 GAMMA_CANDIDATES = range(0, 9)  # 0: plain sampling (speedup 1 by definition)
 
 
@@ -30,10 +34,10 @@ GAMMA_CANDIDATES = range(0, 9)  # 0: plain sampling (speedup 1 by definition)
 
 
 def read_stats(output: str) -> dict[str, Any]:
-    """stats.json of an output directory (local path or URI)."""
-    from specbatch import data
-
+    """The stats.json of an output directory (local path or URI), in either layout."""
     fs, path = data.resolve(output.rstrip("/") + "/" + STATS)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        fs, path = data.resolve(output.rstrip("/") + "/" + LEGACY_STATS_FILE)
     with fs.open_input_stream(path) as f:
         return json.loads(f.read().decode("utf-8"))
 

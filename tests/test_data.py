@@ -104,7 +104,7 @@ def test_plan_is_stable_for_the_same_input(tmp_path):
 def test_replan_reuses_plan_json(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=40, row_group_size=5)
     first = plan_shards(make_spec(inp, tmp_path / "out", "resources.shard_rows=10"))
-    assert (tmp_path / "out" / "_plan.json").exists()
+    assert (tmp_path / "out" / data.PLAN_FILE).exists()
     again = plan_shards(make_spec(inp, tmp_path / "out", "resources.shard_rows=25"))
     assert again == first and len(first) == 4
 
@@ -113,7 +113,7 @@ def test_replan_refuses_a_changed_input(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=40)
     plan_shards(make_spec(inp, tmp_path / "out"))
     make_parquet(inp, n=41)
-    with pytest.raises(InputError, match=r"_plan\.json: planned for an input of 40 rows"):
+    with pytest.raises(InputError, match=r"__specbatch__/plan\.json: planned for an input of 40 rows"):
         plan_shards(make_spec(inp, tmp_path / "out"))
 
 
@@ -422,7 +422,7 @@ def test_manifest_commits_only_a_complete_file(tmp_path):
     assert list(zip(out.column("id").to_pylist(), out.column("sample_index").to_pylist())) == [
         (f"p{i}", s) for i in range(3) for s in range(2)
     ]
-    assert json.loads((tmp_path / "out" / "part-00000.manifest.json").read_text())["rows"] == 3
+    assert json.loads((tmp_path / "out" / data.manifest_name("part-00000")).read_text())["rows"] == 3
 
 
 def test_read_output_refuses_overlapping_shards(tmp_path):
@@ -480,16 +480,17 @@ def test_resume_keeps_committed_shards_and_clears_leftovers(tmp_path):
     prepare_output(spec)
     s0, s1 = plan_shards(spec)
     commit(spec, s0)
-    (tmp_path / "out" / "_SUCCESS").write_text("")
+    (tmp_path / "out" / data.SUCCESS_FILE).write_text("")
     (tmp_path / "out" / ".part-00001.parquet.tmp-abc").write_text("partial")
+    (tmp_path / "out" / data.MANIFEST_DIR / ".part-00001.json.tmp-abc").write_text("partial")
     write_shard(spec, s1, [record(r) for r in read_rows(spec, s1)])  # written, never committed
     # Different resources: same outputs, so resuming is allowed.
     again = make_spec(inp, tmp_path / "out", "resources.shard_rows=5", "resources.actors=3")
     prepare_output(again)
     assert list(committed(again)) == ["part-00000"]
     assert [s.name for s in pending_shards(plan_shards(again), committed(again))] == ["part-00001"]
-    names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["_plan.json", "_spec.json", "part-00000.manifest.json", "part-00000.parquet"]
+    names = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert names == [data.MANIFEST_DIR + "/part-00000.json", data.PLAN_FILE, data.SPEC_FILE, "part-00000.parquet"]
 
 
 def test_resume_uncommits_shards_whose_file_or_manifest_was_damaged(tmp_path):
@@ -506,16 +507,17 @@ def test_resume_uncommits_shards_whose_file_or_manifest_was_damaged(tmp_path):
     changed = bytearray((out / "part-00002.parquet").read_bytes())
     changed[len(changed) // 2] ^= 0xFF
     (out / "part-00002.parquet").write_bytes(bytes(changed))  # same size, other bytes
-    manifest = out / "part-00003.manifest.json"
+    manifest = out / data.manifest_name("part-00003")
     manifest.write_bytes(manifest.read_bytes()[:50])  # a manifest that does not read
-    with pytest.raises(ValueError, match=r"part-00003: manifest part-00003.manifest.json does not read"):
+    with pytest.raises(ValueError, match=r"part-00003: its manifest does not read"):
         read_output(str(out))
     notes = prepare_output(spec)
     assert [n.split(":")[0] for n in notes] == ["part-00000", "part-00001", "part-00002", "part-00003"]
     assert "missing" in notes[0] and "has 200 bytes" in notes[1] and "sha256" in notes[2] and "does not read" in notes[3]
     assert list(committed(spec)) == ["part-00004"]
     assert pending_shards(plan, committed(spec)) == plan[:4]
-    assert sorted(p.name for p in out.glob("part-*")) == ["part-00004.manifest.json", "part-00004.parquet"]
+    assert [p.name for p in out.glob("part-*")] == ["part-00004.parquet"]
+    assert [p.name for p in (out / data.MANIFEST_DIR).iterdir()] == ["part-00004.json"]
     assert read_output(str(out)).column("id").to_pylist() == ["p8", "p8", "p9", "p9"]
 
 
@@ -525,7 +527,7 @@ def test_a_first_version_manifest_is_verified_by_reading_its_file(tmp_path):
     prepare_output(spec)
     for shard in plan_shards(spec):
         commit(spec, shard, n=3)
-    for path in (tmp_path / "out").glob("*.manifest.json"):  # as the first version wrote them
+    for path in (tmp_path / "out" / data.MANIFEST_DIR).glob("*.json"):  # as the first version wrote them
         m = json.loads(path.read_text())
         for key in ("version", "file_bytes", "file_sha256"):
             del m[key]
@@ -536,6 +538,31 @@ def test_a_first_version_manifest_is_verified_by_reading_its_file(tmp_path):
     notes = prepare_output(spec)
     assert len(notes) == 1 and notes[0].startswith("part-00001: part-00001.parquet does not read as Parquet")
     assert list(committed(spec)) == ["part-00000"]
+
+
+def test_an_output_of_the_first_layout_reads_and_resumes_into_the_current_one(tmp_path):
+    inp = make_parquet(tmp_path / "in.parquet", n=6)
+    spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=2")
+    prepare_output(spec)
+    plan = plan_shards(spec)
+    for shard in plan[:2]:
+        commit(spec, shard)
+    out = tmp_path / "out"
+    # As the first layout wrote it: manifests, plan, spec, stats and _SUCCESS beside the shards.
+    for m in (out / data.MANIFEST_DIR).iterdir():
+        m.rename(out / (m.stem + ".manifest.json"))
+    (out / data.MANIFEST_DIR).rmdir()
+    (out / data.PLAN_FILE).rename(out / "_plan.json")
+    (out / data.SPEC_FILE).rename(out / "_spec.json")
+    (out / data.META_DIR).rmdir()
+    (out / "stats.json").write_text("{}")
+    (out / "_SUCCESS").write_text("")
+    assert list(committed(spec)) == ["part-00000", "part-00001"]
+    assert read_output(str(out)).column("id").to_pylist() == ["p0", "p1", "p2", "p3"]
+    assert prepare_output(spec) == []
+    assert sorted(p.name for p in out.iterdir()) == [data.META_DIR, "part-00000.parquet", "part-00001.parquet"]
+    assert list(committed(spec)) == ["part-00000", "part-00001"]
+    assert plan_shards(spec) == plan and pending_shards(plan, committed(spec)) == plan[2:]
 
 
 def test_remove_uncommitted_leaves_exactly_the_committed_shards(tmp_path):
@@ -560,12 +587,12 @@ def test_resume_refuses_a_directory_written_by_a_different_spec(tmp_path):
     spec = make_spec(inp, tmp_path / "out")
     prepare_output(spec)
     commit(spec, Shard("part-00000", 0, 6))
-    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     other = make_spec(inp, tmp_path / "out", "sampling.temperature=0.3")
     with pytest.raises(InputError) as info:
         prepare_output(other)
     assert str(info.value).startswith(f"output.path: {tmp_path / 'out'} was written by a different spec")
-    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
 
 
 def test_overwrite_clears_the_directory(tmp_path):
@@ -576,8 +603,9 @@ def test_overwrite_clears_the_directory(tmp_path):
     commit(spec, Shard("part-00000", 0, 6))
     other = make_spec(inp, tmp_path / "out", "sampling.temperature=0.3", "output.if_exists=overwrite")
     prepare_output(other)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_spec.json"]
-    assert json.loads((tmp_path / "out" / "_spec.json").read_text())["fingerprint"] == other.fingerprint()
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == [
+        data.META_DIR, data.MANIFEST_DIR, data.SPEC_FILE]
+    assert json.loads((tmp_path / "out" / data.SPEC_FILE).read_text())["fingerprint"] == other.fingerprint()
     assert committed(other) == {}
 
 

@@ -118,13 +118,38 @@ def test_normal_run_writes_every_sample_once_with_the_declared_schema(reference)
     assert list(frame.columns) == schema.names
     assert str(frame["num_tokens"].dtype) == "int64" and str(frame["cumulative_logprob"].dtype) == "float64"
     assert (out / data.SUCCESS_FILE).is_file()
-    stats = json.loads((out / "stats.json").read_text())
+    stats = json.loads((out / data.STATS_FILE).read_text())
     assert stats["complete"] and stats["totals"]["samples"] == NUM_PROMPTS * 3
     assert stats["totals"]["tokens"] == int(frame["num_tokens"].sum())
     assert stats["acceptance"]["accepted"] == int(frame["draft_accepted"].sum())
     assert stats["acceptance"]["tested"] == int(frame["draft_tested"].sum())
     assert 0 < stats["acceptance_rate"] <= 1
     assert len(stats["actors"]) == 1 and stats["actors"][0]["samples"] == NUM_PROMPTS * 3
+
+
+def _read_with(reader: str, out: str, tmp_path: pathlib.Path) -> list[tuple]:
+    """(id, sample_index) of every row that `reader` reads from the output directory."""
+    if reader == "pandas":
+        frame = pytest.importorskip("pandas").read_parquet(out)
+    elif reader == "pyarrow.dataset":
+        frame = pytest.importorskip("pyarrow.dataset").dataset(out, format="parquet").to_table().to_pandas()
+    elif reader == "polars":  # polars reads a directory holding other files only through a glob
+        frame = pytest.importorskip("polars").read_parquet(f"{out}/*.parquet").to_pandas()
+    elif reader == "duckdb":
+        frame = pytest.importorskip("duckdb").sql(f"select * from read_parquet('{out}')").df()
+    else:
+        frame = pytest.importorskip("datasets").load_dataset(
+            "parquet", data_dir=out, split="train", cache_dir=str(tmp_path / "cache")).to_pandas()
+    return sorted(zip(frame["id"], frame["sample_index"]))
+
+
+@pytest.mark.parametrize("reader", ["pandas", "pyarrow.dataset", "polars", "duckdb", "datasets"])
+def test_the_output_directory_reads_as_one_dataset(reference, reader, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    spec, _ = reference
+    keys = _read_with(reader, spec.output.path, tmp_path)
+    assert keys == sorted((f"p{i}", s) for i in range(NUM_PROMPTS) for s in range(3))
 
 
 def test_actor_killed_during_generation_is_replaced_and_its_shard_rerun(reference, tmp_path):
@@ -136,7 +161,7 @@ def test_actor_killed_during_generation_is_replaced_and_its_shard_rerun(referenc
 
     def kill_after_first_commit():
         deadline = time.time() + 120
-        while time.time() < deadline and not list(out.glob("*.manifest.json")):
+        while time.time() < deadline and not list(out.glob(data.MANIFEST_DIR + "/*.json")):
             time.sleep(0.02)
         marker.touch()
 
@@ -168,7 +193,7 @@ def test_poison_row_carries_its_error_and_neighbours_succeed(ray_session, tmp_pa
         else:
             assert r["error"] is None and r["finish_reason"] != "error"
     assert not (out / data.SUCCESS_FILE).exists()
-    stats = json.loads((out / "stats.json").read_text())
+    stats = json.loads((out / data.STATS_FILE).read_text())
     assert not stats["complete"] and stats["failed"][0]["ids"] == ["p5"]
 
     # A rerun retries the failed row (and only it), fails the same way, and duplicates nothing.
@@ -197,8 +222,8 @@ def test_resume_runs_only_uncommitted_shards_and_matches(reference, tmp_path):
     spec = spec_from_dict({**spec_ref.to_dict(), "output": {"path": str(out), "if_exists": "resume"}})
     shutil.copytree(spec_ref.output.path, out)  # a finished output of the same spec
     # Simulate a crash: one shard written but not committed, one never written.
-    (out / "part-00002.manifest.json").unlink()
-    (out / "part-00004.manifest.json").unlink()
+    (out / data.manifest_name("part-00002")).unlink()
+    (out / data.manifest_name("part-00004")).unlink()
     (out / "part-00004.parquet").unlink()
     result = run_job(spec, engine_factory=FAKE, progress=False)
     assert result.exit_code == 0
@@ -215,14 +240,14 @@ def test_resume_reruns_shards_whose_file_or_manifest_was_damaged(reference, tmp_
     shutil.copytree(spec_ref.output.path, out)  # a finished output of the same spec
     with open(out / "part-00003.parquet", "r+b") as f:
         f.truncate(200)  # a committed file cut short
-    manifest = out / "part-00001.manifest.json"
+    manifest = out / data.manifest_name("part-00001")
     manifest.write_bytes(manifest.read_bytes()[:50])  # a commit marker that no longer reads
     logs = []
     result = run_job(spec, engine_factory=FAKE, progress=False, log=logs.append)
     assert result.exit_code == 0 and (out / data.SUCCESS_FILE).is_file()
     assert sorted(result.stats["run"]["shards_this_run"]) == ["part-00001", "part-00003"]
     assert any(line.startswith("warning: part-00003: part-00003.parquet has 200 bytes") for line in logs), logs
-    assert any(line.startswith("warning: part-00001: manifest part-00001.manifest.json does not read") for line in logs)
+    assert any(line.startswith("warning: part-00001: its manifest does not read") for line in logs)
     assert rows_by_key(out) == rows_by_key(spec_ref.output.path)
 
 

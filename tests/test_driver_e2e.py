@@ -111,7 +111,7 @@ def test_actor_killed_mid_generation_reproduces_the_reference(reference, setup, 
 
     def kill_after_first_commit():
         deadline = time.time() + 300
-        while time.time() < deadline and not list(out.glob("*.manifest.json")):
+        while time.time() < deadline and not list(out.glob(data.MANIFEST_DIR + "/*.json")):
             time.sleep(0.01)
         marker.touch()
 
@@ -128,8 +128,8 @@ def test_resumed_run_reproduces_the_reference(reference, setup):
     out = setup[0] / "resumed"
     spec = spec_from_dict({**reference[0].to_dict(), "output": {"path": str(out), "if_exists": "resume"}})
     shutil.copytree(reference[0].output.path, out)  # a finished output of the same spec
-    (out / "part-00000.manifest.json").unlink()  # written, never committed
-    (out / "part-00002.manifest.json").unlink()
+    (out / data.manifest_name("part-00000")).unlink()  # written, never committed
+    (out / data.manifest_name("part-00002")).unlink()
     (out / "part-00002.parquet").unlink()  # never written
     with open(out / "part-00001.parquet", "r+b") as f:
         f.truncate(200)  # committed, then cut short: its manifest no longer verifies

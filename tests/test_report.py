@@ -131,12 +131,15 @@ def test_stats_command_prints_the_summary_and_writes_plots(stats, tmp_path, caps
     pytest.importorskip("matplotlib")
     spec, s = stats
     out = pathlib.Path(spec.output.path)
-    out.mkdir(parents=True)
-    (out / "stats.json").write_text(json.dumps(s))
+    (out / report.STATS).parent.mkdir(parents=True)
+    (out / report.STATS).write_text(json.dumps(s))
     assert main(["stats", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "job report-job" in printed and "wrote" in printed
-    assert (out / "acceptance_per_position.png").is_file() and (out / "throughput.png").is_file()
+    plots = (out / report.STATS).parent
+    assert (plots / "acceptance_per_position.png").is_file() and (plots / "throughput.png").is_file()
+    (out / report.STATS).rename(out / "stats.json")  # an output of the first layout
+    assert main(["stats", str(out), "--no-plots"]) == 0 and "job report-job" in capsys.readouterr().out
     assert main(["stats", str(tmp_path / "nowhere")]) == 2
     assert "no readable stats.json" in capsys.readouterr().err
 

@@ -3,6 +3,7 @@
 One module per concept:
 
 * :mod:`~specbatch.data.location`: paths and URIs through ``pyarrow.fs`` (``resolve``, ``output_uri``);
+* :mod:`~specbatch.data.layout`: where things live in an output directory;
 * :mod:`~specbatch.data.files`: atomic writes, listings and JSON documents;
 * :mod:`~specbatch.data.inputs`: finding, checking and reading the prompt dataset (stable row order);
 * :mod:`~specbatch.data.planning`: shards, planned once into the output directory, and their halves;
@@ -21,7 +22,6 @@ from __future__ import annotations
 import pyarrow.parquet as pq  # noqa: F401  (tests patch pq.write_table through this name)
 
 from specbatch.data.commits import (
-    MANIFEST_SUFFIX,
     committed,
     pending_shards,
     remove_uncommitted,
@@ -32,8 +32,17 @@ from specbatch.data.commits import (
 from specbatch.data.files import _is_object_store, write_json
 from specbatch.data.inputs import InputInfo, RowGroup, check_input, list_input_files, read_rows
 from specbatch.data.location import InputError, is_local, output_uri, resolve
-from specbatch.data.output import SPEC_FILE, SUCCESS_FILE, prepare_output, read_output, write_shard
-from specbatch.data.planning import PLAN_FILE, Shard, plan_rows, plan_shards, split_shard
+from specbatch.data.layout import (
+    MANIFEST_DIR,
+    META_DIR,
+    PLAN_FILE,
+    SPEC_FILE,
+    STATS_FILE,
+    SUCCESS_FILE,
+    manifest_name,
+)
+from specbatch.data.output import prepare_output, read_output, write_shard
+from specbatch.data.planning import Shard, plan_rows, plan_shards, split_shard
 from specbatch.data.records import (
     CHAT_TYPE,
     OUTPUT_COLUMNS,
@@ -45,9 +54,10 @@ from specbatch.data.records import (
 )
 
 __all__ = [
-    "CHAT_TYPE", "MANIFEST_SUFFIX", "OUTPUT_COLUMNS", "PLAN_FILE", "SPEC_FILE", "SUCCESS_FILE", "InputError",
+    "CHAT_TYPE", "MANIFEST_DIR", "META_DIR", "OUTPUT_COLUMNS", "PLAN_FILE", "SPEC_FILE", "STATS_FILE", "SUCCESS_FILE",
+    "InputError",
     "InputInfo", "ManifestError", "OutputRecord", "RowGroup", "Shard", "ShardFile", "ShardManifest", "check_input",
     "committed", "is_local", "list_input_files", "output_schema", "output_uri", "pending_shards", "plan_rows",
     "plan_shards", "prepare_output", "read_output", "read_rows", "remove_uncommitted", "resolve", "split_shard",
-    "uncommit_unverified", "verify_shard", "write_json", "write_manifest", "write_shard",
+    "manifest_name", "uncommit_unverified", "verify_shard", "write_json", "write_manifest", "write_shard",
 ]

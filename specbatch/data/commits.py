@@ -2,7 +2,7 @@
 
 A **commit**: a shard's file ``part-NNNNN.parquet`` is written completely (under a temporary name,
 then renamed; on object stores, to its fixed key, which appears whole); only then is its manifest
-``part-NNNNN.manifest.json`` written. A shard is *committed* when its manifest exists and reads;
+``__specbatch__/manifests/part-NNNNN.json`` written. A shard is *committed* when its manifest exists and reads;
 readers see only committed shards. A manifest records its file's size and sha256: a committed
 shard whose file is missing, of another size, unreadable or different is *uncommitted* again
 (:func:`uncommit_unverified`), and so is a manifest that does not read; a rerun then runs it.
@@ -20,15 +20,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from specbatch.data.files import _delete_quietly, _list_dir, _read_json, _write_bytes_atomic, file_digest
+from specbatch.data.layout import LEGACY_MANIFEST_SUFFIX, MANIFEST_DIR, MANIFEST_SUFFIX, META_DIR, manifest_name
 from specbatch.data.location import _join, _one_line, output_uri, resolve
 from specbatch.data.planning import Shard, split_shard
 from specbatch.data.records import ShardManifest
 
 if TYPE_CHECKING:
     from specbatch.spec import JobSpec
-
-MANIFEST_SUFFIX = ".manifest.json"
-
 
 def write_manifest(spec: JobSpec, manifest: ShardManifest) -> ShardManifest:
     """Commit a shard: write its manifest once its Parquet file is complete.
@@ -48,21 +46,28 @@ def write_manifest(spec: JobSpec, manifest: ShardManifest) -> ShardManifest:
         committed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     data = (json.dumps(manifest.to_json(), indent=1) + "\n").encode("utf-8")
-    _write_bytes_atomic(fs, _join(root, manifest.shard + MANIFEST_SUFFIX), data)
+    _write_bytes_atomic(fs, _join(root, manifest_name(manifest.shard)), data)
     return manifest
 
 
 def _read_manifests(fs: pafs.FileSystem, root: str) -> tuple[dict[str, ShardManifest], dict[str, tuple[str, str]]]:
-    """(shard name -> manifest, in row order; shard name -> (manifest path, why it does not read))."""
+    """(shard name -> manifest, in row order; shard name -> (manifest path, why it does not read)).
+
+    Reads the first layout's manifests (beside the shards) where the directory has no manifest folder.
+    """
     good: dict[str, ShardManifest] = {}
     bad: dict[str, tuple[str, str]] = {}
-    for e in _list_dir(fs, root):
-        if e.type == pafs.FileType.File and e.base_name.endswith(MANIFEST_SUFFIX) and not e.base_name.startswith("."):
-            name = e.base_name[: -len(MANIFEST_SUFFIX)]
+    folder = _join(root, MANIFEST_DIR)
+    suffix = MANIFEST_SUFFIX
+    if fs.get_file_info(folder).type != pafs.FileType.Directory:
+        folder, suffix = root, LEGACY_MANIFEST_SUFFIX
+    for e in _list_dir(fs, folder):
+        if e.type == pafs.FileType.File and e.base_name.endswith(suffix) and not e.base_name.startswith("."):
+            name = e.base_name[: -len(suffix)]
             try:
                 good[name] = ShardManifest.from_json(_read_json(fs, e.path))
             except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                bad[name] = (e.path, f"manifest {e.base_name} does not read ({_one_line(err)[:120]})")
+                bad[name] = (e.path, f"its manifest does not read ({_one_line(err)[:120]})")
     return dict(sorted(good.items(), key=lambda kv: (kv[1].start, kv[1].stop, kv[0]))), bad
 
 
@@ -110,7 +115,7 @@ def uncommit_unverified(spec: JobSpec) -> tuple[dict[str, ShardManifest], dict[s
     for name, m in list(manifests.items()):
         why = verify_shard(fs, root, m)
         if why is not None:
-            _delete_quietly(fs, _join(root, name + MANIFEST_SUFFIX))
+            _delete_quietly(fs, _join(root, manifest_name(name)))
             del manifests[name]
             dropped[name] = why
     return manifests, dict(sorted(dropped.items()))
@@ -128,13 +133,14 @@ def remove_uncommitted(spec: JobSpec) -> list[str]:
     fs, root = resolve(spec.output.path)
     files = {m.file for m in committed(spec).values()}
     removed = []
-    for e in _list_dir(fs, root):
-        if e.type != pafs.FileType.File:
-            continue
-        stray_shard = e.base_name.startswith("part-") and e.base_name.endswith(".parquet") and e.base_name not in files
-        if stray_shard or ".tmp-" in e.base_name:
-            _delete_quietly(fs, e.path)
-            removed.append(e.base_name)
+    for folder in (root, _join(root, META_DIR), _join(root, MANIFEST_DIR)):
+        for e in _list_dir(fs, folder):
+            if e.type != pafs.FileType.File:
+                continue
+            stray_shard = folder == root and e.base_name.startswith("part-") and e.base_name.endswith(".parquet")
+            if (stray_shard and e.base_name not in files) or ".tmp-" in e.base_name:
+                _delete_quietly(fs, e.path)
+                removed.append(e.base_name)
     return sorted(removed)
 
 

@@ -1,6 +1,6 @@
 """The output directory: preparing it for a run, writing shard files, reading the output back.
 
-``_spec.json`` records the fingerprint of the spec that writes the directory; ``resume`` refuses
+The spec file records the fingerprint of the spec that writes the directory; ``resume`` refuses
 a directory written by a different spec. Shards are committed by their manifests
 (:mod:`specbatch.data.commits`).
 """
@@ -18,6 +18,15 @@ import pyarrow.parquet as pq
 
 from specbatch.data.commits import _read_manifests, remove_uncommitted, uncommit_unverified
 from specbatch.data.files import _delete_quietly, _exists, _list_dir, _read_json, _write_bytes_atomic
+from specbatch.data.layout import (
+    LEGACY,
+    LEGACY_MANIFEST_SUFFIX,
+    LEGACY_SPEC_FILE,
+    MANIFEST_DIR,
+    SPEC_FILE,
+    SUCCESS_FILE,
+    manifest_name,
+)
 from specbatch.data.location import InputError, _join, output_uri, resolve
 from specbatch.data.planning import Shard
 from specbatch.data.records import OutputRecord, ShardFile, output_schema, records_table
@@ -26,18 +35,17 @@ if TYPE_CHECKING:
     from specbatch.spec import JobSpec
 
 
-SPEC_FILE = "_spec.json"
-SUCCESS_FILE = "_SUCCESS"
 
 
 def prepare_output(spec: JobSpec) -> list[str]:
-    """Apply ``output.if_exists`` and record the spec's fingerprint in ``_spec.json``.
+    """Apply ``output.if_exists`` and record the spec and its fingerprint in the spec file.
 
     resume: keeps committed shards that verify (refuses a directory written by a different
     spec), uncommits the others and removes leftovers of an interrupted run (uncommitted shard
     files, temporary files, _SUCCESS); overwrite: clears the directory; fail: refuses a
-    non-empty directory. A non-empty directory without ``_spec.json`` was not written by
-    specbatch and is never resumed into or cleared. Checks come before any write.
+    non-empty directory. A non-empty directory without a spec file was not written by specbatch
+    and is never resumed into or cleared; one of the first layout is moved into the current one
+    (:mod:`~specbatch.data.layout`). Checks come before any write.
     Returns one line per shard uncommitted because its manifest or file was damaged.
     """
     notes: list[str] = []
@@ -52,8 +60,8 @@ def prepare_output(spec: JobSpec) -> list[str]:
     if entries:
         if mode == "fail":
             raise InputError(f"output.path: {where} is not empty (if_exists: fail)")
-        spec_path = _join(root, SPEC_FILE)
-        if not _exists(fs, spec_path):
+        spec_path = next((p for p in (_join(root, SPEC_FILE), _join(root, LEGACY_SPEC_FILE)) if _exists(fs, p)), None)
+        if spec_path is None:
             verb = "clear" if mode == "overwrite" else "resume into"
             raise InputError(f"output.path: {where} is not empty and has no {SPEC_FILE} (not a specbatch output); refusing to {verb} it")
         if mode == "resume":
@@ -66,17 +74,37 @@ def prepare_output(spec: JobSpec) -> list[str]:
                     f"output.path: {where} was written by a different spec (fingerprint {str(recorded)[:12]} != "
                     f"{fingerprint[:12]}); use output.if_exists: overwrite or another output.path"
                 )
-            for e in entries:
-                if e.type == pafs.FileType.File and (e.base_name == SUCCESS_FILE or ".tmp-" in e.base_name):
-                    _delete_quietly(fs, e.path)
+            _move_first_layout(fs, root)
+            _delete_quietly(fs, _join(root, SUCCESS_FILE))
             notes = [f"{name}: {why}" for name, why in uncommit_unverified(spec)[1].items()]
             remove_uncommitted(spec)
         else:
             fs.delete_dir_contents(root)
-    fs.create_dir(root, recursive=True)
+    fs.create_dir(_join(root, MANIFEST_DIR), recursive=True)
     record = {"fingerprint": fingerprint, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "spec": spec.to_dict()}
     _write_bytes_atomic(fs, _join(root, SPEC_FILE), (json.dumps(record, indent=1) + "\n").encode("utf-8"))
     return notes
+
+
+def _move_first_layout(fs: pafs.FileSystem, root: str) -> None:
+    """Move the files of a first-layout output (beside the shards) to their places now.
+
+    The spec file moves last: a resume interrupted in between finds it and moves the rest.
+    """
+    entries = [e for e in _list_dir(fs, root) if e.type == pafs.FileType.File and not e.base_name.startswith(".")]
+    manifests = [e for e in entries if e.base_name.endswith(LEGACY_MANIFEST_SUFFIX)]
+    others = sorted((e for e in entries if e.base_name in LEGACY), key=lambda e: e.base_name == LEGACY_SPEC_FILE)
+    if not manifests and not others:
+        return
+    fs.create_dir(_join(root, MANIFEST_DIR), recursive=True)
+    for e in manifests:
+        fs.move(e.path, _join(root, manifest_name(e.base_name[: -len(LEGACY_MANIFEST_SUFFIX)])))
+    for e in others:
+        target = LEGACY[e.base_name]
+        if target is None:
+            _delete_quietly(fs, e.path)
+        else:
+            fs.move(e.path, _join(root, target))
 
 
 def write_shard(spec: JobSpec, shard: Shard, records: Sequence[OutputRecord], schema: pa.Schema | None = None) -> ShardFile:

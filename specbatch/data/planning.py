@@ -2,9 +2,9 @@
 
 A **shard** is a contiguous range ``[start, stop)`` of the stable row order, named ``part-NNNNN``.
 Shards follow row groups (small groups are packed together up to ``resources.shard_rows`` rows,
-large ones are cut into near-equal pieces) and are planned once into ``_plan.json`` in the output
-directory, so a rerun sees the same shards. A shard split to isolate failing rows has children
-``part-NNNNN.1`` and ``part-NNNNN.2`` (:func:`split_shard`, halves).
+large ones are cut into near-equal pieces) and are planned once into the output directory's plan
+file (:data:`~specbatch.data.layout.PLAN_FILE`), so a rerun sees the same shards. A shard split to
+isolate failing rows has children ``part-NNNNN.1`` and ``part-NNNNN.2`` (:func:`split_shard`, halves).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from specbatch.data.files import _exists, _read_json, _write_bytes_atomic
 from specbatch.data.inputs import InputInfo, RowGroup, _layout
+from specbatch.data.layout import META_DIR, PLAN_FILE
 from specbatch.data.location import InputError, _join, output_uri, resolve
 
 if TYPE_CHECKING:
     from specbatch.spec import JobSpec
 
 
-PLAN_FILE = "_plan.json"
 PLAN_VERSION = 1
 
 
@@ -74,7 +74,7 @@ def plan_rows(row_groups: Iterable[RowGroup], shard_rows: int) -> list[Shard]:
 
 
 def plan_shards(spec: JobSpec, info: InputInfo | None = None) -> list[Shard]:
-    """The job's shards: those recorded in the output's _plan.json if present (checked against
+    """The job's shards: those recorded in the output's plan file if present (checked against
     the input), else planned from the row groups and recorded there."""
     info = info or _layout(spec)
     fs, root = resolve(spec.output.path)
@@ -100,7 +100,7 @@ def plan_shards(spec: JobSpec, info: InputInfo | None = None) -> list[Shard]:
         "shard_rows": spec.resources.shard_rows,
         "shards": [s.to_dict() for s in shards],
     }
-    fs.create_dir(root, recursive=True)
+    fs.create_dir(_join(root, META_DIR), recursive=True)
     _write_bytes_atomic(fs, plan_path, (json.dumps(plan, indent=1) + "\n").encode("utf-8"))
     return shards
 
