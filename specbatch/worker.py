@@ -22,20 +22,33 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 from specbatch import data
 from specbatch.data import OutputRecord, ShardManifest
 from specbatch.request import Request, SampleOutput
-from specbatch.stats import AcceptanceStats
+from specbatch.stats import AcceptanceStats, CostModel
 
 ENGINE_FACTORY = "specbatch.worker:build_engine"
 
 
+@runtime_checkable
 class EngineLike(Protocol):
-    """What the worker needs of an engine (specbatch.engine.Engine has it)."""
+    """Everything the worker uses of an engine (specbatch.engine.Engine and tests/fake_engine.py).
+
+    stats: cumulative acceptance statistics (the worker records each shard's difference);
+    cost_model: the measured cost model, None when the engine measured none;
+    gamma, gamma_reason: the proposals per step it runs with now, and why;
+    rows_by_proposals, steps_by_shape: cumulative step-shape counters, (batch, proposals) -> count
+    of rows and of steps (see Engine.expected_speedup); empty for an engine that keeps none.
+    """
 
     stats: AcceptanceStats
+    cost_model: CostModel | None
+    gamma: int
+    gamma_reason: str
+    rows_by_proposals: Mapping[tuple[int, int], int]
+    steps_by_shape: Mapping[tuple[int, int], int]
 
     def generate(self, requests: list[Request]) -> list[SampleOutput]: ...
 
@@ -252,24 +265,17 @@ class ShardRunner:
         return {"emitted": stats.emitted, "tested": stats.tested, "accepted": stats.accepted}
 
     def step_shapes(self) -> dict[str, dict[tuple[int, int], int]]:
-        """The engine's step-shape counters (see Engine.expected_speedup), when it keeps them."""
+        """The engine's step-shape counters (see Engine.expected_speedup), copied."""
         engine = self.loaded.engine
-        return {
-            "rows_by_proposals": dict(getattr(engine, "rows_by_proposals", {})),
-            "steps_by_shape": dict(getattr(engine, "steps_by_shape", {})),
-        }
+        return {"rows_by_proposals": dict(engine.rows_by_proposals), "steps_by_shape": dict(engine.steps_by_shape)}
 
     def cost_model(self) -> dict[str, Any] | None:
-        cost = getattr(self.loaded.engine, "cost_model", None)
+        cost = self.loaded.engine.cost_model
         return cost.to_dict() if cost is not None else None
 
     def gamma(self) -> dict[str, Any]:
         """The gamma the engine runs with and why (engines that adapt gamma say so)."""
-        engine = self.loaded.engine
-        return {
-            "value": getattr(engine, "gamma", None),
-            "why": getattr(engine, "gamma_reason", None),
-        }
+        return {"value": self.loaded.engine.gamma, "why": self.loaded.engine.gamma_reason}
 
 
 class GenerationActor:

@@ -253,14 +253,16 @@ def test_resume_reruns_shards_whose_file_or_manifest_was_damaged(reference, tmp_
 
 def test_success_is_written_only_once_every_commit_verifies(tmp_path):
     from specbatch.driver import Driver
-    from specbatch.worker import ShardRunner
+    from specbatch.worker import EngineLike, ShardRunner
     from tests import fake_engine
 
     out = tmp_path / "out"
     spec = make_spec(write_prompts(tmp_path / "in", plain_prompts(4)), out)
     data.check_input(spec)
     data.prepare_output(spec)
-    runner = ShardRunner(spec, fake_engine.build(spec), "actor-0")
+    loaded = fake_engine.build(spec)
+    assert isinstance(loaded.engine, EngineLike)
+    runner = ShardRunner(spec, loaded, "actor-0")
     for shard in data.plan_shards(spec):
         data.write_manifest(spec, runner.run_shard(shard))
     with open(out / "part-00001.parquet", "r+b") as f:
@@ -336,9 +338,11 @@ def test_shard_runner_keys_sweep_points_apart_and_reports_row_errors(tmp_path):
     from specbatch.stats import AcceptanceStats
     from specbatch.worker import LoadedEngine, ShardRunner
 
-    class Recorder:
+    class Recorder:  # an EngineLike that records its requests
         def __init__(self):
             self.stats = AcceptanceStats()
+            self.cost_model, self.gamma, self.gamma_reason = None, 0, "plain sampling"
+            self.rows_by_proposals, self.steps_by_shape = {}, {}
             self.requests = []
 
         def generate(self, requests):

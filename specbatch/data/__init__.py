@@ -19,8 +19,6 @@ Everything is importable from ``specbatch.data`` itself.
 
 from __future__ import annotations
 
-import pyarrow.parquet as pq  # noqa: F401  (tests patch pq.write_table through this name)
-
 from specbatch.data.commits import (
     committed,
     pending_shards,

@@ -28,6 +28,7 @@ from specbatch.data.records import ShardManifest
 if TYPE_CHECKING:
     from specbatch.spec import JobSpec
 
+
 def write_manifest(spec: JobSpec, manifest: ShardManifest) -> ShardManifest:
     """Commit a shard: write its manifest once its Parquet file is complete.
 
