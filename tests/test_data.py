@@ -538,6 +538,11 @@ def test_a_first_version_manifest_is_verified_by_reading_its_file(tmp_path):
     notes = prepare_output(spec)
     assert len(notes) == 1 and notes[0].startswith("part-00001: part-00001.parquet does not read as Parquet")
     assert list(committed(spec)) == ["part-00000"]
+    newer = tmp_path / "out" / data.manifest_name("part-00000")
+    newer.write_text(json.dumps({**json.loads(newer.read_text()), "version": 99}))
+    with pytest.raises(InputError, match=r"part-00000.json: manifest version 99 was written by a newer specbatch"):
+        prepare_output(spec)
+    assert newer.exists()  # refused, never uncommitted
 
 
 def test_an_output_of_the_first_layout_reads_and_resumes_into_the_current_one(tmp_path):

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from specbatch.data.files import _delete_quietly, _list_dir, _read_json, _write_bytes_atomic, file_digest
 from specbatch.data.layout import LEGACY_MANIFEST_SUFFIX, MANIFEST_DIR, MANIFEST_SUFFIX, META_DIR, manifest_name
-from specbatch.data.location import _join, _one_line, output_uri, resolve
+from specbatch.data.location import InputError, _join, _one_line, output_uri, resolve
 from specbatch.data.planning import Shard, split_shard
 from specbatch.data.records import ShardManifest
 
@@ -67,6 +67,8 @@ def _read_manifests(fs: pafs.FileSystem, root: str) -> tuple[dict[str, ShardMani
             name = e.base_name[: -len(suffix)]
             try:
                 good[name] = ShardManifest.from_json(_read_json(fs, e.path))
+            except InputError as err:
+                raise InputError(f"{e.path}: {err}") from None
             except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 bad[name] = (e.path, f"its manifest does not read ({_one_line(err)[:120]})")
     return dict(sorted(good.items(), key=lambda kv: (kv[1].start, kv[1].stop, kv[0]))), bad

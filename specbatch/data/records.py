@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import pyarrow as pa
 
 from specbatch.data.inputs import InputInfo, _layout
-from specbatch.data.location import _one_line
+from specbatch.data.location import InputError, _one_line
 from specbatch.request import FINISH_REASONS, SampleOutput
 
 if TYPE_CHECKING:
@@ -125,7 +125,8 @@ class ShardFile:
 
 
 class ManifestError(ValueError):
-    """A manifest that cannot be read: treated as uncommitted."""
+    """A manifest that cannot be read: treated as uncommitted. (One of a newer version raises
+    InputError instead: it is never uncommitted, which would delete it.)"""
 
 
 @dataclass
@@ -199,8 +200,8 @@ class ShardManifest:
         """Read a manifest's JSON (this version or the first, which had no version key)."""
         if not isinstance(d, dict):
             raise ManifestError("not a JSON object")
-        if d.get("version", 1) > MANIFEST_VERSION:
-            raise ManifestError(f"manifest version {d['version']} is newer than this specbatch reads ({MANIFEST_VERSION})")
+        if isinstance(d.get("version"), int) and d["version"] > MANIFEST_VERSION:
+            raise InputError(f"manifest version {d['version']} was written by a newer specbatch (this one reads {MANIFEST_VERSION})")
         known = {f.name for f in dataclasses.fields(cls)}
         try:
             m = cls(**{k: v for k, v in d.items() if k in known})
