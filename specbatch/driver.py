@@ -2,10 +2,11 @@
 
 Terms: a shard is *committed* when its manifest (``__specbatch__/manifests/part-NNNNN.json``)
 exists and verifies; the driver writes it after the actor has written the shard file completely,
-so a crash at any moment leaves only whole, committed shards or files that a rerun rewrites. A *task* is one
-shard to run plus the attempts it has used. *Splitting* a shard cuts its row range in two
-halves named ``<name>.1`` and ``<name>.2``; a one-row shard that keeps failing is *failed*:
-its output rows are written with the error and finish_reason "error", and the run exits 1.
+so a crash at any moment leaves only whole, committed shards or files that a rerun rewrites.
+A *task* is one shard to run plus the attempts it has used. *Splitting* a shard cuts its row
+range in two halves named ``<name>.1`` and ``<name>.2``; a one-row shard that keeps failing is
+*failed*: its output rows are written with the error and finish_reason "error", and the run
+exits 1.
 
 The loop is the driver's own ``ray.wait``: each actor runs one shard at a time; a result is
 committed; an application error re-queues the shard (bounded by ``resources.max_attempts``,
