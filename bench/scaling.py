@@ -115,23 +115,23 @@ def one_run(spec) -> dict:
     # over its own run time and counted for the part inside the window.
     spans: dict[str, list[float]] = {}
     for m in infos:
-        lo, hi = spans.get(m["actor"], [m["started_at"], m["finished_at"]])
-        spans[m["actor"]] = [min(lo, m["started_at"]), max(hi, m["finished_at"])]
+        lo, hi = spans.get(m.actor, [m.started_at, m.finished_at])
+        spans[m.actor] = [min(lo, m.started_at), max(hi, m.finished_at)]
     start = max(lo for lo, _ in spans.values())
     end = min(hi for _, hi in spans.values())
     if end <= start:
         raise SystemExit("the actors never generated at the same time: use more prompts (--prompts)")
     tokens = sum(
-        m["tokens"] * max(0.0, min(end, m["finished_at"]) - max(start, m["started_at"])) / (m["finished_at"] - m["started_at"])
+        m.tokens * max(0.0, min(end, m.finished_at) - max(start, m.started_at)) / (m.finished_at - m.started_at)
         for m in infos
     )
-    first = min(infos, key=lambda m: m["finished_at"])
+    first = min(infos, key=lambda m: m.finished_at)
     run = result.stats["run"]
     return {
         "window_tps": tokens / (end - start),
-        "wall_tps": sum(m["tokens"] for m in infos) / run["wall_s"],
+        "wall_tps": sum(m.tokens for m in infos) / run["wall_s"],
         "first_shard_s": run["first_shard_s"],
-        "overhead_s": run["first_shard_s"] - first["elapsed_s"],
+        "overhead_s": run["first_shard_s"] - first.elapsed_s,
         "tokens": tokens,
     }
 

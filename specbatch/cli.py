@@ -98,7 +98,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(report.summary_text(stats))
     if args.no_plots:
         return EXIT_OK
-    directory = args.plots or (args.output if "://" not in args.output else ".")
+    # Beside stats.json by default, where readers of the output directory skip them.
+    directory = args.plots or (f"{args.output.rstrip('/')}/{report.STATS.rpartition('/')[0]}" if "://" not in args.output else ".")
     try:
         paths = report.render_plots(stats, directory)
     except ImportError:

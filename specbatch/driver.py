@@ -1,11 +1,12 @@
 """The driver: starts the actors and runs the dispatch loop until every shard is committed.
 
-Terms: a shard is *committed* when its manifest (``part-NNNNN.manifest.json``) exists; the
-driver writes it after the actor has written the shard file completely, so a crash at any
-moment leaves only whole, committed shards or files that a rerun rewrites. A *task* is one
-shard to run plus the attempts it has used. *Splitting* a shard cuts its row range in two
-halves named ``<name>.1`` and ``<name>.2``; a one-row shard that keeps failing is *failed*:
-its output rows are written with the error and finish_reason "error", and the run exits 1.
+Terms: a shard is *committed* when its manifest (``__specbatch__/manifests/part-NNNNN.json``)
+exists and verifies; the driver writes it after the actor has written the shard file completely,
+so a crash at any moment leaves only whole, committed shards or files that a rerun rewrites.
+A *task* is one shard to run plus the attempts it has used. *Splitting* a shard cuts its row
+range in two halves named ``<name>.1`` and ``<name>.2``; a one-row shard that keeps failing is
+*failed*: its output rows are written with the error and finish_reason "error", and the run
+exits 1.
 
 The loop is the driver's own ``ray.wait``: each actor runs one shard at a time; a result is
 committed; an application error re-queues the shard (bounded by ``resources.max_attempts``,
@@ -24,7 +25,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any
 
 from specbatch import localray, storage
 from specbatch.preflight import preflight
@@ -62,33 +63,6 @@ class RunResult:
             ids = ", ".join(repr(i) for i in f["ids"][:5])
             parts.append(f"{f['shard']} (ids {ids}): {f['error']}")
         return f"{len(self.failed)} shard(s) failed: " + "; ".join(parts)
-
-
-# ---------------------------------------------------------------------------------------------
-# Shards: what is left to do, and how a failing shard is cut
-
-
-def pending_shards(planned: Iterable[Any], committed: dict[str, dict]) -> list[Any]:
-    """Shards still to run: not committed, or committed as failed (a rerun retries them).
-
-    A shard split in an earlier run is not committed under its own name; its halves are
-    (some of them): recurse into them, since splitting (data.split_shard) is deterministic.
-    """
-    from specbatch.data import split_shard
-
-    names = list(committed)
-
-    def todo(shard: Any) -> list[Any]:
-        info = committed.get(shard.name)
-        if info is not None:
-            return [shard] if info.get("failed") else []
-        prefix = shard.name + "."
-        if shard.stop - shard.start > 1 and any(n.startswith(prefix) for n in names):
-            left, right = split_shard(shard)
-            return todo(left) + todo(right)
-        return [shard]
-
-    return [s for shard in planned for s in todo(shard)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,11 +182,12 @@ class Progress:
             self.bar = tqdm(total=total_prompts, unit="prompt", file=sys.stderr, dynamic_ncols=True,
                             mininterval=self.interval)
 
-    def shard_done(self, info: dict) -> None:
-        self.samples += info["samples"]
-        self.committed_tokens += info["tokens"]
+    def shard_done(self, manifest: Any) -> None:
+        """Count a committed shard (a specbatch.data.ShardManifest)."""
+        self.samples += manifest.samples
+        self.committed_tokens += manifest.tokens
         if self.bar is not None:
-            self.bar.update(info["rows"])
+            self.bar.update(manifest.rows)
             self.refresh(force=True)
 
     def actor_counters(self, label: str, counters: dict) -> None:
@@ -264,7 +239,7 @@ class Driver:
         self.retired: list[_Slot] = []
         self.next_label = 0
         self.counts = collections.Counter()
-        self.this_run: list[dict[str, Any]] = []
+        self.this_run: list[Any] = []  # ShardManifests committed by this run
         self.first_commit_s: float | None = None
         self.ray_ready_s: float | None = None
 
@@ -328,10 +303,11 @@ class Driver:
             try:
                 nodes = alive_nodes()
                 check_cluster_output(spec, nodes)
-                data.prepare_output(spec)
+                for note in data.prepare_output(spec):
+                    self.log(f"warning: {note}: uncommitted, it runs again")
                 planned = data.plan_shards(spec)
                 committed = data.committed(spec)
-                tasks = collections.deque(Task(s) for s in pending_shards(planned, committed))
+                tasks = collections.deque(Task(s) for s in data.pending_shards(planned, committed))
                 self.counts["resumed"] = len(planned) - len(tasks)
                 if tasks:
                     local = nodes == 1 and not os.environ.get("RAY_ADDRESS")  # a Ray of this machine alone
@@ -368,7 +344,7 @@ class Driver:
                     slot = inflight.pop(ref)
                     task, slot.busy = slot.busy, None
                     try:
-                        info = ray.get(ref)
+                        manifest = ray.get(ref)
                     except rex.RayActorError as e:
                         if getattr(e, "actor_init_failed", False):
                             raise RunError(f"{slot.label} could not build its engine: {_init_error(slot)}") from None
@@ -383,7 +359,7 @@ class Driver:
                         self._replace(slot, plan)
                         self._task_failed(task, _error_line(e), tasks, progress)
                     else:
-                        self._commit(task, info, progress, run_started)
+                        self._commit(task, manifest, progress, run_started)
                 if self.show_progress and time.time() - last_poll >= self.poll_s:
                     last_poll = time.time()
                     self._poll(progress)
@@ -409,16 +385,15 @@ class Driver:
                     pass
             slot.polling = slot.handle.progress.remote()
 
-    def _commit(self, task: Task, info: dict, progress: Progress, run_started: float) -> None:
+    def _commit(self, task: Task, manifest: Any, progress: Progress, run_started: float) -> None:
         from specbatch import data
 
-        data.write_manifest(self.spec, task.shard, info)
+        manifest = data.write_manifest(self.spec, manifest)
         if self.first_commit_s is None:
             self.first_commit_s = time.time() - run_started
-        self.this_run.append(info)
-        if info.get("errors"):
-            self.counts["row_errors"] += info["errors"]
-        progress.shard_done(info)
+        self.this_run.append(manifest)
+        self.counts["row_errors"] += manifest.errors
+        progress.shard_done(manifest)
 
     def _task_failed(self, task: Task, error: str, tasks: collections.deque, progress: Progress) -> None:
         """Retry the shard, split it, or (one row left) record its rows as failed."""
@@ -441,42 +416,32 @@ class Driver:
 
     def _write_failed(self, task: Task, progress: Progress) -> None:
         from specbatch import data
-        from specbatch.worker import error_records, summarize_records
+        from specbatch.worker import error_records
 
         spec, shard = self.spec, task.shard
         error = task.errors[-1]
         rows = data.read_rows(spec, shard)
         records = error_records(spec, rows, error)
-        path = data.write_shard(spec, shard, records)
+        written = data.write_shard(spec, shard, records)
         now = time.time()
-        info = {
-            "shard": shard.name,
-            "start": shard.start,
-            "stop": shard.stop,
-            "path": path,
-            "rows": len(rows),
-            **summarize_records(records),
-            "stats": {},
-            "actor": None,
-            "attempt": task.attempts,
-            "started_at": now,
-            "finished_at": now,
-            "elapsed_s": 0.0,
-            "failed": True,
-            "error": error,
-        }
-        data.write_manifest(spec, shard, info)
+        manifest = data.ShardManifest.of_records(
+            shard, len(rows), records, written, attempt=task.attempts, started_at=now, finished_at=now,
+            failed=True, error=error,
+        )
+        data.write_manifest(spec, manifest)
         self.log(f"error: {shard.name} failed {task.attempts} times: {error}")
-        progress.shard_done(info)
+        progress.shard_done(manifest)
 
     def _finish(self, run_started: float) -> RunResult:
         from specbatch import data, report
 
         spec = self.spec
-        # Every attempt has returned: files no manifest commits (an actor died after writing,
-        # a shard was split) can go, so the part files are exactly the committed rows.
+        # Every attempt has returned. Verify every commit before anything says the output is
+        # complete; then files no manifest commits (an actor died after writing, a shard was
+        # split, a file failed its verification) can go, so the part files are exactly the
+        # committed rows.
+        manifests, damaged = data.uncommit_unverified(spec)
         data.remove_uncommitted(spec)
-        manifests = data.committed(spec)
         cost_model, gamma = self._engine_facts(manifests)
         run = {
             "started_at": run_started,
@@ -484,7 +449,7 @@ class Driver:
             "wall_s": time.time() - run_started,
             "ray_ready_s": self.ray_ready_s,
             "first_shard_s": self.first_commit_s,
-            "shards_this_run": [info["shard"] for info in self.this_run],
+            "shards_this_run": [m.shard for m in self.this_run],
             "resumed_shards": self.counts["resumed"],
             "retries": self.counts["retries"],
             "splits": self.counts["splits"],
@@ -494,9 +459,9 @@ class Driver:
         # Every committed shard with errors, this run's or earlier: failed shards (their rows
         # kept failing) and shards whose engine reported row errors (e.g. a prompt too long).
         failed = [
-            {"shard": name, "ids": list(info.get("error_ids", [])), "error": info.get("error") or info.get("first_error") or ""}
-            for name, info in manifests.items() if info.get("failed") or info.get("errors")
-        ]
+            {"shard": name, "ids": list(m.error_ids), "error": m.error or m.first_error or ""}
+            for name, m in manifests.items() if m.failed or m.errors
+        ] + [{"shard": name, "ids": [], "error": f"{why}: uncommitted, run again to write it"} for name, why in damaged.items()]
         stats = report.build_stats(
             spec, manifests, this_run=self.this_run, run=run, actors=self._descriptions(),
             cost_model=cost_model, gamma=gamma, failed=failed,
@@ -507,13 +472,13 @@ class Driver:
         return RunResult(output=spec.output.path, failed=failed, stats=stats)
 
     @staticmethod
-    def _engine_facts(manifests: dict[str, dict]) -> tuple[dict | None, dict | None]:
+    def _engine_facts(manifests: dict[str, Any]) -> tuple[dict | None, dict | None]:
         """The cost model and gamma of the engine that committed the latest shard (kept in
         every manifest, so a resumed run with nothing left to do still reports them)."""
-        latest = max((m for m in manifests.values() if m.get("engine")), key=lambda m: m["finished_at"], default=None)
+        latest = max((m for m in manifests.values() if m.engine), key=lambda m: m.finished_at, default=None)
         if latest is None:
             return None, None
-        return latest["engine"].get("cost_model"), latest["engine"].get("gamma")
+        return latest.engine.get("cost_model"), latest.engine.get("gamma")
 
 
 def _init_error(slot: _Slot) -> str:

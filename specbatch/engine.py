@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -108,10 +107,8 @@ class Engine:
     # ------------------------------------------------------------------ public API
 
     def reset_stats(self) -> None:
-        """Start counting acceptance, throughput and step shapes afresh."""
+        """Start counting acceptance and step shapes afresh."""
         self.stats = AcceptanceStats()
-        self.tokens_generated = 0
-        self.generate_seconds = 0.0
         self.rows_by_proposals: collections.Counter[tuple[int, int]] = collections.Counter()
         self.steps_by_shape: collections.Counter[tuple[int, int]] = collections.Counter()
 
@@ -124,7 +121,6 @@ class Engine:
 
     def generate(self, requests: Sequence[Request], on_output: Callable[[SampleOutput], None] | None = None) -> list[SampleOutput]:
         """All samples of all requests, in request order then sample-index order."""
-        start = time.perf_counter()
         pending: collections.deque[tuple[Request, int]] = collections.deque(
             (req, i) for req in requests for i in req.indices()
         )
@@ -163,14 +159,11 @@ class Engine:
                 if row.finish_reason is None:
                     still.append(row)
                     continue
-                out = self._output(row)
-                self.tokens_generated += out.num_tokens
-                finish(out, row.request)
+                finish(self._output(row), row.request)
                 self.cache.reset([row.slot])
                 self.drafter.release([row.slot])
                 free.append(row.slot)
             active = still
-        self.generate_seconds += time.perf_counter() - start
         return [done[k] for k in order]
 
     # ------------------------------------------------------------------ admission
@@ -413,19 +406,6 @@ class Engine:
             num_prompt_tokens=len(req.prompt_token_ids),
             error=message,
         )
-
-    def summary(self) -> dict[str, Any]:
-        """Figures for stats.json: acceptance statistics, throughput, cost model, gamma."""
-        return {
-            "acceptance": self.stats.to_dict(),
-            "tokens": self.tokens_generated,
-            "seconds": self.generate_seconds,
-            "tokens_per_second": self.tokens_generated / self.generate_seconds if self.generate_seconds else None,
-            "gamma": self.gamma,
-            "gamma_reason": self.gamma_reason,
-            "cost_model": self.cost_model.to_dict() if self.cost_model else None,
-            "expected_speedup": self.expected_speedup(),
-        }
 
 
 CPU_KV_BUDGET = 1 << 30  # bytes of KV cache on CPU when the config sets none

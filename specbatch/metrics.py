@@ -16,7 +16,7 @@ Ray names the exported series ``ray_specbatch_tokens`` and so on.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 TAG_KEYS = ("job", "actor")
 
@@ -30,15 +30,15 @@ COUNTERS: dict[str, str] = {
     "specbatch_target_passes": "target forward passes, summed over rows",
 }
 
-# Which field of a shard's info dict feeds which counter.
-_SOURCES: dict[str, Callable[[Mapping[str, Any]], int]] = {
-    "specbatch_tokens": lambda info: info["tokens"],
-    "specbatch_samples": lambda info: info["samples"],
-    "specbatch_sample_errors": lambda info: info["errors"],
-    "specbatch_draft_proposed": lambda info: info["draft_proposed"],
-    "specbatch_draft_tested": lambda info: info["draft_tested"],
-    "specbatch_draft_accepted": lambda info: info["draft_accepted"],
-    "specbatch_target_passes": lambda info: info["target_passes"],
+# Which field of a shard's manifest (specbatch.data.ShardManifest) feeds which counter.
+_SOURCES: dict[str, str] = {
+    "specbatch_tokens": "tokens",
+    "specbatch_samples": "samples",
+    "specbatch_sample_errors": "errors",
+    "specbatch_draft_proposed": "draft_proposed",
+    "specbatch_draft_tested": "draft_tested",
+    "specbatch_draft_accepted": "draft_accepted",
+    "specbatch_target_passes": "target_passes",
 }
 
 
@@ -59,9 +59,9 @@ class ShardMetrics:
         self.tags = {"job": job, "actor": actor}
         self.counters = {name: make_counter(name, desc) for name, desc in COUNTERS.items()}
 
-    def record_shard(self, info: Mapping[str, Any]) -> None:
-        """Add a finished shard's counts (``info`` as returned by the worker's run_shard)."""
-        for name, source in _SOURCES.items():
-            value = int(source(info))
+    def record_shard(self, manifest: Any) -> None:
+        """Add a finished shard's counts (its manifest, as returned by the worker's run_shard)."""
+        for name, field in _SOURCES.items():
+            value = int(getattr(manifest, field))
             if value > 0:  # Ray counters reject non-positive increments
                 self.counters[name].inc(value, tags=self.tags)

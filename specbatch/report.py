@@ -18,9 +18,14 @@ import math
 import pathlib
 from typing import Any, Mapping, Sequence
 
+import pyarrow.fs as pafs
+
+from specbatch import data
+from specbatch.data import STATS_FILE, ShardManifest
+from specbatch.data.layout import LEGACY_STATS_FILE
 from specbatch.stats import AcceptanceStats, CostModel, expected_speedup, expected_speedup_of_steps
 
-STATS = "stats.json"
+STATS = STATS_FILE  # in the output directory
 GAMMA_CANDIDATES = range(0, 9)  # 0: plain sampling (speedup 1 by definition)
 
 
@@ -29,10 +34,10 @@ GAMMA_CANDIDATES = range(0, 9)  # 0: plain sampling (speedup 1 by definition)
 
 
 def read_stats(output: str) -> dict[str, Any]:
-    """stats.json of an output directory (local path or URI)."""
-    from specbatch import data
-
+    """The stats.json of an output directory (local path or URI), in either layout."""
     fs, path = data.resolve(output.rstrip("/") + "/" + STATS)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        fs, path = data.resolve(output.rstrip("/") + "/" + LEGACY_STATS_FILE)
     with fs.open_input_stream(path) as f:
         return json.loads(f.read().decode("utf-8"))
 
@@ -92,13 +97,13 @@ def expected_speedup_report(alpha: float | None, gamma: int, cost: CostModel | N
     }
 
 
-def _speedup_over_steps(alpha: float | None, infos: Sequence[Mapping[str, Any]], cost: CostModel | None) -> float | None:
+def _speedup_over_steps(alpha: float | None, manifests: Sequence[ShardManifest], cost: CostModel | None) -> float | None:
     """The expected speedup of the steps the engines actually ran (ragged proposals, real batch
     sizes), from the step shapes the manifests carry; None without them or a cost model."""
     rows: dict[tuple[int, int], int] = {}
     steps: dict[tuple[int, int], int] = {}
-    for info in infos:
-        shapes = (info.get("engine") or {}).get("steps") or {}
+    for m in manifests:
+        shapes = (m.engine or {}).get("steps") or {}
         for table, name in ((rows, "rows_by_proposals"), (steps, "steps_by_shape")):
             for b, g, n in shapes.get(name, []):
                 table[(int(b), int(g))] = table.get((int(b), int(g)), 0) + int(n)
@@ -131,13 +136,13 @@ def gamma_report(spec: Any, engine_gamma: Mapping[str, Any] | None, speedup: Map
     }
 
 
-def _per_actor(infos: Sequence[Mapping[str, Any]], descriptions: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _per_actor(manifests: Sequence[ShardManifest], descriptions: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     by_label: dict[str, dict[str, Any]] = {}
     for desc in descriptions:
         by_label[desc.get("actor")] = {"actor": desc.get("actor"), **{k: v for k, v in desc.items() if k != "actor"}}
     stats: dict[str, AcceptanceStats] = {}
-    for info in infos:
-        label = info.get("actor")
+    for m in manifests:
+        label = m.actor
         if label is None:
             continue
         row = by_label.setdefault(label, {"actor": label})
@@ -145,12 +150,12 @@ def _per_actor(infos: Sequence[Mapping[str, Any]], descriptions: Sequence[Mappin
             row.setdefault(key, 0)
         row.setdefault("busy_s", 0.0)
         row["shards"] += 1
-        row["rows"] += info["rows"]
-        row["samples"] += info["samples"]
-        row["tokens"] += info["tokens"]
-        row["busy_s"] += info["elapsed_s"]
-        if info.get("stats"):
-            stats.setdefault(label, AcceptanceStats()).merge(AcceptanceStats.from_dict(info["stats"]))
+        row["rows"] += m.rows
+        row["samples"] += m.samples
+        row["tokens"] += m.tokens
+        row["busy_s"] += m.elapsed_s
+        if m.stats:
+            stats.setdefault(label, AcceptanceStats()).merge(AcceptanceStats.from_dict(m.stats))
     out = []
     for label, row in by_label.items():
         busy = row.get("busy_s", 0.0)
@@ -162,9 +167,9 @@ def _per_actor(infos: Sequence[Mapping[str, Any]], descriptions: Sequence[Mappin
 
 def build_stats(
     spec: Any,
-    manifests: Mapping[str, Mapping[str, Any]],
+    manifests: Mapping[str, ShardManifest],
     *,
-    this_run: Sequence[Mapping[str, Any]] = (),
+    this_run: Sequence[ShardManifest] = (),
     run: Mapping[str, Any] | None = None,
     actors: Sequence[Mapping[str, Any]] = (),
     cost_model: Mapping[str, Any] | None = None,
@@ -175,31 +180,32 @@ def build_stats(
     infos = [manifests[name] for name in sorted(manifests)]
     acceptance = AcceptanceStats()
     reasons: dict[str, int] = {}
-    for info in infos:
-        if info.get("stats"):
-            acceptance.merge(AcceptanceStats.from_dict(info["stats"]))
-        for reason, count in info.get("finish_reasons", {}).items():
+    for m in infos:
+        if m.stats:
+            acceptance.merge(AcceptanceStats.from_dict(m.stats))
+        for reason, count in m.finish_reasons.items():
             reasons[reason] = reasons.get(reason, 0) + count
     totals = {
         "shards": len(infos),
-        "failed_shards": sum(1 for i in infos if i.get("failed")),
-        "prompts": sum(i["rows"] for i in infos),
-        "samples": sum(i["samples"] for i in infos),
-        "tokens": sum(i["tokens"] for i in infos),
-        "prompt_tokens": sum(i.get("prompt_tokens", 0) for i in infos),
-        "row_errors": sum(i.get("errors", 0) for i in infos),
+        "failed_shards": sum(1 for m in infos if m.failed),
+        "prompts": sum(m.rows for m in infos),
+        "samples": sum(m.samples for m in infos),
+        "tokens": sum(m.tokens for m in infos),
+        "prompt_tokens": sum(m.prompt_tokens for m in infos),
+        "row_errors": sum(m.errors for m in infos),
         "finish_reasons": reasons,
     }
     run = dict(run or {})
     wall = run.get("wall_s")
-    run_tokens = sum(i["tokens"] for i in this_run)
-    busy = sum(i["elapsed_s"] for i in this_run)
+    run_tokens = sum(m.tokens for m in this_run)
+    run_samples = sum(m.samples for m in this_run)
+    busy = sum(m.elapsed_s for m in this_run)
     throughput = {
         "tokens_this_run": run_tokens,
-        "samples_this_run": sum(i["samples"] for i in this_run),
+        "samples_this_run": run_samples,
         "wall_s": wall,
         "tokens_per_s": run_tokens / wall if wall else None,
-        "samples_per_s": sum(i["samples"] for i in this_run) / wall if wall else None,
+        "samples_per_s": run_samples / wall if wall else None,
         "actor_busy_s": busy,
         "tokens_per_actor_s": run_tokens / busy if busy else None,
         "first_shard_s": run.get("first_shard_s"),
@@ -213,8 +219,8 @@ def build_stats(
     speedup = expected_speedup_report(alpha, configured_gamma, cost, batch)
     speedup["over_steps_run"] = _speedup_over_steps(alpha, infos, cost)
     timeline = [
-        {k: info.get(k) for k in ("shard", "actor", "started_at", "finished_at", "rows", "samples", "tokens")}
-        for info in infos if not info.get("failed")
+        {k: getattr(m, k) for k in ("shard", "actor", "started_at", "finished_at", "rows", "samples", "tokens")}
+        for m in infos if not m.failed
     ]
     stats = {
         "job": spec.name,

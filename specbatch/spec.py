@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from specbatch import limits
+from specbatch.data import OUTPUT_COLUMNS  # the output row's fixed columns (OutputRecord)
 from specbatch.limits import SAMPLING as _BOUNDS
 from specbatch.sampling import SamplingParams
 
@@ -101,8 +102,8 @@ class OutputSpec(BaseModel):
     model_config = _CONFIG
 
     path: str = Field(
-        description="Output directory (local, s3://, gs://). It receives part-NNNNN.parquet shard files, "
-        "their part-NNNNN.manifest.json commit markers, _plan.json, _spec.json and stats.json. "
+        description="Output directory (local, s3://, gs://). It receives part-NNNNN.parquet shard files and a "
+        "__specbatch__/ folder (readers skip it) with their manifests (commit markers), plan.json, spec.json, stats.json. "
         "On a multi-node cluster it must be shared storage."
     )
     if_exists: Literal["resume", "overwrite", "fail"] = Field(
@@ -271,7 +272,7 @@ class ResourcesSpec(BaseModel):
     gpus_per_actor: float = Field(1, ge=0, description="GPUs per actor (fractions share a GPU); 0: run on CPU.")
     cpus_per_actor: int = Field(1, ge=1, le=limits.MAX_CPUS_PER_ACTOR, description="CPUs per actor; on CPU this is also the actor's torch thread count.")
     max_batch_size: int = Field(32, ge=1, description="Most rows (prompt, sample) decoded together by one engine.")
-    shard_rows: int = Field(256, ge=1, description="Prompts per shard (shards follow Parquet row groups; planned once into _plan.json).")
+    shard_rows: int = Field(256, ge=1, description="Prompts per shard (shards follow Parquet row groups; planned once into __specbatch__/plan.json).")
     max_attempts: int = Field(3, ge=1, description="Attempts per shard before it is split to isolate failing rows.")
 
     @field_validator("actors", mode="before")
@@ -288,12 +289,6 @@ SWEEPABLE = (
     "frequency_penalty", "max_new_tokens", "min_new_tokens", "ignore_eos", "seed",
 )
 
-# Output columns (DESIGN section 6), before pass-through and sweep columns.
-OUTPUT_COLUMNS = (
-    "id", "sample_index", "prompt", "completion", "completion_token_ids", "num_prompt_tokens",
-    "num_tokens", "finish_reason", "stop_reason", "cumulative_logprob", "draft_proposed",
-    "draft_tested", "draft_accepted", "target_passes", "error",
-)
 
 
 class JobSpec(BaseModel):
@@ -379,14 +374,14 @@ class JobSpec(BaseModel):
         """sha256 of the canonical JSON of what determines the output rows.
 
         Excluded: name, output (where and how, not what), resources (how many actors and how
-        batched; the shard plan is persisted separately in _plan.json).
+        batched; the shard plan is persisted separately in __specbatch__/plan.json).
         """
         d = self.model_dump(mode="json", exclude={"name", "output", "resources"})
         canonical = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (for stats.json and _spec.json)."""
+        """Plain JSON-able dict (for stats.json and spec.json)."""
         return self.model_dump(mode="json")
 
     def model_dump_yaml(self) -> str:

@@ -3,13 +3,13 @@
 Terms: a *shard* (:class:`specbatch.data.Shard`) is a range of the input's stable row order;
 an *engine factory* is a function ``factory(spec) -> LoadedEngine`` named by an import path
 ``"module:function"`` (default :func:`build_engine`, the real engine); a *record* is one
-output row, one per (prompt, sweep point, sample).
+output row (:class:`~specbatch.data.OutputRecord`), one per (prompt, sweep point, sample).
 
 Each actor builds its engine once (models are loaded from paths, never shipped through the
 object store), then runs shards: read the rows, encode prompts, generate N samples per prompt
 and sweep point, write the shard file itself (the data never travels through the driver) and
-return the shard's *info* (counts, acceptance statistics, timing). The driver writes the
-manifest, the commit marker, from that info.
+return the shard's :class:`~specbatch.data.ShardManifest` (counts, acceptance statistics,
+timing). The driver writes it, the commit marker.
 
 :class:`ShardRunner` holds everything but Ray, so it can be tested without a cluster.
 """
@@ -22,18 +22,33 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
+from specbatch import data
+from specbatch.data import OutputRecord, ShardManifest
 from specbatch.request import Request, SampleOutput
-from specbatch.stats import AcceptanceStats
+from specbatch.stats import AcceptanceStats, CostModel
 
 ENGINE_FACTORY = "specbatch.worker:build_engine"
 
 
+@runtime_checkable
 class EngineLike(Protocol):
-    """What the worker needs of an engine (specbatch.engine.Engine has it)."""
+    """Everything the worker uses of an engine (specbatch.engine.Engine and tests/fake_engine.py).
+
+    stats: cumulative acceptance statistics (the worker records each shard's difference);
+    cost_model: the measured cost model, None when the engine measured none;
+    gamma, gamma_reason: the proposals per step it runs with now, and why;
+    rows_by_proposals, steps_by_shape: cumulative step-shape counters, (batch, proposals) -> count
+    of rows and of steps (see Engine.expected_speedup); empty for an engine that keeps none.
+    """
 
     stats: AcceptanceStats
+    cost_model: CostModel | None
+    gamma: int
+    gamma_reason: str
+    rows_by_proposals: Mapping[tuple[int, int], int]
+    steps_by_shape: Mapping[tuple[int, int], int]
 
     def generate(self, requests: list[Request]) -> list[SampleOutput]: ...
 
@@ -154,88 +169,21 @@ def _snapshot(stats: AcceptanceStats) -> AcceptanceStats:
     return AcceptanceStats.from_dict(stats.to_dict())
 
 
-def error_record(row: dict, sample_index: int, point: dict, keep_columns: Sequence[str], error: str) -> dict:
-    """The output row of a (prompt, sample) that could not be generated."""
-    record = {
-        "id": row["id"],
-        "sample_index": sample_index,
-        "prompt": row.get("prompt"),
-        "completion": "",
-        "completion_token_ids": [],
-        "num_prompt_tokens": 0,
-        "num_tokens": 0,
-        "finish_reason": "error",
-        "stop_reason": None,
-        "cumulative_logprob": 0.0,
-        "draft_proposed": 0,
-        "draft_tested": 0,
-        "draft_accepted": 0,
-        "target_passes": 0,
-        "error": _one_line(error),
-    }
-    for column in keep_columns:
-        record[column] = row.get(column)
-    record.update(point)
-    return record
+def _extra(row: dict, point: dict, keep_columns: Sequence[str]) -> dict[str, Any]:
+    """A record's columns beyond the fixed ones: the row's kept input columns, then the sweep point."""
+    return {**{column: row.get(column) for column in keep_columns}, **point}
 
 
-def output_record(row: dict, out: SampleOutput, point: dict, keep_columns: Sequence[str]) -> dict:
-    """The output row of one generated (prompt, sample) (DESIGN section 6)."""
-    record = {
-        "id": row["id"],
-        "sample_index": out.sample_index,
-        "prompt": row.get("prompt"),
-        "completion": out.text,
-        "completion_token_ids": list(out.token_ids),
-        "num_prompt_tokens": out.num_prompt_tokens,
-        "num_tokens": out.num_tokens,
-        "finish_reason": out.finish_reason,
-        "stop_reason": out.stop_reason,
-        "cumulative_logprob": float(out.cumulative_logprob),
-        "draft_proposed": out.draft_proposed,
-        "draft_tested": out.draft_tested,
-        "draft_accepted": out.draft_accepted,
-        "target_passes": out.target_passes,
-        "error": None if out.error is None else _one_line(out.error),
-    }
-    for column in keep_columns:
-        record[column] = row.get(column)
-    record.update(point)
-    return record
-
-
-def error_records(spec: Any, rows: list[dict], error: str) -> list[dict]:
-    """Every output row of `rows`, each carrying `error` (a shard whose rows kept failing)."""
+def error_records(spec: Any, rows: list[dict], error: str) -> list[OutputRecord]:
+    """Every output record of `rows`, each carrying `error` (a shard whose rows kept failing)."""
     keep = list(spec.input.keep_columns)
     n = spec.sampling.n
     return [
-        error_record(row, i, point, keep, row.get("error") or error)
+        OutputRecord.of_error(row["id"], row.get("prompt"), i, row.get("error") or error, _extra(row, point, keep))
         for row in rows
         for point, _ in spec.sweep_points()
         for i in range(n)
     ]
-
-
-def summarize_records(records: list[dict]) -> dict[str, Any]:
-    """Counts of a shard's records, for its manifest and the metrics."""
-    reasons: dict[str, int] = {}
-    for r in records:
-        reasons[r["finish_reason"]] = reasons.get(r["finish_reason"], 0) + 1
-    errors = [r for r in records if r["error"] is not None]
-    error_ids = sorted({str(r["id"]) for r in errors})
-    return {
-        "samples": len(records),
-        "tokens": sum(r["num_tokens"] for r in records),
-        "prompt_tokens": sum(r["num_prompt_tokens"] for r in records),
-        "draft_proposed": sum(r["draft_proposed"] for r in records),
-        "draft_tested": sum(r["draft_tested"] for r in records),
-        "draft_accepted": sum(r["draft_accepted"] for r in records),
-        "target_passes": sum(r["target_passes"] for r in records),
-        "finish_reasons": reasons,
-        "errors": len(errors),
-        "error_ids": error_ids[:20],
-        "first_error": errors[0]["error"] if errors else None,
-    }
 
 
 def _counter_delta(now: dict[str, dict], before: dict[str, dict]) -> dict[str, list[list[int]]]:
@@ -260,7 +208,7 @@ class ShardRunner:
         self.keep = list(spec.input.keep_columns)
         self.lock = threading.Lock()  # one shard at a time, even in a threaded actor
 
-    def records(self, rows: list[dict]) -> list[dict]:
+    def records(self, rows: list[dict]) -> list[OutputRecord]:
         """Output records of `rows`, in row order, then sweep point order, then sample index."""
         n = self.spec.sampling.n
         requests: list[Request] = []
@@ -282,47 +230,34 @@ class ShardRunner:
         by_key = {(o.request_id, o.sample_index): o for o in outputs}
         records = []
         for row, point, error, rid in plan:
+            extra = _extra(row, point, self.keep)
             for i in range(n):
                 if error is not None:
-                    records.append(error_record(row, i, point, self.keep, error))
+                    records.append(OutputRecord.of_error(row["id"], row.get("prompt"), i, error, extra))
                     continue
                 out = by_key.get((rid, i))
                 if out is None:
                     raise RuntimeError(f"engine returned no output for request {rid!r} sample {i}")
-                records.append(output_record(row, out, point, self.keep))
+                records.append(OutputRecord.of_sample(row["id"], row.get("prompt"), out, extra))
         return records
 
-    def run_shard(self, shard: Any, attempt: int = 1) -> dict[str, Any]:
-        """Generate and write one shard; return its info (the manifest's content)."""
-        from specbatch import data
-
+    def run_shard(self, shard: Any, attempt: int = 1) -> ShardManifest:
+        """Generate and write one shard; return its manifest (the driver commits it)."""
         with self.lock:
             started = time.time()
             before = _snapshot(self.loaded.engine.stats)
             shapes_before = self.step_shapes()
             rows = data.read_rows(self.spec, shard)
             records = self.records(rows)
-            path = data.write_shard(self.spec, shard, records)
+            written = data.write_shard(self.spec, shard, records)
             stats = stats_delta(self.loaded.engine.stats, before)
             shapes = _counter_delta(self.step_shapes(), shapes_before)
             finished = time.time()
-        info = {
-            "shard": shard.name,
-            "start": shard.start,
-            "stop": shard.stop,
-            "path": path,
-            "rows": len(rows),
-            **summarize_records(records),
-            "stats": stats.to_dict(),
-            "actor": self.label,
-            "attempt": attempt,
-            "started_at": started,
-            "finished_at": finished,
-            "elapsed_s": finished - started,
-            "failed": False,
-            "engine": {"cost_model": self.cost_model(), "gamma": self.gamma(), "steps": shapes},
-        }
-        return info
+        return ShardManifest.of_records(
+            shard, len(rows), records, written, stats=stats.to_dict(), actor=self.label, attempt=attempt,
+            started_at=started, finished_at=finished, elapsed_s=finished - started,
+            engine={"cost_model": self.cost_model(), "gamma": self.gamma(), "steps": shapes},
+        )
 
     def progress(self) -> dict[str, Any]:
         """The engine's cumulative counters right now (read while a shard runs)."""
@@ -330,24 +265,17 @@ class ShardRunner:
         return {"emitted": stats.emitted, "tested": stats.tested, "accepted": stats.accepted}
 
     def step_shapes(self) -> dict[str, dict[tuple[int, int], int]]:
-        """The engine's step-shape counters (see Engine.expected_speedup), when it keeps them."""
+        """The engine's step-shape counters (see Engine.expected_speedup), copied."""
         engine = self.loaded.engine
-        return {
-            "rows_by_proposals": dict(getattr(engine, "rows_by_proposals", {})),
-            "steps_by_shape": dict(getattr(engine, "steps_by_shape", {})),
-        }
+        return {"rows_by_proposals": dict(engine.rows_by_proposals), "steps_by_shape": dict(engine.steps_by_shape)}
 
     def cost_model(self) -> dict[str, Any] | None:
-        cost = getattr(self.loaded.engine, "cost_model", None)
+        cost = self.loaded.engine.cost_model
         return cost.to_dict() if cost is not None else None
 
     def gamma(self) -> dict[str, Any]:
         """The gamma the engine runs with and why (engines that adapt gamma say so)."""
-        engine = self.loaded.engine
-        return {
-            "value": getattr(engine, "gamma", None),
-            "why": getattr(engine, "gamma_reason", None),
-        }
+        return {"value": self.loaded.engine.gamma, "why": self.loaded.engine.gamma_reason}
 
 
 class GenerationActor:
@@ -386,14 +314,14 @@ class GenerationActor:
             **self.runner.loaded.description,
         }
 
-    def run_shard(self, shard: Any, attempt: int = 1) -> dict[str, Any]:
-        info = self.runner.run_shard(shard, attempt)
+    def run_shard(self, shard: Any, attempt: int = 1) -> ShardManifest:
+        manifest = self.runner.run_shard(shard, attempt)
         if self.metrics is not None:
             try:
-                self.metrics.record_shard(info)
+                self.metrics.record_shard(manifest)
             except Exception:  # a metrics exporter problem never fails a written shard
                 self.metrics = None
-        return info
+        return manifest
 
     def progress(self) -> dict[str, Any]:
         return self.runner.progress()

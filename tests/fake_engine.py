@@ -20,6 +20,7 @@ slept before each shard's generation).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -52,9 +53,15 @@ def encode(prompt) -> list[int]:
 
 
 class FakeEngine:
+    """Implements specbatch.worker.EngineLike: fixed gamma, no cost model, step shapes of one-row steps."""
+
     def __init__(self, control: dict):
         self.stats = AcceptanceStats()
         self.cost_model = None
+        self.gamma = GAMMA
+        self.gamma_reason = "the fake engine's fixed gamma"
+        self.rows_by_proposals: collections.Counter[tuple[int, int]] = collections.Counter()
+        self.steps_by_shape: collections.Counter[tuple[int, int]] = collections.Counter()
         self.delay_s = float(control.get("delay_s", 0.0))
         self.die_marker = control.get("die_marker")
 
@@ -106,6 +113,8 @@ class FakeEngine:
                     torch.tensor([out.draft_accepted]), torch.tensor([out.num_tokens]),
                 )
                 self.stats.steps += out.target_passes - 1  # add_step counted one row-step
+                self.rows_by_proposals[(1, GAMMA)] += out.target_passes
+                self.steps_by_shape[(1, GAMMA)] += out.target_passes
                 outputs.append(out)
             if self.delay_s:
                 time.sleep(self.delay_s)
@@ -128,7 +137,7 @@ class _DyingEngine:
         self.die_marker = die_marker
         self.delay_s = delay_s
 
-    def __getattr__(self, name):  # stats, cost_model, gamma, gamma_reason
+    def __getattr__(self, name):  # the rest of EngineLike: stats, cost_model, gamma, step shapes
         return getattr(self.engine, name)
 
     def _maybe_die(self, _output=None) -> None:

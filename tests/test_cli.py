@@ -220,7 +220,8 @@ def test_if_exists_overwrite_fail_and_resume_by_another_spec(ray_session, job, c
     path = dump(tmp, spec)
     assert _run(path) == 0
     first = data.read_output(str(out))
-    (out / "part-00099.manifest.json").write_text(json.dumps({"start": 100, "stop": 101}))  # a stray commit
+    stray = out / data.manifest_name("part-00099")
+    stray.write_text(json.dumps({"shard": "part-00099", "start": 100, "stop": 101}))  # a stray commit
 
     # resume by a spec that would write different rows: refused, nothing touched
     before = sorted(p.name for p in out.iterdir())
@@ -236,7 +237,7 @@ def test_if_exists_overwrite_fail_and_resume_by_another_spec(ray_session, job, c
 
     # overwrite: clears the directory (the stray manifest goes) and writes everything again
     assert _run(path, "--set", "output.if_exists=overwrite") == 0
-    assert not (out / "part-00099.manifest.json").exists()
+    assert not stray.exists()
     assert data.read_output(str(out)).equals(first)
 
 
@@ -267,19 +268,19 @@ def test_driver_killed_mid_run_then_rerun_equals_an_uninterrupted_run(ray_sessio
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 180
-        while time.time() < deadline and not list(out.glob("*.manifest.json")) and proc.poll() is None:
+        while time.time() < deadline and not list(out.glob(data.MANIFEST_DIR + "/*.json")) and proc.poll() is None:
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed"
-        assert list(out.glob("*.manifest.json")), "no shard committed in time"
+        assert list(out.glob(data.MANIFEST_DIR + "/*.json")), "no shard committed in time"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
-    committed_before = len(list(out.glob("*.manifest.json")))
+    committed_before = len(list(out.glob(data.MANIFEST_DIR + "/*.json")))
     assert committed_before < 6
 
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    stats = json.loads((out / "stats.json").read_text())
+    stats = json.loads((out / data.STATS_FILE).read_text())
     assert stats["run"]["resumed_shards"] >= committed_before
 
     reference = tmp / "reference.yaml"

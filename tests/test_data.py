@@ -3,6 +3,7 @@ if_exists, the output schema, and URIs through pyarrow.fs. No models, no Ray."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -15,8 +16,10 @@ import pytest
 from specbatch import data
 from specbatch.data import (
     InputError,
+    OutputRecord,
     RowGroup,
     Shard,
+    ShardManifest,
     check_input,
     committed,
     output_schema,
@@ -55,21 +58,25 @@ def make_spec(inp, out, *overrides: str, **input_fields):
     return spec_from_dict(d)
 
 
-def record(row: dict, sample_index: int = 0, **extra) -> dict:
-    r = {"id": row["id"], "sample_index": sample_index, "prompt": row["prompt"], "finish_reason": "length",
-         "completion": f"done {row['id']}", "completion_token_ids": [1, 2, 3], "num_prompt_tokens": 4, "num_tokens": 3,
-         "cumulative_logprob": -1.5, "draft_proposed": 4, "draft_tested": 3, "draft_accepted": 2, "target_passes": 2}
-    r.update({k: v for k, v in row.items() if k not in ("id", "prompt", "error")})  # passed-through columns
+def record(row: dict, sample_index: int = 0, **changes) -> OutputRecord:
+    """An output record of `row`; `changes` set fixed columns, or extra ones (kept input columns, sweep keys)."""
+    fixed = {"id": row["id"], "sample_index": sample_index, "prompt": row["prompt"], "finish_reason": "length",
+             "completion": f"done {row['id']}", "completion_token_ids": [1, 2, 3], "num_prompt_tokens": 4,
+             "num_tokens": 3, "stop_reason": None, "cumulative_logprob": -1.5, "draft_proposed": 4,
+             "draft_tested": 3, "draft_accepted": 2, "target_passes": 2, "error": None}
+    extra = {k: v for k, v in row.items() if k not in ("id", "prompt", "error")}  # passed-through columns
     if "error" in row:
-        r.update(finish_reason="error", error=row["error"], completion=None, completion_token_ids=None)
-    r.update(extra)
-    return r
+        fixed.update(finish_reason="error", error=row["error"], completion=None, completion_token_ids=None)
+    for key, value in changes.items():
+        (fixed if key in fixed else extra)[key] = value
+    return OutputRecord(**fixed, extra=extra)
 
 
-def commit(spec, shard, n: int = 1) -> None:
+def commit(spec, shard, n: int = 1) -> ShardManifest:
     rows = read_rows(spec, shard)
-    write_shard(spec, shard, [record(r, s) for r in rows for s in range(n)])
-    write_manifest(spec, shard, {"rows": len(rows)})
+    records = [record(r, s) for r in rows for s in range(n)]
+    written = write_shard(spec, shard, records)
+    return write_manifest(spec, ShardManifest.of_records(shard, len(rows), records, written))
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -97,7 +104,7 @@ def test_plan_is_stable_for_the_same_input(tmp_path):
 def test_replan_reuses_plan_json(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=40, row_group_size=5)
     first = plan_shards(make_spec(inp, tmp_path / "out", "resources.shard_rows=10"))
-    assert (tmp_path / "out" / "_plan.json").exists()
+    assert (tmp_path / "out" / data.PLAN_FILE).exists()
     again = plan_shards(make_spec(inp, tmp_path / "out", "resources.shard_rows=25"))
     assert again == first and len(first) == 4
 
@@ -106,7 +113,7 @@ def test_replan_refuses_a_changed_input(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=40)
     plan_shards(make_spec(inp, tmp_path / "out"))
     make_parquet(inp, n=41)
-    with pytest.raises(InputError, match=r"_plan\.json: planned for an input of 40 rows"):
+    with pytest.raises(InputError, match=r"__specbatch__/plan\.json: planned for an input of 40 rows"):
         plan_shards(make_spec(inp, tmp_path / "out"))
 
 
@@ -115,22 +122,35 @@ def test_split_and_pending_shards_cover_uncommitted_rows_once(tmp_path):
     spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=10")
     prepare_output(spec)
     plan = plan_shards(spec)
-    assert pending_shards(spec, plan) == plan
+    assert pending_shards(plan, committed(spec)) == plan
     left, right = split_shard(plan[0])
     assert (left.name, left.start, left.stop) == ("part-00000.1", 0, 5)
     assert (right.name, right.start, right.stop) == ("part-00000.2", 5, 10)
     commit(spec, left)
     commit(spec, plan[1])
-    assert pending_shards(spec, plan) == [right]
+    assert pending_shards(plan, committed(spec)) == [right]
     rl, rr = split_shard(right)
     commit(spec, rr)
-    assert pending_shards(spec, plan) == [rl]
+    assert pending_shards(plan, committed(spec)) == [rl]
     commit(spec, rl)
-    assert pending_shards(spec, plan) == []
+    assert pending_shards(plan, committed(spec)) == []
     out = read_output(str(tmp_path / "out"))
     assert out.column("id").to_pylist() == [f"p{i}" for i in range(20)]
     with pytest.raises(ValueError, match="cannot be split"):
         split_shard(Shard("part-00009", 3, 4))
+
+
+def test_pending_shards_recurse_into_split_halves_and_retry_failed_ones():
+    planned = [Shard("part-00000", 0, 8), Shard("part-00001", 8, 10)]
+    committed = {
+        "part-00000.1": ShardManifest("part-00000.1", 0, 4),
+        "part-00000.2.1": ShardManifest("part-00000.2.1", 4, 6),
+        "part-00000.2.2.2": ShardManifest("part-00000.2.2.2", 7, 8, failed=True),
+    }
+    names = [s.name for s in pending_shards(planned, committed)]
+    assert names == ["part-00000.2.2.1", "part-00000.2.2.2", "part-00001"]
+    got = {s.name: (s.start, s.stop) for s in pending_shards(planned, committed)}
+    assert got["part-00000.2.2.1"] == (6, 7)
 
 
 # -------------------------------------------------------------------------------------- inputs
@@ -339,24 +359,25 @@ def test_write_is_atomic_no_partial_file_under_the_final_name(tmp_path, monkeypa
     shard = Shard("part-00000", 0, 4)
     rows = read_rows(spec, shard)
     final = tmp_path / "out" / "part-00000.parquet"
-    real_write = pq.write_table
+    real_put = data.files._put
     seen = []
 
-    def crashing_write(table, where, **kw):
+    def crashing_put(fs, where, payload):
         seen.append(where)
         assert not final.exists(), "the final name must not exist while the shard is written"
         assert os.path.basename(where).startswith(".part-00000.parquet.tmp-")
-        real_write(table.slice(0, 1), where, **kw)  # a partial file ...
+        real_put(fs, where, payload[:100])  # a partial file ...
         raise OSError("disk full")  # ... then the writer dies
 
-    monkeypatch.setattr(data.pq, "write_table", crashing_write)
+    monkeypatch.setattr(data.files, "_put", crashing_put)
     with pytest.raises(OSError, match="disk full"):
         write_shard(spec, shard, [record(r) for r in rows])
     assert seen and not final.exists()
     assert [p.name for p in (tmp_path / "out").iterdir() if "part-" in p.name] == []  # temp file cleaned up
-    monkeypatch.setattr(data.pq, "write_table", real_write)
-    path = write_shard(spec, shard, [record(r) for r in rows])
-    assert path == str(tmp_path / "out") + "/part-00000.parquet"
+    monkeypatch.setattr(data.files, "_put", real_put)
+    written = write_shard(spec, shard, [record(r) for r in rows])
+    assert written.path == str(tmp_path / "out") + "/part-00000.parquet"
+    assert written.size == final.stat().st_size and written.sha256 == hashlib.sha256(final.read_bytes()).hexdigest()
     assert pq.read_table(final).num_rows == 4
     # A retry rewrites the same name whole.
     write_shard(spec, shard, [record(r, completion="second") for r in rows])
@@ -369,14 +390,14 @@ def test_object_store_path_writes_the_fixed_key_directly(tmp_path, monkeypatch):
     prepare_output(spec)
     shard = Shard("part-00000", 0, 3)
     targets = []
-    real_write = pq.write_table
+    real_put = data.files._put
 
-    def spy(table, where, **kw):
+    def spy(fs, where, payload):
         targets.append(where)
-        real_write(table, where, **kw)
+        real_put(fs, where, payload)
 
-    monkeypatch.setattr(data, "_is_object_store", lambda fs: True)
-    monkeypatch.setattr(data.pq, "write_table", spy)
+    monkeypatch.setattr(data.files, "_is_object_store", lambda fs: True)
+    monkeypatch.setattr(data.files, "_put", spy)
     write_shard(spec, shard, [record(r) for r in read_rows(spec, shard)])
     assert targets == [str(tmp_path / "out" / "part-00000.parquet")]
 
@@ -387,21 +408,21 @@ def test_manifest_commits_only_a_complete_file(tmp_path):
     prepare_output(spec)
     s0, s1 = plan_shards(spec)
     with pytest.raises(FileNotFoundError, match="part-00000.parquet: shard file missing"):
-        write_manifest(spec, s0, {"rows": 3})
+        write_manifest(spec, ShardManifest("part-00000", 0, 3, rows=3))
     commit(spec, s0, n=2)
     # s1's file is written but not committed (a crash between file and manifest): invisible.
     write_shard(spec, s1, [record(r) for r in read_rows(spec, s1)])
     manifests = committed(spec)
     assert list(manifests) == ["part-00000"]
     m = manifests["part-00000"]
-    assert (m["shard"], m["start"], m["stop"], m["file"], m["rows"]) == ("part-00000", 0, 3, "part-00000.parquet", 3)
-    assert m["fingerprint"] == spec.fingerprint()
+    assert (m.shard, m.start, m.stop, m.file, m.rows, m.samples) == ("part-00000", 0, 3, "part-00000.parquet", 3, 6)
+    assert m.fingerprint == spec.fingerprint() and m.tokens == 18 and m.finish_reasons == {"length": 6}
     out = read_output(str(tmp_path / "out"))
     assert out.num_rows == 6
     assert list(zip(out.column("id").to_pylist(), out.column("sample_index").to_pylist())) == [
         (f"p{i}", s) for i in range(3) for s in range(2)
     ]
-    assert json.loads((tmp_path / "out" / "part-00000.manifest.json").read_text())["rows"] == 3
+    assert json.loads((tmp_path / "out" / data.manifest_name("part-00000")).read_text())["rows"] == 3
 
 
 def test_read_output_refuses_overlapping_shards(tmp_path):
@@ -435,8 +456,7 @@ def test_all_null_error_column_reads_back_with_the_declared_schema(tmp_path):
     shard = Shard("part-00000", 0, 3)
     rows = read_rows(spec, shard)
     records = [record(r, s, topic=r["topic"], temperature=t) for r in rows for t in (0.5, 1.0) for s in range(2)]
-    write_shard(spec, shard, records)
-    write_manifest(spec, shard, {"rows": 3})
+    write_manifest(spec, ShardManifest.of_records(shard, 3, records, write_shard(spec, shard, records)))
     declared = output_schema(spec)
     on_disk = pq.read_schema(tmp_path / "out" / "part-00000.parquet")
     assert on_disk.equals(declared, check_metadata=False)
@@ -460,16 +480,94 @@ def test_resume_keeps_committed_shards_and_clears_leftovers(tmp_path):
     prepare_output(spec)
     s0, s1 = plan_shards(spec)
     commit(spec, s0)
-    (tmp_path / "out" / "_SUCCESS").write_text("")
+    (tmp_path / "out" / data.SUCCESS_FILE).write_text("")
     (tmp_path / "out" / ".part-00001.parquet.tmp-abc").write_text("partial")
+    (tmp_path / "out" / data.MANIFEST_DIR / ".part-00001.json.tmp-abc").write_text("partial")
     write_shard(spec, s1, [record(r) for r in read_rows(spec, s1)])  # written, never committed
     # Different resources: same outputs, so resuming is allowed.
     again = make_spec(inp, tmp_path / "out", "resources.shard_rows=5", "resources.actors=3")
     prepare_output(again)
     assert list(committed(again)) == ["part-00000"]
-    assert [s.name for s in pending_shards(again)] == ["part-00001"]
-    names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["_plan.json", "_spec.json", "part-00000.manifest.json", "part-00000.parquet"]
+    assert [s.name for s in pending_shards(plan_shards(again), committed(again))] == ["part-00001"]
+    names = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert names == [data.MANIFEST_DIR + "/part-00000.json", data.PLAN_FILE, data.SPEC_FILE, "part-00000.parquet"]
+
+
+def test_resume_uncommits_shards_whose_file_or_manifest_was_damaged(tmp_path):
+    inp = make_parquet(tmp_path / "in.parquet", n=10)
+    spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=2")
+    prepare_output(spec)
+    plan = plan_shards(spec)
+    for shard in plan:
+        commit(spec, shard, n=2)
+    out = tmp_path / "out"
+    (out / "part-00000.parquet").unlink()  # missing
+    with open(out / "part-00001.parquet", "r+b") as f:
+        f.truncate(200)  # short
+    changed = bytearray((out / "part-00002.parquet").read_bytes())
+    changed[len(changed) // 2] ^= 0xFF
+    (out / "part-00002.parquet").write_bytes(bytes(changed))  # same size, other bytes
+    manifest = out / data.manifest_name("part-00003")
+    manifest.write_bytes(manifest.read_bytes()[:50])  # a manifest that does not read
+    with pytest.raises(ValueError, match=r"part-00003: its manifest does not read"):
+        read_output(str(out))
+    notes = prepare_output(spec)
+    assert [n.split(":")[0] for n in notes] == ["part-00000", "part-00001", "part-00002", "part-00003"]
+    assert "missing" in notes[0] and "has 200 bytes" in notes[1] and "sha256" in notes[2] and "does not read" in notes[3]
+    assert list(committed(spec)) == ["part-00004"]
+    assert pending_shards(plan, committed(spec)) == plan[:4]
+    assert [p.name for p in out.glob("part-*")] == ["part-00004.parquet"]
+    assert [p.name for p in (out / data.MANIFEST_DIR).iterdir()] == ["part-00004.json"]
+    assert read_output(str(out)).column("id").to_pylist() == ["p8", "p8", "p9", "p9"]
+
+
+def test_a_first_version_manifest_is_verified_by_reading_its_file(tmp_path):
+    inp = make_parquet(tmp_path / "in.parquet", n=4)
+    spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=2")
+    prepare_output(spec)
+    for shard in plan_shards(spec):
+        commit(spec, shard, n=3)
+    for path in (tmp_path / "out" / data.MANIFEST_DIR).glob("*.json"):  # as the first version wrote them
+        m = json.loads(path.read_text())
+        for key in ("version", "file_bytes", "file_sha256"):
+            del m[key]
+        path.write_text(json.dumps(m))
+    assert committed(spec)["part-00000"].file_sha256 is None
+    with open(tmp_path / "out" / "part-00001.parquet", "r+b") as f:
+        f.truncate(200)
+    notes = prepare_output(spec)
+    assert len(notes) == 1 and notes[0].startswith("part-00001: part-00001.parquet does not read as Parquet")
+    assert list(committed(spec)) == ["part-00000"]
+    newer = tmp_path / "out" / data.manifest_name("part-00000")
+    newer.write_text(json.dumps({**json.loads(newer.read_text()), "version": 99}))
+    with pytest.raises(InputError, match=r"part-00000.json: manifest version 99 was written by a newer specbatch"):
+        prepare_output(spec)
+    assert newer.exists()  # refused, never uncommitted
+
+
+def test_an_output_of_the_first_layout_reads_and_resumes_into_the_current_one(tmp_path):
+    inp = make_parquet(tmp_path / "in.parquet", n=6)
+    spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=2")
+    prepare_output(spec)
+    plan = plan_shards(spec)
+    for shard in plan[:2]:
+        commit(spec, shard)
+    out = tmp_path / "out"
+    # As the first layout wrote it: manifests, plan, spec, stats and _SUCCESS beside the shards.
+    for m in (out / data.MANIFEST_DIR).iterdir():
+        m.rename(out / (m.stem + ".manifest.json"))
+    (out / data.MANIFEST_DIR).rmdir()
+    (out / data.PLAN_FILE).rename(out / "_plan.json")
+    (out / data.SPEC_FILE).rename(out / "_spec.json")
+    (out / data.META_DIR).rmdir()
+    (out / "stats.json").write_text("{}")
+    (out / "_SUCCESS").write_text("")
+    assert list(committed(spec)) == ["part-00000", "part-00001"]
+    assert read_output(str(out)).column("id").to_pylist() == ["p0", "p1", "p2", "p3"]
+    assert prepare_output(spec) == []
+    assert sorted(p.name for p in out.iterdir()) == [data.META_DIR, "part-00000.parquet", "part-00001.parquet"]
+    assert list(committed(spec)) == ["part-00000", "part-00001"]
+    assert plan_shards(spec) == plan and pending_shards(plan, committed(spec)) == plan[2:]
 
 
 def test_remove_uncommitted_leaves_exactly_the_committed_shards(tmp_path):
@@ -494,12 +592,12 @@ def test_resume_refuses_a_directory_written_by_a_different_spec(tmp_path):
     spec = make_spec(inp, tmp_path / "out")
     prepare_output(spec)
     commit(spec, Shard("part-00000", 0, 6))
-    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     other = make_spec(inp, tmp_path / "out", "sampling.temperature=0.3")
     with pytest.raises(InputError) as info:
         prepare_output(other)
     assert str(info.value).startswith(f"output.path: {tmp_path / 'out'} was written by a different spec")
-    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
 
 
 def test_overwrite_clears_the_directory(tmp_path):
@@ -510,8 +608,9 @@ def test_overwrite_clears_the_directory(tmp_path):
     commit(spec, Shard("part-00000", 0, 6))
     other = make_spec(inp, tmp_path / "out", "sampling.temperature=0.3", "output.if_exists=overwrite")
     prepare_output(other)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_spec.json"]
-    assert json.loads((tmp_path / "out" / "_spec.json").read_text())["fingerprint"] == other.fingerprint()
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == [
+        data.META_DIR, data.MANIFEST_DIR, data.SPEC_FILE]
+    assert json.loads((tmp_path / "out" / data.SPEC_FILE).read_text())["fingerprint"] == other.fingerprint()
     assert committed(other) == {}
 
 

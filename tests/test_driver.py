@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from specbatch import data
-from specbatch.driver import RunError, check_cluster_output, pending_shards, plan_actors, run_job
+from specbatch.driver import RunError, check_cluster_output, plan_actors, run_job
 from specbatch.spec import SpecError, spec_from_dict
 
 ray = pytest.importorskip("ray")
@@ -118,13 +118,38 @@ def test_normal_run_writes_every_sample_once_with_the_declared_schema(reference)
     assert list(frame.columns) == schema.names
     assert str(frame["num_tokens"].dtype) == "int64" and str(frame["cumulative_logprob"].dtype) == "float64"
     assert (out / data.SUCCESS_FILE).is_file()
-    stats = json.loads((out / "stats.json").read_text())
+    stats = json.loads((out / data.STATS_FILE).read_text())
     assert stats["complete"] and stats["totals"]["samples"] == NUM_PROMPTS * 3
     assert stats["totals"]["tokens"] == int(frame["num_tokens"].sum())
     assert stats["acceptance"]["accepted"] == int(frame["draft_accepted"].sum())
     assert stats["acceptance"]["tested"] == int(frame["draft_tested"].sum())
     assert 0 < stats["acceptance_rate"] <= 1
     assert len(stats["actors"]) == 1 and stats["actors"][0]["samples"] == NUM_PROMPTS * 3
+
+
+def _read_with(reader: str, out: str, tmp_path: pathlib.Path) -> list[tuple]:
+    """(id, sample_index) of every row that `reader` reads from the output directory."""
+    if reader == "pandas":
+        frame = pytest.importorskip("pandas").read_parquet(out)
+    elif reader == "pyarrow.dataset":
+        frame = pytest.importorskip("pyarrow.dataset").dataset(out, format="parquet").to_table().to_pandas()
+    elif reader == "polars":  # polars reads a directory holding other files only through a glob
+        frame = pytest.importorskip("polars").read_parquet(f"{out}/*.parquet").to_pandas()
+    elif reader == "duckdb":
+        frame = pytest.importorskip("duckdb").sql(f"select * from read_parquet('{out}')").df()
+    else:
+        frame = pytest.importorskip("datasets").load_dataset(
+            "parquet", data_dir=out, split="train", cache_dir=str(tmp_path / "cache")).to_pandas()
+    return sorted(zip(frame["id"], frame["sample_index"]))
+
+
+@pytest.mark.parametrize("reader", ["pandas", "pyarrow.dataset", "polars", "duckdb", "datasets"])
+def test_the_output_directory_reads_as_one_dataset(reference, reader, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    spec, _ = reference
+    keys = _read_with(reader, spec.output.path, tmp_path)
+    assert keys == sorted((f"p{i}", s) for i in range(NUM_PROMPTS) for s in range(3))
 
 
 def test_actor_killed_during_generation_is_replaced_and_its_shard_rerun(reference, tmp_path):
@@ -136,7 +161,7 @@ def test_actor_killed_during_generation_is_replaced_and_its_shard_rerun(referenc
 
     def kill_after_first_commit():
         deadline = time.time() + 120
-        while time.time() < deadline and not list(out.glob("*.manifest.json")):
+        while time.time() < deadline and not list(out.glob(data.MANIFEST_DIR + "/*.json")):
             time.sleep(0.02)
         marker.touch()
 
@@ -168,7 +193,7 @@ def test_poison_row_carries_its_error_and_neighbours_succeed(ray_session, tmp_pa
         else:
             assert r["error"] is None and r["finish_reason"] != "error"
     assert not (out / data.SUCCESS_FILE).exists()
-    stats = json.loads((out / "stats.json").read_text())
+    stats = json.loads((out / data.STATS_FILE).read_text())
     assert not stats["complete"] and stats["failed"][0]["ids"] == ["p5"]
 
     # A rerun retries the failed row (and only it), fails the same way, and duplicates nothing.
@@ -197,8 +222,8 @@ def test_resume_runs_only_uncommitted_shards_and_matches(reference, tmp_path):
     spec = spec_from_dict({**spec_ref.to_dict(), "output": {"path": str(out), "if_exists": "resume"}})
     shutil.copytree(spec_ref.output.path, out)  # a finished output of the same spec
     # Simulate a crash: one shard written but not committed, one never written.
-    (out / "part-00002.manifest.json").unlink()
-    (out / "part-00004.manifest.json").unlink()
+    (out / data.manifest_name("part-00002")).unlink()
+    (out / data.manifest_name("part-00004")).unlink()
     (out / "part-00004.parquet").unlink()
     result = run_job(spec, engine_factory=FAKE, progress=False)
     assert result.exit_code == 0
@@ -206,6 +231,47 @@ def test_resume_runs_only_uncommitted_shards_and_matches(reference, tmp_path):
     assert result.stats["run"]["resumed_shards"] == 4
     assert result.stats["totals"]["samples"] == NUM_PROMPTS * 3  # stats cover the whole output
     assert rows_by_key(out) == rows_by_key(spec_ref.output.path)
+
+
+def test_resume_reruns_shards_whose_file_or_manifest_was_damaged(reference, tmp_path):
+    spec_ref, _ = reference
+    out = tmp_path / "out"
+    spec = spec_from_dict({**spec_ref.to_dict(), "output": {"path": str(out), "if_exists": "resume"}})
+    shutil.copytree(spec_ref.output.path, out)  # a finished output of the same spec
+    with open(out / "part-00003.parquet", "r+b") as f:
+        f.truncate(200)  # a committed file cut short
+    manifest = out / data.manifest_name("part-00001")
+    manifest.write_bytes(manifest.read_bytes()[:50])  # a commit marker that no longer reads
+    logs = []
+    result = run_job(spec, engine_factory=FAKE, progress=False, log=logs.append)
+    assert result.exit_code == 0 and (out / data.SUCCESS_FILE).is_file()
+    assert sorted(result.stats["run"]["shards_this_run"]) == ["part-00001", "part-00003"]
+    assert any(line.startswith("warning: part-00003: part-00003.parquet has 200 bytes") for line in logs), logs
+    assert any(line.startswith("warning: part-00001: its manifest does not read") for line in logs)
+    assert rows_by_key(out) == rows_by_key(spec_ref.output.path)
+
+
+def test_success_is_written_only_once_every_commit_verifies(tmp_path):
+    from specbatch.driver import Driver
+    from specbatch.worker import EngineLike, ShardRunner
+    from tests import fake_engine
+
+    out = tmp_path / "out"
+    spec = make_spec(write_prompts(tmp_path / "in", plain_prompts(4)), out)
+    data.check_input(spec)
+    data.prepare_output(spec)
+    loaded = fake_engine.build(spec)
+    assert isinstance(loaded.engine, EngineLike)
+    runner = ShardRunner(spec, loaded, "actor-0")
+    for shard in data.plan_shards(spec):
+        data.write_manifest(spec, runner.run_shard(shard))
+    with open(out / "part-00001.parquet", "r+b") as f:
+        f.truncate(200)  # changed after its commit, before the run finished
+    result = Driver(spec, engine_factory=FAKE, progress=False)._finish(time.time())
+    assert result.exit_code == 1 and result.failure_line().startswith("1 shard(s) failed: part-00001")
+    assert "has 200 bytes" in result.failure_line()
+    assert not (out / data.SUCCESS_FILE).exists() and list(data.committed(spec)) == ["part-00000"]
+    assert not (out / "part-00001.parquet").exists()
 
 
 def test_sweep_points_draw_independently_and_become_columns(ray_session, tmp_path):
@@ -229,19 +295,6 @@ def test_engine_that_cannot_start_fails_the_run_with_its_reason(ray_session, tmp
 
 # ---------------------------------------------------------------------------------------------
 # Pieces without Ray
-
-
-def test_pending_shards_recurse_into_split_halves_and_retry_failed_ones():
-    planned = [data.Shard("part-00000", 0, 8), data.Shard("part-00001", 8, 10)]
-    committed = {
-        "part-00000.1": {"start": 0, "stop": 4},
-        "part-00000.2.1": {"start": 4, "stop": 6},
-        "part-00000.2.2.2": {"start": 7, "stop": 8, "failed": True},
-    }
-    names = [s.name for s in pending_shards(planned, committed)]
-    assert names == ["part-00000.2.2.1", "part-00000.2.2.2", "part-00001"]
-    got = {s.name: (s.start, s.stop) for s in pending_shards(planned, committed)}
-    assert got["part-00000.2.2.1"] == (6, 7)
 
 
 def test_plan_actors_follows_gpus_cpus_and_work():
@@ -273,7 +326,7 @@ def test_progress_bar_counts_prompts_samples_and_live_acceptance(capsys):
 
     progress = Progress(total_prompts=10, enabled=True)
     progress.actor_counters("actor-0", {"emitted": 40, "tested": 8, "accepted": 6})
-    progress.shard_done({"rows": 4, "samples": 8, "tokens": 40})
+    progress.shard_done(data.ShardManifest("part-00000", 0, 4, rows=4, samples=8, tokens=40))
     assert progress.bar.n == 4
     assert "samples=8" in str(progress.bar) and "accept=0.75" in str(progress.bar)
     progress.close()
@@ -285,9 +338,11 @@ def test_shard_runner_keys_sweep_points_apart_and_reports_row_errors(tmp_path):
     from specbatch.stats import AcceptanceStats
     from specbatch.worker import LoadedEngine, ShardRunner
 
-    class Recorder:
+    class Recorder:  # an EngineLike that records its requests
         def __init__(self):
             self.stats = AcceptanceStats()
+            self.cost_model, self.gamma, self.gamma_reason = None, 0, "plain sampling"
+            self.rows_by_proposals, self.steps_by_shape = {}, {}
             self.requests = []
 
         def generate(self, requests):
@@ -308,13 +363,13 @@ def test_shard_runner_keys_sweep_points_apart_and_reports_row_errors(tmp_path):
     data.prepare_output(spec)
     engine = Recorder()
     runner = ShardRunner(spec, LoadedEngine(engine=engine, encode=encode), "actor-7")
-    info = runner.run_shard(data.Shard("part-00000", 0, 3))
+    manifest = runner.run_shard(data.Shard("part-00000", 0, 3))
     assert [r.request_id for r in engine.requests] == ['p0|{"temperature":0.5}', 'p0|{"temperature":1.0}']
     assert [r.params.temperature for r in engine.requests] == [0.5, 1.0]
-    rows = pq.read_table(info["path"]).to_pylist()
+    rows = pq.read_table(manifest.path).to_pylist()
     assert [(r["id"], r["temperature"], r["sample_index"]) for r in rows] == [
         (f"p{i}", t, s) for i in range(3) for t in (0.5, 1.0) for s in range(2)]
     errors = {r["id"]: r["error"] for r in rows if r["error"]}
     assert set(errors) == {"p1", "p2"} and "empty" in errors["p1"] and "no tokens for this" in errors["p2"]
-    assert info["samples"] == 12 and info["errors"] == 8 and info["error_ids"] == ["p1", "p2"]
-    assert info["tokens"] == 8 and info["stats"]["emitted"] == 8 and info["actor"] == "actor-7"
+    assert manifest.samples == 12 and manifest.errors == 8 and manifest.error_ids == ["p1", "p2"]
+    assert manifest.tokens == 8 and manifest.stats["emitted"] == 8 and manifest.actor == "actor-7"

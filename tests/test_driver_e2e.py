@@ -1,8 +1,8 @@
 """End to end with the real engine on a tiny random checkpoint (float32, CPU, local Ray).
 
 An uninterrupted run is the reference. A run whose actor is killed in the middle of
-generation (after a shard was committed), and a run resumed after losing shards, must both
-reproduce it row for row: a row's tokens depend only on (seed, id, sample index), never on
+generation (after a shard was committed), and a run resumed after losing shards (or with a
+committed file cut short), must both reproduce it row for row: a row's tokens depend only on (seed, id, sample index), never on
 the actor, the attempt or the run. A prompt longer than max_model_len is a row error that
 the engine reports: its rows carry the error, its neighbours succeed, the run exits 1.
 """
@@ -111,7 +111,7 @@ def test_actor_killed_mid_generation_reproduces_the_reference(reference, setup, 
 
     def kill_after_first_commit():
         deadline = time.time() + 300
-        while time.time() < deadline and not list(out.glob("*.manifest.json")):
+        while time.time() < deadline and not list(out.glob(data.MANIFEST_DIR + "/*.json")):
             time.sleep(0.01)
         marker.touch()
 
@@ -128,11 +128,13 @@ def test_resumed_run_reproduces_the_reference(reference, setup):
     out = setup[0] / "resumed"
     spec = spec_from_dict({**reference[0].to_dict(), "output": {"path": str(out), "if_exists": "resume"}})
     shutil.copytree(reference[0].output.path, out)  # a finished output of the same spec
-    (out / "part-00000.manifest.json").unlink()  # written, never committed
-    (out / "part-00002.manifest.json").unlink()
+    (out / data.manifest_name("part-00000")).unlink()  # written, never committed
+    (out / data.manifest_name("part-00002")).unlink()
     (out / "part-00002.parquet").unlink()  # never written
+    with open(out / "part-00001.parquet", "r+b") as f:
+        f.truncate(200)  # committed, then cut short: its manifest no longer verifies
     result = run_job(spec, engine_factory=ENGINE_FACTORY, progress=False)
-    assert sorted(result.stats["run"]["shards_this_run"]) == ["part-00000", "part-00002"]
+    assert sorted(result.stats["run"]["shards_this_run"]) == ["part-00000", "part-00001", "part-00002"]
     assert rows_of(spec) == rows_of(reference[0])
     # Nothing left to run: no actor starts, and stats.json still reports the engine's figures.
     again = run_job(spec, progress=False)

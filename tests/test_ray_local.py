@@ -77,7 +77,7 @@ def job(tmp_path_factory):
     data.prepare_output(spec)
     runner = ShardRunner(spec, LoadedEngine(engine=FakeEngine({}), encode=encode))  # no delay
     for shard in data.plan_shards(spec):
-        data.write_manifest(spec, shard, runner.run_shard(shard))
+        data.write_manifest(spec, runner.run_shard(shard))
     return root, inp, model, rows_of(root / "reference")
 
 
@@ -212,7 +212,7 @@ def test_killed_interrupted_and_contended_runs_write_each_row_once(job, capsys):
     assert rerun.finish() == 0, rerun.stderr()
     rerun.assert_ray_was_local_only_and_is_gone()
     assert rows_of(out) == reference
-    stats = json.loads((out / "stats.json").read_text())
+    stats = json.loads((out / data.STATS_FILE).read_text())
     assert stats["run"]["resumed_shards"] >= 2
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from specbatch import report
 from specbatch.cli import main
+from specbatch.data import ShardManifest
 from specbatch.metrics import COUNTERS, ShardMetrics
 from specbatch.spec import spec_from_dict
 from specbatch.stats import AcceptanceStats, CostModel, expected_speedup
@@ -29,13 +30,13 @@ def make_spec(tmp_path: pathlib.Path, **sampling):
 def manifest(name, actor, start, rows, tested_at, accepted_at, emitted, steps, t0, failed=False):
     stats = AcceptanceStats(steps=steps, emitted=emitted, proposed=2 * steps, tested=sum(tested_at),
                             accepted=sum(accepted_at), tested_at=tested_at, accepted_at=accepted_at)
-    return {
-        "shard": name, "start": start, "stop": start + rows, "rows": rows, "samples": 2 * rows,
-        "tokens": emitted, "prompt_tokens": 10 * rows, "errors": 2 * rows if failed else 0,
-        "error_ids": [f"id{start}"] if failed else [], "finish_reasons": {"error" if failed else "eos": 2 * rows},
-        "stats": {} if failed else stats.to_dict(), "actor": None if failed else actor, "attempt": 1,
-        "started_at": t0, "finished_at": t0 + 2.0, "elapsed_s": 0.0 if failed else 2.0, "failed": failed,
-    }
+    return ShardManifest(
+        shard=name, start=start, stop=start + rows, rows=rows, samples=2 * rows,
+        tokens=emitted, prompt_tokens=10 * rows, errors=2 * rows if failed else 0,
+        error_ids=[f"id{start}"] if failed else [], finish_reasons={"error" if failed else "eos": 2 * rows},
+        stats={} if failed else stats.to_dict(), actor=None if failed else actor, attempt=1,
+        started_at=t0, finished_at=t0 + 2.0, elapsed_s=0.0 if failed else 2.0, failed=failed,
+    )
 
 
 COST = CostModel(target={(4, 1): 0.010, (4, 2): 0.011, (4, 3): 0.012, (4, 4): 0.020}, draft={4: 0.001})
@@ -130,12 +131,15 @@ def test_stats_command_prints_the_summary_and_writes_plots(stats, tmp_path, caps
     pytest.importorskip("matplotlib")
     spec, s = stats
     out = pathlib.Path(spec.output.path)
-    out.mkdir(parents=True)
-    (out / "stats.json").write_text(json.dumps(s))
+    (out / report.STATS).parent.mkdir(parents=True)
+    (out / report.STATS).write_text(json.dumps(s))
     assert main(["stats", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "job report-job" in printed and "wrote" in printed
-    assert (out / "acceptance_per_position.png").is_file() and (out / "throughput.png").is_file()
+    plots = (out / report.STATS).parent
+    assert (plots / "acceptance_per_position.png").is_file() and (plots / "throughput.png").is_file()
+    (out / report.STATS).rename(out / "stats.json")  # an output of the first layout
+    assert main(["stats", str(out), "--no-plots"]) == 0 and "job report-job" in capsys.readouterr().out
     assert main(["stats", str(tmp_path / "nowhere")]) == 2
     assert "no readable stats.json" in capsys.readouterr().err
 
@@ -152,8 +156,8 @@ def test_metrics_publish_each_shards_counts():
 
     metrics = ShardMetrics("job", "actor-3", make_counter=Counter)
     assert set(metrics.counters) == set(COUNTERS)
-    metrics.record_shard({"tokens": 50, "samples": 8, "errors": 0, "draft_proposed": 40,
-                          "draft_tested": 30, "draft_accepted": 20, "target_passes": 25})
+    metrics.record_shard(ShardManifest("part-00000", 0, 4, rows=4, tokens=50, samples=8, errors=0, draft_proposed=40,
+                                       draft_tested=30, draft_accepted=20, target_passes=25))
     got = {name: value for name, value, _ in incs}
     assert got == {"specbatch_tokens": 50, "specbatch_samples": 8, "specbatch_draft_proposed": 40,
                    "specbatch_draft_tested": 30, "specbatch_draft_accepted": 20, "specbatch_target_passes": 25}
@@ -166,13 +170,13 @@ def test_expected_speedup_over_the_steps_run_merges_the_manifests_step_shapes(tm
     spec = make_spec(tmp_path)
     a = manifest("part-00000", "actor-0", 0, 4, [10, 6], [8, 3], emitted=40, steps=20, t0=100.0)
     b = manifest("part-00001", "actor-0", 4, 4, [10, 8], [6, 4], emitted=30, steps=20, t0=101.0)
-    a["engine"] = {"steps": {"rows_by_proposals": [[4, 2, 12], [4, 0, 8]], "steps_by_shape": [[4, 2, 5]]}}
-    b["engine"] = {"steps": {"rows_by_proposals": [[4, 2, 20]], "steps_by_shape": [[4, 2, 5]]}}
+    a.engine = {"steps": {"rows_by_proposals": [[4, 2, 12], [4, 0, 8]], "steps_by_shape": [[4, 2, 5]]}}
+    b.engine = {"steps": {"rows_by_proposals": [[4, 2, 20]], "steps_by_shape": [[4, 2, 5]]}}
     s = report.build_stats(spec, {"part-00000": a, "part-00001": b}, cost_model=COST.to_dict())
     alpha = s["acceptance_rate"]
     expected = expected_speedup_of_steps(alpha, {(4, 2): 32, (4, 0): 8}, {(4, 2): 10}, COST)
     assert s["expected_speedup"]["over_steps_run"] == pytest.approx(expected)
     assert "over the steps actually run" in report.summary_text(s)
     # Without step shapes (an engine that keeps none) the figure is absent, not invented.
-    del a["engine"], b["engine"]
+    a.engine = b.engine = None
     assert report.build_stats(spec, {"part-00000": a, "part-00001": b}, cost_model=COST.to_dict())["expected_speedup"].get("over_steps_run") is None

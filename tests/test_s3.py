@@ -151,7 +151,7 @@ def test_job_reads_and_writes_s3_uris_with_query_options_and_resumes(query_run):
     committed = data.committed(out)
     assert sorted(committed) == ["part-00000", "part-00001", "part-00002"]
     fs, root = storage.resolve(out)
-    assert fs.get_file_info(f"{root}/stats.json").type == pafs.FileType.File
+    assert fs.get_file_info(f"{root}/{data.STATS_FILE}").type == pafs.FileType.File
     assert fs.get_file_info(f"{root}/{data.SUCCESS_FILE}").type == pafs.FileType.File
 
     delete_commit(out, "part-00001")
