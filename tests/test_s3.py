@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from specbatch import data, localray, storage
+from specbatch.data import inputs
 from specbatch.driver import run_job
 from specbatch.spec import spec_from_dict
 
@@ -55,8 +56,8 @@ def test_resolve_configures_the_filesystem_from_the_query_options():
 
 def test_a_query_is_no_glob_and_output_names_keep_it():
     query = "?endpoint_override=127.0.0.1:9000&scheme=http"
-    assert data._split_glob("s3://bucket/in/*.parquet" + query) == ("s3://bucket/in" + query, "*.parquet")
-    assert data._split_glob("s3://bucket/in/prompts.parquet" + query) is None
+    assert inputs._split_glob("s3://bucket/in/*.parquet" + query) == ("s3://bucket/in" + query, "*.parquet")
+    assert inputs._split_glob("s3://bucket/in/prompts.parquet" + query) is None
     spec = spec_from_dict(spec_dict("s3://bucket/in/p.parquet" + query, "s3://bucket/out" + query, "fake"))
     assert data.output_uri(spec, "stats.json") == "s3://bucket/out/stats.json" + query
 
