@@ -38,6 +38,7 @@ from typing import Any, Sequence
 from specbatch.rows import Row
 from specbatch.stats import CostModel
 
+AUTO_MAX_DRAFT_TOKENS = 6  # the upper bound of a row's count under num_draft_tokens: auto
 BINS = 10
 PRIOR_TESTS = 2.0
 ROW_PRIOR_TESTS = 8.0

@@ -64,6 +64,7 @@ def device_for(spec: Any) -> str:
 
 def build_engine(spec: Any) -> LoadedEngine:
     """The real engine for a job spec: target model, tokenizer, drafter, Engine."""
+    from specbatch.autogamma import AUTO_MAX_DRAFT_TOKENS
     from specbatch.drafters import build_drafter
     from specbatch.engine import Engine, EngineConfig
     from specbatch.models import load_model, load_tokenizer
@@ -88,13 +89,18 @@ def build_engine(spec: Any) -> LoadedEngine:
         draft_top_k=spec_cfg.draft_top_k,
         draft_top_p=spec_cfg.draft_top_p,
         device=device,
+        top_m=draft_spec.top_m,
+        max_entries=draft_spec.max_entries,
+        scope=draft_spec.scope,
     )
-    gamma = spec_cfg.num_draft_tokens if draft_spec.kind != "none" else 0
+    auto = spec_cfg.num_draft_tokens == "auto"
+    gamma = (AUTO_MAX_DRAFT_TOKENS if auto else spec_cfg.num_draft_tokens) if draft_spec.kind != "none" else 0
     config = EngineConfig(
         max_batch_size=spec.resources.max_batch_size,
         num_draft_tokens=gamma,
         verification=spec_cfg.verification,
         adaptive_gamma=spec_cfg.adaptive_gamma,
+        auto_gamma=auto,
         max_model_len=target_spec.max_model_len,
     )
     engine = Engine(target, tokenizer, drafter, config)
@@ -109,7 +115,7 @@ def build_engine(spec: Any) -> LoadedEngine:
         "dtype": target_spec.dtype,
         "compiled": target_spec.compile,
         "draft": draft_spec.kind if draft_spec.kind != "model" else f"model:{draft_spec.path}",
-        "num_draft_tokens": gamma,
+        "num_draft_tokens": "auto" if auto and gamma else gamma,
     }
     return LoadedEngine(engine=engine, encode=encode, description=description)
 
