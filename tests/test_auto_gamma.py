@@ -133,3 +133,28 @@ def test_a_count_chosen_from_the_acceptance_uniforms_is_caught(target, tokenizer
     assert eng.stats.tested > 500
     with pytest.raises(AssertionError):
         assert_samples_match(sample_matrix(outs), exact_probs(target, PROMPT, PARAMS), V, label="peeking auto")
+
+
+def test_a_job_spec_with_suffix_and_auto_builds_that_engine(ckpt, tmp_path):
+    from specbatch.spec import spec_from_dict
+    from specbatch.worker import build_engine
+
+    spec = spec_from_dict({
+        "name": "auto",
+        "input": {"path": str(tmp_path / "in.parquet")},
+        "output": {"path": str(tmp_path / "out")},
+        "models": {"target": {"path": str(ckpt), "dtype": "float32", "max_model_len": 48},
+                   "draft": {"kind": "suffix", "top_m": 4, "max_entries": 100, "scope": "shard"}},
+        "sampling": {"n": 4, "max_new_tokens": 10, "temperature": 0.8, "seed": 2},
+        "speculative": {"num_draft_tokens": "auto"},
+        "resources": {"actors": 1, "gpus_per_actor": 0, "max_batch_size": 4},
+    })
+    loaded = build_engine(spec)
+    eng = loaded.engine
+    assert loaded.description["draft"] == "suffix" and loaded.description["num_draft_tokens"] == "auto"
+    assert isinstance(eng.drafter, SuffixDrafter) and eng.drafter.top_m == 4 and eng.drafter.scope == "shard"
+    assert eng.auto is not None and eng.cost_model is not None and (4, eng.gamma + 1) in eng.cost_model.target
+    outs = eng.generate([Request("x", loaded.encode("a b c a b c"), spec.sampling.to_params())])
+    assert len(outs) == 4 and sum(eng.auto.rows_by_rule.values()) == eng.stats.steps
+    summary = eng.summary()
+    assert summary["gamma_reason"].startswith("auto: per row") and summary["drafter"]["max_entries"] == 100
