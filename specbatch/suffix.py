@@ -36,7 +36,7 @@ from typing import Any, Hashable, Sequence
 import torch
 
 from specbatch import rng
-from specbatch.drafters import NgramDrafter, Proposal
+from specbatch.drafters import NgramDrafter, Proposal, _StatelessDrafter
 from specbatch.rows import Row
 from specbatch.sampling import WarpParams
 
@@ -138,12 +138,13 @@ def _sample_sparse(entry: Entry, u: float) -> int:
     return last
 
 
-class SuffixDrafter:
+class SuffixDrafter(_StatelessDrafter):
     """Drafts from the suffix cache of the target's distributions; n-gram lookup where it misses.
 
     top_m: tokens kept per cached distribution; min_n, max_n: suffix lengths (longest first);
     max_entries: the cache bound; scope: 'request' (a prompt's samples share entries, dropped
     when its last sample finishes) or 'shard' (all prompts share, keyed by warping settings).
+    No per-slot model state: attach, prefill, copy_prefix and commit do nothing.
     """
 
     kind = "suffix"
@@ -162,20 +163,6 @@ class SuffixDrafter:
         self.finished: collections.Counter[Hashable] = collections.Counter()  # samples finished per scope
         self.totals: dict[Hashable, int] = {}  # samples per scope (scope 'request')
         self.hits = self.fallbacks = 0  # proposals from the cache / from n-gram lookup
-
-    # ------------------------------------------------------------------ slots (no per-slot model state)
-
-    def attach(self, num_slots: int, max_len: int) -> None:
-        pass
-
-    def prefill(self, prompt_ids: Sequence[int], slot: int) -> None:
-        pass
-
-    def copy_prefix(self, src: int, dst: Sequence[int], length: int) -> None:
-        pass
-
-    def commit(self, rows: Sequence[Row], num_proposed: torch.Tensor, num_accepted: torch.Tensor) -> None:
-        pass
 
     def release(self, slots: Sequence[int]) -> None:
         """Slots of finished rows; with scope 'request', a prompt's entries go with its last sample."""

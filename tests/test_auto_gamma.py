@@ -15,7 +15,6 @@ import torch
 from specbatch import rng
 from specbatch.autogamma import AutoGamma
 from specbatch.engine import Engine, EngineConfig
-from specbatch.models import load_model, load_tokenizer
 from specbatch.request import Request
 from specbatch.rows import Row
 from specbatch.sampling import SamplingParams
@@ -24,25 +23,10 @@ from specbatch.stats import CostModel
 from specbatch.suffix import SuffixDrafter
 from tests.exactness.distribution import assert_samples_match
 from tests.test_engine import PROMPT, V, exact_probs, sample_matrix
-from tests.tiny import make_tiny_checkpoint
+from tests.test_suffix_drafter import ckpt, target, tokenizer  # noqa: F401 - the module's fixtures
 
 N = 4000
 PARAMS = SamplingParams(max_new_tokens=3, temperature=0.9, top_k=12, seed=5)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("auto") / "target", vocab_size=V)
-
-
-@pytest.fixture(scope="module")
-def target(ckpt):
-    return load_model(ckpt, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(ckpt):
-    return load_tokenizer(ckpt)
 
 
 def _rows(k, tested=0, accepted=0):
