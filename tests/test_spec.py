@@ -322,7 +322,7 @@ def test_example_jobs_validate(job):
 def test_demo_job_is_a_small_cpu_job():
     spec = load_spec(REPO / "jobs" / "demo.yaml")
     assert spec.models.target.path == "smollm2-135m-instruct" and spec.models.target.dtype == "bfloat16"
-    assert spec.models.draft.kind == "ngram"
+    assert spec.models.draft.kind == "suffix" and spec.speculative.num_draft_tokens == "auto"
     assert spec.sampling.n == 4 and spec.sampling.max_new_tokens <= 64 and spec.sampling.temperature == 0.8
     assert spec.resources.actors == 1 and spec.resources.gpus_per_actor == 0 and spec.resources.cpus_per_actor == 2
     assert spec.output.path == "out/demo" and spec.output.if_exists == "overwrite"
