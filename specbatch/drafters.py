@@ -317,7 +317,7 @@ def build_drafter(
         if target_model is None:
             raise ValueError("models.draft.kind: a suffix drafter needs the target model (its vocabulary)")
         return SuffixDrafter(target_model.config.vocab_size, top_m=top_m, min_n=min_n, max_n=max_n,
-                             max_entries=max_entries, scope=scope)
+                             max_entries=max_entries, scope=scope, device=device)
     if kind == "model":
         from specbatch.models import load_model, load_tokenizer
 

@@ -151,12 +151,12 @@ class SuffixDrafter(_StatelessDrafter):
     deterministic = False
 
     def __init__(self, vocab_size: int, top_m: int = 8, min_n: int = 1, max_n: int = 3,
-                 max_entries: int = 65536, scope: str = "request"):
+                 max_entries: int = 65536, scope: str = "request", device: torch.device | str = "cpu"):
         if top_m < 1:
             raise ValueError(f"suffix drafter needs top_m >= 1, got {top_m}")
         if scope not in ("request", "shard"):
             raise ValueError(f"suffix drafter scope must be request or shard, got {scope!r}")
-        self.vocab, self.top_m, self.scope = vocab_size, top_m, scope
+        self.vocab, self.top_m, self.scope, self.device = vocab_size, top_m, scope, torch.device(device)
         self.cache = SuffixCache(max_entries, min_n, max_n)
         self.ngram = NgramDrafter(1, max_n)
         self.slot_scope: dict[int, Hashable] = {}  # live slot -> its row's scope
@@ -226,7 +226,7 @@ class SuffixDrafter(_StatelessDrafter):
         q = torch.zeros(r, g, self.vocab, dtype=torch.float32)
         counts = [0] * r
         if g == 0:
-            return Proposal(tokens=tokens, num_proposed=torch.zeros(r, dtype=torch.int64), q=q)
+            return Proposal(tokens=tokens, num_proposed=torch.zeros(r, dtype=torch.int64), q=q.to(self.device))
         key = torch.tensor([row.key for row in rows], dtype=torch.int64)
         sidx = torch.tensor([row.sample_index for row in rows], dtype=torch.int64)
         pos = torch.tensor([row.position for row in rows], dtype=torch.int64)
@@ -254,7 +254,8 @@ class SuffixDrafter(_StatelessDrafter):
                 tokens[i_row, i] = x
                 ctx.append(x)
                 counts[i_row] = i + 1
-        return Proposal(tokens=tokens, num_proposed=torch.tensor(counts, dtype=torch.int64), q=q)
+        # q is filled on the host and handed over on the target's device.
+        return Proposal(tokens=tokens, num_proposed=torch.tensor(counts, dtype=torch.int64), q=q.to(self.device))
 
     def _coupled_choice(self, entry: Entry, row: Row, position: int) -> int:
         """argmax over q's support of log q + G, G the verifier's Gumbel noise at this position."""
