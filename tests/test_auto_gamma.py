@@ -113,7 +113,7 @@ def test_a_count_chosen_from_the_acceptance_uniforms_is_caught(target, tokenizer
 
     monkeypatch.setattr(AutoGamma, "decide", peeking_decide)
     eng = _auto_engine(target, tokenizer, SuffixDrafter(V, top_m=2, max_n=2))
-    outs = eng.generate([Request("p0", list(PROMPT), dataclasses.replace(PARAMS, n=N))])
+    outs = eng.generate([Request("p0", list(PROMPT), dataclasses.replace(PARAMS, n=N // 2))])
     assert eng.stats.tested > 500
     with pytest.raises(AssertionError):
         assert_samples_match(sample_matrix(outs), exact_probs(target, PROMPT, PARAMS), V, label="peeking auto")

@@ -210,20 +210,21 @@ def test_q_read_after_the_cache_changed_is_caught(target, tokenizer, monkeypatch
     monkeypatch.setattr(SuffixDrafter, "propose", propose)
     monkeypatch.setattr(engine_mod, "warp_and_verify", verify_with_late_q)
     with pytest.raises(AssertionError):
-        assert_samples_match(_shared_across_prompts(target, tokenizer), exact_probs(target, PROMPT, SHARED), V, label="late q")
+        assert_samples_match(_shared_across_prompts(target, tokenizer, pairs=15), exact_probs(target, PROMPT, SHARED), V,
+                             label="late q")
 
 
 SHARED = dataclasses.replace(PARAMS, temperature=0.9, top_k=12)
 
 
-def _shared_across_prompts(target, tokenizer):
+def _shared_across_prompts(target, tokenizer, pairs=30):
     """Samples of PROMPT, drafted from one cache shared with OTHER's samples running beside them."""
     reqs = [Request(f"{name}{k}", list(prompt), dataclasses.replace(SHARED, n=n))
-            for k in range(30) for name, prompt, n in (("a", PROMPT, 100), ("b", OTHER, 40))]
+            for k in range(pairs) for name, prompt, n in (("a", PROMPT, 100), ("b", OTHER, 40))]
     drafter = SuffixDrafter(V, top_m=4, min_n=1, max_n=1, max_entries=16, scope="shard")
     eng = Engine(target, tokenizer, drafter, EngineConfig(max_batch_size=256, num_draft_tokens=3, measure_cost=False))
     outs = eng.generate(reqs)
-    assert eng.stats.tested > 1000 and drafter.hits > 1000 and drafter.cache.evicted > 100
+    assert eng.stats.tested > 500 and drafter.hits > 500 and drafter.cache.evicted > 100
     return sample_matrix([o for o in outs if o.request_id.startswith("a")])
 
 
