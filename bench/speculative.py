@@ -1,34 +1,76 @@
-"""Plain vs n-gram vs model drafter on the demo model, side by side, measured against theory.
+"""Plain vs n-gram vs suffix (sibling) vs auto on the demo model, side by side, with a profile.
 
-For each drafter and N (samples per prompt): acceptance rate alpha, mean accepted length
-(tokens per target pass), measured speedup over plain sampling at the same N, the expected
-speedup from alpha and the cost model measured at engine start-up (over the steps actually run:
-an n-gram drafter often proposes fewer than gamma tokens, and the last rows of a batch run in
-smaller batches), and efficiency = measured / expected.  Median of 3 runs.
-The model drafter is the demo model drafting for
-itself (no smaller sibling exists on this machine): its speedup is < 1 by construction, but
-its efficiency still says whether the engine delivers what the cost model predicts.
+For each case (N samples per prompt, temperature T) and drafter: tokens/s, the ratio to plain
+sampling at the same case (median of 3 timed runs after a warm-up), acceptance rate alpha,
+tokens per target pass, the speedup the cost model expected for the steps actually run, and
+where the time went: drafting (propose, confidence, cache updates), target forwards (prefill
+and steps) and verification, as shares of the generate time.
 
-    .venv/bin/python bench/speculative.py [--tokens 48] [--gamma 4] [--temperature 0.8]
+Drafters: ``none`` (plain), ``ngram`` (gamma fixed), ``suffix`` (gamma fixed), ``auto`` (suffix
+with num_draft_tokens auto: per-row counts), ``model`` (the demo model drafting for itself:
+< 1 by construction; only when asked for).
+
+    .venv/bin/python bench/speculative.py [--cases 1:0.5,8:0.8] [--tokens 48] [--gamma 4] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import os
 import sys
+import time
+from typing import Any, Callable, Iterator
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import PROMPTS, median_time, table  # noqa: E402
 
+import specbatch.engine as engine_mod  # noqa: E402
+from specbatch.autogamma import AUTO_MAX_DRAFT_TOKENS  # noqa: E402
 from specbatch.drafters import NgramDrafter, build_drafter  # noqa: E402
 from specbatch.engine import Engine, EngineConfig  # noqa: E402
 from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
 from specbatch.request import Request  # noqa: E402
 from specbatch.sampling import SamplingParams  # noqa: E402
+from specbatch.suffix import SuffixDrafter  # noqa: E402
 from specbatch.tokenization import encode_prompt  # noqa: E402
+
+
+class Profile:
+    """Seconds spent in wrapped callables, by part (drafting, target, verification)."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.Counter[str] = collections.Counter()
+
+    def wrap(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - t0
+
+        return timed
+
+    @contextlib.contextmanager
+    def attach(self, engine: Engine) -> Iterator[None]:
+        drafter = engine.drafter
+        names = [n for n in ("propose", "observe", "confidence") if hasattr(drafter, n)]
+        for n in names:
+            setattr(drafter, n, self.wrap("draft", getattr(drafter, n)))
+        engine.target.forward = self.wrap("target", engine.target.forward)
+        real_verify = engine_mod.warp_and_verify
+        engine_mod.warp_and_verify = self.wrap("verify", real_verify)
+        try:
+            yield
+        finally:
+            engine_mod.warp_and_verify = real_verify
+            del engine.target.forward
+            for n in names:
+                delattr(drafter, n)
 
 
 def main() -> None:
@@ -37,49 +79,63 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--gamma", type=int, default=4)
-    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--cases", default="1:0.5,8:0.8", help="N:temperature pairs")
     ap.add_argument("--prompts", type=int, default=2)
-    ap.add_argument("--ns", default="1,8")
-    ap.add_argument("--drafters", default="none,ngram,model")
+    ap.add_argument("--drafters", default="none,ngram,suffix,auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)
     tok = load_tokenizer(path)
     target = load_model(path, dtype=args.dtype)
+    vocab = target.config.vocab_size
     prompts = [encode_prompt(tok, p) for p in PROMPTS[: args.prompts]]
 
-    def make(kind: str):
+    def make(kind: str, n: int) -> Engine:
+        gamma, auto = args.gamma, False
         if kind == "none":
-            return None
-        if kind == "ngram":
-            return NgramDrafter(1, 3)
-        return build_drafter("model", target, tok, path=str(path), dtype=args.dtype)
+            drafter = None
+        elif kind == "ngram":
+            drafter = NgramDrafter(1, 3)
+        elif kind in ("suffix", "auto"):
+            drafter = SuffixDrafter(vocab)
+            gamma, auto = (AUTO_MAX_DRAFT_TOKENS, True) if kind == "auto" else (args.gamma, False)
+        else:
+            drafter = build_drafter("model", target, tok, path=str(path), dtype=args.dtype)
+        return Engine(target, tok, drafter, EngineConfig(max_batch_size=n, num_draft_tokens=gamma, auto_gamma=auto))
 
     rows = []
-    for n in [int(x) for x in args.ns.split(",")]:
+    for case in args.cases.split(","):
+        n, temperature = int(case.split(":")[0]), float(case.split(":")[1])
         plain_tps = None
         for kind in args.drafters.split(","):
-            engine = Engine(target, tok, make(kind), EngineConfig(max_batch_size=n, num_draft_tokens=args.gamma))
-            params = SamplingParams(n=n, max_new_tokens=args.tokens, temperature=args.temperature, ignore_eos=True)
+            engine = make(kind, n)
+            params = SamplingParams(n=n, max_new_tokens=args.tokens, temperature=temperature, ignore_eos=True)
             reqs = [Request(f"p{i}", ids, params) for i, ids in enumerate(prompts)]
+            profile = Profile()
 
-            def once():
+            def once() -> int:
                 engine.reset_stats()
-                with torch.inference_mode():
+                profile.seconds.clear()
+                with torch.inference_mode(), profile.attach(engine):
                     return sum(o.num_tokens for o in engine.generate(reqs))
 
             seconds, tokens = median_time(once)
             tps = tokens / seconds
+            plain_tps = tps if kind == "none" else plain_tps
             st = engine.stats
-            if kind == "none":
-                plain_tps = tps
-                rows.append([kind, n, "-", f"{st.mean_accepted_length:.2f}", f"{tps:.1f}", "1.00", "1.00", "-"])
-                continue
-            alpha = st.acceptance_rate or 0.0
-            measured = tps / plain_tps if plain_tps else float("nan")
-            expected = engine.expected_speedup()  # for the steps actually run: ragged proposals, real batch sizes
-            rows.append([kind, n, f"{alpha:.3f}", f"{st.mean_accepted_length:.2f}", f"{tps:.1f}",
-                         f"{measured:.2f}", f"{expected:.2f}", f"{measured / expected:.2f}"])
-    print(table(["drafter", "N", "alpha", "tokens/pass", "tok/s", "measured speedup", "expected speedup", "efficiency"], rows))
+            total = engine.generate_seconds or 1.0
+            share = {part: profile.seconds[part] / total for part in ("draft", "target", "verify")}
+            expected = engine.expected_speedup()
+            rows.append([
+                f"N={n} T={temperature:g}", kind, f"{tps:.1f}", f"{tps / plain_tps:.2f}" if plain_tps else "-",
+                f"{st.acceptance_rate:.3f}" if st.acceptance_rate is not None else "-",
+                f"{st.mean_accepted_length:.2f}", f"{expected:.2f}" if expected else "-",
+                f"{share['draft']:.0%}", f"{share['target']:.0%}", f"{share['verify']:.0%}",
+            ])
+            print(" | ".join(rows[-1]), flush=True)
+    print(table(["case", "drafter", "tok/s", "x plain", "alpha", "tokens/pass", "expected x", "draft", "target", "verify"], rows))
 
 
 if __name__ == "__main__":

@@ -208,7 +208,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code = _run_spec(spec, args)  # the preflight runs there
     if code == EXIT_OK:
         _show_examples(spec)
+        _show_speedup(spec, args.engine_factory)
     return code
+
+
+def _show_speedup(spec: Any, engine_factory: str, count: int = 4) -> None:
+    """Print the job's drafter against plain sampling, measured on `count` of its prompts."""
+    from specbatch.data import read_output
+    from specbatch.speedup import measure_speedup
+    from specbatch.worker import import_factory
+
+    table = read_output(spec.output.path)
+    prompts = list(dict.fromkeys(table.column("id").to_pylist()))[:count]
+    first = {}
+    for row in table.select(["id", "prompt"]).to_pylist():
+        first.setdefault(row["id"], row["prompt"])
+    speedup = measure_speedup(spec, [first[i] for i in prompts], import_factory(engine_factory))
+    print(f"\nspeedup over plain sampling, {speedup.line()}")
 
 
 def _show_examples(spec: Any, count: int = 3) -> None:

@@ -12,6 +12,13 @@ Kinds:
   the row's last n tokens (n from max_n down to min_n), in the row's own prompt and output.
 * ``model`` - a second, smaller checkpoint with its own slot cache, kept to the length
   invariants of :mod:`specbatch.rows`.
+* ``suffix`` - sibling drafting (:mod:`specbatch.suffix`): the target's own distributions,
+  cached by context suffix from every verification pass and shared by a prompt's samples.
+
+A drafter may also offer ``confidence(rows, limits)`` (per row, a value in [0, 1] per token it
+would propose, computed without random numbers) for per-row proposal counts
+(``num_draft_tokens: auto``), and ``observe(rows, logits, num_emitted, params)`` to learn from
+the target's logits after each verification step.
 
 Random numbers: a sampling drafter draws its proposal at completion position t with
 rng.Role.DRAFT at t; in coupled mode it proposes argmax(log q + Gumbel) with the same Gumbel
@@ -113,8 +120,12 @@ class NgramDrafter(_StatelessDrafter):
 
     def lookup(self, tokens: Sequence[int], limit: int) -> list[int]:
         """Continuation of the most recent earlier match of the longest suffix n-gram."""
+        return self.lookup_match(tokens, limit)[0]
+
+    def lookup_match(self, tokens: Sequence[int], limit: int) -> tuple[list[int], int]:
+        """(continuation, n): the lookup and the length n of the suffix that matched (0: none)."""
         if limit <= 0 or len(tokens) < 2:
-            return []
+            return [], 0
         # Byte search over fixed-width token ids: C speed, no per-call array set-up.
         data = array.array("i", tokens).tobytes()
         width = 4
@@ -127,9 +138,17 @@ class NgramDrafter(_StatelessDrafter):
                     break
                 if at % width == 0:
                     start = at // width + n
-                    return list(tokens[start : start + limit])
+                    return list(tokens[start : start + limit]), n
                 end = at + len(pattern) - 1  # misaligned hit: look further left
-        return []
+        return [], 0
+
+    def confidence(self, rows: Sequence[Row], limits: Sequence[int]) -> list[list[float]]:
+        """Per row, one value per token the lookup would propose: the matched n / max_n."""
+        out = []
+        for row, lim in zip(rows, limits):
+            found, n = self.lookup_match(row.tokens, lim)
+            out.append([n / self.max_n] * len(found))
+        return out
 
     def propose(self, rows: Sequence[Row], max_proposals: torch.Tensor, coupled: bool) -> Proposal:
         limits = max_proposals.tolist()
@@ -283,12 +302,22 @@ def build_drafter(
     draft_top_k: int = 0,
     draft_top_p: float = 1.0,
     device: str | torch.device = "cpu",
+    top_m: int = 8,
+    max_entries: int = 65536,
+    scope: str = "request",
 ) -> Drafter:
-    """A drafter of the given kind (none | ngram | model)."""
+    """A drafter of the given kind (none | ngram | model | suffix)."""
     if kind == "none":
         return NoDrafter()
     if kind == "ngram":
         return NgramDrafter(min_n=min_n, max_n=max_n)
+    if kind == "suffix":
+        from specbatch.suffix import SuffixDrafter
+
+        if target_model is None:
+            raise ValueError("models.draft.kind: a suffix drafter needs the target model (its vocabulary)")
+        return SuffixDrafter(target_model.config.vocab_size, top_m=top_m, min_n=min_n, max_n=max_n,
+                             max_entries=max_entries, scope=scope, device=device)
     if kind == "model":
         from specbatch.models import load_model, load_tokenizer
 
@@ -300,7 +329,7 @@ def build_drafter(
         draft = load_model(path, dtype=draft_dtype, device=device)
         vocab = target_model.config.vocab_size if target_model is not None else draft.config.vocab_size
         return ModelDrafter(draft, vocab, draft_temperature, draft_top_k, draft_top_p)
-    raise ValueError(f"models.draft.kind: unknown drafter {kind!r}; expected one of none, ngram, model")
+    raise ValueError(f"models.draft.kind: unknown drafter {kind!r}; expected one of none, ngram, model, suffix")
 
 
 def check_same_tokenizer(target_tok: Any, draft_tok: Any, draft_path: str) -> None:

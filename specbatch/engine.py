@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from specbatch import rng
+from specbatch.autogamma import AutoGamma
 from specbatch.drafters import Drafter, NoDrafter
 from specbatch.request import Request, SampleOutput
 from specbatch.rows import Row
@@ -49,6 +50,7 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + completion tokens per row; None: the model's limit
     kv_cache_bytes: int | None = None  # KV budget; None: default_kv_budget (capped by device memory)
     adaptive_gamma: bool = False  # choose gamma from measured alpha and the cost model
+    auto_gamma: bool = False  # per-row proposal counts each step, up to num_draft_tokens (specbatch.autogamma)
     measure_cost: bool = True  # measure the cost model at start-up (needed for expected speedup)
 
     def __post_init__(self) -> None:
@@ -103,6 +105,10 @@ class Engine:
 
             self.cost_model = measure_cost_model(self.target, self.drafter, self.max_batch, self.gamma)
         self.steps_since_adapt = 0
+        self.auto: AutoGamma | None = None
+        if self.config.auto_gamma and self.gamma > 0:
+            self.auto = AutoGamma(self.gamma, self.cost_model, getattr(self.drafter, "model", None) is not None)
+            self.gamma_reason = self.auto.reason()
 
     # ------------------------------------------------------------------ public API
 
@@ -236,7 +242,10 @@ class Engine:
         r = len(rows)
         dev = self.device
         coupled = self.config.verification == "coupled"
-        proposal = self.drafter.propose(rows, self._max_proposals(rows), coupled)
+        limits = self._max_proposals(rows)
+        if self.auto is not None:
+            limits = self._auto_proposals(rows, limits)
+        proposal = self.drafter.propose(rows, limits, coupled)
         g = proposal.tokens.shape[1]
         counts = proposal.num_proposed.tolist()
         self.steps_by_shape[(r, max(counts, default=0))] += 1
@@ -282,7 +291,25 @@ class Engine:
         self.cache.set_lengths(slots.tolist(), [len(row.tokens) - 1 for row in rows])
         self.drafter.commit(rows, result.num_proposed, result.num_accepted)
         self.stats.add_step(result.num_proposed, result.num_tested, result.num_accepted, result.num_emitted)
+        self._after_verification(rows, logits, result, params)
         self._maybe_adapt_gamma(r)
+
+    def _auto_proposals(self, rows: list[Row], limits: torch.Tensor) -> torch.Tensor:
+        """num_draft_tokens auto: each row's count, decided before any proposal is drawn."""
+        lims = limits.tolist()
+        confidence = getattr(self.drafter, "confidence", None)
+        conf = confidence(rows, lims) if confidence is not None else [[1.0] * lim for lim in lims]
+        return torch.tensor(self.auto.decide(rows, lims, conf), dtype=torch.int64)
+
+    def _after_verification(self, rows: list[Row], logits: torch.Tensor, result: VerifyResult, params: WarpParams) -> None:
+        """Rows are committed: the drafter may learn from the target's logits (suffix drafter);
+        auto proposal counts learn the step's acceptance."""
+        observe = getattr(self.drafter, "observe", None)
+        if observe is not None:
+            observe(rows, logits, result.num_emitted, params)
+        if self.auto is not None:
+            self.auto.record(result.num_tested.tolist(), result.num_accepted.tolist())
+            self.gamma_reason = self.auto.reason()
 
     def _history(self, rows: list[Row], draft_tokens: torch.Tensor) -> History:
         """Penalty history for each (row, position j): prompt, completion + proposals[:j]."""
@@ -360,7 +387,7 @@ class Engine:
     # ------------------------------------------------------------------ adaptive gamma
 
     def _maybe_adapt_gamma(self, batch: int) -> None:
-        if not self.config.adaptive_gamma or self.cost_model is None or isinstance(self.drafter, NoDrafter):
+        if not self.config.adaptive_gamma or self.auto is not None or self.cost_model is None or isinstance(self.drafter, NoDrafter):
             return
         self.steps_since_adapt += 1
         if self.steps_since_adapt < 16 or self.stats.tested < 64:
@@ -406,6 +433,17 @@ class Engine:
             num_prompt_tokens=len(req.prompt_token_ids),
             error=message,
         )
+
+    def drafting_summary(self) -> dict[str, Any]:
+        """auto_gamma (per-row counts by rule) and drafter (e.g. suffix cache) facts, when present.
+        (stats.json carries the auto summary in gamma.why, from gamma_reason.)"""
+        out: dict[str, Any] = {}
+        if self.auto is not None:
+            out["auto_gamma"] = self.auto.summary()
+        drafter_stats = getattr(self.drafter, "stats", None)
+        if callable(drafter_stats):
+            out["drafter"] = drafter_stats()
+        return out
 
 
 CPU_KV_BUDGET = 1 << 30  # bytes of KV cache on CPU when the config sets none

@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from specbatch import limits
+from specbatch.autogamma import AUTO_MAX_DRAFT_TOKENS
 from specbatch.data import OUTPUT_COLUMNS  # the output row's fixed columns (OutputRecord)
 from specbatch.limits import SAMPLING as _BOUNDS
 from specbatch.sampling import SamplingParams
@@ -148,16 +149,31 @@ class DraftSpec(BaseModel):
 
     model_config = _CONFIG
 
-    kind: Literal["none", "ngram", "model"] = Field(
+    kind: Literal["none", "ngram", "model", "suffix"] = Field(
         "ngram",
         description="'none': plain sampling; 'ngram': proposes the continuation of the latest earlier match of "
         "the row's last min_n..max_n tokens in its own prompt + completion (free, deterministic); 'model': a "
-        "smaller model sharing the target's tokenizer.",
+        "smaller model sharing the target's tokenizer; 'suffix': sibling drafting, samples proposals from the "
+        "target's own next-token distributions (top_m of each) cached by the last min_n..max_n tokens from every "
+        "verification pass and shared by the samples of a prompt; n-gram lookup where the cache misses.",
     )
     path: str | None = Field(None, description="kind 'model' only: the draft checkpoint (like models.target.path).")
     dtype: Dtype | None = Field(None, description="kind 'model' only: the draft's dtype; null: the target's.")
-    min_n: int = Field(1, ge=1, description="kind 'ngram' only: shortest suffix to match.")
-    max_n: int = Field(3, ge=1, description="kind 'ngram' only: longest suffix to match (tried first).")
+    min_n: int = Field(1, ge=1, description="kinds 'ngram' and 'suffix': shortest suffix to match.")
+    max_n: int = Field(3, ge=1, description="kinds 'ngram' and 'suffix': longest suffix to match (tried first).")
+    top_m: int = Field(8, ge=1, le=1024, description="kind 'suffix' only: tokens kept per cached distribution (renormalized).")
+    max_entries: int = Field(
+        65536, ge=1,
+        description="kind 'suffix' only: the cache bound, in entries of top_m tokens each (about "
+        "max_entries x (16 x top_m + 200) bytes); the least recently used entry is evicted beyond it.",
+    )
+    scope: Literal["request", "shard"] = Field(
+        "request",
+        description="kind 'suffix' only: 'request': the samples of one prompt share entries, dropped when its last "
+        "sample finishes; 'shard': every prompt of the actor shares entries (keyed by the warping settings too). "
+        "Still exact, but a row's tokens then depend on its siblings' (and earlier prompts'), so a retried shard "
+        "may differ from an uninterrupted run (each is still an exact sample).",
+    )
 
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> "DraftSpec":
@@ -169,10 +185,14 @@ class DraftSpec(BaseModel):
             for name in ("path", "dtype"):
                 if name in given and getattr(self, name) is not None:
                     raise ValueError(f"{name}: only for kind 'model', not {self.kind!r}")
-        if self.kind != "ngram":
+        if self.kind not in ("ngram", "suffix"):
             for name in ("min_n", "max_n"):
                 if name in given and getattr(self, name) != DraftSpec.model_fields[name].default:
-                    raise ValueError(f"{name}: only for kind 'ngram', not {self.kind!r}")
+                    raise ValueError(f"{name}: only for kinds 'ngram' and 'suffix', not {self.kind!r}")
+        if self.kind != "suffix":
+            for name in ("top_m", "max_entries", "scope"):
+                if name in given and getattr(self, name) != DraftSpec.model_fields[name].default:
+                    raise ValueError(f"{name}: only for kind 'suffix', not {self.kind!r}")
         if self.min_n > self.max_n:
             raise ValueError(f"min_n: must be <= max_n ({self.max_n}), got {self.min_n}")
         return self
@@ -241,7 +261,13 @@ class SpeculativeSpec(BaseModel):
 
     model_config = _CONFIG
 
-    num_draft_tokens: int = Field(4, ge=0, le=64, description="gamma: proposals per row per step; 0: plain sampling.")
+    num_draft_tokens: Union[Literal["auto"], int] = Field(
+        4,
+        description="gamma: proposals per row per step; 0: plain sampling. 'auto': each row's count (0 to "
+        f"{AUTO_MAX_DRAFT_TOKENS}) is chosen every step from the drafter's confidence, the row's measured acceptance "
+        "and the cost model measured at start-up, so a batch mixes speculating and plain rows (adaptive_gamma is "
+        "then not used); stats.json counts row-steps by chosen count and rule.",
+    )
     draft_temperature: float | None = Field(
         None, ge=0, description="Temperature the draft samples its proposals at (q); null: the target's."
     )
@@ -259,6 +285,13 @@ class SpeculativeSpec(BaseModel):
         "row's tokens then depend on what ran before it on its actor, so a resumed or retried shard may differ "
         "from an uninterrupted run (each is still an exact sample).",
     )
+
+    @field_validator("num_draft_tokens", mode="before")
+    @classmethod
+    def _num_draft_tokens_value(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 64):
+            return v
+        raise ValueError(f"must be 'auto' or an integer in 0..64, got {v!r}")
 
 
 class ResourcesSpec(BaseModel):
@@ -353,10 +386,18 @@ class JobSpec(BaseModel):
         return self
 
     @property
+    def auto_gamma(self) -> bool:
+        """True when each row chooses its own proposal count every step (num_draft_tokens: auto)."""
+        return self.speculative.num_draft_tokens == "auto" and self.models.draft.kind != "none"
+
+    @property
     def gamma(self) -> int:
-        """The configured gamma: speculative.num_draft_tokens, or 0 when there is no drafter
-        (models.draft.kind none). An adaptive engine may then run with less."""
-        return self.speculative.num_draft_tokens if self.models.draft.kind != "none" else 0
+        """The configured gamma: speculative.num_draft_tokens (for auto, the most proposals a row
+        may choose), or 0 when there is no drafter (models.draft.kind none). An adaptive engine
+        may then run with less."""
+        if self.models.draft.kind == "none":
+            return 0
+        return AUTO_MAX_DRAFT_TOKENS if self.auto_gamma else self.speculative.num_draft_tokens
 
     def sweep_points(self) -> list[tuple[dict[str, Any], SamplingParams]]:
         """Every (point, params): [({}, params)] without a sweep; else the grid in key order."""

@@ -103,13 +103,17 @@ def build_engine(spec: Any) -> LoadedEngine:
         draft_top_k=spec_cfg.draft_top_k,
         draft_top_p=spec_cfg.draft_top_p,
         device=device,
+        top_m=draft_spec.top_m,
+        max_entries=draft_spec.max_entries,
+        scope=draft_spec.scope,
     )
-    gamma = spec.gamma
+    gamma, auto = spec.gamma, spec.auto_gamma
     config = EngineConfig(
         max_batch_size=spec.resources.max_batch_size,
         num_draft_tokens=gamma,
         verification=spec_cfg.verification,
         adaptive_gamma=spec_cfg.adaptive_gamma,
+        auto_gamma=auto,
         max_model_len=target_spec.max_model_len,
     )
     engine = Engine(target, tokenizer, drafter, config)
@@ -124,7 +128,7 @@ def build_engine(spec: Any) -> LoadedEngine:
         "dtype": target_spec.dtype,
         "compiled": target_spec.compile,
         "draft": draft_spec.kind if draft_spec.kind != "model" else f"model:{draft_spec.path}",
-        "num_draft_tokens": gamma,
+        "num_draft_tokens": "auto" if auto and gamma else gamma,
     }
     return LoadedEngine(engine=engine, encode=encode, description=description)
 

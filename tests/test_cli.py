@@ -397,3 +397,4 @@ def test_demo_pulls_the_model_runs_the_demo_job_and_shows_samples(ray_session, j
     assert "job cli-job: complete" in out
     assert f"output: {tmp / 'out'} (12 rows); first 3:" in out
     assert "- [p0 #0] describe item 0" in out
+    assert "speedup over plain sampling, measured on 4 prompts x 2 samples: ngram" in out

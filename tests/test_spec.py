@@ -100,8 +100,10 @@ MALFORMED = [
     ("empty stop string", None, ("sampling.stop=['']",), "sampling.stop: stop strings must not be empty"),
     ("if_exists typo", None, ("output.if_exists=overwite",), "output.if_exists: Input should be 'resume', 'overwrite' or 'fail', got 'overwite' (did you mean 'overwrite'?)"),
     ("dtype typo", None, ("models.target.dtype=bfloat",), "models.target.dtype:"),
-    ("draft kind typo", None, ("models.draft.kind=ngam",), "models.draft.kind: Input should be 'none', 'ngram' or 'model', got 'ngam' (did you mean 'ngram'?)"),
+    ("draft kind typo", None, ("models.draft.kind=ngam",), "models.draft.kind: Input should be 'none', 'ngram', 'model' or 'suffix', got 'ngam' (did you mean 'ngram'?)"),
     ("model draft without path", None, ("models.draft.kind=model",), "models.draft.path: required when kind is 'model'"),
+    ("top_m on an ngram draft", None, ("models.draft.top_m=4",), "models.draft.top_m: only for kind 'suffix'"),
+    ("num_draft_tokens word", None, ("speculative.num_draft_tokens=many",), "speculative.num_draft_tokens: must be 'auto' or an integer"),
     ("path on an ngram draft", None, ("models.draft.path=some/model",), "models.draft.path: only for kind 'model'"),
     ("ngram min_n > max_n", None, ("models.draft.min_n=4",), "models.draft.min_n: must be <= max_n (3), got 4"),
     ("max_model_len zero", None, ("models.target.max_model_len=0",), "models.target.max_model_len: Input should be greater than 0"),
@@ -320,7 +322,7 @@ def test_example_jobs_validate(job):
 def test_demo_job_is_a_small_cpu_job():
     spec = load_spec(REPO / "jobs" / "demo.yaml")
     assert spec.models.target.path == "smollm2-135m-instruct" and spec.models.target.dtype == "bfloat16"
-    assert spec.models.draft.kind == "ngram"
+    assert spec.models.draft.kind == "suffix" and spec.speculative.num_draft_tokens == "auto"
     assert spec.sampling.n == 4 and spec.sampling.max_new_tokens <= 64 and spec.sampling.temperature == 0.8
     assert spec.resources.actors == 1 and spec.resources.gpus_per_actor == 0 and spec.resources.cpus_per_actor == 2
     assert spec.output.path == "out/demo" and spec.output.if_exists == "overwrite"

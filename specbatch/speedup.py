@@ -1,0 +1,62 @@
+"""Measured speedup of a job's drafter over plain sampling, on a sample of its prompts.
+
+`specbatch demo` prints it after the job: the same prompts, sampling settings and target run
+once through the job's engine (its drafter and gamma) and once plain, in this process, one
+after the other.  The figure is a wall-clock measurement on whatever machine runs it (noisy on
+a shared one), not a prediction.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+@dataclass
+class Speedup:
+    prompts: int
+    samples: int
+    drafter: str
+    drafter_tokens_per_s: float
+    plain_tokens_per_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.drafter_tokens_per_s / self.plain_tokens_per_s
+
+    def line(self) -> str:
+        return (f"measured on {self.prompts} prompts x {self.samples} samples: {self.drafter} "
+                f"{self.drafter_tokens_per_s:.1f} tokens/s, plain sampling {self.plain_tokens_per_s:.1f} tokens/s: "
+                f"{self.ratio:.2f}x")
+
+
+def _tokens_per_second(engine: Any, requests: Sequence[Any]) -> float:
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        tokens = sum(o.num_tokens for o in engine.generate(requests))
+        return tokens / (time.perf_counter() - t0)
+
+
+def measure_speedup(spec: Any, prompts: Sequence[Any], factory: Callable[[Any], Any]) -> Speedup:
+    """Generate `prompts` (input values: text or chat messages) with the job's engine and with the
+    same job's engine built plain (models.draft.kind none), both from ``factory``
+    (worker.build_engine or the job's engine factory).  Each engine first runs one prompt untimed
+    (warm-up), then all of them timed."""
+    from specbatch.request import Request
+    from specbatch.spec import DraftSpec
+
+    plain_spec = spec.model_copy(update={"models": spec.models.model_copy(update={"draft": DraftSpec(kind="none")})})
+    params = spec.sweep_points()[0][1]
+    rates, loaded = {}, None
+    for name, job_spec in (("drafter", spec), ("plain", plain_spec)):
+        loaded = factory(job_spec)
+        requests = [Request(f"speedup{i}", loaded.encode(p), params) for i, p in enumerate(prompts)]
+        loaded.engine.generate(requests[:1])  # warm-up
+        rates[name] = _tokens_per_second(loaded.engine, requests)
+        if name == "drafter":
+            kind = loaded.description.get("draft", spec.models.draft.kind)
+            label = f"{kind} (num_draft_tokens {loaded.description.get('num_draft_tokens', spec.speculative.num_draft_tokens)})"
+    return Speedup(len(prompts), params.n, label, rates["drafter"], rates["plain"])

@@ -1,0 +1,144 @@
+"""Per-row proposal counts (num_draft_tokens: auto): the rule, its report, and exactness.
+
+The rule is checked on hand-made costs and confidences; exactness goes through the engine on a
+tiny checkpoint with exact enumeration (as tests/test_engine.py does).  A mutant that lets the
+acceptance test's uniforms decide a row's count must fail the same check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from specbatch import rng
+from specbatch.autogamma import AutoGamma
+from specbatch.engine import Engine, EngineConfig
+from specbatch.request import Request
+from specbatch.rows import Row
+from specbatch.sampling import SamplingParams
+from specbatch.spec import SpeculativeSpec
+from specbatch.stats import CostModel
+from specbatch.suffix import SuffixDrafter
+from tests.exactness.distribution import assert_samples_match
+from tests.test_engine import PROMPT, V, exact_probs, sample_matrix
+from tests.test_suffix_drafter import ckpt, target, tokenizer  # noqa: F401 - the module's fixtures
+
+N = 4000
+PARAMS = SamplingParams(max_new_tokens=3, temperature=0.9, top_k=12, seed=5)
+
+
+def _rows(k, tested=0, accepted=0):
+    req = Request("r", [1, 2, 3], SamplingParams(n=k))
+    return [Row(request=req, sample_index=i, slot=i, key=1, tokens=[1, 2, 3], num_prompt=3, tested=tested, accepted=accepted)
+            for i in range(k)]
+
+
+def _cost(widths):
+    """Batch 3: target cost per width (1-based); a plain step costs 1."""
+    return CostModel(target={(3, w): c for w, c in enumerate(widths, start=1)})
+
+
+def test_a_batch_mixes_speculating_and_plain_rows():
+    auto = AutoGamma(3, _cost([1.0, 1.1, 1.2, 1.3]), draft_has_cost=False)
+    counts = auto.decide(_rows(3), [3, 3, 3], [[0.95, 0.95, 0.95], [0.02, 0.02], []])
+    assert counts == [3, 0, 0]
+    assert auto.rows_by_rule == {(3, "speculate"): 1, (0, "unconfident"): 1, (0, "no draft"): 1}
+    assert auto.steps_by_width == {3: 1}
+    assert "0: 2 (" in auto.reason() and "3: 1 (speculate 1)" in auto.reason()
+
+
+def test_expensive_width_falls_back_to_a_plain_step_and_cuts_widths():
+    auto = AutoGamma(3, _cost([1.0, 2.5, 4.0, 5.5]), draft_has_cost=False)  # no position is worth its cost
+    assert auto.decide(_rows(3), [3, 3, 3], [[0.95] * 3] * 3) == [0, 0, 0]
+    assert auto.rows_by_rule == {(0, "unconfident"): 3}
+    auto = AutoGamma(3, _cost([1.0, 1.3, 1.6, 1.9]), draft_has_cost=False)  # one weak row cannot pay for a wider step
+    assert auto.decide(_rows(3), [3, 3, 3], [[0.35], [], []]) == [0, 0, 0]
+    assert auto.rows_by_rule == {(0, "plain step"): 1, (0, "no draft"): 2} and auto.steps_by_width == {0: 1}
+    auto = AutoGamma(3, _cost([1.0, 1.05, 1.9, 2.8]), draft_has_cost=False)  # width 2 is cheap, 3 and 4 are not
+    assert auto.decide(_rows(3), [3, 3, 3], [[0.95] * 3] * 3) == [1, 1, 1]
+    assert auto.rows_by_rule == {(1, "width"): 3}
+
+
+def test_a_row_whose_proposals_fail_drafts_less_and_calibration_learns():
+    auto = AutoGamma(4, _cost([1.0, 1.1, 1.2, 1.3, 1.4]), draft_has_cost=False)
+    good, bad = _rows(1, tested=40, accepted=38)[0], _rows(1, tested=40, accepted=2)[0]
+    rows = [good, bad, _rows(1)[0]]
+    conf = [[0.75] * 4] * 3
+    counts = auto.decide(rows, [4, 4, 4], conf)
+    assert counts[0] > counts[1] and counts[1] < counts[2]
+    before = auto.calibrated(0.75)
+    for _ in range(20):
+        auto.decide(rows, [4, 4, 4], conf)
+        auto.record([1, 1, 1], [0, 0, 0])  # every first proposal rejected
+    assert auto.calibrated(0.75) < before / 3
+    assert auto.decide(rows, [4, 4, 4], conf) == [0, 0, 0]
+    assert [b["confidence"] for b in auto.summary()["acceptance_by_confidence"]] == ["0.7-0.8"]
+
+
+def test_spec_accepts_auto_and_refuses_other_words():
+    assert SpeculativeSpec(num_draft_tokens="auto").num_draft_tokens == "auto"
+    assert SpeculativeSpec(num_draft_tokens=3).num_draft_tokens == 3
+    for bad in ("many", -1, 65, True):
+        with pytest.raises(ValueError, match="num_draft_tokens"):
+            SpeculativeSpec(num_draft_tokens=bad)
+
+
+def _auto_engine(target, tokenizer, drafter, max_batch=256):
+    return Engine(target, tokenizer, drafter, EngineConfig(max_batch_size=max_batch, num_draft_tokens=3, auto_gamma=True,
+                                                           measure_cost=False))
+
+
+def test_auto_with_the_suffix_drafter_matches_exact_distribution(target, tokenizer):
+    eng = _auto_engine(target, tokenizer, SuffixDrafter(V, top_m=4, max_n=2, max_entries=16))
+    outs = eng.generate([Request("p0", list(PROMPT), dataclasses.replace(PARAMS, n=N))])
+    rules = eng.auto.rows_by_rule
+    assert sum(n for (g, _), n in rules.items() if g == 0) > 100 and sum(n for (g, _), n in rules.items() if g > 0) > 1000
+    assert eng.stats.tested_at[0] - eng.stats.accepted_at[0] > 200  # rejections: the test has power
+    summary = eng.drafting_summary()
+    assert eng.gamma_reason.startswith("auto: per row") and summary["auto_gamma"]["rows_by_proposals_and_rule"]
+    assert_samples_match(sample_matrix(outs), exact_probs(target, PROMPT, PARAMS), V, label="auto suffix")
+
+
+def test_a_count_chosen_from_the_acceptance_uniforms_is_caught(target, tokenizer, monkeypatch):
+    """Mutant: a row speculates only when the uniform of its first acceptance test is small."""
+    real_decide = AutoGamma.decide
+
+    def peeking_decide(self, rows, limits, confidence):
+        counts = real_decide(self, rows, limits, confidence)
+        u = rng.uniform(torch.tensor([r.key for r in rows]), torch.tensor([r.sample_index for r in rows]),
+                        torch.tensor([r.position for r in rows]), rng.Role.ACCEPT).tolist()
+        return [c if ui < 0.5 else 0 for c, ui in zip(counts, u)]
+
+    monkeypatch.setattr(AutoGamma, "decide", peeking_decide)
+    eng = _auto_engine(target, tokenizer, SuffixDrafter(V, top_m=2, max_n=2))
+    outs = eng.generate([Request("p0", list(PROMPT), dataclasses.replace(PARAMS, n=N // 2))])
+    assert eng.stats.tested > 500
+    with pytest.raises(AssertionError):
+        assert_samples_match(sample_matrix(outs), exact_probs(target, PROMPT, PARAMS), V, label="peeking auto")
+
+
+def test_a_job_spec_with_suffix_and_auto_builds_that_engine(ckpt, tmp_path):
+    from specbatch.spec import spec_from_dict
+    from specbatch.worker import build_engine
+
+    spec = spec_from_dict({
+        "name": "auto",
+        "input": {"path": str(tmp_path / "in.parquet")},
+        "output": {"path": str(tmp_path / "out")},
+        "models": {"target": {"path": str(ckpt), "dtype": "float32", "max_model_len": 48},
+                   "draft": {"kind": "suffix", "top_m": 4, "max_entries": 100, "scope": "shard"}},
+        "sampling": {"n": 4, "max_new_tokens": 10, "temperature": 0.8, "seed": 2},
+        "speculative": {"num_draft_tokens": "auto"},
+        "resources": {"actors": 1, "gpus_per_actor": 0, "max_batch_size": 4},
+    })
+    loaded = build_engine(spec)
+    eng = loaded.engine
+    assert loaded.description["draft"] == "suffix" and loaded.description["num_draft_tokens"] == "auto"
+    assert isinstance(eng.drafter, SuffixDrafter) and eng.drafter.top_m == 4 and eng.drafter.scope == "shard"
+    assert eng.auto is not None and eng.cost_model is not None and (4, eng.gamma + 1) in eng.cost_model.target
+    outs = eng.generate([Request("x", loaded.encode("a b c a b c"), spec.sampling.to_params())])
+    assert len(outs) == 4 and sum(eng.auto.rows_by_rule.values()) == eng.stats.steps
+    summary = eng.drafting_summary()
+    assert eng.gamma_reason.startswith("auto: per row") and summary["drafter"]["max_entries"] == 100
