@@ -6,10 +6,12 @@
     specbatch submit JOB.yaml --address http://HEAD:8265 [--runtime-env FILE] [--wait]
     specbatch demo                                      pull the demo model, run jobs/demo.yaml
     specbatch models pull NAME                          fetch and convert a registered model
+    specbatch audit JOB.yaml [--samples N ...]          test the job's sampling path against exact p
     specbatch reference                                 the job spec reference (Markdown)
 
 Exit codes: 0 success; 2 a spec or input error (one line naming the field or file, printed
-before any actor starts, nothing written); 1 a failed run (it names the failed shards).
+before any actor starts, nothing written); 1 a failed run (it names the failed shards) or a
+failed audit.
 """
 
 from __future__ import annotations
@@ -252,6 +254,30 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from specbatch.audit import AuditConfig, AuditError, report_lines, run_audit
+    from specbatch.worker import build_engine
+
+    try:
+        config = AuditConfig(prompts=args.prompts, prefix_lengths=tuple(args.prefix_lengths),
+                             samples=args.samples, seed=args.seed, alpha=args.alpha)
+        # Adaptive gamma only picks a smaller gamma; the audit drafts the job's full gamma.
+        spec, _ = _load_and_check(args.job, [*args.set, "speculative.adaptive_gamma=false"])
+        loaded = build_engine(spec)
+        result = run_audit(spec, loaded, config)
+    except (*_input_errors(), AuditError) as e:
+        return _fail(str(e), EXIT_INPUT)
+    print("\n".join(report_lines(result)))
+    return EXIT_OK if result.passed else EXIT_FAILED
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Parser
 
@@ -302,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     pull = models.add_parser("pull", help="fetch and convert a registered model")
     pull.add_argument("name", help=f"registered model name, e.g. {DEMO_MODEL}")
     pull.set_defaults(func=cmd_models_pull)
+
+    p = sub.add_parser("audit", help="test the job's sampling path (its models and settings) against the exact target distribution")
+    p.add_argument("job", help="job spec YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a spec field")
+    p.add_argument("--prompts", type=int, default=3, help="first usable prompts of the input to audit (default 3)")
+    p.add_argument("--prefix-lengths", type=_int_list, default=[0, 1, 4], metavar="L,L,...",
+                   help="forced completion prefixes to test after (default 0,1,4)")
+    p.add_argument("--samples", type=int, default=400, help="samples per (prompt, prefix) (default 400)")
+    p.add_argument("--seed", type=int, default=0, help="random-number seed of the audited samples (default 0)")
+    p.add_argument("--alpha", type=float, default=1e-3, help="family-wise level of the verdict (default 1e-3)")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("reference", help="print the job spec reference (every field, default, description)")
     p.set_defaults(func=cmd_reference)

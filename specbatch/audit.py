@@ -1,0 +1,414 @@
+"""Audit: a statistical self-check of a job's sampling path, on the job's own models and settings.
+
+``specbatch audit JOB.yaml`` builds the engine exactly as a worker does (target, drafter, gamma,
+verification, sampling settings; adaptive gamma off so every step drafts the job's full gamma),
+takes the first few prompts of the job's input and, for each prompt and each *forced prefix*,
+draws many samples through the engine and compares the tokens it emits with the exact warped
+target distribution p (DESIGN section 4).
+
+Terms:
+* *forced prefix*: the first L completion tokens, fixed (``Request.forced_prefix``), so that the
+  tested tokens sit at completion positions L and L + 1, where min_new_tokens, penalties over
+  completion tokens and the random-number positions act as they do in the job.  Prefixes are
+  completions the engine itself sampled for the prompt (so they are realistic text), cut to
+  each length; L = 0 is the empty prefix.
+* *check*: one goodness-of-fit test.  Per (prompt, sweep point, prefix) there are two: the first
+  emitted token (position L), and the pair of the first two (positions L and L + 1: the joint,
+  where an end of the completion at L is its own cell).
+* *exact distribution*: one target forward over prompt + prefix gives p at L (warped by
+  :func:`specbatch.sampling.warp` with the penalty history prompt / prefix and the
+  min_new_tokens ban of that position); one forward per likely first token a gives p at L + 1
+  given a.  Only the target and the sampling contract enter it: no drafter, no verifier.
+* *bins*: cells (tokens, or token pairs) sorted by exact probability; each cell whose expected
+  count is >= 5 is a bin, the rest are pooled into one bin (merged into the smallest bin when
+  its own expected count is < 5).  Pearson's chi-square over the bins gives the check's p-value;
+  when a single cell holds nearly all the mass (greedy or very peaked rows) the check is instead
+  an exact binomial tail on the count outside it, its probability floored at
+  ``PEAKED_FLOOR`` (floating-point differences of batch shape may move a near-tie).
+* *verdict*: Bonferroni over all checks: the audit fails when any check's p-value is below
+  ``alpha / number of checks`` (family-wise level alpha, default 1e-3: a correct engine fails
+  about once in a thousand audits).
+
+Stop strings are left out of the audited requests (they cut text after sampling and do not
+change which token is drawn); EOS and stop token ids stay, since they end a completion.  The
+acceptance counts per draft position are reported too: a check has power against a drafter or
+verifier bug only where proposals were tested and rejections happened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import torch
+
+from specbatch.request import Request, SampleOutput
+from specbatch.sampling import History, SamplingParams, WarpParams, warp
+from specbatch.stats import AcceptanceStats
+
+MIN_EXPECTED = 5.0  # expected count a bin needs for the chi-square approximation
+PEAKED_FLOOR = 1e-3  # smallest probability assumed outside a near-certain cell
+DEFAULT_ALPHA = 1e-3  # family-wise level of the verdict
+PREFIX_SAMPLES = 4  # completions sampled per prompt to cut forced prefixes from
+END = -1  # the "completion ended" cell of the pair check
+FORWARD_CHUNK = 64  # rows per batched reference forward
+
+
+class AuditError(ValueError):
+    """The audit cannot run on this job (no usable prompt, a prompt too long...): exit 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditConfig:
+    prompts: int = 3  # first usable prompts of the input
+    prefix_lengths: tuple[int, ...] = (0, 1, 4)
+    samples: int = 400  # engine samples per (prompt, point, prefix)
+    seed: int = 0  # random-number seed of the audited requests
+    alpha: float = DEFAULT_ALPHA  # family-wise level
+
+    def __post_init__(self) -> None:
+        if self.prompts < 1:
+            raise AuditError(f"--prompts must be >= 1, got {self.prompts}")
+        if self.samples < 10:
+            raise AuditError(f"--samples must be >= 10, got {self.samples}")
+        if not self.prefix_lengths or min(self.prefix_lengths) < 0:
+            raise AuditError(f"--prefix-lengths must be non-negative integers, got {list(self.prefix_lengths)}")
+        if not 0 < self.alpha < 1:
+            raise AuditError(f"--alpha must be in (0, 1), got {self.alpha}")
+
+
+@dataclasses.dataclass
+class Check:
+    """One goodness-of-fit test and its outcome."""
+
+    prompt_id: str
+    point: str  # the sweep point's canonical text ('' without a sweep)
+    prefix_len: int
+    position: str  # "L" (first token) or "L+(L+1)" (pair)
+    samples: int
+    bins: int
+    statistic: float  # Pearson's chi-square, or the count outside the dominant cell (binomial)
+    dof: int
+    p_value: float
+    test: str  # chi2 | binom
+
+
+@dataclasses.dataclass
+class AuditResult:
+    checks: list[Check]
+    stats: AcceptanceStats  # acceptance counts of the audited requests
+    alpha: float
+    skipped: list[str]  # (prompt, prefix) pairs that could not be tested, and why
+
+    @property
+    def threshold(self) -> float:
+        return self.alpha / max(1, len(self.checks))
+
+    def failed(self, check: Check) -> bool:
+        return check.p_value < self.threshold
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and not any(self.failed(c) for c in self.checks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def chi2_sf(x: float, dof: int) -> float:
+    """Upper tail P(X >= x) of a chi-square variable with `dof` degrees of freedom."""
+    if dof < 1:
+        return 1.0
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(x / 2, dtype=torch.float64)))
+
+
+def binom_sf(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    if k <= 0:
+        return 1.0
+    i = torch.arange(k, n + 1, dtype=torch.float64)  # [n - k + 1]
+    logpmf = (math.lgamma(n + 1) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1)
+              + i * math.log(p) + (n - i) * math.log1p(-p))
+    return float(torch.logsumexp(logpmf, 0).exp().clamp(max=1.0))
+
+
+def binned_test(probs: torch.Tensor, counts: torch.Tensor, rest_prob: float, rest_count: int) -> tuple[float, int, int, float, str]:
+    """Goodness of fit of observed counts to exact probabilities (see the module's *bins*).
+
+    probs, counts: [C] for the cells whose probability is known; rest_prob / rest_count: the
+    cells pooled without a known split (their total probability and count).
+    Returns (statistic, dof, bins, p_value, test).
+    """
+    n = int(counts.sum()) + rest_count
+    order = torch.argsort(probs.to(torch.float64), descending=True)
+    p = probs.to(torch.float64)[order]  # [C]
+    c = counts.to(torch.float64)[order]
+    top = int((p * n >= MIN_EXPECTED).sum())
+    rest_p = float(p[top:].sum()) + rest_prob
+    rest_c = float(c[top:].sum()) + rest_count
+    if top <= 1:  # one near-certain cell: exact binomial tail on the count outside it
+        outside = max(rest_p, PEAKED_FLOOR) if top == 1 else 1.0
+        k = int(round(rest_c))
+        return float(k), 1, 2, binom_sf(k, n, min(outside, 1.0)), "binom"
+    exp = (p[:top] * n).tolist()
+    obs = c[:top].tolist()
+    if rest_p * n >= MIN_EXPECTED:
+        exp.append(rest_p * n)
+        obs.append(rest_c)
+    else:
+        exp[-1] += rest_p * n
+        obs[-1] += rest_c
+    chi2 = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    dof = len(exp) - 1
+    return chi2, dof, len(exp), chi2_sf(chi2, dof), "chi2"
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact distributions
+
+
+@dataclasses.dataclass
+class _Rules:
+    """Which tokens end a completion and which are banned, per completion position."""
+
+    eos_ids: frozenset[int]
+    vocab_size: int
+
+    def stop_ids(self, params: SamplingParams) -> set[int]:
+        return set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
+
+    def ends(self, params: SamplingParams, token: int, position: int) -> bool:
+        return position >= params.min_new_tokens and token in self.stop_ids(params)
+
+    def ban(self, params: SamplingParams, position: int, rows: int) -> torch.Tensor | None:
+        """[rows, V] bool: EOS and stop ids masked before min_new_tokens (DESIGN 4, step 2)."""
+        if position >= params.min_new_tokens:
+            return None
+        ban = torch.zeros(rows, self.vocab_size, dtype=torch.bool)
+        ids = [t for t in set(params.stop_token_ids) | set(self.eos_ids) if t < self.vocab_size]
+        ban[:, ids] = True
+        return ban
+
+
+def _history(prompt: Sequence[int], outputs: Sequence[Sequence[int]]) -> History:
+    """Penalty history of len(outputs) rows sharing one prompt: [M, P] and [M, O], padded -1."""
+    m = len(outputs)
+    width = max(1, max(len(o) for o in outputs))
+    out = torch.full((m, width), -1, dtype=torch.int64)
+    for i, o in enumerate(outputs):
+        if o:
+            out[i, : len(o)] = torch.tensor(list(o), dtype=torch.int64)
+    prompt_ids = torch.tensor([list(prompt) or [-1]], dtype=torch.int64).expand(m, -1)
+    return History(prompt_ids=prompt_ids.contiguous(), output_ids=out)
+
+
+def _warp_rows(logits: torch.Tensor, params: SamplingParams, prompt: Sequence[int],
+               outputs: Sequence[Sequence[int]], position: int, rules: _Rules) -> torch.Tensor:
+    """logits [M, V] of rows that all sit at completion `position` -> p [M, V] float32."""
+    m = logits.shape[0]
+    wp = WarpParams.from_params([params] * m, device=logits.device)
+    history = _history(prompt, outputs)
+    history = History(history.prompt_ids.to(logits.device), history.output_ids.to(logits.device))
+    ban = rules.ban(params, position, m)
+    return warp(logits, wp, history, None if ban is None else ban.to(logits.device))
+
+
+@torch.no_grad()
+def _next_logits(target: Any, context: Sequence[int], continuations: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target logits after `context` [V], and after context + [a] for each a [A, V] (float32)."""
+    device = next(target.parameters()).device
+    rows = min(FORWARD_CHUNK, max(1, len(continuations)))
+    cache = target.new_cache(rows + 1, len(context) + 1)
+    src = rows  # the context's own slot
+    ctx = torch.tensor([list(context)], dtype=torch.int64, device=device)
+    first = target(ctx, cache, torch.tensor([src], device=device), torch.tensor([len(context)], device=device),
+                   last_only=True)[0, -1].float()  # [V]
+    after = []
+    for start in range(0, len(continuations), rows):
+        chunk = list(continuations[start : start + rows])
+        slots = torch.arange(len(chunk), device=device)
+        cache.copy_prefix(src, slots, len(context))
+        feed = torch.tensor(chunk, dtype=torch.int64, device=device)[:, None]  # [A', 1]
+        after.append(target(feed, cache, slots, torch.ones(len(chunk), dtype=torch.int64, device=device))[:, 0].float())
+    vocab = first.shape[-1]
+    return first, torch.cat(after) if after else torch.zeros(0, vocab, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks of one (prompt, point, prefix)
+
+
+def _checks(target: Any, rules: _Rules, params: SamplingParams, prompt: list[int], prefix: list[int],
+            outputs: list[SampleOutput], label: tuple[str, str]) -> list[Check]:
+    L = len(prefix)
+    s = len(outputs)
+    firsts = [o.token_ids[L] for o in outputs]
+    pairs = [(o.token_ids[L], o.token_ids[L + 1] if len(o.token_ids) > L + 1 else END) for o in outputs]
+
+    logits0, _ = _next_logits(target, prompt + prefix, [])
+    p0 = _warp_rows(logits0[None], params, prompt, [prefix], L, rules)[0].cpu()  # [V]
+    v = p0.shape[0]
+    counts0 = torch.bincount(torch.tensor(firsts), minlength=v)[:v]
+    checks = [_make_check(label, L, str(L), s, binned_test(p0, counts0, 0.0, 0))]
+
+    if L + 1 >= params.max_new_tokens:
+        return checks
+    # Pair cells for every first token likely enough to hold a bin; the others pooled.
+    likely = [int(a) for a in torch.nonzero(p0 * s >= MIN_EXPECTED).flatten().tolist()]
+    going = [a for a in likely if not rules.ends(params, a, L)]
+    _, logits1 = _next_logits(target, prompt + prefix, going)
+    p1 = _warp_rows(logits1, params, prompt, [prefix + [a] for a in going], L + 1, rules).cpu() if going else None
+    cell_probs: list[torch.Tensor] = []
+    cell_index: dict[tuple[int, int], int] = {}
+    for a in likely:
+        if a in going:
+            row = p0[a] * p1[going.index(a)]  # [V]
+            cell_index.update({(a, b): len(cell_index) + b for b in range(v)})
+            cell_probs.append(row)
+        else:
+            cell_index[(a, END)] = len(cell_index)
+            cell_probs.append(p0[a].reshape(1))
+    probs = torch.cat(cell_probs) if cell_probs else torch.zeros(0)
+    counts = torch.zeros(probs.shape[0], dtype=torch.int64)
+    rest_count = 0
+    for pair in pairs:
+        idx = cell_index.get(pair)
+        if idx is None:
+            rest_count += 1
+        else:
+            counts[idx] += 1
+    rest_prob = max(0.0, 1.0 - float(probs.to(torch.float64).sum()))
+    checks.append(_make_check(label, L, f"{L}+{L + 1}", s, binned_test(probs, counts, rest_prob, rest_count)))
+    return checks
+
+
+def _make_check(label: tuple[str, str], prefix_len: int, position: str, samples: int,
+                outcome: tuple[float, int, int, float, str]) -> Check:
+    statistic, dof, bins, p_value, test = outcome
+    return Check(label[0], label[1], prefix_len, position, samples, bins, statistic, dof, p_value, test)
+
+
+# ---------------------------------------------------------------------------------------------
+# The audit
+
+
+def audit_prompts(spec: Any, encode: Any, count: int) -> list[tuple[str, list[int]]]:
+    """The first `count` prompts of the input that read and encode cleanly: (id, token ids)."""
+    from specbatch.data import Shard, check_input, read_rows
+
+    info = check_input(spec)
+    found: list[tuple[str, list[int]]] = []
+    start = 0
+    while len(found) < count and start < info.num_rows:
+        stop = min(info.num_rows, start + 4 * count)
+        for row in read_rows(spec, Shard("audit", start, stop)):
+            if row.get("error") is None and len(found) < count:
+                try:
+                    found.append((str(row["id"]), list(encode(row["prompt"]))))
+                except ValueError:
+                    continue
+        start = stop
+    if not found:
+        raise AuditError(f"{spec.input.path}: no usable prompt to audit")
+    return found
+
+
+def _audit_params(params: SamplingParams, config: AuditConfig, n: int, max_new_tokens: int) -> SamplingParams:
+    return dataclasses.replace(params, n=n, seed=config.seed, stop=(), max_new_tokens=max_new_tokens)
+
+
+def run_audit(spec: Any, loaded: Any, config: AuditConfig) -> AuditResult:
+    """Sample through `loaded.engine` (a worker's LoadedEngine for `spec`) and test the samples."""
+    from specbatch.spec import point_key
+    from specbatch.worker import request_id
+
+    engine = loaded.engine
+    rules = _Rules(frozenset(engine.eos_ids), engine.vocab_size)
+    prompts = audit_prompts(spec, loaded.encode, config.prompts)
+    gamma = engine.gamma
+    longest = max(config.prefix_lengths)
+
+    # 1. Forced prefixes: completions the engine samples for each (prompt, point).
+    seeds = []
+    for point, params in spec.sweep_points():
+        key = point_key(point)
+        for pid, ids in prompts:
+            seeds.append(Request(request_id(f"audit-prefix-{pid}", key), ids,
+                                 _audit_params(params, config, PREFIX_SAMPLES, max(1, min(longest, params.max_new_tokens)))))
+    samples_for_prefixes = engine.generate(seeds) if longest > 0 else []
+
+    # 2. The audited requests: every (prompt, point, prefix length), `samples` samples each.
+    requests: list[Request] = []
+    plan: list[tuple[str, str, SamplingParams, list[int], list[int]]] = []
+    skipped: list[str] = []
+    for j, req in enumerate(seeds):
+        pid, ids = prompts[j % len(prompts)]
+        point, params = spec.sweep_points()[j // len(prompts)]
+        key = point_key(point)
+        drawn = [o.token_ids for o in samples_for_prefixes[j * PREFIX_SAMPLES : (j + 1) * PREFIX_SAMPLES]]
+        for length in config.prefix_lengths:
+            prefix = next((list(t[:length]) for t in drawn if len(t) >= length and not _ended(rules, params, t[:length])), None)
+            if length == 0:
+                prefix = []
+            if prefix is None or length >= params.max_new_tokens:
+                skipped.append(f"{pid} prefix {length}: no sampled completion reaches {length} tokens without a stop"
+                               if prefix is None else f"{pid} prefix {length}: max_new_tokens is {params.max_new_tokens}")
+                continue
+            budget = min(params.max_new_tokens, length + gamma + 2)  # the first two tokens see the job's full gamma
+            requests.append(Request(request_id(f"audit-{pid}-L{length}", key), ids,
+                                    _audit_params(params, config, config.samples, budget), forced_prefix=prefix))
+            plan.append((pid, key, params, ids, prefix))
+    engine.reset_stats()
+    outputs = engine.generate(requests)
+    stats = AcceptanceStats.from_dict(engine.stats.to_dict())
+
+    # 3. Exact distributions and checks.
+    checks: list[Check] = []
+    for i, (pid, key, params, ids, prefix) in enumerate(plan):
+        mine = outputs[i * config.samples : (i + 1) * config.samples]
+        errors = [o.error for o in mine if o.error is not None]
+        if errors:
+            raise AuditError(f"prompt {pid}: {errors[0]}")
+        checks += _checks(engine.target, rules, params, ids, prefix, mine, (pid, key))
+    return AuditResult(checks=checks, stats=stats, alpha=config.alpha, skipped=skipped)
+
+
+def _ended(rules: _Rules, params: SamplingParams, tokens: Sequence[int]) -> bool:
+    return any(rules.ends(params, t, i) for i, t in enumerate(tokens))
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def report_lines(result: AuditResult) -> list[str]:
+    """The table of checks, acceptance per draft position, then the verdict line."""
+    sweep = any(c.point for c in result.checks)
+    head = f"{'prompt':<14} " + (f"{'point':<22} " if sweep else "") + \
+        f"{'prefix':>6} {'position':>9} {'samples':>7} {'bins':>5} {'test':>5} {'stat':>9} {'dof':>4} {'p-value':>9}  verdict"
+    lines = [head]
+    for c in result.checks:
+        lines.append(
+            f"{c.prompt_id[:14]:<14} " + (f"{c.point[:22]:<22} " if sweep else "")
+            + f"{c.prefix_len:>6} {c.position:>9} {c.samples:>7} {c.bins:>5} {c.test:>5} {c.statistic:>9.2f} {c.dof:>4} "
+            f"{c.p_value:>9.3g}  {'FAIL' if result.failed(c) else 'ok'}"
+        )
+    for note in result.skipped:
+        lines.append(f"skipped: {note}")
+    st = result.stats
+    if st.tested:
+        per = ", ".join(f"{a / t:.2f} ({t - a} of {t} rejected)" if t else "-" for a, t in zip(st.accepted_at, st.tested_at))
+        lines.append(f"acceptance per draft position: {per}")
+    else:
+        lines.append("acceptance per draft position: no proposals were tested (plain sampling only)")
+    worst = min((c.p_value for c in result.checks), default=float("nan"))
+    failed = sum(result.failed(c) for c in result.checks)
+    verdict = "PASS" if result.passed else "FAIL"
+    lines.append(
+        f"audit: {verdict} ({len(result.checks)} checks, {failed} failed; smallest p-value {worst:.3g}, "
+        f"threshold {result.threshold:.3g} = {result.alpha:g} / {len(result.checks)} (Bonferroni))"
+    )
+    return lines
