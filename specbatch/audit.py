@@ -12,13 +12,15 @@ Terms:
   completion tokens and the random-number positions act as they do in the job.  Prefixes are
   completions the engine itself sampled for the prompt (so they are realistic text), cut to
   each length; L = 0 is the empty prefix.
-* *check*: one goodness-of-fit test.  Per (prompt, sweep point, prefix) there are two: the first
-  emitted token (position L), and the pair of the first two (positions L and L + 1: the joint,
-  where an end of the completion at L is its own cell).
+* *check*: one goodness-of-fit test.  Per (prompt, sweep point, prefix) there are three: the
+  first emitted token (position ``L``), the pair of the first two (``L+L+1``: the joint, where an
+  end of the completion at L is its own cell), and *repeats* (``L=L+1``: how often the second
+  token equals the first, where penalty histories show; an exact two-sided binomial test).
 * *exact distribution*: one target forward over prompt + prefix gives p at L (warped by
   :func:`specbatch.sampling.warp` with the penalty history prompt / prefix and the
-  min_new_tokens ban of that position); one forward per likely first token a gives p at L + 1
-  given a.  Only the target and the sampling contract enter it: no drafter, no verifier.
+  min_new_tokens ban of that position); one forward per first token a (batched; the most likely
+  ones, all but 1e-4 of the mass, which only widens the repeat check's interval) gives p at
+  L + 1 given a.  Only the target and the sampling contract enter it: no drafter, no verifier.
 * *bins*: cells (tokens, or token pairs) sorted by exact probability; each cell whose expected
   count is >= 5 is a bin, the rest are pooled into one bin (merged into the smallest bin when
   its own expected count is < 5).  Pearson's chi-square over the bins gives the check's p-value;
@@ -39,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -53,6 +55,8 @@ DEFAULT_ALPHA = 1e-3  # family-wise level of the verdict
 PREFIX_SAMPLES = 4  # completions sampled per prompt to cut forced prefixes from
 END = -1  # the "completion ended" cell of the pair check
 FORWARD_CHUNK = 64  # rows per batched reference forward
+REPEAT_TAIL = 1e-4  # first-token mass the repeat check may leave uncovered
+MAX_CONTINUATIONS = 1024  # most first tokens whose next-token distribution is computed
 
 
 class AuditError(ValueError):
@@ -127,12 +131,27 @@ def chi2_sf(x: float, dof: int) -> float:
 
 def binom_sf(k: int, n: int, p: float) -> float:
     """P(X >= k) for X ~ Binomial(n, p)."""
-    if k <= 0:
-        return 1.0
+    if k <= 0 or p >= 1.0:
+        return 1.0 if k <= n else 0.0
+    if p <= 0.0 or k > n:
+        return 0.0
     i = torch.arange(k, n + 1, dtype=torch.float64)  # [n - k + 1]
     logpmf = (math.lgamma(n + 1) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1)
               + i * math.log(p) + (n - i) * math.log1p(-p))
     return float(torch.logsumexp(logpmf, 0).exp().clamp(max=1.0))
+
+
+def binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p)."""
+    return 1.0 - binom_sf(k + 1, n, p) if k < n else 1.0
+
+
+def repeat_test(k: int, n: int, low: float, high: float) -> tuple[float, int, int, float, str]:
+    """Two-sided exact binomial test of k events in n draws whose probability lies in [low, high]
+    (the part of the distribution left uncovered may add up to high - low)."""
+    upper = binom_sf(k, n, min(max(low, 1e-300), 1.0))
+    lower = binom_cdf(k, n, min(max(high, 1e-300), 1.0))
+    return float(k), 1, 2, min(1.0, 2 * min(upper, lower)), "rep"
 
 
 def binned_test(probs: torch.Tensor, counts: torch.Tensor, rest_prob: float, rest_count: int) -> tuple[float, int, int, float, str]:
@@ -216,25 +235,34 @@ def _warp_rows(logits: torch.Tensor, params: SamplingParams, prompt: Sequence[in
     return warp(logits, wp, history, None if ban is None else ban.to(logits.device))
 
 
-@torch.no_grad()
-def _next_logits(target: Any, context: Sequence[int], continuations: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target logits after `context` [V], and after context + [a] for each a [A, V] (float32)."""
-    device = next(target.parameters()).device
-    rows = min(FORWARD_CHUNK, max(1, len(continuations)))
-    cache = target.new_cache(rows + 1, len(context) + 1)
-    src = rows  # the context's own slot
-    ctx = torch.tensor([list(context)], dtype=torch.int64, device=device)
-    first = target(ctx, cache, torch.tensor([src], device=device), torch.tensor([len(context)], device=device),
-                   last_only=True)[0, -1].float()  # [V]
-    after = []
-    for start in range(0, len(continuations), rows):
-        chunk = list(continuations[start : start + rows])
-        slots = torch.arange(len(chunk), device=device)
-        cache.copy_prefix(src, slots, len(context))
-        feed = torch.tensor(chunk, dtype=torch.int64, device=device)[:, None]  # [A', 1]
-        after.append(target(feed, cache, slots, torch.ones(len(chunk), dtype=torch.int64, device=device))[:, 0].float())
-    vocab = first.shape[-1]
-    return first, torch.cat(after) if after else torch.zeros(0, vocab, device=device)
+class _Reference:
+    """Target logits after a context, and after context + [a] for many single tokens a.
+
+    The context is run once into its own slot; each chunk of continuations copies it into the
+    other slots and runs one token per row.
+    """
+
+    def __init__(self, target: Any, context: Sequence[int]):
+        self.target = target
+        self.device = next(target.parameters()).device
+        self.length = len(context)
+        self.cache = target.new_cache(FORWARD_CHUNK + 1, self.length + 1)
+        self.src = FORWARD_CHUNK  # the context's own slot
+        ctx = torch.tensor([list(context)], dtype=torch.int64, device=self.device)
+        with torch.no_grad():
+            self.first = target(ctx, self.cache, torch.tensor([self.src], device=self.device),
+                                torch.tensor([self.length], device=self.device), last_only=True)[0, -1].float()  # [V]
+
+    def after(self, tokens: Sequence[int]) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """(chunk of tokens, logits [A', V] float32 after context + [a]) for chunks of `tokens`."""
+        for start in range(0, len(tokens), FORWARD_CHUNK):
+            chunk = list(tokens[start : start + FORWARD_CHUNK])
+            slots = torch.arange(len(chunk), device=self.device)
+            self.cache.copy_prefix(self.src, slots, self.length)
+            feed = torch.tensor(chunk, dtype=torch.int64, device=self.device)[:, None]  # [A', 1]
+            with torch.no_grad():
+                logits = self.target(feed, self.cache, slots, torch.ones(len(chunk), dtype=torch.int64, device=self.device))
+            yield chunk, logits[:, 0].float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,26 +276,45 @@ def _checks(target: Any, rules: _Rules, params: SamplingParams, prompt: list[int
     firsts = [o.token_ids[L] for o in outputs]
     pairs = [(o.token_ids[L], o.token_ids[L + 1] if len(o.token_ids) > L + 1 else END) for o in outputs]
 
-    logits0, _ = _next_logits(target, prompt + prefix, [])
-    p0 = _warp_rows(logits0[None], params, prompt, [prefix], L, rules)[0].cpu()  # [V]
+    ref = _Reference(target, prompt + prefix)
+    p0 = _warp_rows(ref.first[None], params, prompt, [prefix], L, rules)[0].cpu()  # [V]
     v = p0.shape[0]
     counts0 = torch.bincount(torch.tensor(firsts), minlength=v)[:v]
     checks = [_make_check(label, L, str(L), s, binned_test(p0, counts0, 0.0, 0))]
-
     if L + 1 >= params.max_new_tokens:
         return checks
-    # Pair cells for every first token likely enough to hold a bin; the others pooled.
-    likely = [int(a) for a in torch.nonzero(p0 * s >= MIN_EXPECTED).flatten().tolist()]
-    going = [a for a in likely if not rules.ends(params, a, L)]
-    _, logits1 = _next_logits(target, prompt + prefix, going)
-    p1 = _warp_rows(logits1, params, prompt, [prefix + [a] for a in going], L + 1, rules).cpu() if going else None
+
+    # p at L + 1 after each first token a that does not end the completion, most likely first,
+    # until all but REPEAT_TAIL of the mass is covered: full rows for the first tokens likely
+    # enough to hold a bin, p(a | a) for the repeat check.
+    order = torch.argsort(p0, descending=True).tolist()
+    likely = {a for a in order if p0[a] * s >= MIN_EXPECTED}
+    going = [a for a in order if p0[a] > 0 and not rules.ends(params, a, L)]
+    going_mass = float(p0[going].sum()) if going else 0.0
+    covered: list[int] = []
+    mass = 0.0
+    for a in going:
+        if (mass >= going_mass - REPEAT_TAIL or len(covered) >= MAX_CONTINUATIONS) and a not in likely:
+            break
+        covered.append(a)
+        mass += float(p0[a])
+    rows: dict[int, torch.Tensor] = {}
+    repeat_prob = 0.0
+    for chunk, logits in ref.after(covered):
+        p1 = _warp_rows(logits, params, prompt, [prefix + [a] for a in chunk], L + 1, rules).cpu()  # [A', V]
+        for i, a in enumerate(chunk):
+            repeat_prob += float(p0[a]) * float(p1[i, a])
+            if a in likely:
+                rows[a] = p1[i]
+    uncovered = max(0.0, going_mass - mass)
+
+    # The joint of the first two tokens: cells (a, b), or (a, END) where a ends the completion.
     cell_probs: list[torch.Tensor] = []
     cell_index: dict[tuple[int, int], int] = {}
-    for a in likely:
-        if a in going:
-            row = p0[a] * p1[going.index(a)]  # [V]
+    for a in sorted(likely):
+        if a in rows:
             cell_index.update({(a, b): len(cell_index) + b for b in range(v)})
-            cell_probs.append(row)
+            cell_probs.append(p0[a] * rows[a])
         else:
             cell_index[(a, END)] = len(cell_index)
             cell_probs.append(p0[a].reshape(1))
@@ -282,6 +329,10 @@ def _checks(target: Any, rules: _Rules, params: SamplingParams, prompt: list[int
             counts[idx] += 1
     rest_prob = max(0.0, 1.0 - float(probs.to(torch.float64).sum()))
     checks.append(_make_check(label, L, f"{L}+{L + 1}", s, binned_test(probs, counts, rest_prob, rest_count)))
+
+    # Repeats: how often the token at L + 1 equals the one at L (penalty histories show here).
+    repeats = sum(1 for a, b in pairs if a == b)
+    checks.append(_make_check(label, L, f"{L}={L + 1}", s, repeat_test(repeats, s, repeat_prob, repeat_prob + uncovered)))
     return checks
 
 

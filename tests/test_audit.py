@@ -20,7 +20,7 @@ from specbatch.cli import main
 from specbatch.drafters import ModelDrafter
 from tests.tiny import make_tiny_pair
 
-SAMPLES = "1500"
+SAMPLES = "600"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -58,14 +58,16 @@ def run(job: str, *extra: str) -> int:
 def test_audit_passes_with_model_drafter(tmp_path, pair, capsys):
     code = run(write_job(tmp_path, pair, model_draft(pair), {"top_k": 20, "min_new_tokens": 2}))
     out = capsys.readouterr().out
+    print(out)  # the audit's table, shown with pytest -rA
     assert code == 0, out
-    assert "audit: PASS (4 checks, 0 failed" in out
+    assert "audit: PASS (6 checks, 0 failed" in out
     assert "rejected" in out  # the drafter's proposals were tested and some rejected: power
 
 
 def test_audit_passes_with_ngram_drafter_and_penalties(tmp_path, pair, capsys):
     code = run(write_job(tmp_path, pair, {"kind": "ngram"}, {"presence_penalty": 2.0, "repetition_penalty": 1.3}))
     out = capsys.readouterr().out
+    print(out)  # the audit's table, shown with pytest -rA
     assert code == 0, out
     assert "audit: PASS" in out
 
@@ -84,6 +86,7 @@ def test_audit_fails_when_the_drafter_reports_another_q(tmp_path, pair, capsys):
     with mock.patch.object(ModelDrafter, "propose", reports_other_q):
         code = run(write_job(tmp_path, pair, model_draft(pair)))
     out = capsys.readouterr().out
+    print(out)  # the audit's table, shown with pytest -rA
     assert code == 1, out
     assert "audit: FAIL" in out
 
@@ -101,6 +104,7 @@ def test_audit_fails_when_penalties_ignore_earlier_proposals(tmp_path, pair, cap
     with mock.patch.object(Engine, "_history", history_without_proposals):
         code = run(job)
     out = capsys.readouterr().out
+    print(out)  # the audit's table, shown with pytest -rA
     assert code == 1, out
     assert "audit: FAIL" in out
 
