@@ -126,3 +126,24 @@ def test_bad_options_and_specs_exit_2(tmp_path, pair, capsys):
     assert "--samples" in capsys.readouterr().err
     assert main(["audit", job, "--set", "sampling.top_p=7"]) == 2
     assert "sampling.top_p" in capsys.readouterr().err
+
+
+def test_forced_prefix_continues_a_sample_exactly(pair):
+    """Forcing a sample's own first k tokens reproduces the rest of it: the prefix sits at
+    completion positions 0..k-1 (random numbers, penalties and min_new_tokens see it there)."""
+    from specbatch.engine import Engine, EngineConfig
+    from specbatch.models import load_model, load_tokenizer
+    from specbatch.request import Request
+    from specbatch.sampling import SamplingParams
+
+    target, tokenizer = load_model(pair[0], dtype="float32"), load_tokenizer(pair[0])
+    engine = Engine(target, tokenizer, None, EngineConfig(max_batch_size=8, measure_cost=False))
+    params = SamplingParams(n=6, max_new_tokens=10, min_new_tokens=5, presence_penalty=1.5, seed=3)
+    prompt = [1, 10, 11, 12, 10, 11]
+    full = engine.generate([Request("p", prompt, params)])
+    for out in full:
+        k = min(3, len(out.token_ids) - 1)
+        forced = engine.generate([Request("p", prompt, params, sample_indices=[out.sample_index],
+                                          forced_prefix=out.token_ids[:k])])[0]
+        assert forced.token_ids == out.token_ids
+        assert forced.num_prompt_tokens == len(prompt)
