@@ -308,25 +308,23 @@ def _checks(target: Any, rules: _Rules, params: SamplingParams, prompt: list[int
                 rows[a] = p1[i]
     uncovered = max(0.0, going_mass - mass)
 
-    # The joint of the first two tokens: cells (a, b), or (a, END) where a ends the completion.
-    cell_probs: list[torch.Tensor] = []
-    cell_index: dict[tuple[int, int], int] = {}
-    for a in sorted(likely):
-        if a in rows:
-            cell_index.update({(a, b): len(cell_index) + b for b in range(v)})
-            cell_probs.append(p0[a] * rows[a])
-        else:
-            cell_index[(a, END)] = len(cell_index)
-            cell_probs.append(p0[a].reshape(1))
-    probs = torch.cat(cell_probs) if cell_probs else torch.zeros(0)
+    # The joint of the first two tokens: cells (a, b) for a going on (row-major [K, V]), then
+    # (a, END) for each a that ends the completion; first tokens unlikely to hold a bin pooled.
+    going_likely = sorted(a for a in likely if a in rows)
+    ending_likely = sorted(a for a in likely if a not in rows)
+    row_of = {a: k for k, a in enumerate(going_likely)}
+    end_of = {a: len(going_likely) * v + e for e, a in enumerate(ending_likely)}
+    joint = [p0[a] * rows[a] for a in going_likely]  # each [V]
+    probs = torch.cat(joint + [p0[ending_likely]]) if likely else torch.zeros(0)  # [K*V + E]
     counts = torch.zeros(probs.shape[0], dtype=torch.int64)
     rest_count = 0
-    for pair in pairs:
-        idx = cell_index.get(pair)
-        if idx is None:
-            rest_count += 1
+    for a, b in pairs:
+        if a in row_of and b != END:
+            counts[row_of[a] * v + b] += 1
+        elif a in end_of:
+            counts[end_of[a]] += 1
         else:
-            counts[idx] += 1
+            rest_count += 1
     rest_prob = max(0.0, 1.0 - float(probs.to(torch.float64).sum()))
     checks.append(_make_check(label, L, f"{L}+{L + 1}", s, binned_test(probs, counts, rest_prob, rest_count)))
 
@@ -382,31 +380,27 @@ def run_audit(spec: Any, loaded: Any, config: AuditConfig) -> AuditResult:
     gamma = engine.gamma
     longest = max(config.prefix_lengths)
 
+    cases = [(pid, ids, point_key(point), params) for point, params in spec.sweep_points() for pid, ids in prompts]
+
     # 1. Forced prefixes: completions the engine samples for each (prompt, point).
-    seeds = []
-    for point, params in spec.sweep_points():
-        key = point_key(point)
-        for pid, ids in prompts:
-            seeds.append(Request(request_id(f"audit-prefix-{pid}", key), ids,
-                                 _audit_params(params, config, PREFIX_SAMPLES, max(1, min(longest, params.max_new_tokens)))))
-    samples_for_prefixes = engine.generate(seeds) if longest > 0 else []
+    seeds = [Request(request_id(f"audit-prefix-{pid}", key), ids,
+                     _audit_params(params, config, PREFIX_SAMPLES, max(1, min(longest, params.max_new_tokens))))
+             for pid, ids, key, params in cases]
+    drawn = [o.token_ids for o in engine.generate(seeds)] if longest > 0 else []
 
     # 2. The audited requests: every (prompt, point, prefix length), `samples` samples each.
     requests: list[Request] = []
     plan: list[tuple[str, str, SamplingParams, list[int], list[int]]] = []
     skipped: list[str] = []
-    for j, req in enumerate(seeds):
-        pid, ids = prompts[j % len(prompts)]
-        point, params = spec.sweep_points()[j // len(prompts)]
-        key = point_key(point)
-        drawn = [o.token_ids for o in samples_for_prefixes[j * PREFIX_SAMPLES : (j + 1) * PREFIX_SAMPLES]]
+    for j, (pid, ids, key, params) in enumerate(cases):
+        completions = drawn[j * PREFIX_SAMPLES : (j + 1) * PREFIX_SAMPLES]
         for length in config.prefix_lengths:
-            prefix = next((list(t[:length]) for t in drawn if len(t) >= length and not _ended(rules, params, t[:length])), None)
-            if length == 0:
-                prefix = []
-            if prefix is None or length >= params.max_new_tokens:
-                skipped.append(f"{pid} prefix {length}: no sampled completion reaches {length} tokens without a stop"
-                               if prefix is None else f"{pid} prefix {length}: max_new_tokens is {params.max_new_tokens}")
+            if length >= params.max_new_tokens:
+                skipped.append(f"{pid} prefix {length}: max_new_tokens is {params.max_new_tokens}")
+                continue
+            prefix = _forced_prefix(completions, length, rules, params)
+            if prefix is None:
+                skipped.append(f"{pid} prefix {length}: no sampled completion reaches {length} tokens without a stop")
                 continue
             budget = min(params.max_new_tokens, length + gamma + 2)  # the first two tokens see the job's full gamma
             requests.append(Request(request_id(f"audit-{pid}-L{length}", key), ids,
@@ -427,8 +421,14 @@ def run_audit(spec: Any, loaded: Any, config: AuditConfig) -> AuditResult:
     return AuditResult(checks=checks, stats=stats, alpha=config.alpha, skipped=skipped)
 
 
-def _ended(rules: _Rules, params: SamplingParams, tokens: Sequence[int]) -> bool:
-    return any(rules.ends(params, t, i) for i, t in enumerate(tokens))
+def _forced_prefix(completions: Sequence[Sequence[int]], length: int, rules: _Rules,
+                   params: SamplingParams) -> list[int] | None:
+    """The first `length` tokens of the first completion that has them with no stop among them."""
+    for tokens in completions if length else [[]]:
+        head = list(tokens[:length])
+        if len(head) == length and not any(rules.ends(params, t, i) for i, t in enumerate(head)):
+            return head
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
