@@ -65,8 +65,8 @@ class AuditError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class AuditConfig:
-    prompts: int = 3  # first usable prompts of the input
-    prefix_lengths: tuple[int, ...] = (0, 1, 4)
+    prompts: int = 2  # first usable prompts of the input
+    prefix_lengths: tuple[int, ...] = (0, 4)
     samples: int = 400  # engine samples per (prompt, point, prefix)
     seed: int = 0  # random-number seed of the audited requests
     alpha: float = DEFAULT_ALPHA  # family-wise level
@@ -89,13 +89,13 @@ class Check:
     prompt_id: str
     point: str  # the sweep point's canonical text ('' without a sweep)
     prefix_len: int
-    position: str  # "L" (first token) or "L+(L+1)" (pair)
+    position: str  # "L" (first token), "L+L+1" (pair) or "L=L+1" (repeats)
     samples: int
     bins: int
-    statistic: float  # Pearson's chi-square, or the count outside the dominant cell (binomial)
+    statistic: float  # chi2: Pearson's chi-square; binom: the count outside the dominant cell; rep: repeats
     dof: int
     p_value: float
-    test: str  # chi2 | binom
+    test: str  # chi2 | binom | rep
 
 
 @dataclasses.dataclass

@@ -259,11 +259,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from specbatch.worker import build_engine
 
     try:
-        config = AuditConfig(prompts=args.prompts, prefix_lengths=tuple(args.prefix_lengths),
-                             samples=args.samples, seed=args.seed, alpha=args.alpha)
+        given = {"prompts": args.prompts, "prefix_lengths": args.prefix_lengths, "samples": args.samples,
+                 "seed": args.seed, "alpha": args.alpha}
+        config = AuditConfig(**{k: v for k, v in given.items() if v is not None})
         # Adaptive gamma only picks a smaller gamma; the audit drafts the job's full gamma.
         spec, _ = _load_and_check(args.job, [*args.set, "speculative.adaptive_gamma=false"])
-        loaded = build_engine(spec)
+        loaded = build_engine(spec, measure_cost=False)
         result = run_audit(spec, loaded, config)
     except (*_input_errors(), AuditError) as e:
         return _fail(str(e), EXIT_INPUT)
@@ -271,9 +272,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK if result.passed else EXIT_FAILED
 
 
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str) -> tuple[int, ...]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
@@ -332,12 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="test the job's sampling path (its models and settings) against the exact target distribution")
     p.add_argument("job", help="job spec YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a spec field")
-    p.add_argument("--prompts", type=int, default=3, help="first usable prompts of the input to audit (default 3)")
-    p.add_argument("--prefix-lengths", type=_int_list, default=[0, 1, 4], metavar="L,L,...",
-                   help="forced completion prefixes to test after (default 0,1,4)")
-    p.add_argument("--samples", type=int, default=400, help="samples per (prompt, prefix) (default 400)")
-    p.add_argument("--seed", type=int, default=0, help="random-number seed of the audited samples (default 0)")
-    p.add_argument("--alpha", type=float, default=1e-3, help="family-wise level of the verdict (default 1e-3)")
+    p.add_argument("--prompts", type=int, help="first usable prompts of the input to audit (default 2)")
+    p.add_argument("--prefix-lengths", type=_int_list, metavar="L,L,...",
+                   help="lengths of the forced completion prefixes (default 0,4)")
+    p.add_argument("--samples", type=int, help="samples per (prompt, prefix) (default 400)")
+    p.add_argument("--seed", type=int, help="random-number seed of the audited samples (default 0)")
+    p.add_argument("--alpha", type=float, help="family-wise level of the verdict (default 1e-3)")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("reference", help="print the job spec reference (every field, default, description)")
