@@ -31,6 +31,12 @@ Terms:
   ``alpha / number of checks`` (family-wise level alpha, default 1e-3: a correct engine fails
   about once in a thousand audits).
 
+Each step starts at L (the prefix is committed whole), so the first emitted token is decided at
+draft position 0 and the second at draft position 1 or at position 0 of the next step.  Half of
+the samples get max_new_tokens L + 2 (one proposal: the second token is a bonus token when it is
+accepted), the other half L + gamma + 1 (the job's full gamma at the first step); both halves
+follow the same exact distribution over the first two tokens.
+
 Stop strings are left out of the audited requests (they cut text after sampling and do not
 change which token is drawn); EOS and stop token ids stay, since they end a completion.  The
 acceptance counts per draft position are reported too: a check has power against a drafter or
@@ -402,9 +408,11 @@ def run_audit(spec: Any, loaded: Any, config: AuditConfig) -> AuditResult:
             if prefix is None:
                 skipped.append(f"{pid} prefix {length}: no sampled completion reaches {length} tokens without a stop")
                 continue
-            budget = min(params.max_new_tokens, length + gamma + 2)  # the first two tokens see the job's full gamma
-            requests.append(Request(request_id(f"audit-{pid}-L{length}", key), ids,
-                                    _audit_params(params, config, config.samples, budget), forced_prefix=prefix))
+            rid = request_id(f"audit-{pid}-L{length}", key)
+            half = config.samples // 2
+            for budget, indices in ((length + 2, range(half)), (length + max(gamma, 1) + 1, range(half, config.samples))):
+                audited = _audit_params(params, config, config.samples, min(params.max_new_tokens, budget))
+                requests.append(Request(rid, ids, audited, sample_indices=list(indices), forced_prefix=prefix))
             plan.append((pid, key, params, ids, prefix))
     engine.reset_stats()
     outputs = engine.generate(requests)
