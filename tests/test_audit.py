@@ -51,24 +51,24 @@ def model_draft(pair) -> dict:
     return {"kind": "model", "path": str(pair[1])}
 
 
-def run(job: str, *extra: str) -> int:
-    return main(["audit", job, "--prompts", "1", "--prefix-lengths", "0,3", "--samples", SAMPLES, *extra])
+def audit_output(job: str, capsys, expected_code: int) -> str:
+    """Run the audit in-process; assert its exit code; return its report."""
+    code = main(["audit", job, "--prompts", "1", "--prefix-lengths", "0,3", "--samples", SAMPLES])
+    out = capsys.readouterr().out
+    print(out)  # the audit's table, shown with pytest -rA
+    assert code == expected_code, out
+    return out
 
 
 def test_audit_passes_with_model_drafter(tmp_path, pair, capsys):
-    code = run(write_job(tmp_path, pair, model_draft(pair), {"top_k": 20, "min_new_tokens": 2}))
-    out = capsys.readouterr().out
-    print(out)  # the audit's table, shown with pytest -rA
-    assert code == 0, out
+    out = audit_output(write_job(tmp_path, pair, model_draft(pair), {"top_k": 20, "min_new_tokens": 2}), capsys, 0)
     assert "audit: PASS (6 checks, 0 failed" in out
     assert "rejected" in out  # the drafter's proposals were tested and some rejected: power
 
 
 def test_audit_passes_with_ngram_drafter_and_penalties(tmp_path, pair, capsys):
-    code = run(write_job(tmp_path, pair, {"kind": "ngram"}, {"presence_penalty": 2.0, "repetition_penalty": 1.3}))
-    out = capsys.readouterr().out
-    print(out)  # the audit's table, shown with pytest -rA
-    assert code == 0, out
+    job = write_job(tmp_path, pair, {"kind": "ngram"}, {"presence_penalty": 2.0, "repetition_penalty": 1.3})
+    out = audit_output(job, capsys, 0)
     assert "audit: PASS" in out
 
 
@@ -84,10 +84,7 @@ def test_audit_fails_when_the_drafter_reports_another_q(tmp_path, pair, capsys):
         return proposal
 
     with mock.patch.object(ModelDrafter, "propose", reports_other_q):
-        code = run(write_job(tmp_path, pair, model_draft(pair)))
-    out = capsys.readouterr().out
-    print(out)  # the audit's table, shown with pytest -rA
-    assert code == 1, out
+        out = audit_output(write_job(tmp_path, pair, model_draft(pair)), capsys, 1)
     assert "audit: FAIL" in out
 
 
@@ -102,11 +99,9 @@ def test_audit_fails_when_penalties_ignore_earlier_proposals(tmp_path, pair, cap
 
     job = write_job(tmp_path, pair, model_draft(pair), {"presence_penalty": 3.0})
     with mock.patch.object(Engine, "_history", history_without_proposals):
-        code = run(job)
-    out = capsys.readouterr().out
-    print(out)  # the audit's table, shown with pytest -rA
-    assert code == 1, out
+        out = audit_output(job, capsys, 1)
     assert "audit: FAIL" in out
+    assert any(" rep " in line and line.endswith("FAIL") for line in out.splitlines())  # too many repeats
 
 
 def test_binned_test_pools_rare_cells_and_handles_near_certain_cells():
