@@ -311,7 +311,7 @@ def _checks(target: Any, rules: _Rules, params: SamplingParams, prompt: list[int
         for i, a in enumerate(chunk):
             repeat_prob += float(p0[a]) * float(p1[i, a])
             if a in likely:
-                rows[a] = p1[i]
+                rows[a] = p1[i].clone()  # [V], not a view that keeps the chunk alive
     uncovered = max(0.0, going_mass - mass)
 
     # The joint of the first two tokens: cells (a, b) for a going on (row-major [K, V]), then
