@@ -73,7 +73,7 @@ class AuditError(ValueError):
 class AuditConfig:
     prompts: int = 2  # first usable prompts of the input
     prefix_lengths: tuple[int, ...] = (0, 4)
-    samples: int = 400  # engine samples per (prompt, point, prefix)
+    samples: int = 200  # engine samples per (prompt, point, prefix): about a minute or two for the demo on 2 CPU cores
     seed: int = 0  # random-number seed of the audited requests
     alpha: float = DEFAULT_ALPHA  # family-wise level
 

@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, help="first usable prompts of the input to audit (default 2)")
     p.add_argument("--prefix-lengths", type=_int_list, metavar="L,L,...",
                    help="lengths of the forced completion prefixes (default 0,4)")
-    p.add_argument("--samples", type=int, help="samples per (prompt, prefix) (default 400)")
+    p.add_argument("--samples", type=int, help="samples per (prompt, prefix) (default 200)")
     p.add_argument("--seed", type=int, help="random-number seed of the audited samples (default 0)")
     p.add_argument("--alpha", type=float, help="family-wise level of the verdict (default 1e-3)")
     p.set_defaults(func=cmd_audit)
