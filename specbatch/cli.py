@@ -6,11 +6,12 @@
     specbatch submit JOB.yaml --address http://HEAD:8265 [--runtime-env FILE] [--wait]
     specbatch demo                                      pull the demo model, run jobs/demo.yaml
     specbatch models pull NAME                          fetch and convert a registered model
+    specbatch audit JOB.yaml [--samples N ...]          test the job's sampling path against exact p
     specbatch reference                                 the job spec reference (Markdown)
 
 Exit codes: 0 success; 2 a spec, input, output-location or model error (one line naming the
 field or file, found by the preflight before Ray starts, nothing written); 1 a failed run (it
-names the failed shards).
+names the failed shards) or a failed audit.
 """
 
 from __future__ import annotations
@@ -258,6 +259,34 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from specbatch.audit import AuditConfig, AuditError, report_lines, run_audit
+    from specbatch.preflight import preflight
+    from specbatch.spec import load_spec
+    from specbatch.worker import build_engine
+
+    try:
+        given = {"prompts": args.prompts, "prefix_lengths": args.prefix_lengths, "samples": args.samples,
+                 "seed": args.seed, "alpha": args.alpha}
+        config = AuditConfig(**{k: v for k, v in given.items() if v is not None})
+        # Adaptive gamma only picks a smaller gamma; the audit drafts the job's full gamma.
+        spec = load_spec(args.job, [*args.set, "speculative.adaptive_gamma=false"])
+        preflight(spec)
+        loaded = build_engine(spec, measure_cost=False)
+        result = run_audit(spec, loaded, config)
+    except (*_input_errors(), AuditError) as e:
+        return _fail(str(e), EXIT_INPUT)
+    print("\n".join(report_lines(result)))
+    return EXIT_OK if result.passed else EXIT_FAILED
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Parser
 
@@ -308,6 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     pull = models.add_parser("pull", help="fetch and convert a registered model")
     pull.add_argument("name", help=f"registered model name, e.g. {DEMO_MODEL}")
     pull.set_defaults(func=cmd_models_pull)
+
+    p = sub.add_parser("audit", help="test the job's sampling path (its models and settings) against the exact target distribution")
+    p.add_argument("job", help="job spec YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a spec field")
+    p.add_argument("--prompts", type=int, help="first usable prompts of the input to audit (default 2)")
+    p.add_argument("--prefix-lengths", type=_int_list, metavar="L,L,...",
+                   help="lengths of the forced completion prefixes (default 0,4)")
+    p.add_argument("--samples", type=int, help="samples per (prompt, prefix) (default 200)")
+    p.add_argument("--seed", type=int, help="random-number seed of the audited samples (default 0)")
+    p.add_argument("--alpha", type=float, help="family-wise level of the verdict (default 1e-3)")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("reference", help="print the job spec reference (every field, default, description)")
     p.set_defaults(func=cmd_reference)

@@ -180,33 +180,38 @@ class Engine:
             return "prompt has no tokens"
         if n >= self.max_len:
             return f"prompt has {n} tokens; max_model_len is {self.max_len} (prompt + at least one new token)"
-        bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
+        bad = [t for t in req.committed_token_ids() if not 0 <= t < self.vocab_size]
         if bad:
             return f"prompt token id {bad[0]} is outside the vocabulary (size {self.vocab_size})"
+        forced = len(req.forced_prefix)
+        if forced and (forced >= req.params.max_new_tokens or n + forced >= self.max_len):
+            return f"forced prefix of {forced} tokens leaves no room for a new token"
         return None
 
     def _prefill(self, req: Request) -> None:
-        """Prompt[:-1] into the prefix slot of the target and the drafter."""
+        """(Prompt + forced prefix)[:-1] into the prefix slot of the target and the drafter."""
         slot = self.prefix_slot
         self.cache.reset([slot])
-        head = req.prompt_token_ids[:-1]
+        committed = req.committed_token_ids()
+        head = committed[:-1]
         if head:
             tokens = torch.tensor([head], dtype=torch.int64, device=self.device)
             self.target(tokens, self.cache, torch.tensor([slot], device=self.device), torch.tensor([len(head)], device=self.device), last_only=True)
-        self.drafter.prefill(req.prompt_token_ids, slot)
+        self.drafter.prefill(committed, slot)
 
     def _fan_out(self, req: Request, starting: list[tuple[int, int]], active: list[Row]) -> None:
         if not starting:
             return
         slots = [slot for _, slot in starting]
-        length = len(req.prompt_token_ids) - 1
+        committed = req.committed_token_ids()
+        length = len(committed) - 1
         self.cache.copy_prefix(self.prefix_slot, slots, length)
         self.drafter.copy_prefix(self.prefix_slot, slots, length)
         key = rng.row_key(req.params.seed, req.request_id)
         for sidx, slot in starting:
             active.append(
                 Row(request=req, sample_index=sidx, slot=slot, key=key,
-                    tokens=list(req.prompt_token_ids), num_prompt=len(req.prompt_token_ids))
+                    tokens=list(committed), num_prompt=len(req.prompt_token_ids))
             )
 
     # ------------------------------------------------------------------ one step

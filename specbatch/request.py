@@ -22,15 +22,24 @@ class Request:
     params: sampling settings; ``params.n`` samples are drawn unless ``sample_indices`` is given.
     sample_indices: which sample indices to generate (a retried or split shard may ask for a
     subset); a sample's tokens depend only on its index, never on which others run beside it.
+    forced_prefix: tokens committed as the start of every sample's completion before generation
+    begins (positions 0..len-1 of the completion, so min_new_tokens, penalties over completion
+    tokens and the random-number positions see them where a sampled prefix would be); the
+    output's token_ids start with them.  ``specbatch audit`` uses it to test later positions.
     """
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     sample_indices: list[int] | None = None
+    forced_prefix: list[int] = field(default_factory=list)
 
     def indices(self) -> list[int]:
         return list(range(self.params.n)) if self.sample_indices is None else list(self.sample_indices)
+
+    def committed_token_ids(self) -> list[int]:
+        """What every row of this request starts from: prompt + forced prefix."""
+        return list(self.prompt_token_ids) + list(self.forced_prefix)
 
 
 @dataclass

@@ -77,8 +77,11 @@ def device_for(spec: Any) -> str:
     return "cpu"
 
 
-def build_engine(spec: Any) -> LoadedEngine:
-    """The real engine for a job spec: target model, tokenizer, drafter, Engine."""
+def build_engine(spec: Any, measure_cost: bool = True) -> LoadedEngine:
+    """The real engine for a job spec: target model, tokenizer, drafter, Engine.
+
+    measure_cost False skips the start-up cost model (no expected speedup, no adaptive gamma).
+    """
     from specbatch.drafters import build_drafter
     from specbatch.engine import Engine, EngineConfig
     from specbatch.models import load_model, load_tokenizer
@@ -115,6 +118,7 @@ def build_engine(spec: Any) -> LoadedEngine:
         adaptive_gamma=spec_cfg.adaptive_gamma,
         auto_gamma=auto,
         max_model_len=target_spec.max_model_len,
+        measure_cost=measure_cost,
     )
     engine = Engine(target, tokenizer, drafter, config)
     chat_template = spec.input.chat_template
