@@ -11,12 +11,19 @@ sum of kept weights.  A token is kept iff ``s >= thr`` (one threshold that combi
 top-p, ties at the threshold kept) and ``w >= min_p`` (min-p relative to the largest
 probability, which is ``exp(0) / Z``).  Greedy rows are one-hot at the first argmax.
 
+The top-p tie contract (DESIGN section 4, ``specbatch.sampling.crossing_score``): sorted
+descending, the *crossing token* is the first whose cumulative mass reaches top_p; every token
+whose score is >= the crossing token's is kept, so all tokens tied with it are kept, whatever
+order a sort would give them.  Scores, not probabilities, are compared (exp is monotone; two
+distinct scores whose weights round equal stay apart), exactly as the torch reference does.
+
 Exact thresholds without sorting.  Scores map to int32 *keys* whose integer order is the float
 order (:func:`_key`).  The top-k threshold is the largest key ``t`` whose count of keys >= t is
-at least k; the top-p threshold the largest ``t`` whose kept mass above t reaches top_p of the
-mass after top-k.  Both are found by bisection over the key range with one counting pass per
-step, stopping early once the selected set is minimal (dropping its smallest value would fall
-below the target), as sorting-free samplers do.
+at least k; the top-p threshold the largest ``t`` whose mass of scores >= t reaches top_p of the
+mass after top-k, which is the crossing token's score: a whole group of tied scores enters or
+leaves the counted set at once.  Both are found by bisection over the key range with one
+counting pass per step, stopping early once the selected set is minimal (dropping its smallest
+value, with all its ties, would fall below the target), as sorting-free samplers do.
 
 Layout.  A program handles ``BLOCK_R`` rows at once and walks the vocabulary in tiles of
 ``BLOCK_V``: every per-row quantity is a [BLOCK_R] vector.  Large vocabularies use one row per
@@ -181,7 +188,8 @@ def row_distribution(row_ptrs, V, temperature, top_k, top_p, min_p, live,
         thr_k = _search(row_ptrs, V, temp, m, lo, hi, thr, top_k.to(tl.float32), False, BLOCK_R, BLOCK_V)
         thr = tl.where(do_k, thr_k, thr)
         z = tl.where(do_k, _kept_mass(row_ptrs, V, temp, m, thr, tl.zeros_like(z), do_k, BLOCK_R, BLOCK_V), z)
-    # top-p on the distribution after top-k: the smallest descending set reaching top_p.
+    # top-p on the distribution after top-k: the crossing token's score, ties kept
+    # (mirror of specbatch.sampling.crossing_score).
     do_p = sampled & (top_p < 1)
     if tl.max(do_p.to(tl.int32), axis=0) > 0:
         hi = _key(m)
