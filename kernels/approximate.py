@@ -25,14 +25,13 @@ import triton.language as tl
 
 from specbatch import rng
 from specbatch.sampling import WarpParams, sample_from_probs
-from specbatch.speculative import VerifyResult, emitted_logprobs, verify
+from specbatch.speculative import VerifyResult
+from specbatch_kernels.reference import VerifyStep, check_approximate_supported
 from specbatch_kernels.rng import uniform
 from specbatch_kernels.warp import first_crossing, tile_scores, tiles
-from specbatch_kernels.verify import draft_prob_at, draft_tile, finish_rows, result_from_counts, row_block
-
-ROLE_ACCEPT = tl.constexpr(int(rng.Role.ACCEPT))
-ROLE_RESIDUAL = tl.constexpr(int(rng.Role.RESIDUAL))
-ROLE_SAMPLE = tl.constexpr(int(rng.Role.SAMPLE))
+from specbatch_kernels.verify import (
+    ROLE_ACCEPT, ROLE_RESIDUAL, ROLE_SAMPLE, draft_prob_at, draft_tile, finish_rows, result_from_counts, row_block,
+)
 
 
 @triton.jit
@@ -107,25 +106,13 @@ def _approx_kernel(
     finish_rows(tokens_ptr, logprobs_ptr, counts_ptr, r, j, n_acc, rejected, live, G, BLOCK_R)
 
 
-def _check_supported(params: WarpParams) -> None:
-    if bool((params.temperature == 0).any()):
-        raise ValueError("approximate verification does not support greedy rows (temperature 0)")
-    if bool((params.top_k > 0).any() or (params.top_p < 1).any() or (params.min_p > 0).any()):
-        raise ValueError("approximate verification does not support top-k, top-p or min-p")
+def verify_triton(step: VerifyStep) -> tuple[VerifyResult, torch.Tensor]:
+    """Launch the approximate kernel (mirror: ``specbatch_kernels.reference.verify_approximate``).
 
-
-def verify_triton(
-    scores: torch.Tensor,
-    draft_tokens: torch.Tensor,
-    num_proposed: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    params: WarpParams,
-    key: torch.Tensor,
-    sample_index: torch.Tensor,
-    position: torch.Tensor,
-) -> tuple[VerifyResult, torch.Tensor]:
-    """Launch the approximate kernel; arguments as ``specbatch_kernels.verify.verify_triton``."""
-    _check_supported(params)
+    Returns (result, logprobs [R, G+1] = log p̂ of the emitted tokens, 0 after the run).
+    """
+    check_approximate_supported(step.params)
+    scores, draft_tokens, num_proposed, draft_probs = step.scores, step.draft_tokens, step.num_proposed, step.draft_probs
     r, g1, v = scores.shape
     g = g1 - 1
     dev = scores.device
@@ -139,36 +126,12 @@ def verify_triton(
         _approx_kernel[(triton.cdiv(r, block_r),)](
             scores, scores.stride(0), scores.stride(1),
             draft_tokens, num_proposed, q, 0 if one_hot else q.stride(0), 0 if one_hot else q.stride(1),
-            params.temperature, key, sample_index, position,
+            step.params.temperature, step.key, step.sample_index, step.position,
             tokens, logprobs, counts,
             r, g, v,
             ONE_HOT=one_hot, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=8,
         )
     return result_from_counts(tokens, counts, num_proposed), logprobs
-
-
-def sigmoid_probs(scores: torch.Tensor, params: WarpParams) -> torch.Tensor:
-    """p̂ = sigmoid(scores / T), unnormalized. scores: [R, G+1, V], params per pair -> [R, G+1, V]."""
-    r, g1, v = scores.shape
-    s = scores.to(torch.float32) / params.temperature.view(r, g1, 1)
-    return torch.where(s > float("-inf"), torch.sigmoid(s), torch.zeros_like(s))
-
-
-def reference_verify(
-    scores: torch.Tensor,
-    draft_tokens: torch.Tensor,
-    num_proposed: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    params: WarpParams,
-    key: torch.Tensor,
-    sample_index: torch.Tensor,
-    position: torch.Tensor,
-) -> tuple[VerifyResult, torch.Tensor]:
-    """Torch reference: the exact verifier handed p̂ instead of p (it never needs p normalized)."""
-    _check_supported(params)
-    p_hat = sigmoid_probs(scores, params)  # [R, G+1, V]
-    result = verify(draft_tokens, num_proposed, p_hat, draft_probs, key, sample_index, position)
-    return result, emitted_logprobs(p_hat, result)
 
 
 def output_distribution(logits: torch.Tensor, q: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

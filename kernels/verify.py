@@ -1,7 +1,7 @@
 """Fused verification of one speculative step from target logits (Triton).
 
 The torch reference is ``specbatch.speculative.verify`` fed with ``specbatch.sampling.warp``'s
-probabilities; :func:`reference_verify` below packages it the way the kernels are called.
+probabilities; ``specbatch_kernels.reference.verify`` packages it the way the kernels are called.
 
 One step of row r: the drafter *proposed* x_0 .. x_{n-1} (n = num_proposed[r]) sampled from
 q_0 .. q_{n-1}; the target's logits give p_0 .. p_n.  Proposal i is *tested* with
@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from specbatch import rng
-from specbatch.sampling import WarpParams, truncate_and_normalize
-from specbatch.speculative import VerifyResult, emitted_logprobs, verify
+from specbatch.speculative import VerifyResult
+from specbatch_kernels.reference import VerifyStep
 from specbatch_kernels.rng import uniform
 from specbatch_kernels.warp import first_crossing, row_distribution, tile_scores, tile_weights, tiles, token_prob
 
@@ -212,20 +212,14 @@ def _emit_kernel(
 # --------------------------------------------------------------------------- host side
 
 
-def verify_triton(
-    scores: torch.Tensor,
-    draft_tokens: torch.Tensor,
-    num_proposed: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    params: WarpParams,
-    key: torch.Tensor,
-    sample_index: torch.Tensor,
-    position: torch.Tensor,
-) -> tuple[VerifyResult, torch.Tensor]:
-    """Launch both kernels. scores: [R, G+1, V] (last dim contiguous); params: per pair [R*(G+1)].
+def verify_triton(step: VerifyStep) -> tuple[VerifyResult, torch.Tensor]:
+    """Launch both kernels (mirror: ``specbatch_kernels.reference.verify``).  step.scores: last dim
+    contiguous; step.params per pair [R*(G+1)].
 
     Returns (result, logprobs [R, G+1] float32: log p of each emitted token, 0 after the run).
     """
+    scores, draft_tokens, num_proposed, draft_probs = step.scores, step.draft_tokens, step.num_proposed, step.draft_probs
+    params = step.params
     r, g1, v = scores.shape
     g = g1 - 1
     dev = scores.device
@@ -254,7 +248,7 @@ def verify_triton(
     _emit_kernel[(triton.cdiv(r, block_r),)](
         scores, scores.stride(0), scores.stride(1),
         draft_tokens, num_proposed, q, 0 if one_hot else q.stride(0), 0 if one_hot else q.stride(1),
-        key, sample_index, position,
+        step.key, step.sample_index, step.position,
         stats, amax, p_x, logp_x,
         tokens, logprobs, counts,
         r, g, v,
@@ -272,23 +266,3 @@ def result_from_counts(tokens: torch.Tensor, counts: torch.Tensor, num_proposed:
         num_accepted=counts[:, 2].clone(),
         num_proposed=num_proposed.clone(),
     )
-
-
-def reference_verify(
-    scores: torch.Tensor,
-    draft_tokens: torch.Tensor,
-    num_proposed: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    params: WarpParams,
-    key: torch.Tensor,
-    sample_index: torch.Tensor,
-    position: torch.Tensor,
-) -> tuple[VerifyResult, torch.Tensor, torch.Tensor]:
-    """The unfused torch path the kernels must match (same inputs).
-
-    Returns (result, logprobs [R, G+1], target probs p [R, G+1, V] float32).
-    """
-    r, g1, v = scores.shape
-    probs = truncate_and_normalize(scores.reshape(r * g1, v).to(torch.float32), params).view(r, g1, v)
-    result = verify(draft_tokens, num_proposed, probs, draft_probs, key, sample_index, position)
-    return result, emitted_logprobs(probs, result), probs

@@ -1,8 +1,8 @@
 """Fused warping and sampling of rows of logits, without sorting (Triton).
 
 The torch reference is ``specbatch.sampling.truncate_and_normalize`` + ``sample_from_probs``
-(DESIGN section 4); :func:`reference_warp_and_sample` below packages it the way the kernel is
-called.  Logit bias, penalties and bans are sparse and applied in torch before the kernel.
+(DESIGN section 4); ``specbatch_kernels.reference.warp_and_sample`` packages it the way the
+kernel is called.  Logit bias, penalties and bans are sparse and applied in torch before the kernel.
 
 Terms.  A row's *scores* are its float32 logits divided by the temperature (greedy rows keep
 temperature 1).  The row's warped distribution p is ``w / Z`` with *weights*
@@ -45,8 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from specbatch import rng
-from specbatch.sampling import WarpParams, sample_from_probs, truncate_and_normalize
+from specbatch_kernels.reference import SampleRows
 from specbatch_kernels.rng import uniform
 
 BIG = tl.constexpr(2147483647)
@@ -317,19 +316,13 @@ def tiles(vocab: int, device: torch.device) -> tuple[int, int]:
     return max(1, tile // block_v), block_v
 
 
-def warp_and_sample_triton(
-    scores: torch.Tensor,
-    params: WarpParams,
-    key: torch.Tensor,
-    sample_index: torch.Tensor,
-    position: torch.Tensor,
-    role: int,
-    return_probs: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Launch the kernel. scores: [M, V] (fp32/bf16/fp16, last dim contiguous), the rest [M].
+def warp_and_sample_triton(rows: SampleRows, return_probs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Launch the kernel (mirror: ``specbatch_kernels.reference.warp_and_sample``).
+    rows.scores: [M, V] fp32/bf16/fp16, last dim contiguous.
 
     Returns (tokens [M] int64, logprob [M] float32, probs [M, V] float32 or None).
     """
+    scores, params = rows.scores, rows.params
     m, v = scores.shape
     dev = scores.device
     tokens = torch.empty(m, dtype=torch.int64, device=dev)
@@ -340,26 +333,9 @@ def warp_and_sample_triton(
         _warp_sample_kernel[(triton.cdiv(m, block_r),)](
             scores, scores.stride(0),
             params.temperature, params.top_k, params.top_p, params.min_p,
-            key, sample_index, position, int(role),
+            rows.key, rows.sample_index, rows.position, int(rows.role),
             tokens, logprob, probs,
             m, v,
             WRITE_PROBS=return_probs, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=8,
         )
-    return tokens, logprob, (probs if return_probs else None)
-
-
-def reference_warp_and_sample(
-    scores: torch.Tensor,
-    params: WarpParams,
-    key: torch.Tensor,
-    sample_index: torch.Tensor,
-    position: torch.Tensor,
-    role: int,
-    return_probs: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The torch reference the kernel must match: same inputs, same outputs."""
-    probs = truncate_and_normalize(scores.to(torch.float32), params)  # [M, V]
-    u = rng.uniform(key, sample_index, position, int(role))  # [M]
-    tokens = sample_from_probs(probs, u)  # [M]
-    logprob = probs.gather(1, tokens[:, None]).squeeze(1).log()  # [M]
     return tokens, logprob, (probs if return_probs else None)

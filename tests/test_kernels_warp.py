@@ -12,7 +12,7 @@ import torch
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from specbatch import rng
-from specbatch.sampling import History, WarpParams, apply_bias_and_penalties, warp as reference_warp
+from specbatch.sampling import History, WarpParams, apply_bias_and_penalties, sample_from_probs, warp as reference_warp
 from specbatch_kernels import ops, parity
 from specbatch_kernels import warp as kwarp
 from tests.kernel_support import force_triton
@@ -49,7 +49,7 @@ def check_rows(logits, warp, key, sample_index, position, role, history=None, ba
     assert torch.equal(tokens, tokens2)
     ref_probs = reference_warp(logits, warp, history, ban)  # [M, V]
     u = rng.uniform(key, sample_index, position, int(role))
-    ref_tokens = kwarp.sample_from_probs(ref_probs, u)
+    ref_tokens = sample_from_probs(ref_probs, u)
     scores = apply_bias_and_penalties(logits, warp, history)
     if ban is not None:
         scores = scores.masked_fill(ban, float("-inf"))
