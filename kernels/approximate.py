@@ -30,7 +30,7 @@ from specbatch_kernels.reference import VerifyStep, check_approximate_supported
 from specbatch_kernels.rng import uniform
 from specbatch_kernels.warp import first_crossing, tile_scores, tiles
 from specbatch_kernels.verify import (
-    ROLE_ACCEPT, ROLE_RESIDUAL, ROLE_SAMPLE, draft_prob_at, draft_tile, finish_rows, result_from_counts, row_block,
+    ROLE_RESIDUAL, ROLE_SAMPLE, accepted_prefix, draft_tile, finish_rows, result_from_counts, row_block,
 )
 
 
@@ -54,22 +54,9 @@ def _approx_kernel(
 ):
     """Rows, BLOCK_R per program: sigmoid acceptance tests, then the recovered or bonus token."""
     r, live, n, key, sample, pos0 = row_block(R, num_proposed_ptr, key_ptr, sample_ptr, position_ptr, BLOCK_R)
-    n_acc = tl.zeros((BLOCK_R,), tl.int64)
-    going = live
-    for i in range(0, G):
-        tested = going & (i < n)
-        pair = r * (G + 1) + i
-        x = tl.load(draft_ptr + r * G + i, mask=tested, other=0)
-        temp = tl.load(temperature_ptr + pair, mask=tested, other=1.0)
-        s = tl.math.div_rn(tl.load(logits_ptr + r * stride_r + i * stride_g + x, mask=tested, other=0.0).to(tl.float32), temp)
-        p_x = tl.sigmoid(s)
-        q_x = draft_prob_at(q_ptr, r, i, stride_qr, stride_qg, x, tested, BLOCK_R, ONE_HOT)
-        u = uniform(key, sample, pos0 + i, ROLE_ACCEPT, 0)
-        ok = tested & (u * q_x < p_x)
-        n_acc += ok.to(tl.int64)
-        going = ok
-        tl.store(tokens_ptr + r * (G + 1) + i, x, mask=ok)
-        tl.store(logprobs_ptr + r * (G + 1) + i, tl.log(p_x), mask=ok)
+    n_acc = accepted_prefix(r, live, n, key, sample, pos0, G, draft_ptr, q_ptr, stride_qr, stride_qg,
+                            counts_ptr, counts_ptr, logits_ptr, stride_r, stride_g, temperature_ptr, tokens_ptr,
+                            logprobs_ptr, True, ONE_HOT, BLOCK_R)  # counts_ptr: p_x pointers, never read
 
     j = n_acc
     rejected = live & (j < n)
@@ -107,7 +94,7 @@ def _approx_kernel(
 
 
 def verify_triton(step: VerifyStep) -> tuple[VerifyResult, torch.Tensor]:
-    """Launch the approximate kernel (mirror: ``specbatch_kernels.reference.verify_approximate``).
+    """Launch the approximate kernel (mirror of ``specbatch_kernels.reference.verify_approximate``).
 
     Returns (result, logprobs [R, G+1] = log p̂ of the emitted tokens, 0 after the run).
     """

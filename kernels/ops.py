@@ -204,6 +204,7 @@ def verify(
     history: History | None = None,
     ban: torch.Tensor | None = None,
     approximate: bool = False,
+    coupled: bool = False,
 ) -> tuple[VerifyResult, torch.Tensor]:
     """Verify one speculative step from target logits (see ``specbatch.speculative.verify``).
 
@@ -214,6 +215,8 @@ def verify(
     position (completion position of the first proposal): [R] int64;
     history: per pair (R*(G+1) rows), ban: [R, G+1, V] or [R*(G+1), V] bool.
     approximate: opt-in sigmoid approximation of p (``specbatch_kernels.approximate``): NOT exact.
+    coupled: Gumbel-coupled verification (``specbatch.speculative.verify_coupled``; draft_probs
+    unused), which has no kernel: it runs the torch reference whatever the backend.
     Returns (VerifyResult, logprobs [R, G+1] float32: log p of each emitted token under the
     warped target at its position, 0 after num_emitted).
     """
@@ -246,6 +249,11 @@ def verify(
     params = _params(warp, r, g1, dev)
     scores = _adjusted(target_logits.reshape(r * g1, v), params, history, ban).view(r, g1, v)  # [R, G+1, V]
     step = VerifyStep(scores, draft_tokens, num_proposed, draft_probs, params, key, sample_index, position)
+    if coupled:
+        if approximate:
+            raise ValueError("coupled verification cannot be approximate")
+        result, logprobs, _ = reference.verify_coupled(step)
+        return result, logprobs
     if _use_triton(dev):  # the kernel modules import triton: only on this path
         if approximate:
             from specbatch_kernels import approximate as kernels
@@ -265,7 +273,8 @@ def verify_probs(
     sample_index: torch.Tensor,
     position: torch.Tensor,
 ) -> VerifyResult:
-    """``specbatch.speculative.verify``'s signature (p given as probabilities) through :func:`verify`.
+    """Mirror of ``specbatch.speculative.verify`` (same signature, p given as probabilities) through
+    :func:`verify`, so the exactness harness can run the kernels in the reference verifier's place.
 
     log p as logits at temperature 1 is an exact input: softmax(log p) = p, zeros stay zero.
     """

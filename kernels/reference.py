@@ -5,7 +5,8 @@ unfused from ``specbatch.sampling`` (warping) and ``specbatch.speculative`` (ver
 
 * :func:`warp_and_sample`: mirror of ``specbatch_kernels.warp.warp_and_sample_triton``;
 * :func:`verify`: mirror of ``specbatch_kernels.verify.verify_triton``;
-* :func:`verify_approximate`: mirror of ``specbatch_kernels.approximate.verify_triton``.
+* :func:`verify_approximate`: mirror of ``specbatch_kernels.approximate.verify_triton``;
+* :func:`verify_coupled`: coupled verification, which has no kernel (both backends run it).
 
 The host wrapper (``specbatch_kernels.ops``) runs these when its backend is "torch", and the
 kernel tests compare the kernels against them.  This module never imports Triton, so the torch
@@ -23,7 +24,7 @@ import torch
 
 from specbatch import rng
 from specbatch.sampling import WarpParams, sample_from_probs, truncate_and_normalize
-from specbatch.speculative import VerifyResult, emitted_logprobs, verify as verify_probs
+from specbatch.speculative import VerifyResult, emitted_logprobs, verify as verify_probs, verify_coupled as coupled_probs
 
 
 @dataclass
@@ -78,6 +79,17 @@ def verify(step: VerifyStep) -> tuple[VerifyResult, torch.Tensor, torch.Tensor]:
     target probs p [R, G+1, V] float32, which the kernels never materialize).
     """
     return _verify_with(step, target_probs(step))
+
+
+def verify_coupled(step: VerifyStep) -> tuple[VerifyResult, torch.Tensor, torch.Tensor]:
+    """Coupled verification: warp every position, then each position's token is
+    argmax(log p + Gumbel) and a proposal is accepted iff it equals it (draft_probs unused).
+
+    Returns (result, logprobs [R, G+1] of the emitted tokens, 0 after the run, p [R, G+1, V]).
+    """
+    p = target_probs(step)  # [R, G+1, V]
+    result = coupled_probs(step.draft_tokens, step.num_proposed, p, step.key, step.sample_index, step.position)
+    return result, emitted_logprobs(p, result), p
 
 
 def check_approximate_supported(params: WarpParams) -> None:

@@ -317,7 +317,7 @@ def tiles(vocab: int, device: torch.device) -> tuple[int, int]:
 
 
 def warp_and_sample_triton(rows: SampleRows, return_probs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Launch the kernel (mirror: ``specbatch_kernels.reference.warp_and_sample``).
+    """Launch the kernel (mirror of ``specbatch_kernels.reference.warp_and_sample``).
     rows.scores: [M, V] fp32/bf16/fp16, last dim contiguous.
 
     Returns (tokens [M] int64, logprob [M] float32, probs [M, V] float32 or None).

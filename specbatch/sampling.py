@@ -194,7 +194,7 @@ def crossing_score(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     with it, so the kept set does not depend on how a sort orders equal scores.  Scores are
     compared rather than probabilities: exp is monotone, and two distinct scores whose float32
     probabilities happen to round equal are still told apart the same way by every
-    implementation (mirror: ``specbatch_kernels.warp.row_distribution``'s top-p search).
+    implementation (mirror of ``specbatch_kernels.warp.row_distribution``'s top-p search).
     """
     v = scores.shape[-1]
     sorted_scores = torch.sort(scores, dim=-1, descending=True).values  # [M, V]

@@ -16,8 +16,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 from tests.tiny import make_tiny_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
