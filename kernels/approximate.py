@@ -25,14 +25,13 @@ import triton.language as tl
 
 from specbatch import rng
 from specbatch.sampling import WarpParams, sample_from_probs
-from specbatch.speculative import VerifyResult, emitted_logprobs, verify
+from specbatch.speculative import VerifyResult
+from specbatch_kernels.reference import VerifyStep, check_approximate_supported
 from specbatch_kernels.rng import uniform
 from specbatch_kernels.warp import first_crossing, tile_scores, tiles
-from specbatch_kernels.verify import draft_prob_at, draft_tile, finish_rows, result_from_counts, row_block
-
-ROLE_ACCEPT = tl.constexpr(int(rng.Role.ACCEPT))
-ROLE_RESIDUAL = tl.constexpr(int(rng.Role.RESIDUAL))
-ROLE_SAMPLE = tl.constexpr(int(rng.Role.SAMPLE))
+from specbatch_kernels.verify import (
+    ROLE_RESIDUAL, ROLE_SAMPLE, accepted_prefix, draft_tile, finish_rows, result_from_counts, row_block,
+)
 
 
 @triton.jit
@@ -55,22 +54,9 @@ def _approx_kernel(
 ):
     """Rows, BLOCK_R per program: sigmoid acceptance tests, then the recovered or bonus token."""
     r, live, n, key, sample, pos0 = row_block(R, num_proposed_ptr, key_ptr, sample_ptr, position_ptr, BLOCK_R)
-    n_acc = tl.zeros((BLOCK_R,), tl.int64)
-    going = live
-    for i in range(0, G):
-        tested = going & (i < n)
-        pair = r * (G + 1) + i
-        x = tl.load(draft_ptr + r * G + i, mask=tested, other=0)
-        temp = tl.load(temperature_ptr + pair, mask=tested, other=1.0)
-        s = tl.math.div_rn(tl.load(logits_ptr + r * stride_r + i * stride_g + x, mask=tested, other=0.0).to(tl.float32), temp)
-        p_x = tl.sigmoid(s)
-        q_x = draft_prob_at(q_ptr, r, i, stride_qr, stride_qg, x, tested, BLOCK_R, ONE_HOT)
-        u = uniform(key, sample, pos0 + i, ROLE_ACCEPT, 0)
-        ok = tested & (u * q_x < p_x)
-        n_acc += ok.to(tl.int64)
-        going = ok
-        tl.store(tokens_ptr + r * (G + 1) + i, x, mask=ok)
-        tl.store(logprobs_ptr + r * (G + 1) + i, tl.log(p_x), mask=ok)
+    n_acc = accepted_prefix(r, live, n, key, sample, pos0, G, draft_ptr, q_ptr, stride_qr, stride_qg,
+                            counts_ptr, counts_ptr, logits_ptr, stride_r, stride_g, temperature_ptr, tokens_ptr,
+                            logprobs_ptr, True, ONE_HOT, BLOCK_R)  # counts_ptr: p_x pointers, never read
 
     j = n_acc
     rejected = live & (j < n)
@@ -107,25 +93,13 @@ def _approx_kernel(
     finish_rows(tokens_ptr, logprobs_ptr, counts_ptr, r, j, n_acc, rejected, live, G, BLOCK_R)
 
 
-def _check_supported(params: WarpParams) -> None:
-    if bool((params.temperature == 0).any()):
-        raise ValueError("approximate verification does not support greedy rows (temperature 0)")
-    if bool((params.top_k > 0).any() or (params.top_p < 1).any() or (params.min_p > 0).any()):
-        raise ValueError("approximate verification does not support top-k, top-p or min-p")
+def verify_triton(step: VerifyStep) -> tuple[VerifyResult, torch.Tensor]:
+    """Launch the approximate kernel (mirror of ``specbatch_kernels.reference.verify_approximate``).
 
-
-def verify_triton(
-    scores: torch.Tensor,
-    draft_tokens: torch.Tensor,
-    num_proposed: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    params: WarpParams,
-    key: torch.Tensor,
-    sample_index: torch.Tensor,
-    position: torch.Tensor,
-) -> tuple[VerifyResult, torch.Tensor]:
-    """Launch the approximate kernel; arguments as ``specbatch_kernels.verify.verify_triton``."""
-    _check_supported(params)
+    Returns (result, logprobs [R, G+1] = log p̂ of the emitted tokens, 0 after the run).
+    """
+    check_approximate_supported(step.params)
+    scores, draft_tokens, num_proposed, draft_probs = step.scores, step.draft_tokens, step.num_proposed, step.draft_probs
     r, g1, v = scores.shape
     g = g1 - 1
     dev = scores.device
@@ -139,36 +113,12 @@ def verify_triton(
         _approx_kernel[(triton.cdiv(r, block_r),)](
             scores, scores.stride(0), scores.stride(1),
             draft_tokens, num_proposed, q, 0 if one_hot else q.stride(0), 0 if one_hot else q.stride(1),
-            params.temperature, key, sample_index, position,
+            step.params.temperature, step.key, step.sample_index, step.position,
             tokens, logprobs, counts,
             r, g, v,
             ONE_HOT=one_hot, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=8,
         )
     return result_from_counts(tokens, counts, num_proposed), logprobs
-
-
-def sigmoid_probs(scores: torch.Tensor, params: WarpParams) -> torch.Tensor:
-    """p̂ = sigmoid(scores / T), unnormalized. scores: [R, G+1, V], params per pair -> [R, G+1, V]."""
-    r, g1, v = scores.shape
-    s = scores.to(torch.float32) / params.temperature.view(r, g1, 1)
-    return torch.where(s > float("-inf"), torch.sigmoid(s), torch.zeros_like(s))
-
-
-def reference_verify(
-    scores: torch.Tensor,
-    draft_tokens: torch.Tensor,
-    num_proposed: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    params: WarpParams,
-    key: torch.Tensor,
-    sample_index: torch.Tensor,
-    position: torch.Tensor,
-) -> tuple[VerifyResult, torch.Tensor]:
-    """Torch reference: the exact verifier handed p̂ instead of p (it never needs p normalized)."""
-    _check_supported(params)
-    p_hat = sigmoid_probs(scores, params)  # [R, G+1, V]
-    result = verify(draft_tokens, num_proposed, p_hat, draft_probs, key, sample_index, position)
-    return result, emitted_logprobs(p_hat, result)
 
 
 def output_distribution(logits: torch.Tensor, q: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

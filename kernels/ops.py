@@ -1,7 +1,9 @@
 """Host wrapper: what the engine calls.  Validates, allocates, picks the backend once.
 
 Backends: ``"triton"`` runs the fused kernels; ``"torch"`` runs the unfused torch reference
-(``specbatch.sampling`` + ``specbatch.speculative``).  The choice is made once, on first use:
+(``specbatch_kernels.reference``: ``specbatch.sampling`` + ``specbatch.speculative``, no Triton).
+The kernel modules import Triton; they are imported only when a call takes the Triton path, so
+the torch backend works where Triton is not installed.  The choice is made once, on first use:
 ``SPECBATCH_KERNELS=triton`` or ``=torch`` in the environment decides; otherwise Triton when CUDA
 is available, else torch.  :func:`force_backend` overrides it (tests use it to run the kernels
 under the interpreter).  An automatic "triton" applies to CUDA tensors; CPU tensors then take the
@@ -27,6 +29,8 @@ import torch
 from specbatch import rng
 from specbatch.sampling import History, WarpParams, apply_bias_and_penalties
 from specbatch.speculative import VerifyResult
+from specbatch_kernels import reference
+from specbatch_kernels.reference import SampleRows, VerifyStep
 
 BACKENDS = ("triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -178,12 +182,13 @@ def warp_and_sample(
         _index_vector(t, m, name, dev) for t, name in ((key, "key"), (sample_index, "sample_index"), (position, "position"))
     )
     params = _params(warp, m, 1, dev)
-    scores = _adjusted(logits, params, history, ban)  # [M, V]
+    rows = SampleRows(_adjusted(logits, params, history, ban), params, key, sample_index, position, int(role))
     if _use_triton(dev):
-        from specbatch_kernels.warp import warp_and_sample_triton as run
+        from specbatch_kernels import warp as kernels  # imports triton: only on this path
+
+        tokens, logprob, probs = kernels.warp_and_sample_triton(rows, return_probs)
     else:
-        from specbatch_kernels.warp import reference_warp_and_sample as run
-    tokens, logprob, probs = run(scores, params, key, sample_index, position, int(role), return_probs)
+        tokens, logprob, probs = reference.warp_and_sample(rows, return_probs)
     return (tokens, probs) if return_probs else (tokens, logprob)
 
 
@@ -199,6 +204,7 @@ def verify(
     history: History | None = None,
     ban: torch.Tensor | None = None,
     approximate: bool = False,
+    coupled: bool = False,
 ) -> tuple[VerifyResult, torch.Tensor]:
     """Verify one speculative step from target logits (see ``specbatch.speculative.verify``).
 
@@ -209,6 +215,8 @@ def verify(
     position (completion position of the first proposal): [R] int64;
     history: per pair (R*(G+1) rows), ban: [R, G+1, V] or [R*(G+1), V] bool.
     approximate: opt-in sigmoid approximation of p (``specbatch_kernels.approximate``): NOT exact.
+    coupled: Gumbel-coupled verification (``specbatch.speculative.verify_coupled``; draft_probs
+    unused), which has no kernel: it runs the torch reference whatever the backend.
     Returns (VerifyResult, logprobs [R, G+1] float32: log p of each emitted token under the
     warped target at its position, 0 after num_emitted).
     """
@@ -240,18 +248,19 @@ def verify(
             raise ValueError(f"proposed draft_tokens must be in 0..{v - 1}")
     params = _params(warp, r, g1, dev)
     scores = _adjusted(target_logits.reshape(r * g1, v), params, history, ban).view(r, g1, v)  # [R, G+1, V]
-    args = (scores, draft_tokens, num_proposed, draft_probs, params, key, sample_index, position)
-    if approximate:
-        from specbatch_kernels import approximate as approx
-
-        return approx.verify_triton(*args) if _use_triton(dev) else approx.reference_verify(*args)
-    if _use_triton(dev):
-        from specbatch_kernels.verify import verify_triton
-
-        return verify_triton(*args)
-    from specbatch_kernels.verify import reference_verify
-
-    result, logprobs, _ = reference_verify(*args)
+    step = VerifyStep(scores, draft_tokens, num_proposed, draft_probs, params, key, sample_index, position)
+    if coupled:
+        if approximate:
+            raise ValueError("coupled verification cannot be approximate")
+        result, logprobs, _ = reference.verify_coupled(step)
+        return result, logprobs
+    if _use_triton(dev):  # the kernel modules import triton: only on this path
+        if approximate:
+            from specbatch_kernels import approximate as kernels
+        else:
+            from specbatch_kernels import verify as kernels
+        return kernels.verify_triton(step)
+    result, logprobs, _ = (reference.verify_approximate if approximate else reference.verify)(step)
     return result, logprobs
 
 
@@ -264,7 +273,8 @@ def verify_probs(
     sample_index: torch.Tensor,
     position: torch.Tensor,
 ) -> VerifyResult:
-    """``specbatch.speculative.verify``'s signature (p given as probabilities) through :func:`verify`.
+    """Mirror of ``specbatch.speculative.verify`` (same signature, p given as probabilities) through
+    :func:`verify`, so the exactness harness can run the kernels in the reference verifier's place.
 
     log p as logits at temperature 1 is an exact input: softmax(log p) = p, zeros stay zero.
     """

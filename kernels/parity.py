@@ -7,9 +7,11 @@ token may differ only where a decision sits within ``eps`` of its boundary:
 * an acceptance test whose two sides ``u * q(x)`` and ``p(x)`` are that close;
 * an inverse-CDF draw whose target ``u * total`` is that close to a cumulative sum;
 * a truncation whose threshold is that close: top-p (descending cumulative mass near top_p)
-  or min-p (a probability near min_p times the largest);
-* a top-p crossing inside a group of tied scores (common with bf16/fp16 logits): the reference's
-  sort keeps an arbitrary part of the group, the kernel all of it, like top-k's ties.
+  or min-p (a probability near min_p times the largest).
+
+Ties are not a boundary: both keep every token tied with the top-p crossing token (and with the
+top-k threshold), so a crossing inside a group of tied scores (common with bf16/fp16 logits)
+must give the same kept set.
 
 :func:`classify_sample` and :func:`classify_verify` return, per row, whether the outputs agree
 and, where not, whether the row is such a *near-boundary* case; tests count and bound those.
@@ -42,23 +44,21 @@ def _truncation_margin(scores: torch.Tensor, params: WarpParams) -> torch.Tensor
     m, v = scores.shape
     margin = torch.full((m,), float("inf"), dtype=torch.float64)
     temp = torch.where(params.temperature == 0, torch.ones_like(params.temperature), params.temperature)
-    s = scores.to(torch.float64) / temp[:, None].to(torch.float64)  # [M, V]
+    s = (scores.to(torch.float32) / temp[:, None]).to(torch.float64)  # [M, V] ties as both see them
     k = params.top_k.clamp(max=v)
     if bool((k > 0).any()):
         kth = torch.topk(s, int(k.max()), dim=-1).values.gather(1, (k - 1).clamp(min=0)[:, None])
         s = torch.where((k[:, None] > 0) & (s < kth), float("-inf"), s)
     probs = torch.softmax(s, dim=-1)  # [M, V]
     sampled = params.temperature > 0
-    sorted_probs = probs.sort(dim=-1, descending=True).values  # [M, V]
-    desc = sorted_probs.cumsum(dim=-1)  # [M, V]
+    sorted_s = s.sort(dim=-1, descending=True).values  # [M, V]
+    desc = torch.softmax(sorted_s, dim=-1).cumsum(dim=-1)  # [M, V]
+    # a group of tied scores is kept or dropped whole: only the mass through a group's last
+    # member decides anything.
+    group_end = torch.ones_like(sorted_s, dtype=torch.bool)
+    group_end[:, :-1] = sorted_s[:, :-1] != sorted_s[:, 1:]
     top_p = params.top_p.to(torch.float64)
-    near_p = (desc - top_p[:, None]).abs().amin(dim=-1)
-    # ties at the crossing: the reference's sort keeps an arbitrary part of the tied group, the
-    # kernel all of it (as top-k does), so both are right and they may differ.
-    crossing = (desc < top_p[:, None]).sum(dim=-1).clamp(max=v - 1)  # [M]
-    value = sorted_probs.gather(1, crossing[:, None])  # [M, 1]
-    tied = ((probs == value) & (value > 0)).sum(dim=-1) > 1
-    near_p = torch.where(tied, torch.zeros_like(near_p), near_p)
+    near_p = torch.where(group_end, (desc - top_p[:, None]).abs(), float("inf")).amin(dim=-1)
     margin = torch.where(sampled & (params.top_p < 1), torch.minimum(margin, near_p), margin)
     pmax = probs.amax(dim=-1, keepdim=True)
     near_min = ((probs - params.min_p.to(torch.float64)[:, None] * pmax).abs() / pmax).amin(dim=-1)

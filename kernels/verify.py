@@ -1,7 +1,7 @@
 """Fused verification of one speculative step from target logits (Triton).
 
 The torch reference is ``specbatch.speculative.verify`` fed with ``specbatch.sampling.warp``'s
-probabilities; :func:`reference_verify` below packages it the way the kernels are called.
+probabilities; ``specbatch_kernels.reference.verify`` packages it the way the kernels are called.
 
 One step of row r: the drafter *proposed* x_0 .. x_{n-1} (n = num_proposed[r]) sampled from
 q_0 .. q_{n-1}; the target's logits give p_0 .. p_n.  Proposal i is *tested* with
@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from specbatch import rng
-from specbatch.sampling import WarpParams, truncate_and_normalize
-from specbatch.speculative import VerifyResult, emitted_logprobs, verify
+from specbatch.speculative import VerifyResult
+from specbatch_kernels.reference import VerifyStep
 from specbatch_kernels.rng import uniform
 from specbatch_kernels.warp import first_crossing, row_distribution, tile_scores, tile_weights, tiles, token_prob
 
@@ -70,6 +70,48 @@ def draft_tile(q_rows, offs, V, x_j, use_q, ONE_HOT: tl.constexpr):
     if ONE_HOT:
         return tl.where(use_q[:, None] & (offs[None, :] == x_j[:, None]), 1.0, 0.0)
     return tl.load(q_rows[:, None] + offs[None, :], mask=use_q[:, None] & (offs < V)[None, :], other=0.0)
+
+
+@triton.jit
+def accept_proposal(tested, x, p_x, logp_x, q_x, key, sample, pos, tokens_ptr, logprobs_ptr, slot):
+    """The acceptance test of proposal x (all [BLOCK_R]): accepted iff tested and
+    u * q(x) < p(x), u the ACCEPT uniform at completion position pos.  An accepted proposal is
+    emitted: x and log p(x) are stored at ``slot`` (r * (G+1) + i).  Returns accepted."""
+    u = uniform(key, sample, pos, ROLE_ACCEPT, 0)
+    ok = tested & (u * q_x < p_x)
+    tl.store(tokens_ptr + slot, x, mask=ok)
+    tl.store(logprobs_ptr + slot, logp_x, mask=ok)
+    return ok
+
+
+@triton.jit
+def accepted_prefix(r, live, n, key, sample, pos0, G, draft_ptr, q_ptr, stride_qr, stride_qg,
+                    p_x_ptr, logp_x_ptr, logits_ptr, stride_r, stride_g, temperature_ptr, tokens_ptr, logprobs_ptr,
+                    SIGMOID: tl.constexpr, ONE_HOT: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Acceptance tests of rows r in order, stopping at the first rejection -> n_acc [BLOCK_R].
+
+    p(x_i) is the value the pair kernel stored (p_x_ptr, logp_x_ptr), or with SIGMOID the
+    approximate p̂(x_i) = sigmoid(logit / T) read from the logits (``specbatch_kernels.approximate``).
+    """
+    n_acc = tl.zeros((BLOCK_R,), tl.int64)
+    going = live
+    for i in range(0, G):
+        tested = going & (i < n)
+        x = tl.load(draft_ptr + r * G + i, mask=tested, other=0)
+        pair = r * (G + 1) + i
+        if SIGMOID:
+            temp = tl.load(temperature_ptr + pair, mask=tested, other=1.0)
+            logit = tl.load(logits_ptr + r * stride_r + i * stride_g + x, mask=tested, other=0.0).to(tl.float32)
+            p_x = tl.sigmoid(tl.math.div_rn(logit, temp))
+            logp_x = tl.log(p_x)
+        else:
+            p_x = tl.load(p_x_ptr + pair, mask=tested, other=0.0)
+            logp_x = tl.load(logp_x_ptr + pair, mask=tested, other=0.0)
+        q_x = draft_prob_at(q_ptr, r, i, stride_qr, stride_qg, x, tested, BLOCK_R, ONE_HOT)
+        # accepted proposals are emitted with their log p; the other slots are written later.
+        going = accept_proposal(tested, x, p_x, logp_x, q_x, key, sample, pos0 + i, tokens_ptr, logprobs_ptr, pair)
+        n_acc += going.to(tl.int64)
+    return n_acc
 
 
 @triton.jit
@@ -142,21 +184,9 @@ def _emit_kernel(
     r, live, n, key, sample, pos0 = row_block(R, num_proposed_ptr, key_ptr, sample_ptr, position_ptr, BLOCK_R)
 
     # 1. acceptance tests: the accepted prefix length n_acc (testing stops at the first rejection).
-    n_acc = tl.zeros((BLOCK_R,), tl.int64)
-    going = live
-    for i in range(0, G):
-        tested = going & (i < n)
-        x = tl.load(draft_ptr + r * G + i, mask=tested, other=0)
-        pair = r * (G + 1) + i
-        p_x = tl.load(p_x_ptr + pair, mask=tested, other=0.0)
-        q_x = draft_prob_at(q_ptr, r, i, stride_qr, stride_qg, x, tested, BLOCK_R, ONE_HOT)
-        u = uniform(key, sample, pos0 + i, ROLE_ACCEPT, 0)
-        ok = tested & (u * q_x < p_x)
-        n_acc += ok.to(tl.int64)
-        going = ok
-        # accepted proposals are emitted with their log p; the other slots are written below.
-        tl.store(tokens_ptr + r * (G + 1) + i, x, mask=ok)
-        tl.store(logprobs_ptr + r * (G + 1) + i, tl.load(logp_x_ptr + pair, mask=ok, other=0.0), mask=ok)
+    n_acc = accepted_prefix(r, live, n, key, sample, pos0, G, draft_ptr, q_ptr, stride_qr, stride_qg,
+                            p_x_ptr, logp_x_ptr, logits_ptr, stride_r, stride_g, stats_ptr, tokens_ptr, logprobs_ptr,
+                            False, ONE_HOT, BLOCK_R)
 
     # 2. the extra token at j = n_acc: recovered (after a rejection) or bonus.
     j = n_acc
@@ -212,20 +242,14 @@ def _emit_kernel(
 # --------------------------------------------------------------------------- host side
 
 
-def verify_triton(
-    scores: torch.Tensor,
-    draft_tokens: torch.Tensor,
-    num_proposed: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    params: WarpParams,
-    key: torch.Tensor,
-    sample_index: torch.Tensor,
-    position: torch.Tensor,
-) -> tuple[VerifyResult, torch.Tensor]:
-    """Launch both kernels. scores: [R, G+1, V] (last dim contiguous); params: per pair [R*(G+1)].
+def verify_triton(step: VerifyStep) -> tuple[VerifyResult, torch.Tensor]:
+    """Launch both kernels (mirror of ``specbatch_kernels.reference.verify``).  step.scores: last dim
+    contiguous; step.params per pair [R*(G+1)].
 
     Returns (result, logprobs [R, G+1] float32: log p of each emitted token, 0 after the run).
     """
+    scores, draft_tokens, num_proposed, draft_probs = step.scores, step.draft_tokens, step.num_proposed, step.draft_probs
+    params = step.params
     r, g1, v = scores.shape
     g = g1 - 1
     dev = scores.device
@@ -254,7 +278,7 @@ def verify_triton(
     _emit_kernel[(triton.cdiv(r, block_r),)](
         scores, scores.stride(0), scores.stride(1),
         draft_tokens, num_proposed, q, 0 if one_hot else q.stride(0), 0 if one_hot else q.stride(1),
-        key, sample_index, position,
+        step.key, step.sample_index, step.position,
         stats, amax, p_x, logp_x,
         tokens, logprobs, counts,
         r, g, v,
@@ -272,23 +296,3 @@ def result_from_counts(tokens: torch.Tensor, counts: torch.Tensor, num_proposed:
         num_accepted=counts[:, 2].clone(),
         num_proposed=num_proposed.clone(),
     )
-
-
-def reference_verify(
-    scores: torch.Tensor,
-    draft_tokens: torch.Tensor,
-    num_proposed: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    params: WarpParams,
-    key: torch.Tensor,
-    sample_index: torch.Tensor,
-    position: torch.Tensor,
-) -> tuple[VerifyResult, torch.Tensor, torch.Tensor]:
-    """The unfused torch path the kernels must match (same inputs).
-
-    Returns (result, logprobs [R, G+1], target probs p [R, G+1, V] float32).
-    """
-    r, g1, v = scores.shape
-    probs = truncate_and_normalize(scores.reshape(r * g1, v).to(torch.float32), params).view(r, g1, v)
-    result = verify(draft_tokens, num_proposed, probs, draft_probs, key, sample_index, position)
-    return result, emitted_logprobs(probs, result), probs

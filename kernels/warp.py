@@ -1,8 +1,8 @@
 """Fused warping and sampling of rows of logits, without sorting (Triton).
 
 The torch reference is ``specbatch.sampling.truncate_and_normalize`` + ``sample_from_probs``
-(DESIGN section 4); :func:`reference_warp_and_sample` below packages it the way the kernel is
-called.  Logit bias, penalties and bans are sparse and applied in torch before the kernel.
+(DESIGN section 4); ``specbatch_kernels.reference.warp_and_sample`` packages it the way the
+kernel is called.  Logit bias, penalties and bans are sparse and applied in torch before the kernel.
 
 Terms.  A row's *scores* are its float32 logits divided by the temperature (greedy rows keep
 temperature 1).  The row's warped distribution p is ``w / Z`` with *weights*
@@ -11,12 +11,19 @@ sum of kept weights.  A token is kept iff ``s >= thr`` (one threshold that combi
 top-p, ties at the threshold kept) and ``w >= min_p`` (min-p relative to the largest
 probability, which is ``exp(0) / Z``).  Greedy rows are one-hot at the first argmax.
 
+The top-p tie contract (DESIGN section 4, ``specbatch.sampling.crossing_score``): sorted
+descending, the *crossing token* is the first whose cumulative mass reaches top_p; every token
+whose score is >= the crossing token's is kept, so all tokens tied with it are kept, whatever
+order a sort would give them.  Scores, not probabilities, are compared (exp is monotone; two
+distinct scores whose weights round equal stay apart), exactly as the torch reference does.
+
 Exact thresholds without sorting.  Scores map to int32 *keys* whose integer order is the float
 order (:func:`_key`).  The top-k threshold is the largest key ``t`` whose count of keys >= t is
-at least k; the top-p threshold the largest ``t`` whose kept mass above t reaches top_p of the
-mass after top-k.  Both are found by bisection over the key range with one counting pass per
-step, stopping early once the selected set is minimal (dropping its smallest value would fall
-below the target), as sorting-free samplers do.
+at least k; the top-p threshold the largest ``t`` whose mass of scores >= t reaches top_p of the
+mass after top-k, which is the crossing token's score: a whole group of tied scores enters or
+leaves the counted set at once.  Both are found by bisection over the key range with one
+counting pass per step, stopping early once the selected set is minimal (dropping its smallest
+value, with all its ties, would fall below the target), as sorting-free samplers do.
 
 Layout.  A program handles ``BLOCK_R`` rows at once and walks the vocabulary in tiles of
 ``BLOCK_V``: every per-row quantity is a [BLOCK_R] vector.  Large vocabularies use one row per
@@ -38,8 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from specbatch import rng
-from specbatch.sampling import WarpParams, sample_from_probs, truncate_and_normalize
+from specbatch_kernels.reference import SampleRows
 from specbatch_kernels.rng import uniform
 
 BIG = tl.constexpr(2147483647)
@@ -181,7 +187,8 @@ def row_distribution(row_ptrs, V, temperature, top_k, top_p, min_p, live,
         thr_k = _search(row_ptrs, V, temp, m, lo, hi, thr, top_k.to(tl.float32), False, BLOCK_R, BLOCK_V)
         thr = tl.where(do_k, thr_k, thr)
         z = tl.where(do_k, _kept_mass(row_ptrs, V, temp, m, thr, tl.zeros_like(z), do_k, BLOCK_R, BLOCK_V), z)
-    # top-p on the distribution after top-k: the smallest descending set reaching top_p.
+    # top-p on the distribution after top-k: the crossing token's score, ties kept
+    # (mirror of specbatch.sampling.crossing_score).
     do_p = sampled & (top_p < 1)
     if tl.max(do_p.to(tl.int32), axis=0) > 0:
         hi = _key(m)
@@ -309,19 +316,13 @@ def tiles(vocab: int, device: torch.device) -> tuple[int, int]:
     return max(1, tile // block_v), block_v
 
 
-def warp_and_sample_triton(
-    scores: torch.Tensor,
-    params: WarpParams,
-    key: torch.Tensor,
-    sample_index: torch.Tensor,
-    position: torch.Tensor,
-    role: int,
-    return_probs: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Launch the kernel. scores: [M, V] (fp32/bf16/fp16, last dim contiguous), the rest [M].
+def warp_and_sample_triton(rows: SampleRows, return_probs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Launch the kernel (mirror of ``specbatch_kernels.reference.warp_and_sample``).
+    rows.scores: [M, V] fp32/bf16/fp16, last dim contiguous.
 
     Returns (tokens [M] int64, logprob [M] float32, probs [M, V] float32 or None).
     """
+    scores, params = rows.scores, rows.params
     m, v = scores.shape
     dev = scores.device
     tokens = torch.empty(m, dtype=torch.int64, device=dev)
@@ -332,26 +333,9 @@ def warp_and_sample_triton(
         _warp_sample_kernel[(triton.cdiv(m, block_r),)](
             scores, scores.stride(0),
             params.temperature, params.top_k, params.top_p, params.min_p,
-            key, sample_index, position, int(role),
+            rows.key, rows.sample_index, rows.position, int(rows.role),
             tokens, logprob, probs,
             m, v,
             WRITE_PROBS=return_probs, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=8,
         )
-    return tokens, logprob, (probs if return_probs else None)
-
-
-def reference_warp_and_sample(
-    scores: torch.Tensor,
-    params: WarpParams,
-    key: torch.Tensor,
-    sample_index: torch.Tensor,
-    position: torch.Tensor,
-    role: int,
-    return_probs: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The torch reference the kernel must match: same inputs, same outputs."""
-    probs = truncate_and_normalize(scores.to(torch.float32), params)  # [M, V]
-    u = rng.uniform(key, sample_index, position, int(role))  # [M]
-    tokens = sample_from_probs(probs, u)  # [M]
-    logprob = probs.gather(1, tokens[:, None]).squeeze(1).log()  # [M]
     return tokens, logprob, (probs if return_probs else None)

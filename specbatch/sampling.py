@@ -14,12 +14,17 @@ The pipeline, in float32, in this order:
 3. temperature: 0 is greedy (one-hot at the argmax, lowest token id on ties; never divides);
    otherwise logits / T.
 4. top-k (k > 0): keep logits >= the k-th largest (ties at the threshold kept).
-5. top-p (< 1): on the distribution renormalized after top-k, keep the smallest set in
-   descending order whose mass reaches top_p, the crossing token included.
+5. top-p (< 1): on the distribution renormalized after top-k, sorted descending, the
+   *crossing token* is the first whose cumulative mass reaches top_p; keep every token whose
+   score (logit / T) is >= the crossing token's: the smallest descending set reaching top_p
+   plus every token tied with the crossing token (like top-k's ties, and independent of the
+   sort's order among equal scores).
 6. min-p (> 0): keep tokens whose probability >= min_p x the largest probability.
 7. renormalize (softmax over what is kept).
 
-transformers' logits processors, applied in the same order in float32, are the test oracle.
+transformers' logits processors, applied in the same order in float32, are the test oracle, with
+one deliberate deviation: ``TopPLogitsWarper`` keeps a sort-dependent part of a group of tokens
+tied at the crossing, we keep all of it (the oracle restores them; tests/test_sampling.py).
 Every parameter is per row, so one call warps a mixed batch.
 """
 
@@ -172,6 +177,24 @@ def apply_bias_and_penalties(
     return logits
 
 
+def crossing_score(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The top-p threshold: score of the crossing token. scores: [M, V] float32, top_p: [M] -> [M, 1].
+
+    Sorted descending, the *crossing token* is the first whose cumulative probability reaches
+    top_p (the last token if rounding leaves the total below top_p).  Top-p keeps every token
+    whose score is >= this one's: the crossing token, everything above it and every token tied
+    with it, so the kept set does not depend on how a sort orders equal scores.  Scores are
+    compared rather than probabilities: exp is monotone, and two distinct scores whose float32
+    probabilities happen to round equal are still told apart the same way by every
+    implementation (mirror of ``specbatch_kernels.warp.row_distribution``'s top-p search).
+    """
+    v = scores.shape[-1]
+    sorted_scores = torch.sort(scores, dim=-1, descending=True).values  # [M, V]
+    cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)  # [M, V], non-decreasing
+    crossing = (cum < top_p[:, None]).sum(dim=-1, keepdim=True).clamp(max=v - 1)  # [M, 1]
+    return sorted_scores.gather(1, crossing)  # [M, 1]
+
+
 def truncate_and_normalize(logits: torch.Tensor, params: WarpParams) -> torch.Tensor:
     """Steps 3-7 (temperature, top-k, top-p, min-p, renormalize). logits: [M, V] -> probs [M, V].
 
@@ -189,16 +212,11 @@ def truncate_and_normalize(logits: torch.Tensor, params: WarpParams) -> torch.Te
         kth = torch.topk(scores, int(k.max()), dim=-1).values.gather(1, kth_index)  # [M, 1]
         scores = torch.where((k[:, None] > 0) & (scores < kth), NEG_INF, scores)
 
-    # top-p: ascending sort, drop the low tail whose cumulative mass <= 1 - top_p, keep the top token.
+    # top-p: descending sort; the crossing token is the first whose cumulative mass reaches top_p;
+    # keep every score >= the crossing token's (all tokens tied with it, whatever the sort order).
     top_p = params.top_p
     if bool((top_p < 1).any()):
-        sorted_scores, sorted_idx = torch.sort(scores, descending=False)  # [M, V]
-        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)  # [M, V]
-        drop_sorted = cum <= (1 - top_p)[:, None]
-        drop_sorted[:, -1] = False
-        drop_sorted &= (top_p < 1)[:, None]
-        drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
-        scores = scores.masked_fill(drop, NEG_INF)
+        scores = torch.where((top_p[:, None] < 1) & (scores < crossing_score(scores, top_p)), NEG_INF, scores)
 
     # min-p: relative to the largest probability after the steps above.
     min_p = params.min_p

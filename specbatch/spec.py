@@ -219,7 +219,7 @@ class SamplingSpec(BaseModel):
     ignore_eos: bool = Field(False, description="Keep generating past EOS (until max_new_tokens or a stop).")
     temperature: float = Field(1.0, **_BOUNDS["temperature"].field_kwargs(), description="0: greedy (argmax, lowest id on ties); else logits / T.")
     top_k: int = Field(0, **_BOUNDS["top_k"].field_kwargs(), description="Keep tokens whose logit is >= the k-th largest (ties kept); 0: off.")
-    top_p: float = Field(1.0, **_BOUNDS["top_p"].field_kwargs(), description="Keep the smallest most-likely set whose mass reaches top_p; 1: off.")
+    top_p: float = Field(1.0, **_BOUNDS["top_p"].field_kwargs(), description="Keep the most likely tokens down to the crossing token (the first whose cumulative mass, in descending order, reaches top_p) and every token tied with it; 1: off.")
     min_p: float = Field(0.0, **_BOUNDS["min_p"].field_kwargs(), description="Keep tokens with probability >= min_p x the largest; 0: off.")
     repetition_penalty: float = Field(
         1.0, **_BOUNDS["repetition_penalty"].field_kwargs(), description="Logits of tokens seen in prompt or completion: divided if positive, multiplied if negative; 1: off."

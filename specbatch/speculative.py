@@ -131,6 +131,16 @@ def verify(
         tokens[:, :g] = torch.where(keep, draft_tokens, tokens[:, :g])
     tokens[rows, n_acc] = extra
     assert extra.numel() == 0 or int(extra.max()) < v
+    return accepted_run(tokens, n_acc, num_proposed)
+
+
+def accepted_run(tokens: torch.Tensor, n_acc: torch.Tensor, num_proposed: torch.Tensor) -> VerifyResult:
+    """The result of a step whose rows accepted their first n_acc proposals and emitted one more.
+
+    tokens: [R, G+1] int64 (-1 after the run); n_acc, num_proposed: [R] int64.  A row with
+    n_acc < num_proposed was rejected at n_acc (that proposal was tested too).
+    """
+    rejected = n_acc < num_proposed  # [R]
     return VerifyResult(
         tokens=tokens,
         num_emitted=n_acc + 1,
@@ -169,16 +179,9 @@ def verify_coupled(
     ).view(r, g + 1, v)
     choice = coupled_choice(target_probs, noise)  # [R, G+1]
     n_acc = first_rejection(draft_tokens == choice[:, :g], num_proposed)
-    rejected = n_acc < num_proposed
     offsets = torch.arange(g + 1, device=draft_tokens.device)[None, :]
     tokens = torch.where(offsets <= n_acc[:, None], choice, torch.full_like(choice, -1))
-    return VerifyResult(
-        tokens=tokens,
-        num_emitted=n_acc + 1,
-        num_tested=n_acc + rejected.to(torch.int64),
-        num_accepted=n_acc,
-        num_proposed=num_proposed.clone(),
-    )
+    return accepted_run(tokens, n_acc, num_proposed)
 
 
 def coupled_choice(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

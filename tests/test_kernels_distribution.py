@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import TopPLogitsWarper
 
 from specbatch import rng
 from specbatch.sampling import WarpParams, sample_from_probs, truncate_and_normalize
@@ -73,3 +74,33 @@ def test_first_emitted_token_follows_warped_p(triton_path, setting, one_hot):
     if float((untruncated - exact).abs().sum()) / 2 > 0.05:
         assert not compare(counts, untruncated).ok
     assert triton_path["verify"] == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_first_token_follows_the_tie_inclusive_top_p(monkeypatch, backend):
+    """[0,0,0,0,-1,-2,-3,-4] at top_p 0.5: the crossing falls inside the group of tied 0s, and
+    every tied token is kept.  The first token of plain sampling and of a verification step
+    (proposals from the untruncated softmax, so the residual path runs) follows 1/4 on each 0,
+    and a sort-dependent rule (transformers' TopPLogitsWarper: three of the four) is told apart."""
+    calls = force_triton(monkeypatch, kverify, "verify_triton", "verify")
+    ops.force_backend(backend)
+    logits = torch.tensor([0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0])
+    exact = torch.tensor([0.25] * 4 + [0.0] * 4)
+    sort_dependent = torch.softmax(TopPLogitsWarper(0.5)(None, logits[None, :].clone())[0], dim=0)
+    n = ROWS
+    warp = WarpParams(torch.ones(n), torch.zeros(n, dtype=torch.int64), torch.full((n,), 0.5), torch.zeros(n),
+                      torch.ones(n), torch.zeros(n), torch.zeros(n))
+    key = torch.full((n,), 5, dtype=torch.int64)
+    sample_index = torch.arange(n, dtype=torch.int64)
+    position = torch.zeros(n, dtype=torch.int64)
+    plain, _ = ops.warp_and_sample(logits.expand(n, VOCAB).contiguous(), warp, key, sample_index, position)
+    q = torch.softmax(logits, dim=0).expand(n, VOCAB).contiguous()  # [R, V]
+    proposals = sample_from_probs(q, rng.uniform(key, sample_index, position, rng.Role.DRAFT))
+    result, _ = ops.verify(logits.expand(n, 2, VOCAB).contiguous(), proposals[:, None], torch.ones(n, dtype=torch.int64),
+                           q[:, None, :].contiguous(), warp, key, sample_index, position)
+    assert int((result.num_accepted == 0).sum()) > 1000  # the residual path is exercised
+    for label, tokens in (("plain", plain), ("verify", result.tokens[:, 0])):
+        counts = torch.bincount(tokens, minlength=VOCAB)
+        assert_distribution(counts, exact, label=f"{backend} {label}")
+        assert not compare(counts, sort_dependent).ok
+    assert calls["verify"] == (1 if backend == "triton" else 0)

@@ -15,8 +15,9 @@ import torch
 
 from specbatch import rng
 from specbatch.sampling import History, WarpParams, apply_bias_and_penalties, sample_from_probs
-from specbatch_kernels import ops, parity
+from specbatch_kernels import ops, parity, reference
 from specbatch_kernels import verify as kverify
+from specbatch_kernels.reference import VerifyStep
 from tests.kernel_support import force_triton, keep_backend_choice
 
 pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
@@ -103,8 +104,8 @@ def check_step(logits, draft_tokens, num_proposed, draft_probs, warp, key, sampl
     if ban is not None:
         scores = scores.masked_fill(ban.reshape(scores.shape), float("-inf"))
     scores = scores.view(rows, g1, vocab)
-    ref, ref_logprobs, ref_probs = kverify.reference_verify(
-        scores, draft_tokens, num_proposed, draft_probs, pair_params, key, sample_index, position
+    ref, ref_logprobs, ref_probs = reference.verify(
+        VerifyStep(scores, draft_tokens, num_proposed, draft_probs, pair_params, key, sample_index, position)
     )
     equal, near = parity.classify_verify(result, ref, ref_probs, draft_tokens, draft_probs, scores, pair_params,
                                          key, sample_index, position)
@@ -250,8 +251,8 @@ def test_parity_checker_flags_a_real_difference():
         logits, draft_tokens, num_proposed, draft_probs, warp, key, sample_index, position = make_step(
             20, 8, 2, torch.float32, one_hot=False, seed=9, kinds=("plain",))
     pair_params = warp.index(torch.arange(8).repeat_interleave(3))
-    ref, _, ref_probs = kverify.reference_verify(logits, draft_tokens, num_proposed, draft_probs, pair_params, key,
-                                                 sample_index, position)
+    ref, _, ref_probs = reference.verify(VerifyStep(logits, draft_tokens, num_proposed, draft_probs, pair_params, key,
+                                                    sample_index, position))
     broken = kverify.VerifyResult(ref.tokens.clone(), ref.num_emitted, ref.num_tested, ref.num_accepted,
                                   ref.num_proposed)
     last = ref.num_emitted - 1

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from specbatch import rng
-from specbatch.sampling import History, apply_bias_and_penalties, warp as reference_warp
+from specbatch.sampling import History, WarpParams, apply_bias_and_penalties, sample_from_probs, warp as reference_warp
 from specbatch_kernels import ops, parity
 from specbatch_kernels import warp as kwarp
 from tests.kernel_support import force_triton
@@ -48,7 +49,7 @@ def check_rows(logits, warp, key, sample_index, position, role, history=None, ba
     assert torch.equal(tokens, tokens2)
     ref_probs = reference_warp(logits, warp, history, ban)  # [M, V]
     u = rng.uniform(key, sample_index, position, int(role))
-    ref_tokens = kwarp.sample_from_probs(ref_probs, u)
+    ref_tokens = sample_from_probs(ref_probs, u)
     scores = apply_bias_and_penalties(logits, warp, history)
     if ban is not None:
         scores = scores.masked_fill(ban, float("-inf"))
@@ -128,3 +129,85 @@ def test_top_k_1_and_tiny_top_p_keep_only_the_top_token(triton_path):
     assert torch.equal(tokens, logits.argmax(dim=-1))
     assert bool((probs.max(dim=-1).values == 1).all()) and bool(((probs > 0).sum(dim=-1) == 1).all())
     assert triton_path["sample"] == 1
+
+
+# ---- the top-p tie contract: every token tied with the crossing token is kept -----------------
+
+TIE_EXAMPLE = [0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0]  # top_p 0.5: the crossing is the 3rd zero
+
+
+def sampled_rows(rows: int, temperature, top_k, top_p) -> WarpParams:
+    """WarpParams of `rows` rows from per-row temperature [M], top_k [M] int64, top_p [M]."""
+    return WarpParams(temperature.to(torch.float32), top_k, top_p.to(torch.float32), torch.zeros(rows),
+                      torch.ones(rows), torch.zeros(rows), torch.zeros(rows))
+
+
+def kept_sets(logits, warp):
+    """(kernel kept set, reference kept set), [M, V] bool each, through ops with Triton forced."""
+    rows = logits.shape[0]
+    zeros = torch.zeros(rows, dtype=torch.int64)
+    _, probs = ops.warp_and_sample(logits, warp, torch.arange(rows), zeros, zeros, return_probs=True)
+    return probs > 0, reference_warp(logits, warp) > 0
+
+
+def test_top_p_keeps_every_token_tied_with_the_crossing_token(triton_path):
+    logits = torch.tensor([TIE_EXAMPLE, TIE_EXAMPLE[::-1]])  # [2, 8]: the same row, reversed
+    warp = sampled_rows(2, torch.ones(2), torch.zeros(2, dtype=torch.int64), torch.full((2,), 0.5))
+    zeros = torch.zeros(2, dtype=torch.int64)
+    _, probs = ops.warp_and_sample(logits, warp, torch.arange(2), zeros, zeros, return_probs=True)
+    expected = torch.tensor([[0.25] * 4 + [0.0] * 4, [0.0] * 4 + [0.25] * 4])
+    torch.testing.assert_close(probs, expected)
+    torch.testing.assert_close(reference_warp(logits, warp), expected)
+    assert triton_path["sample"] == 1
+
+
+def bf16_tie_rows(rows: int, vocab: int, seed: int):
+    """Logits rounded to bfloat16 (many exact ties near any top-p crossing) and sampled rows with
+    top_p in [0.1, 0.95], a quarter with top-k too, temperatures 1 or in [0.5, 1.5]."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=g) * 2).to(torch.bfloat16)  # [M, V]
+    temperature = torch.where(torch.rand(rows, generator=g) < 0.5, torch.ones(rows), torch.rand(rows, generator=g) + 0.5)
+    top_k = torch.where(torch.rand(rows, generator=g) < 0.25, vocab // 4, 0).to(torch.int64)
+    top_p = torch.rand(rows, generator=g) * 0.85 + 0.1
+    return logits, sampled_rows(rows, temperature, top_k, top_p)
+
+
+def sort_dependent_kept(scores: torch.Tensor, warp: WarpParams) -> torch.Tensor:
+    """[M, V] bool: what transformers' TopK/TopPLogitsWarper keep, a sort-dependent part of a group
+    tied at the crossing. scores: [M, V] float32."""
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    for i in range(scores.shape[0]):
+        s = scores[i : i + 1] / warp.temperature[i]
+        if int(warp.top_k[i]) > 0:
+            s = TopKLogitsWarper(int(warp.top_k[i]))(None, s)
+        kept[i] = TopPLogitsWarper(float(warp.top_p[i]))(None, s)[0] > float("-inf")
+    return kept
+
+
+def test_bf16_ties_kernel_and_reference_keep_the_same_set(triton_path):
+    rows, vocab = 48, 2048
+    logits, warp = bf16_tie_rows(rows, vocab, seed=11)
+    kernel, reference = kept_sets(logits, warp)
+    scores = logits.float()
+    near = parity.truncation_near(scores, warp)  # a cumulative mass within float rounding of top_p
+    assert int(near.sum()) <= rows // 20, int(near.sum())
+    differ = (kernel != reference).any(dim=-1) & ~near
+    assert not bool(differ.any()), f"rows {differ.nonzero().squeeze(1).tolist()} keep different sets"
+    # power: in many rows a sort-dependent rule drops part of the group tied at the crossing.
+    partial = (sort_dependent_kept(scores, warp) != reference).any(dim=-1) & ~near
+    assert int(partial.sum()) >= rows // 5, int(partial.sum())
+    temp = warp.temperature[:, None]
+    crossing = torch.where(reference, scores / temp, float("inf")).amin(dim=-1, keepdim=True)  # [M, 1]
+    assert torch.equal(reference, scores / temp >= crossing)  # every score >= the crossing score
+    assert triton_path["sample"] == 1
+
+
+def test_permuting_the_vocabulary_permutes_the_kept_set(triton_path):
+    rows, vocab = 16, 512
+    logits, warp = bf16_tie_rows(rows, vocab, seed=12)
+    perm = torch.randperm(vocab, generator=torch.Generator().manual_seed(3))
+    kernel, reference = kept_sets(logits, warp)
+    kernel_perm, reference_perm = kept_sets(logits[:, perm].contiguous(), warp)
+    assert torch.equal(kernel_perm, kernel[:, perm])
+    assert torch.equal(reference_perm, reference[:, perm])
+    assert triton_path["sample"] == 2

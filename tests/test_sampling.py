@@ -7,6 +7,12 @@ loop implementing OpenAI's definition over completion tokens only), MinNewTokens
 (EOS and stop ids), then either greedy (one-hot argmax, lowest id on ties) or
 TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper and a softmax.
 Our side warps every combination in ONE mixed batch with per-row parameters.
+
+One deliberate deviation (the top-p tie contract, ``specbatch.sampling.crossing_score``):
+TopPLogitsWarper keeps a sort-dependent part of a group of tokens tied with the crossing token,
+we keep all of it.  So the oracle is :func:`tie_aware_top_p`: TopPLogitsWarper, then every token
+whose score equals the smallest score it kept (the crossing token's) is restored.  Where no tie
+sits at the crossing that changes nothing, and transformers is compared unchanged.
 """
 
 from __future__ import annotations
@@ -58,6 +64,17 @@ PENALTY_GRID = list(
 )
 
 
+def tie_aware_top_p(ids: torch.Tensor, scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """transformers' TopPLogitsWarper, then the tokens tied with its crossing token restored.
+
+    It keeps the tokens from the crossing one upwards in an ascending sort, so the smallest score
+    it keeps is the crossing token's; our contract keeps every score >= that one. [B, V] -> [B, V].
+    """
+    kept = TopPLogitsWarper(top_p)(ids, scores)
+    crossing = kept.masked_fill(kept == float("-inf"), float("inf")).amin(dim=-1, keepdim=True)  # [B, 1]
+    return torch.where(scores >= crossing, scores, kept)
+
+
 def oracle_probs(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     """transformers' processors on a batch sharing one parameter set.
 
@@ -84,7 +101,7 @@ def oracle_probs(logits: torch.Tensor, params: SamplingParams, prompt: torch.Ten
     if params.top_k > 0:
         scores = TopKLogitsWarper(int(params.top_k))(ids, scores)
     if params.top_p < 1:
-        scores = TopPLogitsWarper(float(params.top_p))(ids, scores)
+        scores = tie_aware_top_p(ids, scores, float(params.top_p))
     if params.min_p > 0:
         scores = MinPLogitsWarper(float(params.min_p))(ids, scores)
     return scores.softmax(dim=-1)
@@ -192,6 +209,50 @@ def test_top_p_keeps_the_crossing_token():
     logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
     probs = warp(logits, WarpParams.from_params([SamplingParams(top_p=0.6)]))
     torch.testing.assert_close(probs, torch.tensor([[0.625, 0.375, 0.0]]))
+
+
+def test_top_p_keeps_every_token_tied_with_the_crossing_token():
+    # the crossing is the third 0 (cumulative 0.66 >= 0.5); all four tied 0s are kept, where
+    # transformers keeps three of them, chosen by its sort (TV 0.25 between the two).
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0]])
+    probs = warp(logits, WarpParams.from_params([SamplingParams(top_p=0.5)]))
+    torch.testing.assert_close(probs, torch.tensor([[0.25] * 4 + [0.0] * 4]))
+    transformers_kept = TopPLogitsWarper(0.5)(None, logits.clone()) > float("-inf")
+    assert int(transformers_kept.sum()) == 3
+
+
+def bf16_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """[rows, vocab] float32 logits rounded to bfloat16: many exact ties near any crossing."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, vocab, generator=g) * 2).to(torch.bfloat16).float()
+
+
+def test_bf16_ties_follow_the_tie_aware_oracle():
+    rows, vocab = 64, 512
+    logits = bf16_logits(rows, vocab, seed=4)
+    g = torch.Generator().manual_seed(5)
+    params_list = [SamplingParams(temperature=t, top_p=p) for t, p in
+                   zip([1.0, 0.7] * (rows // 2), (torch.rand(rows, generator=g) * 0.85 + 0.1).tolist())]
+    ours = warp(logits, WarpParams.from_params(params_list))
+    expected = torch.cat([oracle_probs(logits[i : i + 1], params_list[i], torch.zeros(1, 0, dtype=torch.int64),
+                                       torch.zeros(1, 0, dtype=torch.int64)) for i in range(rows)])
+    assert torch.equal(ours > 0, expected > 0)
+    torch.testing.assert_close(ours, expected, atol=2e-6, rtol=1e-5)
+    # the deviation from plain transformers is exercised: some rows split a tie group there.
+    plain = torch.cat([TopPLogitsWarper(p.top_p)(None, logits[i : i + 1] / p.temperature)
+                       for i, p in enumerate(params_list)]) > float("-inf")
+    assert int((plain != (ours > 0)).any(dim=-1).sum()) >= rows // 8
+
+
+def test_permuting_the_vocabulary_permutes_the_warped_distribution():
+    rows, vocab = 32, 256
+    logits = bf16_logits(rows, vocab, seed=6)
+    params = WarpParams.from_params([SamplingParams(temperature=0.9, top_k=100, top_p=0.6, min_p=0.01)] * rows)
+    perm = torch.randperm(vocab, generator=torch.Generator().manual_seed(7))
+    probs = warp(logits, params)
+    permuted = warp(logits[:, perm], params)
+    assert torch.equal(permuted > 0, probs[:, perm] > 0)
+    torch.testing.assert_close(permuted, probs[:, perm], atol=1e-7, rtol=1e-6)
 
 
 def test_min_p_is_relative_to_the_largest_probability():
