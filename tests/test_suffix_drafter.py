@@ -1,10 +1,10 @@
-"""The suffix (sibling) drafter: its bounded cache, q recorded at propose time, exactness.
+"""The suffix (sibling) drafter: its bounded cache, q recorded at propose time, scopes, and
+coupled verification.
 
-Exactness goes through the engine on a tiny checkpoint: the samples of the first L completion
-tokens must follow the exact distribution of plain sampling (enumerated with the model itself,
-as tests/test_engine.py does), with the cache shared by all samples of the prompt and a bound
-so small that entries are evicted all the time.  A mutant that reads q from the cache after
-the cache learned the step's target distributions must fail that same check.
+Distribution exactness through the engine (a cache shared by a prompt's samples with a bound so
+small that it evicts all the time; one cache shared across prompts; per-row counts) and the
+mutant that reads q from the cache after it learned the step's distributions are cases of the
+engine harness: tests/exactness/engine_harness.py and engine_mutants.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import dataclasses
 import pytest
 import torch
 
-import specbatch.engine as engine_mod
 from specbatch.drafters import build_drafter
 from specbatch.engine import Engine, EngineConfig
 from specbatch.models import load_model, load_tokenizer
@@ -22,11 +21,10 @@ from specbatch.request import Request
 from specbatch.rows import Row
 from specbatch.sampling import SamplingParams, WarpParams
 from specbatch.suffix import SuffixCache, SuffixDrafter, sparse_warp
-from tests.exactness.distribution import assert_samples_match
-from tests.test_engine import PROMPT, V, assert_power, exact_probs, sample_matrix
 from tests.tiny import make_tiny_checkpoint
 
-N = 4000
+V = 32
+PROMPT = [1, 10, 11, 12, 10, 11]  # repeats, so suffixes recur
 PARAMS = SamplingParams(max_new_tokens=3, temperature=1.0, seed=7)
 
 
@@ -159,78 +157,9 @@ def test_entries_of_a_prompt_go_when_its_last_sample_finishes(target, tokenizer)
     assert len(shard.cache) > 0  # shared across prompts: kept (bounded by max_entries only)
 
 
-# ---------------------------------------------------------------------- exactness through the engine
-
-
-def _run_suffix(target, tokenizer, params, **drafter_args):
-    drafter = SuffixDrafter(V, **drafter_args)
-    eng = Engine(target, tokenizer, drafter, EngineConfig(max_batch_size=256, num_draft_tokens=3, measure_cost=False))
-    outs = eng.generate([Request("p0", list(PROMPT), dataclasses.replace(params, n=N))])
-    return eng, drafter, outs
-
-
-def test_suffix_drafter_matches_exact_distribution_with_a_shared_evicting_cache(target, tokenizer):
-    params = dataclasses.replace(PARAMS, temperature=0.9, top_k=12)
-    eng, drafter, outs = _run_suffix(target, tokenizer, params, top_m=4, min_n=1, max_n=2, max_entries=8)
-    assert drafter.cache.evicted > 1000 and drafter.hits > 1000  # the bound bites; the cache still drafts
-    assert_power(eng)
-    assert_samples_match(sample_matrix(outs), exact_probs(target, PROMPT, params), V, label="suffix")
-
-
-OTHER = [1, 20, 5, 11]  # ends like PROMPT: with max_n 1 and scope 'shard' the two prompts share entries
-
-
-def test_q_read_after_the_cache_changed_is_caught(target, tokenizer, monkeypatch):
-    """Mutant: the cache learns each row's target distributions before verification, and the row's
-    q is read from the cache after that update (not as it was when each proposal was drawn)."""
-    real_propose, real_verify = SuffixDrafter.propose, engine_mod.warp_and_verify
-    step: dict = {}
-
-    def propose(self, rows, max_proposals, coupled):
-        prop = real_propose(self, rows, max_proposals, coupled)
-        step.update(drafter=self, rows=list(rows), tokens=prop.tokens.tolist(), n=prop.num_proposed.tolist())
-        return prop
-
-    def verify_with_late_q(logits, draft_tokens, num_proposed, draft_probs, params, *args, **kwargs):
-        drafter, rows = step["drafter"], step["rows"]
-        r_n, w, _ = logits.shape
-        ids, probs = sparse_warp(logits.reshape(r_n * w, V), params.index(torch.arange(r_n).repeat_interleave(w)), drafter.top_m)
-        late = draft_probs.clone()
-        for r, row in enumerate(rows):
-            scope, proposed = drafter.scope_of(row), step["tokens"][r]
-            for j in range(step["n"][r]):
-                kept = [(t, p) for t, p in zip(ids[r * w + j].tolist(), probs[r * w + j].tolist()) if p > 0]
-                ctx = row.tokens + proposed[:j]
-                drafter.cache.insert(scope, ctx[-drafter.cache.max_n:], (tuple(t for t, _ in kept), tuple(p for _, p in kept)))
-                entry = drafter.cache.peek(scope, ctx)
-                late[r, j] = 0.0
-                late[r, j, list(entry[0])] = torch.tensor(entry[1])
-        return real_verify(logits, draft_tokens, num_proposed, late, params, *args, **kwargs)
-
-    monkeypatch.setattr(SuffixDrafter, "propose", propose)
-    monkeypatch.setattr(engine_mod, "warp_and_verify", verify_with_late_q)
-    with pytest.raises(AssertionError):
-        assert_samples_match(_shared_across_prompts(target, tokenizer, pairs=15), exact_probs(target, PROMPT, SHARED), V,
-                             label="late q")
-
-
-SHARED = dataclasses.replace(PARAMS, temperature=0.9, top_k=12)
-
-
-def _shared_across_prompts(target, tokenizer, pairs=30):
-    """Samples of PROMPT, drafted from one cache shared with OTHER's samples running beside them."""
-    reqs = [Request(f"{name}{k}", list(prompt), dataclasses.replace(SHARED, n=n))
-            for k in range(pairs) for name, prompt, n in (("a", PROMPT, 100), ("b", OTHER, 40))]
-    drafter = SuffixDrafter(V, top_m=4, min_n=1, max_n=1, max_entries=16, scope="shard")
-    eng = Engine(target, tokenizer, drafter, EngineConfig(max_batch_size=256, num_draft_tokens=3, measure_cost=False))
-    outs = eng.generate(reqs)
-    assert eng.stats.tested > 500 and drafter.hits > 500 and drafter.cache.evicted > 100
-    return sample_matrix([o for o in outs if o.request_id.startswith("a")])
-
-
-def test_suffix_cache_shared_across_prompts_matches_exact_distribution(target, tokenizer):
-    samples = _shared_across_prompts(target, tokenizer)
-    assert_samples_match(samples, exact_probs(target, PROMPT, SHARED), V, label="suffix shared across prompts")
+# ---------------------------------------------------------------------- coupled verification
+# (Distribution exactness with a shared, evicting cache, and the late-q mutant, run in the engine
+# harness: tests/exactness/engine_harness.py cases suffix_*, engine_mutants.py suffix_q_read_late.)
 
 
 def test_coupled_suffix_equals_plain_coupled_sampling(target, tokenizer):

@@ -60,6 +60,7 @@ from specbatch.models import load_model, load_tokenizer
 from specbatch.request import Request, SampleOutput
 from specbatch.sampling import History, SamplingParams, WarpParams, warp
 from specbatch.stats import AcceptanceStats, CostModel
+from specbatch.suffix import SuffixDrafter
 from specbatch_kernels import ops
 from tests import tiny
 from tests.exactness.distribution import DistributionMismatch, DistributionReport, compare, histogram, sequence_probs
@@ -180,12 +181,15 @@ def verification_backend(name: str) -> Iterator[None]:
 
 
 def run_engine(target: Any, tokenizer: Any, drafter: Drafter | None, requests: Sequence[Request], *, gamma: int = 3,
-               max_batch: int = 512, verification: str = "rejection", cost_model: CostModel | None = None) -> EngineRun:
+               max_batch: int = 512, verification: str = "rejection", cost_model: CostModel | None = None,
+               auto: bool = False) -> EngineRun:
     """Run the requests through a fresh Engine (no cost measurement, small max_model_len).
 
-    cost_model: given, gamma adapts (adaptive_gamma) from the measured alpha and these costs."""
+    cost_model: given, gamma adapts (adaptive_gamma) from the measured alpha and these costs.
+    auto: each row chooses its own proposal count (0..gamma) every step (num_draft_tokens: auto)."""
     config = EngineConfig(max_batch_size=max_batch, num_draft_tokens=gamma, verification=verification,
-                          max_model_len=MAX_MODEL_LEN, measure_cost=False, adaptive_gamma=cost_model is not None)
+                          max_model_len=MAX_MODEL_LEN, measure_cost=False, adaptive_gamma=cost_model is not None,
+                          auto_gamma=auto)
     engine = Engine(target, tokenizer, drafter, config)
     engine.cost_model = cost_model
     with torch.inference_mode():
@@ -276,8 +280,10 @@ def assert_power(stats: AcceptanceStats, positions: int, min_rejections: int, mi
 class EngineCase:
     """One engine configuration and the exact distribution it must reproduce.
 
-    drafter: none | ngram | same (ModelDrafter over the target itself) | near | far (ModelDrafter
-    over that checkpoint); draft: ModelDrafter settings (draft_temperature, draft_top_k, ...).
+    drafter: none | ngram | suffix | same (ModelDrafter over the target itself) | near | far
+    (ModelDrafter over that checkpoint); draft: the drafter's settings (NgramDrafter's min_n/max_n,
+    SuffixDrafter's top_m/max_entries/scope, ModelDrafter's draft_temperature, draft_top_k, ...).
+    auto: per-row proposal counts (num_draft_tokens: auto).
     params.n samples of each prompt; max_new_tokens defaults to length + 1 so a first step can
     propose gamma tokens within the compared window.
     """
@@ -298,12 +304,15 @@ class EngineCase:
     power_positions: int = 2
     min_reached: int = 0  # tests of proposal index power_positions - 1
     draft_cost: float | None = None  # adaptive gamma under a cost model: draft step / target step
+    auto: bool = False  # per-row proposal counts (specbatch.autogamma)
 
     def make_drafter(self, models: TinyModels) -> Drafter:
         if self.drafter == "none":
             return NoDrafter()
         if self.drafter == "ngram":
             return NgramDrafter(**self.draft)
+        if self.drafter == "suffix":
+            return SuffixDrafter(VOCAB, **self.draft)
         model = models[self.target if self.drafter == "same" else self.drafter]
         return ModelDrafter(model, VOCAB, **self.draft)
 
@@ -324,7 +333,7 @@ class EngineCase:
         with verification_backend(self.backend):
             return run_engine(models[self.target], models.tokenizer, self.make_drafter(models), self.requests(n),
                               gamma=self.gamma, max_batch=self.max_batch, verification=self.verification,
-                              cost_model=self.cost_model())
+                              cost_model=self.cost_model(), auto=self.auto)
 
     def reports(self, run: EngineRun) -> dict[str, DistributionReport]:
         """Every comparison of the run, keyed '<prompt index>:<comparison>'."""
@@ -380,5 +389,14 @@ CASES: dict[str, EngineCase] = {
                    independence=True, power_positions=2),
         EngineCase("adaptive_gamma", _params(n=N, temperature=1.0), drafter="near", max_batch=128, draft_cost=0.5,
                    power_positions=1),
+        # Sibling drafting: the cache is shared by a prompt's samples and so small that it evicts all the time.
+        EngineCase("suffix_evicting", _params(n=N, temperature=0.9, top_k=12), drafter="suffix",
+                   draft=dict(top_m=4, min_n=1, max_n=2, max_entries=8), power_positions=2),
+        # One cache for the whole shard: the two prompts draft from each other's entries.
+        EngineCase("suffix_across_prompts", _params(n=2000, temperature=0.9, top_k=12), drafter="suffix",
+                   draft=dict(top_m=4, min_n=1, max_n=1, max_entries=16, scope="shard"),
+                   prompts=(PROMPT, (1, 12, 3, 8)), max_batch=256, power_positions=1),
+        EngineCase("auto_suffix", _params(n=N, temperature=0.9, top_k=12), drafter="suffix", auto=True,
+                   draft=dict(top_m=4, max_n=2, max_entries=16), power_positions=1),
     )
 }

@@ -27,10 +27,12 @@ from unittest import mock
 import torch
 
 from specbatch import cache as cache_mod
-from specbatch import drafters, engine
+from specbatch import drafters, engine, rng
+from specbatch.autogamma import AutoGamma
 from specbatch.drafters import ModelDrafter
 from specbatch.engine import Engine
 from specbatch.sampling import History
+from specbatch.suffix import SuffixDrafter, sparse_warp
 from specbatch_kernels import ops
 
 Installer = Callable[[contextlib.ExitStack], None]
@@ -173,6 +175,55 @@ def _stop_only_at_run_end(stack: contextlib.ExitStack) -> None:
     stack.enter_context(mock.patch.object(engine, "stop_cut", stop_cut))
 
 
+# ---- sibling drafting and per-row counts ------------------------------------------------------
+
+
+def _suffix_q_read_late(stack: contextlib.ExitStack) -> None:
+    # SuffixDrafter.propose: q copied from the cache entry when the proposal is drawn -> q read from
+    # the cache after it learned this step's target distributions (as a lazy reference would)
+    real_propose, real_verify = SuffixDrafter.propose, engine.warp_and_verify
+    step: dict = {}
+
+    def propose(self, rows, max_proposals, coupled):
+        prop = real_propose(self, rows, max_proposals, coupled)
+        step.update(drafter=self, rows=list(rows), tokens=prop.tokens.tolist(), n=prop.num_proposed.tolist())
+        return prop
+
+    def warp_and_verify(logits, draft_tokens, num_proposed, draft_probs, params, *args, **kw):
+        drafter, rows = step["drafter"], step["rows"]
+        r_n, w, v = logits.shape
+        ids, probs = sparse_warp(logits.reshape(r_n * w, v), params.index(torch.arange(r_n).repeat_interleave(w)),
+                                 drafter.top_m)
+        late = draft_probs.clone()
+        for r, row in enumerate(rows):
+            scope, proposed = drafter.scope_of(row), step["tokens"][r]
+            for j in range(step["n"][r]):
+                kept = [(t, p) for t, p in zip(ids[r * w + j].tolist(), probs[r * w + j].tolist()) if p > 0]
+                ctx = row.tokens + proposed[:j]
+                drafter.cache.insert(scope, ctx[-drafter.cache.max_n:], (tuple(t for t, _ in kept), tuple(p for _, p in kept)))
+                entry = drafter.cache.peek(scope, ctx)
+                late[r, j] = 0.0
+                late[r, j, list(entry[0])] = torch.tensor(entry[1])
+        return real_verify(logits, draft_tokens, num_proposed, late, params, *args, **kw)
+
+    stack.enter_context(mock.patch.object(SuffixDrafter, "propose", propose))
+    stack.enter_context(mock.patch.object(engine, "warp_and_verify", warp_and_verify))
+
+
+def _auto_count_peeks_at_uniforms(stack: contextlib.ExitStack) -> None:
+    # AutoGamma.decide: a row's count from the drafter's confidence and costs -> also from the
+    # uniform of its first acceptance test (speculate only when it is small)
+    real = AutoGamma.decide
+
+    def decide(self, rows, limits, confidence):
+        counts = real(self, rows, limits, confidence)
+        u = rng.uniform(torch.tensor([r.key for r in rows]), torch.tensor([r.sample_index for r in rows]),
+                        torch.tensor([r.position for r in rows]), rng.Role.ACCEPT).tolist()
+        return [c if ui < 0.5 else 0 for c, ui in zip(counts, u)]
+
+    stack.enter_context(mock.patch.object(AutoGamma, "decide", decide))
+
+
 ENGINE_MUTANTS: dict[str, EngineMutant] = {
     m.name: m
     for m in (
@@ -194,5 +245,9 @@ ENGINE_MUTANTS: dict[str, EngineMutant] = {
                      "a refilled slot keeps the previous row's prompt K/V", n=600),
         EngineMutant("stop_only_at_run_end", "stops", _stop_only_at_run_end,
                      "an EOS / stop id inside an accepted run is not cut"),
+        EngineMutant("suffix_q_read_late", "suffix_across_prompts", _suffix_q_read_late,
+                     "the suffix drafter's q is read after the cache learned the step's distributions", n=1000),
+        EngineMutant("auto_count_peeks_at_uniforms", "auto_suffix", _auto_count_peeks_at_uniforms,
+                     "a row's proposal count depends on its own acceptance uniform", n=4000),
     )
 }

@@ -13,7 +13,9 @@ import pytest
 
 from specbatch import cache, drafters, engine
 from specbatch.drafters import ModelDrafter
+from specbatch.autogamma import AutoGamma
 from specbatch.engine import Engine
+from specbatch.suffix import SuffixDrafter
 from tests.exactness import engine_harness as eh
 from tests.exactness.distribution import DistributionMismatch
 from tests.exactness.engine_mutants import ENGINE_MUTANTS
@@ -36,7 +38,8 @@ def test_engine_mutant_fails_the_harness(name):
 
 def test_mutant_patches_are_undone():
     watched = [(Engine, "_history"), (Engine, "_ban"), (ModelDrafter, "propose"), (drafters, "ops"),
-               (engine, "warp_and_verify"), (engine, "stop_cut"), (cache.KVCache, "copy_prefix")]
+               (engine, "warp_and_verify"), (engine, "stop_cut"), (cache.KVCache, "copy_prefix"),
+               (SuffixDrafter, "propose"), (AutoGamma, "decide")]
     before = [getattr(obj, attr) for obj, attr in watched]
     for mutant in ENGINE_MUTANTS.values():
         with contextlib.ExitStack() as stack:
