@@ -8,7 +8,9 @@ and the value limits of ``specbatch.limits``). The stages, in order:
    one kind of prompt (``data.check_input``), and ids of one type across the files;
 2. *output location*: the directory can be created and written (probed with a temporary
    directory that is removed again), is not a file, not under a file, not an input file;
-   on an object store its location is looked up once (``get_file_info``), nothing more;
+   on an object store its location is looked up once (``get_file_info``), nothing more; then
+   ``output.if_exists`` against what the directory holds (``data.check_existing_output``: a
+   non-empty directory under ``fail``, another spec's output under ``resume``);
 3. *models* (specbatch's own engine only; a custom engine factory loads what it likes): each
    checkpoint directory has config.json (parsed), safetensors weights, tokenizer files; a name
    is a checkpoint directory, a registered name or a hub id, and a string that looks like a path
@@ -118,7 +120,8 @@ def _check_id_types(spec: JobSpec, info: InputInfo) -> None:
 
 
 def check_output_location(spec: JobSpec, info: InputInfo | None) -> None:
-    """The output directory can be made and written here; it is neither a file nor an input file."""
+    """The output directory can be made and written here; it is neither a file nor an input file;
+    ``output.if_exists`` lets this spec write it as it is."""
     uri = spec.output.path
     try:
         fs, path = data.resolve(uri)
@@ -131,6 +134,7 @@ def check_output_location(spec: JobSpec, info: InputInfo | None) -> None:
             raise InputError(f"output.path: {uri}: cannot reach it ({' '.join(str(e).split())[:300]})") from None
         if kind == pafs.FileType.File:
             raise InputError(f"output.path: {uri} is a file, expected a directory")
+        data.check_existing_output(spec)
         return
     if info is not None and (storage.is_local(info.uri) or info.uri.startswith("file://")):
         out = os.path.realpath(path)
@@ -151,6 +155,7 @@ def check_output_location(spec: JobSpec, info: InputInfo | None) -> None:
     except OSError as e:
         raise InputError(f"output.path: {uri}: cannot {verb} ({e.strerror or e})") from None
     shutil.rmtree(probe, ignore_errors=True)
+    data.check_existing_output(spec)
 
 
 # ---------------------------------------------------------------------------------------------

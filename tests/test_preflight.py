@@ -229,6 +229,43 @@ def test_bad_output_locations_are_refused_before_ray(job, capsys):
     assert "is inside the input directory" in refused(tmp, spec, capsys, "run", "--engine-factory", FAKE)
 
 
+def _tree(root: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else b"" for p in sorted(root.rglob("*"))}
+
+
+def test_if_exists_refusals_come_before_ray_and_write_nothing(job, capsys):
+    """if_exists: fail on a non-empty directory and resume of another spec's output are the
+    preflight's decision (data.check_existing_output), not the prepared run's."""
+    from specbatch import data
+
+    tmp, spec = job
+    out = tmp / "out"
+    put(spec, "output.if_exists", "resume")
+    data.prepare_output(spec_from_dict(spec))  # the directory as a run of this spec leaves it
+    (out / "part-00000.parquet").write_bytes(b"a shard")
+    before = _tree(out)
+    assert main(["validate", str(_write(tmp, spec))]) == 0, capsys.readouterr().err  # the same spec resumes
+    capsys.readouterr()
+
+    put(spec, "output.if_exists", "fail")
+    for command in ("run", "validate"):
+        line = refused(tmp, spec, capsys, command, *(["--engine-factory", FAKE] if command == "run" else []))
+        assert line == f"error: output.path: {out} is not empty (if_exists: fail)"
+        assert _tree(out) == before
+    put(spec, "output.if_exists", "resume")
+    put(spec, "sampling.seed", 12345)  # another spec, another fingerprint
+    for command in ("run", "validate"):
+        line = refused(tmp, spec, capsys, command, *(["--engine-factory", FAKE] if command == "run" else []))
+        assert line.startswith(f"error: output.path: {out} was written by a different spec (fingerprint ")
+        assert "output.if_exists: overwrite" in line and _tree(out) == before
+
+
+def _write(tmp: pathlib.Path, spec: dict) -> pathlib.Path:
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_unwritable_output_directory_is_refused(job, capsys):
     tmp, spec = job
