@@ -22,7 +22,10 @@ import pytest
 import yaml
 
 from specbatch import data, localray, storage
+from specbatch.cli import main
+from specbatch.data.inputs import _split_glob
 from specbatch.driver import run_job
+from specbatch.preflight import preflight
 from specbatch.spec import spec_from_dict
 
 FAKE = "tests.fake_engine:build"
@@ -55,8 +58,8 @@ def test_resolve_configures_the_filesystem_from_the_query_options():
 
 def test_a_query_is_no_glob_and_output_names_keep_it():
     query = "?endpoint_override=127.0.0.1:9000&scheme=http"
-    assert data._split_glob("s3://bucket/in/*.parquet" + query) == ("s3://bucket/in" + query, "*.parquet")
-    assert data._split_glob("s3://bucket/in/prompts.parquet" + query) is None
+    assert _split_glob("s3://bucket/in/*.parquet" + query) == ("s3://bucket/in" + query, "*.parquet")
+    assert _split_glob("s3://bucket/in/prompts.parquet" + query) is None
     spec = spec_from_dict(spec_dict("s3://bucket/in/p.parquet" + query, "s3://bucket/out" + query, "fake"))
     assert data.output_uri(spec, "stats.json") == "s3://bucket/out/stats.json" + query
 
@@ -104,6 +107,30 @@ def s3():
             yield port, query
         finally:
             server.stop()
+
+
+def test_validate_warns_of_an_unreachable_output_store_and_refuses_a_missing_bucket(s3, tmp_path, capsys):
+    """validate of a cluster job on a machine that cannot reach its store: a warning, exit 0; a
+    store that answers "no such bucket": exit 2 naming output.path; run refuses both."""
+    port, query = s3
+    inp = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["hello"]}), inp)
+    job = tmp_path / "job.yaml"
+    closed = f"s3://{BUCKET}/out?endpoint_override=127.0.0.1:{_free_port()}&scheme=http"  # nothing listens there
+    missing = f"s3://no-such-bucket/out{query}"
+
+    job.write_text(yaml.safe_dump(spec_dict(str(inp), closed, "owner/model")))
+    assert main(["validate", str(job)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("ok: s3-job: 1 prompts") and len(err.splitlines()) == 1, err
+    assert err.startswith(f"warning: output.path: {closed}: cannot reach it (") and "not checked from here" in err
+    with pytest.raises(data.InputError, match=r"^output\.path: .*: cannot reach it \("):
+        preflight(spec_from_dict(spec_dict(str(inp), closed, "owner/model")))  # as run calls it
+
+    job.write_text(yaml.safe_dump(spec_dict(str(inp), missing, "owner/model")))
+    assert main(["validate", str(job)]) == 2
+    assert capsys.readouterr().err == f"error: output.path: {missing}: the bucket no-such-bucket does not exist\n"
+    assert not list(tmp_path.glob("out*"))
 
 
 @pytest.fixture(scope="module")
