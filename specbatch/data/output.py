@@ -1,7 +1,8 @@
-"""The output directory: preparing it for a run, writing shard files, reading the output back.
+"""The output directory: whether a spec may write it, preparing it for a run, writing shard
+files, reading the output back.
 
 The spec file records the fingerprint of the spec that writes the directory; ``resume`` refuses
-a directory written by a different spec. Shards are committed by their manifests
+a directory written by a different spec (:func:`check_existing_output`, run by the preflight). Shards are committed by their manifests
 (:mod:`specbatch.data.commits`).
 """
 
