@@ -21,9 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from specbatch import data, localray, storage
-from specbatch.cli import main
-from specbatch.data.inputs import _split_glob
+from specbatch import cli, data, localray, storage
+from specbatch.data import inputs
 from specbatch.driver import run_job
 from specbatch.preflight import preflight
 from specbatch.spec import spec_from_dict
@@ -58,8 +57,8 @@ def test_resolve_configures_the_filesystem_from_the_query_options():
 
 def test_a_query_is_no_glob_and_output_names_keep_it():
     query = "?endpoint_override=127.0.0.1:9000&scheme=http"
-    assert _split_glob("s3://bucket/in/*.parquet" + query) == ("s3://bucket/in" + query, "*.parquet")
-    assert _split_glob("s3://bucket/in/prompts.parquet" + query) is None
+    assert inputs._split_glob("s3://bucket/in/*.parquet" + query) == ("s3://bucket/in" + query, "*.parquet")
+    assert inputs._split_glob("s3://bucket/in/prompts.parquet" + query) is None
     spec = spec_from_dict(spec_dict("s3://bucket/in/p.parquet" + query, "s3://bucket/out" + query, "fake"))
     assert data.output_uri(spec, "stats.json") == "s3://bucket/out/stats.json" + query
 
@@ -120,7 +119,7 @@ def test_validate_warns_of_an_unreachable_output_store_and_refuses_a_missing_buc
     missing = f"s3://no-such-bucket/out{query}"
 
     job.write_text(yaml.safe_dump(spec_dict(str(inp), closed, "owner/model")))
-    assert main(["validate", str(job)]) == 0
+    assert cli.main(["validate", str(job)]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("ok: s3-job: 1 prompts") and len(err.splitlines()) == 1, err
     assert err.startswith(f"warning: output.path: {closed}: cannot reach it (") and "not checked from here" in err
@@ -128,7 +127,7 @@ def test_validate_warns_of_an_unreachable_output_store_and_refuses_a_missing_buc
         preflight(spec_from_dict(spec_dict(str(inp), closed, "owner/model")))  # as run calls it
 
     job.write_text(yaml.safe_dump(spec_dict(str(inp), missing, "owner/model")))
-    assert main(["validate", str(job)]) == 2
+    assert cli.main(["validate", str(job)]) == 2
     assert capsys.readouterr().err == f"error: output.path: {missing}: the bucket no-such-bucket does not exist\n"
     assert not list(tmp_path.glob("out*"))
 
