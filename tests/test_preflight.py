@@ -10,6 +10,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -258,6 +259,27 @@ def test_if_exists_refusals_come_before_ray_and_write_nothing(job, capsys):
         line = refused(tmp, spec, capsys, command, *(["--engine-factory", FAKE] if command == "run" else []))
         assert line.startswith(f"error: output.path: {out} was written by a different spec (fingerprint ")
         assert "output.if_exists: overwrite" in line and _tree(out) == before
+
+
+def test_an_unreachable_output_store_is_a_warning_for_validate_and_an_error_for_run(job, capsys, monkeypatch):
+    """A cluster job validated on a machine that cannot reach its object store: exit 0 and one
+    warning line; run refuses it before Ray. (A store that answers "no such bucket" is an
+    error for both: test_s3.)"""
+    tmp, spec = job
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"s3://bucket/out?endpoint_override=127.0.0.1:{s.getsockname()[1]}&scheme=http"  # nothing listens
+    put(spec, "output.path", closed)
+    assert main(["validate", str(_write(tmp, spec))]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("ok: preflight: 2 prompts") and len(err.splitlines()) == 1, err
+    assert err.startswith(f"warning: output.path: {closed}: cannot reach it (") and "not checked from here" in err
+    line = refused(tmp, spec, capsys, "run", "--engine-factory", FAKE)
+    assert line.startswith(f"error: output.path: {closed}: cannot reach it (")
 
 
 def _write(tmp: pathlib.Path, spec: dict) -> pathlib.Path:

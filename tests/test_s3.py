@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from specbatch import cli, data, localray, storage
+from specbatch import data, localray, storage
 from specbatch.data import inputs
 from specbatch.driver import run_job
 from specbatch.preflight import preflight
@@ -108,28 +108,18 @@ def s3():
             server.stop()
 
 
-def test_validate_warns_of_an_unreachable_output_store_and_refuses_a_missing_bucket(s3, tmp_path, capsys):
-    """validate of a cluster job on a machine that cannot reach its store: a warning, exit 0; a
-    store that answers "no such bucket": exit 2 naming output.path; run refuses both."""
-    port, query = s3
+def test_a_missing_output_bucket_is_an_error_even_for_validate(s3, tmp_path):
+    """A store that answers "no such bucket" is refused (one line naming output.path), whether
+    or not an unreachable store would only be a warning (validate; see test_preflight)."""
+    _, query = s3
     inp = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"id": ["a"], "prompt": ["hello"]}), inp)
-    job = tmp_path / "job.yaml"
-    closed = f"s3://{BUCKET}/out?endpoint_override=127.0.0.1:{_free_port()}&scheme=http"  # nothing listens there
     missing = f"s3://no-such-bucket/out{query}"
-
-    job.write_text(yaml.safe_dump(spec_dict(str(inp), closed, "owner/model")))
-    assert cli.main(["validate", str(job)]) == 0
-    out, err = capsys.readouterr()
-    assert out.startswith("ok: s3-job: 1 prompts") and len(err.splitlines()) == 1, err
-    assert err.startswith(f"warning: output.path: {closed}: cannot reach it (") and "not checked from here" in err
-    with pytest.raises(data.InputError, match=r"^output\.path: .*: cannot reach it \("):
-        preflight(spec_from_dict(spec_dict(str(inp), closed, "owner/model")))  # as run calls it
-
-    job.write_text(yaml.safe_dump(spec_dict(str(inp), missing, "owner/model")))
-    assert cli.main(["validate", str(job)]) == 2
-    assert capsys.readouterr().err == f"error: output.path: {missing}: the bucket no-such-bucket does not exist\n"
-    assert not list(tmp_path.glob("out*"))
+    spec = spec_from_dict(spec_dict(str(inp), missing, "owner/model"))
+    for offline in (True, False):
+        with pytest.raises(data.InputError) as e:
+            preflight(spec, offline=offline)
+        assert str(e.value) == f"output.path: {missing}: the bucket no-such-bucket does not exist"
 
 
 @pytest.fixture(scope="module")
