@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from specbatch import localray  # noqa: E402
 from specbatch.driver import run_job  # noqa: E402
 from specbatch.spec import spec_from_dict  # noqa: E402
 
@@ -150,8 +151,6 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    import ray
-
     work = pathlib.Path(tempfile.mkdtemp(prefix="specbatch-scaling-"))
     model = args.model
     if args.tiny:
@@ -168,8 +167,8 @@ def main() -> None:
     write_prompts(inp, args.prompts, args.shard_rows, args.tiny)
 
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    local_ray = localray.start(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                               runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     print(f"ray start: {time.perf_counter() - t0:.1f} s; machine CPUs: {os.cpu_count()}; model: {model} ({args.dtype})")
     print(f"{args.prompts} prompts x {args.n} samples x {args.tokens} tokens, shards of {args.shard_rows} prompts, "
           f"batch {args.batch}, ngram draft gamma 4; median of {args.repeats}\n")
@@ -185,7 +184,7 @@ def main() -> None:
             results[actors].append(res)
             print(f"  actors={actors} run {r + 1}: {res['window_tps']:.1f} tok/s (window), "
                   f"{res['wall_tps']:.1f} tok/s (wall), first shard {res['first_shard_s']:.1f} s", flush=True)
-    ray.shutdown()
+    local_ray.stop()
 
     def med(actors: int, key: str) -> float:
         return statistics.median(r[key] for r in results[actors])

@@ -51,9 +51,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     try:
         spec = load_spec(args.job, args.set)
-        info = preflight(spec).input
+        checked = preflight(spec, offline=True)  # an output store out of reach here is a warning
     except _input_errors() as e:
         return _fail(str(e), EXIT_INPUT)
+    for line in checked.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    info = checked.input
     points = len(spec.sweep_points())
     samples = info.num_rows * points * spec.sampling.n
     print(

@@ -66,7 +66,8 @@ class LocalRay:
 
 def start(**init_kwargs: Any) -> LocalRay:
     """Start a new local Ray bound to 127.0.0.1 (``ray.init(address="local", **init_kwargs)``)
-    and its reaper; the caller calls ``stop()`` when the run ends."""
+    and its reaper; the caller calls ``stop()`` when the run ends. The dashboard (and its agent)
+    bind 127.0.0.1 too unless ``dashboard_host`` says otherwise."""
     import ray
     from ray._private import ray_constants
 
@@ -84,7 +85,7 @@ def start(**init_kwargs: Any) -> LocalRay:
         constant = (_attribute(ray_constants, "ENABLE_RAY_CLUSTER", False)
                     if hasattr(ray_constants, "ENABLE_RAY_CLUSTER") else contextlib.nullcontext())
         with _environment({MARKER: session, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}), constant:
-            ray.init(address="local", _node_ip_address=LOOPBACK, **init_kwargs)
+            ray.init(address="local", _node_ip_address=LOOPBACK, **{"dashboard_host": LOOPBACK, **init_kwargs})
     except BaseException:
         LocalRay(session, reaper).stop()
         raise

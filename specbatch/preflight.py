@@ -8,7 +8,10 @@ and the value limits of ``specbatch.limits``). The stages, in order:
    one kind of prompt (``data.check_input``), and ids of one type across the files;
 2. *output location*: the directory can be created and written (probed with a temporary
    directory that is removed again), is not a file, not under a file, not an input file;
-   on an object store its location is looked up once (``get_file_info``), nothing more;
+   on an object store its bucket and location are looked up (``get_file_info``), nothing more
+   (for ``validate``, a store that does not answer from here is a warning); then
+   ``output.if_exists`` against what the directory holds (``data.check_existing_output``: a
+   non-empty directory under ``fail``, another spec's output under ``resume``);
 3. *models* (specbatch's own engine only; a custom engine factory loads what it likes): each
    checkpoint directory has config.json (parsed), safetensors weights, tokenizer files; a name
    is a checkpoint directory, a registered name or a hub id, and a string that looks like a path
@@ -43,27 +46,28 @@ from specbatch.worker import ENGINE_FACTORY
 class Checked:
     """What the preflight found: the input's layout (None when not checked here) and the
     target's config (None when its checkpoint is not on this machine: a hub id, a registered
-    model not pulled yet, a path on the cluster's nodes)."""
+    model not pulled yet, a path on the cluster's nodes), and what was left unchecked."""
 
     input: InputInfo | None
     target: Any | None  # specbatch.models.ModelConfig
+    warnings: tuple[str, ...] = ()  # one line each, e.g. an output store not reachable from here
 
 
-def preflight(spec: JobSpec, *, engine_factory: str = ENGINE_FACTORY, here: bool = True) -> Checked:
+def preflight(spec: JobSpec, *, engine_factory: str = ENGINE_FACTORY, here: bool = True, offline: bool = False) -> Checked:
     """Check input, output location and models; raise SpecError / InputError (one line).
 
     here=False (``submit``): the job runs on a cluster whose disks this machine may not see;
     input and output are left to the job's own preflight there, and model directories are
-    checked only where they exist here.
+    checked only where they exist here. offline=True (``validate``): an output object store
+    that cannot be reached from here is a warning (:attr:`Checked.warnings`), not an error.
     """
     info = check_input(spec) if here else None
-    if here:
-        check_output_location(spec, info)
+    warning = check_output_location(spec, info, offline=offline) if here else None
     target = None
     if engine_factory == ENGINE_FACTORY:
         elsewhere = not here or bool(os.environ.get("RAY_ADDRESS"))  # paths may exist on the nodes only
         target = check_models(spec, elsewhere=elsewhere)
-    return Checked(input=info, target=target)
+    return Checked(input=info, target=target, warnings=(warning,) if warning else ())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,21 +121,22 @@ def _check_id_types(spec: JobSpec, info: InputInfo) -> None:
 # Output location
 
 
-def check_output_location(spec: JobSpec, info: InputInfo | None) -> None:
-    """The output directory can be made and written here; it is neither a file nor an input file."""
+def check_output_location(spec: JobSpec, info: InputInfo | None, offline: bool = False) -> str | None:
+    """The output directory can be made and written here; it is neither a file nor an input file;
+    ``output.if_exists`` lets this spec write it as it is.
+
+    offline (``validate``): an object store that does not answer from this machine (network,
+    DNS, credentials; common for a cluster job checked on a laptop) is not an error: the warning
+    line is returned instead, and the bucket and ``output.if_exists`` stay unchecked. A store
+    that answers that the bucket does not exist or that access is denied is an error either way.
+    """
     uri = spec.output.path
     try:
         fs, path = data.resolve(uri)
     except InputError as e:
-        raise InputError(f"output.path: {e}") from None
+        return _unreachable(f"output.path: {e}", str(e), offline)
     if not isinstance(fs, pafs.LocalFileSystem):
-        try:
-            kind = fs.get_file_info(path).type
-        except (OSError, pa.ArrowException) as e:
-            raise InputError(f"output.path: {uri}: cannot reach it ({' '.join(str(e).split())[:300]})") from None
-        if kind == pafs.FileType.File:
-            raise InputError(f"output.path: {uri} is a file, expected a directory")
-        return
+        return _check_object_store(spec, fs, path, offline)
     if info is not None and (storage.is_local(info.uri) or info.uri.startswith("file://")):
         out = os.path.realpath(path)
         for f in map(os.path.realpath, info.files):
@@ -151,6 +156,42 @@ def check_output_location(spec: JobSpec, info: InputInfo | None) -> None:
     except OSError as e:
         raise InputError(f"output.path: {uri}: cannot {verb} ({e.strerror or e})") from None
     shutil.rmtree(probe, ignore_errors=True)
+    data.check_existing_output(spec)
+    return None
+
+
+# Words of an object store's client that mean no answer came (network, DNS, TLS, credentials),
+# as opposed to an answer such as "no such bucket" or "access denied".
+_NO_ANSWER = (
+    "network_connection", "curlcode", "resolve host", "resolve hostname", "could not connect", "failed to connect",
+    "connection refused", "timed out", "timeout", "ssl", "credentials", "invalid_access_key_id",
+    "invalidaccesskeyid", "signature_does_not_match", "expired_token", "missing_authentication_token",
+)
+
+
+def _unreachable(line: str, why: str, offline: bool) -> str:
+    """The warning line when offline and the store gave no answer; else raise InputError(line)."""
+    if offline and any(word in why.lower() for word in _NO_ANSWER):
+        return f"{line}; the output location is not checked from here"
+    raise InputError(line)
+
+
+def _check_object_store(spec: JobSpec, fs: pafs.FileSystem, path: str, offline: bool) -> str | None:
+    """The bucket exists and answers, the location is not a file, if_exists allows the spec."""
+    uri = spec.output.path
+    bucket = path.split("/", 1)[0]
+    try:
+        bucket_kind = fs.get_file_info(bucket).type if data._is_object_store(fs) else None
+        kind = fs.get_file_info(path).type
+    except (OSError, pa.ArrowException) as e:
+        why = " ".join(str(e).split())[:300]
+        return _unreachable(f"output.path: {uri}: cannot reach it ({why})", why, offline)
+    if bucket_kind == pafs.FileType.NotFound:
+        raise InputError(f"output.path: {uri}: the bucket {bucket} does not exist")
+    if kind == pafs.FileType.File:
+        raise InputError(f"output.path: {uri} is a file, expected a directory")
+    data.check_existing_output(spec)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -316,16 +316,12 @@ def render_plots(stats: Mapping[str, Any], directory: str | pathlib.Path) -> lis
             ax.annotate(f"n={tested}", (x, 0.02), ha="center", fontsize=7, color="white" if rates[x] > 0.1 else "black")
         ax.set_xticks(positions)
     else:
-        ax.text(0.5, 0.5, "no proposals were tested", ha="center", va="center", transform=ax.transAxes)
+        _empty(ax, "no proposals were tested")
     ax.set_ylim(0, 1)
     ax.set_xlabel("draft position i")
     ax.set_ylabel("accepted / tested at i")
     ax.set_title(f"{stats['job']}: acceptance per position (alpha {_fmt(stats['acceptance_rate'])})")
-    fig.tight_layout()
-    path = directory / "acceptance_per_position.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(plt, fig, directory / "acceptance_per_position.png"))
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     timeline = [e for e in stats.get("timeline", []) if e.get("finished_at") is not None]
@@ -342,13 +338,21 @@ def render_plots(stats: Mapping[str, Any], directory: str | pathlib.Path) -> lis
             ax.step(xs, ys, where="post", label=label)
         ax.legend(fontsize=8)
     else:
-        ax.text(0.5, 0.5, "no shards committed", ha="center", va="center", transform=ax.transAxes)
+        _empty(ax, "no shards committed")
     ax.set_xlabel("seconds since the first shard started")
     ax.set_ylabel("completion tokens committed")
     ax.set_title(f"throughput: {_fmt(stats['throughput'].get('tokens_per_s'), 1)} tokens/s this run")
+    written.append(_save(plt, fig, directory / "throughput.png"))
+    return written
+
+
+def _empty(ax: Any, message: str) -> None:
+    """A plot with nothing to draw says why, in its middle."""
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
+
+
+def _save(plt: Any, fig: Any, path: pathlib.Path) -> pathlib.Path:
     fig.tight_layout()
-    path = directory / "throughput.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    written.append(path)
-    return written
+    return path

@@ -25,7 +25,7 @@ import re
 from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from specbatch import limits
 from specbatch.autogamma import AUTO_MAX_DRAFT_TOKENS
@@ -41,12 +41,21 @@ class SpecError(ValueError):
 _CONFIG = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)  # NaN, inf: refused
 
 
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be empty")
+    return v
+
+
+Location = Annotated[str, AfterValidator(_not_blank)]  # a path or URI of job data (input.path, output.path)
+
+
 class InputSpec(BaseModel):
     """Where the prompts come from."""
 
     model_config = _CONFIG
 
-    path: str = Field(
+    path: Location = Field(
         description="Parquet input: a file, a directory (every *.parquet below it), or a glob; local, "
         "s3://bucket/key or gs://bucket/key. Relative local paths are taken from the working directory. "
         "Rows are read in a stable order: files sorted by path, then row groups, then rows."
@@ -70,13 +79,6 @@ class InputSpec(BaseModel):
         max_length=limits.MAX_KEEP_COLUMNS,
         description="Input columns copied to every output row of the prompt (their Arrow types are kept).",
     )
-
-    @field_validator("path")
-    @classmethod
-    def _path_not_empty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty")
-        return v
 
     @field_validator("chat_template", mode="before")
     @classmethod
@@ -102,7 +104,7 @@ class OutputSpec(BaseModel):
 
     model_config = _CONFIG
 
-    path: str = Field(
+    path: Location = Field(
         description="Output directory (local, s3://, gs://). It receives part-NNNNN.parquet shard files and a "
         "__specbatch__/ folder (readers skip it) with their manifests (commit markers), plan.json, spec.json, stats.json. "
         "On a multi-node cluster it must be shared storage."
@@ -112,13 +114,6 @@ class OutputSpec(BaseModel):
         description="When the directory already holds output: 'resume' keeps committed shards and runs the "
         "rest (refused if a different spec wrote it), 'overwrite' clears it first, 'fail' refuses to start.",
     )
-
-    @field_validator("path")
-    @classmethod
-    def _path_not_empty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty")
-        return v
 
 
 Dtype = Literal["float32", "bfloat16", "float16"]

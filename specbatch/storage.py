@@ -40,6 +40,11 @@ def is_local(location: str) -> bool:
     return "://" not in location
 
 
+def scheme(location: str) -> str:
+    """The location's URI scheme, ``file`` for a plain path; known without opening anything."""
+    return "file" if is_local(location) else location.split("://", 1)[0].lower()
+
+
 def split_query(location: str) -> tuple[str, str]:
     """A location -> (the location without its query options, the query with its ``?`` or "")."""
     if is_local(location):

@@ -1,6 +1,7 @@
 """Test-wide settings. Runs before any test module imports specbatch, torch or triton."""
 
 import os
+import pathlib
 
 # Triton kernels run on the CPU through the interpreter (slow, exact).
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -23,3 +24,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray per test module that asks for it, started as ``specbatch run`` starts one
+    (``specbatch.localray``: bound to 127.0.0.1, no dashboard, its processes reaped on stop)."""
+    from specbatch import localray
+
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    local = localray.start(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                           runtime_env={"env_vars": {"PYTHONPATH": str(repo)}})
+    yield local
+    local.stop()

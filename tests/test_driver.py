@@ -22,19 +22,10 @@ from specbatch import data
 from specbatch.driver import RunError, check_cluster_output, plan_actors, run_job
 from specbatch.spec import SpecError, spec_from_dict
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
 FAKE = "tests.fake_engine:build"
-REPO = pathlib.Path(__file__).resolve().parent.parent
 NUM_PROMPTS = 12
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    yield
-    ray.shutdown()
 
 
 def write_prompts(directory: pathlib.Path, prompts: list[str], row_group_size: int = 2, control: dict | None = None) -> pathlib.Path:

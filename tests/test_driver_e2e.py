@@ -25,19 +25,10 @@ from specbatch.spec import spec_from_dict
 from specbatch.worker import ENGINE_FACTORY
 from tests.tiny import make_tiny_checkpoint, tiny_words
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 NUM_PROMPTS = 9
 LONG = 4  # the row whose prompt exceeds max_model_len
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

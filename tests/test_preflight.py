@@ -10,6 +10,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -227,6 +228,64 @@ def test_bad_output_locations_are_refused_before_ray(job, capsys):
     put(spec, "input.path", str(tmp / "in"))
     put(spec, "output.path", str(tmp / "in" / "out"))
     assert "is inside the input directory" in refused(tmp, spec, capsys, "run", "--engine-factory", FAKE)
+
+
+def _tree(root: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else b"" for p in sorted(root.rglob("*"))}
+
+
+def test_if_exists_refusals_come_before_ray_and_write_nothing(job, capsys):
+    """if_exists: fail on a non-empty directory and resume of another spec's output are the
+    preflight's decision (data.check_existing_output), not the prepared run's."""
+    from specbatch import data
+
+    tmp, spec = job
+    out = tmp / "out"
+    put(spec, "output.if_exists", "resume")
+    data.prepare_output(spec_from_dict(spec))  # the directory as a run of this spec leaves it
+    (out / "part-00000.parquet").write_bytes(b"a shard")
+    before = _tree(out)
+    assert main(["validate", str(_write(tmp, spec))]) == 0, capsys.readouterr().err  # the same spec resumes
+    capsys.readouterr()
+
+    put(spec, "output.if_exists", "fail")
+    for command in ("run", "validate"):
+        line = refused(tmp, spec, capsys, command, *(["--engine-factory", FAKE] if command == "run" else []))
+        assert line == f"error: output.path: {out} is not empty (if_exists: fail)"
+        assert _tree(out) == before
+    put(spec, "output.if_exists", "resume")
+    put(spec, "sampling.seed", 12345)  # another spec, another fingerprint
+    for command in ("run", "validate"):
+        line = refused(tmp, spec, capsys, command, *(["--engine-factory", FAKE] if command == "run" else []))
+        assert line.startswith(f"error: output.path: {out} was written by a different spec (fingerprint ")
+        assert "output.if_exists: overwrite" in line and _tree(out) == before
+
+
+def test_an_unreachable_output_store_is_a_warning_for_validate_and_an_error_for_run(job, capsys, monkeypatch):
+    """A cluster job validated on a machine that cannot reach its object store: exit 0 and one
+    warning line; run refuses it before Ray. (A store that answers "no such bucket" is an
+    error for both: test_s3.)"""
+    tmp, spec = job
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"s3://bucket/out?endpoint_override=127.0.0.1:{s.getsockname()[1]}&scheme=http"  # nothing listens
+    put(spec, "output.path", closed)
+    assert main(["validate", str(_write(tmp, spec))]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("ok: preflight: 2 prompts") and len(err.splitlines()) == 1, err
+    assert err.startswith(f"warning: output.path: {closed}: cannot reach it (") and "not checked from here" in err
+    line = refused(tmp, spec, capsys, "run", "--engine-factory", FAKE)
+    assert line.startswith(f"error: output.path: {closed}: cannot reach it (")
+
+
+def _write(tmp: pathlib.Path, spec: dict) -> pathlib.Path:
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")

@@ -24,6 +24,7 @@ import yaml
 from specbatch import data, localray, storage
 from specbatch.data import inputs
 from specbatch.driver import run_job
+from specbatch.preflight import preflight
 from specbatch.spec import spec_from_dict
 
 FAKE = "tests.fake_engine:build"
@@ -105,6 +106,20 @@ def s3():
             yield port, query
         finally:
             server.stop()
+
+
+def test_a_missing_output_bucket_is_an_error_even_for_validate(s3, tmp_path):
+    """A store that answers "no such bucket" is refused (one line naming output.path), whether
+    or not an unreachable store would only be a warning (validate; see test_preflight)."""
+    _, query = s3
+    inp = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["hello"]}), inp)
+    missing = f"s3://no-such-bucket/out{query}"
+    spec = spec_from_dict(spec_dict(str(inp), missing, "owner/model"))
+    for offline in (True, False):
+        with pytest.raises(data.InputError) as e:
+            preflight(spec, offline=offline)
+        assert str(e.value) == f"output.path: {missing}: the bucket no-such-bucket does not exist"
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ One module per concept:
   shard manifest (:class:`ShardManifest`);
 * :mod:`~specbatch.data.commits`: manifests (the commit markers), their verification, and the
   rule of resume (:func:`pending_shards`);
-* :mod:`~specbatch.data.output`: preparing the output directory, writing shard files, reading
-  the output back.
+* :mod:`~specbatch.data.output`: whether a spec may write the output directory, preparing it,
+  writing shard files, reading the output back.
 
 Everything is importable from ``specbatch.data`` itself.
 """
@@ -39,7 +39,7 @@ from specbatch.data.layout import (
     SUCCESS_FILE,
     manifest_name,
 )
-from specbatch.data.output import prepare_output, read_output, write_shard
+from specbatch.data.output import check_existing_output, prepare_output, read_output, write_shard
 from specbatch.data.planning import Shard, plan_rows, plan_shards, split_shard
 from specbatch.data.records import (
     CHAT_TYPE,
@@ -54,7 +54,8 @@ from specbatch.data.records import (
 __all__ = [
     "CHAT_TYPE", "MANIFEST_DIR", "META_DIR", "OUTPUT_COLUMNS", "PLAN_FILE", "SPEC_FILE", "STATS_FILE", "SUCCESS_FILE",
     "InputError",
-    "InputInfo", "ManifestError", "OutputRecord", "RowGroup", "Shard", "ShardFile", "ShardManifest", "check_input",
+    "InputInfo", "ManifestError", "OutputRecord", "RowGroup", "Shard", "ShardFile", "ShardManifest",
+    "check_existing_output", "check_input",
     "committed", "is_local", "list_input_files", "output_schema", "output_uri", "pending_shards", "plan_rows",
     "plan_shards", "prepare_output", "read_output", "read_rows", "remove_uncommitted", "resolve", "split_shard",
     "manifest_name", "uncommit_unverified", "verify_shard", "write_json", "write_manifest", "write_shard",

@@ -231,6 +231,8 @@ def check_input(spec: JobSpec) -> InputInfo:
 
 def _check_output_outside_input(spec: JobSpec) -> None:
     """An output directory inside an input directory would be read back as input on a rerun."""
+    if storage.scheme(spec.input.path) != storage.scheme(spec.output.path):
+        return  # different stores: the output's is not opened here (it may not be reachable from this machine)
     split = _split_glob(spec.input.path)
     in_fs, in_path = resolve(split[0] if split else spec.input.path)
     out_fs, out_path = resolve(spec.output.path)

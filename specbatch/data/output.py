@@ -1,7 +1,8 @@
-"""The output directory: preparing it for a run, writing shard files, reading the output back.
+"""The output directory: whether a spec may write it, preparing it for a run, writing shard
+files, reading the output back.
 
 The spec file records the fingerprint of the spec that writes the directory; ``resume`` refuses
-a directory written by a different spec. Shards are committed by their manifests
+a directory written by a different spec (:func:`check_existing_output`, run by the preflight). Shards are committed by their manifests
 (:mod:`specbatch.data.commits`).
 """
 
@@ -35,45 +36,58 @@ if TYPE_CHECKING:
     from specbatch.spec import JobSpec
 
 
+def check_existing_output(spec: JobSpec) -> bool:
+    """Read the output directory's state and decide whether `spec` may write it under
+    ``output.if_exists``; True when the directory holds something (resume keeps it, overwrite
+    clears it), False when it is missing or empty.
+
+    Raises InputError (one line naming output.path and the rule) for a file in its place, a
+    non-empty directory under ``fail``, a non-empty directory without a spec file (not a
+    specbatch output: never resumed into or cleared), and under ``resume`` a spec file that does
+    not read or records another spec's fingerprint. Reads the listing and the spec file only.
+    The preflight calls it before Ray starts; :func:`prepare_output` calls it again under the
+    run's hold on the directory, since another run may have written it in between.
+    """
+    fs, root = resolve(spec.output.path)
+    where, mode = spec.output.path, spec.output.if_exists
+    if fs.get_file_info(root).type == pafs.FileType.File:
+        raise InputError(f"output.path: {where} is a file, expected a directory")
+    if not _list_dir(fs, root):
+        return False
+    if mode == "fail":
+        raise InputError(f"output.path: {where} is not empty (if_exists: fail)")
+    spec_path = next((p for p in (_join(root, SPEC_FILE), _join(root, LEGACY_SPEC_FILE)) if _exists(fs, p)), None)
+    if spec_path is None:
+        verb = "clear" if mode == "overwrite" else "resume into"
+        raise InputError(f"output.path: {where} is not empty and has no {SPEC_FILE} (not a specbatch output); refusing to {verb} it")
+    if mode == "resume":
+        try:
+            recorded = _read_json(fs, spec_path).get("fingerprint")
+        except (ValueError, AttributeError):
+            raise InputError(f"output.path: {where}: {SPEC_FILE} does not read; use output.if_exists: overwrite") from None
+        fingerprint = spec.fingerprint()
+        if recorded != fingerprint:
+            raise InputError(
+                f"output.path: {where} was written by a different spec (fingerprint {str(recorded)[:12]} != "
+                f"{fingerprint[:12]}); use output.if_exists: overwrite or another output.path"
+            )
+    return True
 
 
 def prepare_output(spec: JobSpec) -> list[str]:
     """Apply ``output.if_exists`` and record the spec and its fingerprint in the spec file.
 
-    resume: keeps committed shards that verify (refuses a directory written by a different
-    spec), uncommits the others and removes leftovers of an interrupted run (uncommitted shard
-    files, temporary files, _SUCCESS); overwrite: clears the directory; fail: refuses a
-    non-empty directory. A non-empty directory without a spec file was not written by specbatch
-    and is never resumed into or cleared; one of the first layout is moved into the current one
-    (:mod:`~specbatch.data.layout`). Checks come before any write.
+    Whether the spec may write the directory is :func:`check_existing_output`'s decision, made
+    again here before any write. Then resume keeps committed shards that verify, uncommits the
+    others and removes leftovers of an interrupted run (uncommitted shard files, temporary
+    files, _SUCCESS), and moves an output of the first layout into the current one
+    (:mod:`~specbatch.data.layout`); overwrite clears the directory.
     Returns one line per shard uncommitted because its manifest or file was damaged.
     """
     notes: list[str] = []
     fs, root = resolve(spec.output.path)
-    where = spec.output.path
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.File:
-        raise InputError(f"output.path: {where} is a file, expected a directory")
-    entries = _list_dir(fs, root)
-    mode = spec.output.if_exists
-    fingerprint = spec.fingerprint()
-    if entries:
-        if mode == "fail":
-            raise InputError(f"output.path: {where} is not empty (if_exists: fail)")
-        spec_path = next((p for p in (_join(root, SPEC_FILE), _join(root, LEGACY_SPEC_FILE)) if _exists(fs, p)), None)
-        if spec_path is None:
-            verb = "clear" if mode == "overwrite" else "resume into"
-            raise InputError(f"output.path: {where} is not empty and has no {SPEC_FILE} (not a specbatch output); refusing to {verb} it")
-        if mode == "resume":
-            try:
-                recorded = _read_json(fs, spec_path).get("fingerprint")
-            except (ValueError, AttributeError):
-                raise InputError(f"output.path: {where}: {SPEC_FILE} does not read; use output.if_exists: overwrite") from None
-            if recorded != fingerprint:
-                raise InputError(
-                    f"output.path: {where} was written by a different spec (fingerprint {str(recorded)[:12]} != "
-                    f"{fingerprint[:12]}); use output.if_exists: overwrite or another output.path"
-                )
+    if check_existing_output(spec):
+        if spec.output.if_exists == "resume":
             _move_first_layout(fs, root)
             _delete_quietly(fs, _join(root, SUCCESS_FILE))
             notes = [f"{name}: {why}" for name, why in uncommit_unverified(spec)[1].items()]
@@ -81,7 +95,7 @@ def prepare_output(spec: JobSpec) -> list[str]:
         else:
             fs.delete_dir_contents(root)
     fs.create_dir(_join(root, MANIFEST_DIR), recursive=True)
-    record = {"fingerprint": fingerprint, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "spec": spec.to_dict()}
+    record = {"fingerprint": spec.fingerprint(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "spec": spec.to_dict()}
     _write_bytes_atomic(fs, _join(root, SPEC_FILE), (json.dumps(record, indent=1) + "\n").encode("utf-8"))
     return notes
 

@@ -91,14 +91,22 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _json_record(path: pathlib.Path) -> dict | None:
+    """The JSON object in a small record file (checksum, marker); None when missing or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _marker_matches(directory: pathlib.Path) -> bool:
     """Cheap check: the verified marker agrees with the weights file's size and mtime."""
     weights, marker = directory / WEIGHTS_FILE, directory / VERIFIED_FILE
-    if not (weights.is_file() and marker.is_file() and (directory / CHECKSUM_FILE).is_file()):
-        return False
-    try:
-        seen = json.loads(marker.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    seen = _json_record(marker) if weights.is_file() and (directory / CHECKSUM_FILE).is_file() else None
+    if seen is None:
         return False
     stat = weights.stat()
     return seen.get("size") == stat.st_size and seen.get("mtime_ns") == stat.st_mtime_ns
@@ -106,12 +114,9 @@ def _marker_matches(directory: pathlib.Path) -> bool:
 
 def verify_checkpoint(directory: pathlib.Path) -> bool:
     """Full check: hash model.safetensors against the recorded checksum; write the marker if it matches."""
-    weights, record = directory / WEIGHTS_FILE, directory / CHECKSUM_FILE
-    if not (weights.is_file() and record.is_file()):
-        return False
-    try:
-        expected = json.loads(record.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    weights = directory / WEIGHTS_FILE
+    expected = _json_record(directory / CHECKSUM_FILE) if weights.is_file() else None
+    if expected is None:
         return False
     stat = weights.stat()
     if expected.get("size") != stat.st_size or expected.get("sha256") != sha256_file(weights):
