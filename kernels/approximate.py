@@ -52,7 +52,10 @@ def _approx_kernel(
     R, G, V,
     ONE_HOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Rows, BLOCK_R per program: sigmoid acceptance tests, then the recovered or bonus token."""
+    """Rows, BLOCK_R per program: sigmoid acceptance tests, then the recovered or bonus token.
+
+    Its parameters follow verify._pair_kernel's (the exact kernel) on purpose: one launcher shape.
+    """
     r, live, n, key, sample, pos0 = row_block(R, num_proposed_ptr, key_ptr, sample_ptr, position_ptr, BLOCK_R)
     n_acc = accepted_prefix(r, live, n, key, sample, pos0, G, draft_ptr, q_ptr, stride_qr, stride_qg,
                             counts_ptr, counts_ptr, logits_ptr, stride_r, stride_g, temperature_ptr, tokens_ptr,

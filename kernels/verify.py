@@ -214,7 +214,8 @@ def _emit_kernel(
             d += tl.sum(_residual_tile(s, offs, V, q_rows, x_j, greedy, m, thr, min_p, amax, inv_z, rejected, ONE_HOT), axis=1)
     use_res = rejected & (d > 0)  # else draw from p (bonus rows, or an empty residual)
 
-    # one inverse-CDF walk: the residual for recovered rows, p for the others.
+    # one inverse-CDF walk: the residual for recovered rows, p for the others.  Same tile loop as
+    # warp.sample_rows (deliberate twin: a jit helper cannot take the weight function as an argument).
     role = tl.where(rejected, ROLE_RESIDUAL, ROLE_SAMPLE)
     u = uniform(key, sample, pos0 + j, role, 0)
     target = u * tl.where(use_res, d, z)
