@@ -54,7 +54,7 @@ def _approx_kernel(
 ):
     """Rows, BLOCK_R per program: sigmoid acceptance tests, then the recovered or bonus token.
 
-    Its parameters follow verify._pair_kernel's (the exact kernel) on purpose: one launcher shape.
+    Its parameters follow verify._emit_kernel's (the exact kernel's row pass) on purpose.
     """
     r, live, n, key, sample, pos0 = row_block(R, num_proposed_ptr, key_ptr, sample_ptr, position_ptr, BLOCK_R)
     n_acc = accepted_prefix(r, live, n, key, sample, pos0, G, draft_ptr, q_ptr, stride_qr, stride_qg,
