@@ -69,6 +69,14 @@ class Drafter(Protocol):
     def release(self, slots: Sequence[int]) -> None:
         """Slots are free again."""
 
+    def confidence(self, rows: Sequence[Row], limits: Sequence[int]) -> list[list[float]] | None:
+        """Before any draw: per row, a value in [0, 1] for each proposal it would make (up to
+        limits[r]), for per-row proposal counts (specbatch.autogamma); None when it cannot say."""
+
+    def observe(self, rows: Sequence[Row], logits: torch.Tensor, num_emitted: torch.Tensor, params: WarpParams) -> None:
+        """After a step is committed: the target's logits [R, G+1, V] over [last token, proposals],
+        each row's emitted count and its warp settings, for a drafter that learns from them."""
+
 
 def _empty_proposal(rows: int, vocab: int | None, device: torch.device | str = "cpu") -> Proposal:
     return Proposal(
@@ -96,6 +104,12 @@ class _StatelessDrafter:
         pass
 
     def release(self, slots: Sequence[int]) -> None:
+        pass
+
+    def confidence(self, rows: Sequence[Row], limits: Sequence[int]) -> list[list[float]] | None:
+        return None
+
+    def observe(self, rows: Sequence[Row], logits: torch.Tensor, num_emitted: torch.Tensor, params: WarpParams) -> None:
         pass
 
 
@@ -205,6 +219,12 @@ class ModelDrafter:
 
     def release(self, slots: Sequence[int]) -> None:
         self.cache.reset(list(slots))
+
+    def confidence(self, rows: Sequence[Row], limits: Sequence[int]) -> list[list[float]] | None:
+        return None  # q is known only after drafting
+
+    def observe(self, rows: Sequence[Row], logits: torch.Tensor, num_emitted: torch.Tensor, params: WarpParams) -> None:
+        pass
 
     def _warp_params(self, rows: Sequence[Row]) -> WarpParams:
         def temp(row: Row) -> float:

@@ -302,16 +302,15 @@ class Engine:
     def _auto_proposals(self, rows: list[Row], limits: torch.Tensor) -> torch.Tensor:
         """num_draft_tokens auto: each row's count, decided before any proposal is drawn."""
         lims = limits.tolist()
-        confidence = getattr(self.drafter, "confidence", None)
-        conf = confidence(rows, lims) if confidence is not None else [[1.0] * lim for lim in lims]
+        conf = self.drafter.confidence(rows, lims)
+        if conf is None:  # the drafter cannot say before drawing: the rows' records decide
+            conf = [[1.0] * lim for lim in lims]
         return torch.tensor(self.auto.decide(rows, lims, conf), dtype=torch.int64)
 
     def _after_verification(self, rows: list[Row], logits: torch.Tensor, result: VerifyResult, params: WarpParams) -> None:
         """Rows are committed: the drafter may learn from the target's logits (suffix drafter);
         auto proposal counts learn the step's acceptance."""
-        observe = getattr(self.drafter, "observe", None)
-        if observe is not None:
-            observe(rows, logits, result.num_emitted, params)
+        self.drafter.observe(rows, logits, result.num_emitted, params)
         if self.auto is not None:
             self.auto.record(result.num_tested.tolist(), result.num_accepted.tolist())
             self.gamma_reason = self.auto.reason()
