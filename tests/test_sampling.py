@@ -32,7 +32,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from specbatch.sampling import History, SamplingParams, WarpParams, sample_from_probs, warp
+from specbatch.sampling import TOP_P_PREFIXES, History, SamplingParams, WarpParams, sample_from_probs, warp
 
 # Many tiny operations: one torch thread avoids synchronization overhead (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -242,6 +242,28 @@ def test_bf16_ties_follow_the_tie_aware_oracle():
     plain = torch.cat([TopPLogitsWarper(p.top_p)(None, logits[i : i + 1] / p.temperature)
                        for i, p in enumerate(params_list)]) > float("-inf")
     assert int((plain != (ours > 0)).any(dim=-1).sum()) >= rows // 8
+
+
+def test_top_p_search_settles_rows_at_every_prefix_size_like_the_full_sort():
+    """The staged search (top-64, top-1024, full sort) against the tie-aware oracle, with rows
+    peaked, medium and flat enough that each stage settles some of them."""
+    rows, vocab = 48, 4096
+    g = torch.Generator().manual_seed(11)
+    scale = torch.tensor([8.0, 1.5, 0.05] * (rows // 3))[:, None]
+    logits = (torch.randn(rows, vocab, generator=g) * scale).to(torch.bfloat16).float()
+    params_list = [SamplingParams(temperature=1.0, top_p=p) for p in (torch.rand(rows, generator=g) * 0.8 + 0.15).tolist()]
+    ours = warp(logits, WarpParams.from_params(params_list))
+    expected = torch.cat([oracle_probs(logits[i : i + 1], params_list[i], torch.zeros(1, 0, dtype=torch.int64),
+                                       torch.zeros(1, 0, dtype=torch.int64)) for i in range(rows)])
+    assert torch.equal(ours > 0, expected > 0)
+    torch.testing.assert_close(ours, expected, atol=2e-6, rtol=1e-5)
+    kept = (ours > 0).sum(dim=-1)
+    assert int((kept <= TOP_P_PREFIXES[0]).sum()) > 0
+    assert int(((kept > TOP_P_PREFIXES[0]) & (kept <= TOP_P_PREFIXES[1])).sum()) > 0
+    assert int((kept > TOP_P_PREFIXES[1]).sum()) > 0
+    # a row with top_p 1 beside them keeps everything and takes no search
+    mixed = WarpParams.from_params([SamplingParams(top_p=1.0)] + params_list[1:])
+    assert int((warp(logits, mixed)[0] > 0).sum()) == vocab
 
 
 def test_permuting_the_vocabulary_permutes_the_warped_distribution():
