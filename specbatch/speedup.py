@@ -41,22 +41,26 @@ def _tokens_per_second(engine: Any, requests: Sequence[Any]) -> float:
 
 
 def measure_speedup(spec: Any, prompts: Sequence[Any], factory: Callable[[Any], Any]) -> Speedup:
-    """Generate `prompts` (input values: text or chat messages) with the job's engine and with the
-    same job's engine built plain (models.draft.kind none), both from ``factory``
-    (worker.build_engine or the job's engine factory).  Each engine first runs one prompt untimed
-    (warm-up), then all of them timed."""
+    """Generate `prompts` (input values: text or chat messages) with the job's engine and with
+    plain sampling, both from ``factory`` (worker.build_engine or the job's engine factory): the
+    plain engine is the loaded engine's ``plain()`` where it has one (same target, no second
+    load), else the factory's engine for the spec with models.draft.kind none.  Each engine first
+    runs one prompt untimed (warm-up), then all of them timed."""
     from specbatch.request import Request
     from specbatch.spec import DraftSpec
 
-    plain_spec = spec.model_copy(update={"models": spec.models.model_copy(update={"draft": DraftSpec(kind="none")})})
     params = spec.sweep_points()[0][1]
-    rates, loaded = {}, None
-    for name, job_spec in (("drafter", spec), ("plain", plain_spec)):
-        loaded = factory(job_spec)
-        requests = [Request(f"speedup{i}", loaded.encode(p), params) for i, p in enumerate(prompts)]
-        loaded.engine.generate(requests[:1])  # warm-up
-        rates[name] = _tokens_per_second(loaded.engine, requests)
-        if name == "drafter":
-            kind = loaded.description.get("draft", spec.models.draft.kind)
-            label = f"{kind} (num_draft_tokens {loaded.description.get('num_draft_tokens', spec.speculative.num_draft_tokens)})"
-    return Speedup(len(prompts), params.n, label, rates["drafter"], rates["plain"])
+    loaded = factory(spec)
+    requests = [Request(f"speedup{i}", loaded.encode(p), params) for i, p in enumerate(prompts)]
+    if loaded.plain is not None:
+        plain = loaded.plain()
+    else:
+        plain_spec = spec.model_copy(update={"models": spec.models.model_copy(update={"draft": DraftSpec(kind="none")})})
+        plain = factory(plain_spec).engine
+    rates = {}
+    for name, engine in (("drafter", loaded.engine), ("plain", plain)):
+        engine.generate(requests[:1])  # warm-up
+        rates[name] = _tokens_per_second(engine, requests)
+    kind = loaded.description.get("draft", spec.models.draft.kind)
+    gamma = loaded.description.get("num_draft_tokens", spec.speculative.num_draft_tokens)
+    return Speedup(len(prompts), params.n, f"{kind} (num_draft_tokens {gamma})", rates["drafter"], rates["plain"])

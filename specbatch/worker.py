@@ -60,11 +60,14 @@ class LoadedEngine:
     encode(prompt) -> prompt token ids (chat template applied as the spec says); it raises
     ValueError for a prompt that cannot be encoded, which becomes that row's error.
     description: what was built, for stats.json (device, dtypes, drafter).
+    plain: when set, builds a plain-sampling engine (no drafter, no cost model) on the same
+    loaded target and tokenizer, for measuring the drafter against plain sampling.
     """
 
     engine: EngineLike
     encode: Callable[[Any], list[int]]
     description: dict[str, Any] = dataclasses.field(default_factory=dict)
+    plain: Callable[[], EngineLike] | None = None
 
 
 def device_for(spec: Any) -> str:
@@ -134,7 +137,11 @@ def build_engine(spec: Any, measure_cost: bool = True) -> LoadedEngine:
         "draft": draft_spec.kind if draft_spec.kind != "model" else f"model:{draft_spec.path}",
         "num_draft_tokens": "auto" if auto and gamma else gamma,
     }
-    return LoadedEngine(engine=engine, encode=encode, description=description)
+    def plain() -> EngineLike:
+        return Engine(target, tokenizer, None, dataclasses.replace(config, num_draft_tokens=0, adaptive_gamma=False,
+                                                                  auto_gamma=False, measure_cost=False))
+
+    return LoadedEngine(engine=engine, encode=encode, description=description, plain=plain)
 
 
 def import_factory(path: str) -> Callable[[Any], LoadedEngine]:

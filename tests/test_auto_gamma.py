@@ -119,3 +119,36 @@ def test_a_job_spec_with_suffix_and_auto_builds_that_engine(ckpt, tmp_path):
     assert len(outs) == 4 and sum(eng.auto.rows_by_rule.values()) == eng.stats.steps
     summary = eng.drafting_summary()
     assert eng.gamma_reason.startswith("auto: per row") and summary["drafter"]["max_entries"] == 100
+
+
+def test_the_demo_speedup_measures_plain_sampling_on_the_jobs_loaded_target(ckpt, tmp_path):
+    """measure_speedup: the plain engine is the job engine's plain() twin (same target object,
+    no drafter, no cost model), so the model is loaded and the cost model measured once."""
+    from specbatch.spec import spec_from_dict
+    from specbatch.speedup import measure_speedup
+    from specbatch.worker import build_engine
+
+    spec = spec_from_dict({
+        "name": "speedup",
+        "input": {"path": str(tmp_path / "in.parquet")},
+        "output": {"path": str(tmp_path / "out")},
+        "models": {"target": {"path": str(ckpt), "dtype": "float32", "max_model_len": 48},
+                   "draft": {"kind": "suffix", "top_m": 4}},
+        "sampling": {"n": 2, "max_new_tokens": 6, "temperature": 0.8, "seed": 2},
+        "speculative": {"num_draft_tokens": "auto"},
+        "resources": {"actors": 1, "gpus_per_actor": 0, "max_batch_size": 4},
+    })
+    built = []
+
+    def factory(s):
+        built.append(build_engine(s))
+        return built[-1]
+
+    speedup = measure_speedup(spec, ["a b c a b c", "c b a"], factory)
+    assert len(built) == 1  # one load: plain sampling reuses the job's target
+    job_engine = built[0].engine
+    plain = built[0].plain()
+    assert plain.target is job_engine.target and plain.gamma == 0 and plain.cost_model is None and plain.auto is None
+    assert speedup.prompts == 2 and speedup.samples == 2 and speedup.drafter == "suffix (num_draft_tokens auto)"
+    assert speedup.drafter_tokens_per_s > 0 and speedup.plain_tokens_per_s > 0
+    assert job_engine.stats.steps > 0
