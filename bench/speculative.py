@@ -10,7 +10,7 @@ Drafters: ``none`` (plain), ``ngram`` (gamma fixed), ``suffix`` (gamma fixed), `
 with num_draft_tokens auto: per-row counts), ``model`` (the demo model drafting for itself:
 < 1 by construction; only when asked for).
 
-    .venv/bin/python bench/speculative.py [--cases 1:0.5,8:0.8] [--tokens 48] [--gamma 4] [--threads 2]
+    .venv/bin/python bench/speculative.py [--cases 1:0.5,8:0.8] [--tokens 48] [--gamma 4] [--top-p 0.95] [--threads 2]
 """
 
 from __future__ import annotations
@@ -73,17 +73,18 @@ class Profile:
                 delattr(drafter, n)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--cases", default="1:0.5,8:0.8", help="N:temperature pairs")
+    ap.add_argument("--top-p", type=float, default=0.95, help="the demo's top_p")
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--drafters", default="none,ngram,suffix,auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)
@@ -111,7 +112,8 @@ def main() -> None:
         plain_tps = None
         for kind in args.drafters.split(","):
             engine = make(kind, n)
-            params = SamplingParams(n=n, max_new_tokens=args.tokens, temperature=temperature, ignore_eos=True)
+            params = SamplingParams(n=n, max_new_tokens=args.tokens, temperature=temperature, top_p=args.top_p,
+                                    ignore_eos=True)
             reqs = [Request(f"p{i}", ids, params) for i, ids in enumerate(prompts)]
             profile = Profile()
 
@@ -119,13 +121,16 @@ def main() -> None:
                 engine.reset_stats()
                 profile.seconds.clear()
                 with torch.inference_mode(), profile.attach(engine):
-                    return sum(o.num_tokens for o in engine.generate(reqs))
+                    t0 = time.perf_counter()
+                    tokens = sum(o.num_tokens for o in engine.generate(reqs))
+                    profile.seconds["generate"] = time.perf_counter() - t0
+                    return tokens
 
             seconds, tokens = median_time(once)
             tps = tokens / seconds
             plain_tps = tps if kind == "none" else plain_tps
             st = engine.stats
-            total = engine.generate_seconds or 1.0
+            total = profile.seconds["generate"] or 1.0
             share = {part: profile.seconds[part] / total for part in ("draft", "target", "verify")}
             expected = engine.expected_speedup()
             rows.append([

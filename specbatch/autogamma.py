@@ -13,7 +13,9 @@ Each step, before any proposal is drawn, every live row gets its own count g_r i
    row whose proposals keep failing drafts less; the chance that position i is reached and
    accepted is reach_{r,i} = prod_{j <= i} a_{r,j};
 3. *cost*: the measured cost model at the current batch B gives each verification width W (a
-   step's width is 1 + the most proposals of any row); one more position for a row is worth it
+   step's width is 1 + the most proposals of any row), plus the verification itself (warping
+   and verifying B x W positions: seconds per position measured on this job's own steps, a
+   running mean, since it depends on the job's sampling settings); one more position for a row is worth it
    when reach >= tau = the cost of one more width per plain step, (C(B, W+1) - C(B, W)) / C(B, 1)
    averaged over the measured widths (0.05 without a cost model);
 4. *choice*: rows keep their leading positions with reach >= tau; among widths W = 1 .. G + 1
@@ -44,6 +46,7 @@ PRIOR_TESTS = 2.0
 ROW_PRIOR_TESTS = 8.0
 DEFAULT_TAU = 0.05
 MAX_ACCEPTANCE = 0.98
+VERIFY_COST_WEIGHT = 0.2  # weight of the newest step in the running mean of verification seconds per position
 
 
 class AutoGamma:
@@ -58,6 +61,7 @@ class AutoGamma:
         self.rows_by_rule: collections.Counter[tuple[int, str]] = collections.Counter()
         self.steps_by_width: collections.Counter[int] = collections.Counter()
         self.last_confidence: list[list[float]] = []
+        self.verify_seconds_per_position: float | None = None  # None until the first step is timed
 
     # ------------------------------------------------------------------ model
 
@@ -78,10 +82,18 @@ class AutoGamma:
         return min(2.0, max(0.25, row_alpha / max(alpha, 1e-6)))
 
     def _step_cost(self, batch: int, width: int) -> float:
+        """Seconds of one step of `batch` rows at `width`: target forward, draft steps, verification."""
         if self.cost is None:
             return 1.0
         draft = (width - 1) * self.cost.draft_cost(batch) if self.draft_has_cost else 0.0
-        return self.cost.target_cost(batch, width) + draft
+        verify = batch * width * (self.verify_seconds_per_position or 0.0)
+        return self.cost.target_cost(batch, width) + draft + verify
+
+    def record_verify_time(self, positions: int, seconds: float) -> None:
+        """A step warped and verified `positions` row-positions (rows x width) in `seconds`."""
+        per = seconds / max(positions, 1)
+        old = self.verify_seconds_per_position
+        self.verify_seconds_per_position = per if old is None else (1 - VERIFY_COST_WEIGHT) * old + VERIFY_COST_WEIGHT * per
 
     def tau(self, batch: int) -> float:
         """Relative cost of one more verified position per row (see the module docstring)."""

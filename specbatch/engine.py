@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -265,6 +266,7 @@ class Engine:
         slots = torch.tensor([row.slot for row in rows], dtype=torch.int64, device=dev)
         logits = self.target(feed, self.cache, slots, num_proposed + 1)  # [R, G+1, V]
 
+        verify_start = time.perf_counter()
         params = WarpParams.from_params([row.params for row in rows], device=dev)
         key = torch.tensor([row.key for row in rows], dtype=torch.int64, device=dev)
         sidx = torch.tensor([row.sample_index for row in rows], dtype=torch.int64, device=dev)
@@ -276,6 +278,8 @@ class Engine:
             history=history, ban=ban, coupled=coupled,
         )
         result = self._apply_stops(rows, result)
+        if self.auto is not None:  # result's tensors were read on the host: the time is complete
+            self.auto.record_verify_time(r * (g + 1), time.perf_counter() - verify_start)
 
         # Commit: extend rows, roll caches back to the accepted prefix.
         emitted = result.num_emitted.tolist()

@@ -56,6 +56,21 @@ def test_expensive_width_falls_back_to_a_plain_step_and_cuts_widths():
     assert auto.rows_by_rule == {(1, "width"): 3}
 
 
+def test_measured_verification_time_counts_in_the_cost_of_a_width():
+    """Free target widths: rows of middling confidence (0.55) propose all 3; once warping and
+    verifying is measured at 0.2 plain steps per position, fewer positions pay (one), at 0.5 none."""
+    auto = AutoGamma(3, _cost([1.0, 1.0, 1.0, 1.0]), draft_has_cost=False)
+    rows, conf = _rows(3), [[0.55] * 3] * 3
+    assert auto.decide(rows, [3, 3, 3], conf) == [3, 3, 3]
+    auto.record_verify_time(positions=12, seconds=2.4)
+    assert auto.verify_seconds_per_position == pytest.approx(0.2)
+    assert auto.decide(rows, [3, 3, 3], conf) == [1, 1, 1]
+    for _ in range(30):  # a running mean: it moves to the newer measurements
+        auto.record_verify_time(positions=12, seconds=6.0)
+    assert auto.verify_seconds_per_position == pytest.approx(0.5, rel=1e-3)
+    assert auto.decide(rows, [3, 3, 3], conf) == [0, 0, 0]
+
+
 def test_a_row_whose_proposals_fail_drafts_less_and_calibration_learns():
     auto = AutoGamma(4, _cost([1.0, 1.1, 1.2, 1.3, 1.4]), draft_has_cost=False)
     good, bad = _rows(1, tested=40, accepted=38)[0], _rows(1, tested=40, accepted=2)[0]
