@@ -12,15 +12,19 @@ Each step, before any proposal is drawn, every live row gets its own count g_r i
    times the row's own factor = its running alpha (shrunk to the job's) / the job's alpha, so a
    row whose proposals keep failing drafts less; the chance that position i is reached and
    accepted is reach_{r,i} = prod_{j <= i} a_{r,j};
-3. *cost*: the measured cost model at the current batch B gives each verification width W (a
-   step's width is 1 + the most proposals of any row), plus the verification itself (warping
-   and verifying B x W positions: seconds per position measured on this job's own steps, a
-   running mean, since it depends on the job's sampling settings); one more position for a row is worth it
-   when reach >= tau = the cost of one more width per plain step, (C(B, W+1) - C(B, W)) / C(B, 1)
-   averaged over the measured widths (0.05 without a cost model);
-4. *choice*: rows keep their leading positions with reach >= tau; among widths W = 1 .. G + 1
-   (W = 1: a plain step) the engine takes the one maximizing expected tokens per unit step cost,
-   sum_r (1 + sum_{i < g_r} reach_{r,i}) / (C(B, W) + (W - 1) C_draft(B)) with g_r cut to W - 1.
+3. *cost*: C(B, W), the seconds of a whole step of B rows at width W (a step's width is 1 +
+   the most proposals of any row; every row pays for the full width: padded positions are
+   computed and warped too).  Measured on this job's own steps: a running mean per (B, W) once
+   a width has run MIN_MEASURED times at that batch; before that, the start-up cost model's
+   target forward C_fwd(B, W) plus the draft steps plus B x W x v (v: seconds to warp and
+   verify one position, a running mean over the job's steps, since it depends on the job's
+   sampling settings), scaled by measured / modelled at the nearest width measured at B;
+4. *choice*: a row's run is its leading positions with reach >= MIN_REACH (below that the
+   proposal is not worth drafting); among widths W = 1 .. G + 1 (W = 1: a plain step) the
+   engine takes the one maximizing expected tokens per second,
+   sum_r (1 + sum_{i < g_r} reach_{r,i}) / C(B, W) with g_r = min(run_r, W - 1), provided it
+   promises at least MIN_GAIN x the plain step's rate (else the step runs plain).  A weak row
+   rides along in a step that stronger rows made wide: its positions cost nothing more.
 
 A batch so mixes speculating rows and plain rows (g_r = 0).  Exactness: g_r depends only on
 the row's committed tokens, the cache and earlier steps' outcomes, never on this step's random
@@ -29,7 +33,7 @@ numbers (DESIGN section 4: the verifier handles ragged proposals).
 Rules counted per row-step (stats.json, through the engine's gamma_reason and summary):
 ``speculate`` (g_r > 0, the row's own choice), ``width`` (g_r cut to the step's width),
 ``plain step`` (the step ran plain although the row had confident proposals),
-``unconfident`` (the drafter had tokens, none worth their cost), ``no draft`` (nothing to propose).
+``unconfident`` (the drafter had tokens, none with reach >= MIN_REACH), ``no draft`` (nothing to propose).
 """
 
 from __future__ import annotations
@@ -44,9 +48,15 @@ AUTO_MAX_DRAFT_TOKENS = 6  # the upper bound of a row's count under num_draft_to
 BINS = 10
 PRIOR_TESTS = 2.0
 ROW_PRIOR_TESTS = 8.0
-DEFAULT_TAU = 0.05
+MIN_REACH = 0.1  # a position is proposed only if its chance of being reached and accepted is at least this
 MAX_ACCEPTANCE = 0.98
-VERIFY_COST_WEIGHT = 0.2  # weight of the newest step in the running mean of verification seconds per position
+COST_WEIGHT = 0.2  # weight of the newest step in the running means of measured step and verification seconds
+MIN_MEASURED = 3  # steps of a (batch, width) measured before their mean replaces the modelled cost
+# A wider step is taken only when it promises this many times plain sampling's tokens per second:
+# the rows chosen are those whose estimates look best, so their estimates run high (demo model,
+# N=8: width-2 steps expected 12% more accepted tokens than they got), and a bet that only
+# promises to break even loses on average.
+MIN_GAIN = 1.1
 
 
 class AutoGamma:
@@ -62,6 +72,7 @@ class AutoGamma:
         self.steps_by_width: collections.Counter[int] = collections.Counter()
         self.last_confidence: list[list[float]] = []
         self.verify_seconds_per_position: float | None = None  # None until the first step is timed
+        self.measured: dict[tuple[int, int], tuple[float, int]] = {}  # (batch, width) -> (mean seconds, steps)
 
     # ------------------------------------------------------------------ model
 
@@ -81,47 +92,55 @@ class AutoGamma:
         row_alpha = (row.accepted + ROW_PRIOR_TESTS * alpha) / (row.tested + ROW_PRIOR_TESTS)
         return min(2.0, max(0.25, row_alpha / max(alpha, 1e-6)))
 
-    def _step_cost(self, batch: int, width: int) -> float:
-        """Seconds of one step of `batch` rows at `width`: target forward, draft steps, verification."""
-        if self.cost is None:
-            return 1.0
+    def _modelled_cost(self, batch: int, width: int) -> float:
+        """Start-up cost model's seconds for a step: target forward, draft steps, verification."""
         draft = (width - 1) * self.cost.draft_cost(batch) if self.draft_has_cost else 0.0
         verify = batch * width * (self.verify_seconds_per_position or 0.0)
         return self.cost.target_cost(batch, width) + draft + verify
+
+    def _step_cost(self, batch: int, width: int) -> float:
+        """C(B, W): seconds of one step of `batch` rows at `width` (see the module docstring, 3)."""
+        if self.cost is None:
+            return 1.0
+        mean, steps = self.measured.get((batch, width), (0.0, 0))
+        if steps >= MIN_MEASURED:
+            return mean
+        modelled = self._modelled_cost(batch, width)
+        known = [w for (b, w), (_, n) in self.measured.items() if b == batch and n >= MIN_MEASURED]
+        if not known:
+            return modelled
+        near = min(known, key=lambda w: (abs(w - width), w))
+        return modelled * self.measured[(batch, near)][0] / self._modelled_cost(batch, near)
+
+    def record_step_time(self, batch: int, width: int, seconds: float) -> None:
+        """A whole step of `batch` rows at `width` (draft, forward, verify, commit) took `seconds`."""
+        mean, steps = self.measured.get((batch, width), (seconds, 0))
+        self.measured[(batch, width)] = ((1 - COST_WEIGHT) * mean + COST_WEIGHT * seconds, steps + 1)
 
     def record_verify_time(self, positions: int, seconds: float) -> None:
         """A step warped and verified `positions` row-positions (rows x width) in `seconds`."""
         per = seconds / max(positions, 1)
         old = self.verify_seconds_per_position
-        self.verify_seconds_per_position = per if old is None else (1 - VERIFY_COST_WEIGHT) * old + VERIFY_COST_WEIGHT * per
-
-    def tau(self, batch: int) -> float:
-        """Relative cost of one more verified position per row (see the module docstring)."""
-        if self.cost is None or self.max_gamma == 0:
-            return DEFAULT_TAU
-        plain = self._step_cost(batch, 1)
-        top = self._step_cost(batch, self.max_gamma + 1)
-        return max(DEFAULT_TAU, (top - plain) / (self.max_gamma * plain))
+        self.verify_seconds_per_position = per if old is None else (1 - COST_WEIGHT) * old + COST_WEIGHT * per
 
     # ------------------------------------------------------------------ one step
 
     def decide(self, rows: Sequence[Row], limits: Sequence[int], confidence: Sequence[Sequence[float]]) -> list[int]:
         """Per row proposal counts (<= limits[r]) for this step; confidence[r][i] as in step 1."""
         batch = len(rows)
-        tau = self.tau(batch)
         reach: list[list[float]] = []
-        wanted: list[int] = []
         for row, lim, conf in zip(rows, limits, confidence):
             factor = self.row_factor(row)
             acc, run = 1.0, []
             for c in conf[:lim]:
                 acc *= min(MAX_ACCEPTANCE, self.calibrated(c) * factor)
-                if acc < tau:
+                if acc < MIN_REACH:
                     break
                 run.append(acc)
             reach.append(run)
-            wanted.append(len(run))
-        best_w, best_rate = 1, batch / self._step_cost(batch, 1)
+        wanted = [len(run) for run in reach]
+        plain_rate = batch / self._step_cost(batch, 1)
+        best_w, best_rate = 1, plain_rate * MIN_GAIN  # a wider step must promise MIN_GAIN x plain
         for w in range(2, max(wanted, default=0) + 2):
             tokens = sum(1.0 + sum(run[: w - 1]) for run in reach)
             rate = tokens / self._step_cost(batch, w)

@@ -245,6 +245,7 @@ class Engine:
         return torch.tensor(limits, dtype=torch.int64)
 
     def _step(self, rows: list[Row]) -> None:
+        step_start = time.perf_counter()
         r = len(rows)
         dev = self.device
         coupled = self.config.verification == "coupled"
@@ -301,6 +302,8 @@ class Engine:
         self.drafter.commit(rows, result.num_proposed, result.num_accepted)
         self.stats.add_step(result.num_proposed, result.num_tested, result.num_accepted, result.num_emitted)
         self._after_verification(rows, logits, result, params)
+        if self.auto is not None:
+            self.auto.record_step_time(r, g + 1, time.perf_counter() - step_start)
         self._maybe_adapt_gamma(r)
 
     def _auto_proposals(self, rows: list[Row], limits: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Every verification step scores each row at every emitted position, so the engine holds the
 target's distribution p at contexts the rows actually reached.  The *suffix cache* keeps a
-sparse copy of each (the top-m tokens of p, renormalized) keyed by the context's last n tokens
+sparse copy of each (its top-m tokens, renormalized: :func:`sparse_warp`) keyed by the context's last n tokens
 (n = min_n .. max_n), and :class:`SuffixDrafter` proposes from it: at its row's context it looks
 the longest cached suffix up, samples x from that sparse distribution q, appends x and looks up
 again; the chain goes on while matches last.  Where no cached distribution matches it falls
@@ -44,21 +44,30 @@ Entry = tuple[tuple[int, ...], tuple[float, ...]]  # (token ids, probabilities s
 
 
 def sparse_warp(logits: torch.Tensor, params: WarpParams, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-m of the warped distribution, renormalized over the kept tokens.
+    """The top-m tokens by logit, tempered and warped among themselves.
 
-    logits: [M, V]; params: M rows (temperature, top_k, top_p, min_p are applied; penalties
-    and bias are not).  Returns (ids [M, m] int64, probs [M, m] float32, 0 where dropped).
+    logits: [M, V] (any float dtype); params: M rows.  The m largest logits (a positive
+    temperature keeps their order) are divided by the temperature; top-k keeps the first k of
+    them, which are softmaxed among themselves; top-p and min-p then cut that renormalized
+    distribution.  Since each renormalized probability is at least the token's true share after
+    the target's top-k (which keeps ties and may keep more than m), the
+    top-p cut keeps a subset of what the target's own top-p keeps (and min-p, relative to the
+    largest, is unchanged), so no cached token is one the target can never emit.  Penalties
+    and bias are not applied.  Nothing here reads the whole row beyond one top-m: at the demo
+    model's 49,152 logits a full-vocabulary normalizer cost more than the rest of drafting.
+    Returns (ids [M, m] int64, probs [M, m] float32, 0 where cut, rows summing to 1).
     Greedy rows (temperature 0) keep only their argmax.
     """
     m = min(m, logits.shape[-1])
+    top, ids = logits.topk(m, dim=-1)  # [M, m] descending
     temp = params.temperature.to(logits.device)
     greedy = temp == 0  # [M]
-    scores = logits.float() / torch.where(greedy, torch.ones_like(temp), temp)[:, None]  # [M, V]
-    top, ids = scores.topk(m, dim=-1)  # [M, m] descending
-    p = (top - scores.logsumexp(dim=-1, keepdim=True)).exp()  # [M, m]: true probabilities under softmax
+    ids[:, 0] = torch.where(greedy, logits.argmax(dim=-1), ids[:, 0])  # greedy's tie rule: the first index
     rank = torch.arange(m, device=logits.device)[None, :]  # [1, m]
     k = params.top_k.to(logits.device)[:, None]
-    keep = (k == 0) | (rank < k)
+    keep = (k == 0) | (rank < k)  # top-k first, then renormalize among what it keeps
+    scores = top.float() / torch.where(greedy, torch.ones_like(temp), temp)[:, None]  # [M, m]
+    p = scores.masked_fill(~keep, float("-inf")).softmax(dim=-1)  # [M, m]
     keep &= (p.cumsum(dim=-1) - p) < params.top_p.to(logits.device)[:, None]  # mass above < top_p
     keep &= p >= params.min_p.to(logits.device)[:, None] * p[:, :1]
     keep &= ~greedy[:, None] | (rank == 0)

@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 
-from specbatch.autogamma import AutoGamma
+from specbatch.autogamma import MIN_MEASURED, AutoGamma
 from specbatch.engine import Engine, EngineConfig
 from specbatch.request import Request
 from specbatch.rows import Row
@@ -45,9 +45,9 @@ def test_a_batch_mixes_speculating_and_plain_rows():
 
 
 def test_expensive_width_falls_back_to_a_plain_step_and_cuts_widths():
-    auto = AutoGamma(3, _cost([1.0, 2.5, 4.0, 5.5]), draft_has_cost=False)  # no position is worth its cost
+    auto = AutoGamma(3, _cost([1.0, 2.5, 4.0, 5.5]), draft_has_cost=False)  # no width is worth its cost
     assert auto.decide(_rows(3), [3, 3, 3], [[0.95] * 3] * 3) == [0, 0, 0]
-    assert auto.rows_by_rule == {(0, "unconfident"): 3}
+    assert auto.rows_by_rule == {(0, "plain step"): 3}
     auto = AutoGamma(3, _cost([1.0, 1.3, 1.6, 1.9]), draft_has_cost=False)  # one weak row cannot pay for a wider step
     assert auto.decide(_rows(3), [3, 3, 3], [[0.35], [], []]) == [0, 0, 0]
     assert auto.rows_by_rule == {(0, "plain step"): 1, (0, "no draft"): 2} and auto.steps_by_width == {0: 1}
@@ -69,6 +69,33 @@ def test_measured_verification_time_counts_in_the_cost_of_a_width():
         auto.record_verify_time(positions=12, seconds=6.0)
     assert auto.verify_seconds_per_position == pytest.approx(0.5, rel=1e-3)
     assert auto.decide(rows, [3, 3, 3], conf) == [0, 0, 0]
+
+
+def test_a_weak_row_rides_along_in_a_step_that_strong_rows_made_wide():
+    """Width 4 is paid for by the confident row; the weak row's one likely position (reach 0.15)
+    costs nothing more there, so it proposes it; its second (0.02) is not worth drafting."""
+    auto = AutoGamma(3, _cost([1.0, 1.5, 1.6, 1.7]), draft_has_cost=False)
+    assert auto.decide(_rows(3), [3, 3, 3], [[0.95] * 3, [0.15] * 3, [0.02] * 3]) == [3, 1, 0]
+    assert auto.rows_by_rule == {(3, "speculate"): 1, (1, "speculate"): 1, (0, "unconfident"): 1}
+
+
+def test_measured_step_times_replace_the_start_up_model():
+    """The start-up model says every width is free; the job's steps measure width 4 at ten plain
+    steps: width 4 is then priced as measured, width 3 scaled like its nearest measured width
+    (4), width 2 like width 1, and the rows take width 2."""
+    auto = AutoGamma(3, _cost([1.0, 1.0, 1.0, 1.0]), draft_has_cost=False)
+    rows, conf = _rows(3), [[0.55] * 3] * 3
+    assert auto.decide(rows, [3, 3, 3], conf) == [3, 3, 3]
+    for _ in range(MIN_MEASURED - 1):
+        auto.record_step_time(3, 4, 10.0)
+        auto.record_step_time(3, 1, 1.0)
+    assert auto.decide(rows, [3, 3, 3], conf) == [3, 3, 3]  # too few measurements yet
+    auto.record_step_time(3, 4, 10.0)
+    auto.record_step_time(3, 1, 1.0)
+    assert auto._step_cost(3, 4) == pytest.approx(10.0) and auto._step_cost(3, 3) == pytest.approx(10.0)
+    assert auto._step_cost(3, 2) == pytest.approx(1.0)
+    assert auto._step_cost(2, 4) == pytest.approx(1.0)  # another batch size: still the start-up model
+    assert auto.decide(rows, [3, 3, 3], conf) == [1, 1, 1]
 
 
 def test_a_row_whose_proposals_fail_drafts_less_and_calibration_learns():

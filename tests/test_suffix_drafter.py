@@ -19,7 +19,7 @@ from specbatch.engine import Engine, EngineConfig
 from specbatch.models import load_model, load_tokenizer
 from specbatch.request import Request
 from specbatch.rows import Row
-from specbatch.sampling import SamplingParams, WarpParams
+from specbatch.sampling import SamplingParams, WarpParams, warp
 from specbatch.suffix import SuffixCache, SuffixDrafter, sparse_warp
 from tests.tiny import make_tiny_checkpoint
 
@@ -101,6 +101,23 @@ def test_sparse_warp_keeps_top_m_of_the_warped_distribution():
     assert probs[1].tolist() == [1.0, 0.0, 0.0]
     torch.testing.assert_close(probs[2], torch.cat([logits[0, [3, 2]].softmax(-1), torch.zeros(1)]))
     assert probs[3].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_sparse_warp_never_keeps_a_token_the_warped_target_cuts():
+    """Cut among the top m, top-p keeps a subset of the target's own top-p set (min-p and top-k
+    keep theirs exactly), on peaked and flat bfloat16 rows with every truncation mixed in."""
+    g = torch.Generator().manual_seed(3)
+    rows = 60
+    logits = (torch.randn(rows, 500, generator=g) * torch.tensor([6.0, 1.0, 0.2] * 20)[:, None]).to(torch.bfloat16)
+    settings = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=mp) for t, k, p, mp in
+                zip([0.5, 1.0, 1.3, 0.0] * 15, [0, 3, 0, 20, 0, 2] * 10, [0.9, 1.0, 0.5, 0.95, 0.7] * 12, [0.0, 0.0, 0.1] * 20)]
+    params = WarpParams.from_params(settings)
+    ids, probs = sparse_warp(logits, params, 8)
+    full = warp(logits.float(), params)  # [rows, V] the target's warped distribution
+    kept = torch.zeros_like(full, dtype=torch.bool).scatter_(1, ids, probs > 0)
+    assert not (kept & (full == 0)).any()
+    torch.testing.assert_close(probs.sum(dim=-1), torch.ones(rows))
+    assert (probs[:, 0] > 0).all() and int(((probs > 0).sum(dim=-1) > 1).sum()) > rows // 4
 
 
 def test_q_is_recorded_at_propose_time_and_the_cache_is_scoped_by_request():
