@@ -260,7 +260,8 @@ class SpeculativeSpec(BaseModel):
         4,
         description="gamma: proposals per row per step; 0: plain sampling. 'auto': each row's count (0 to "
         f"{AUTO_MAX_DRAFT_TOKENS}) is chosen every step from the drafter's confidence, the row's measured acceptance "
-        "and the cost model measured at start-up, so a batch mixes speculating and plain rows (adaptive_gamma is "
+        "and the step costs measured on the job's own steps (the start-up cost model until then), so a batch mixes "
+        "speculating and plain rows (adaptive_gamma is "
         "then not used); stats.json counts row-steps by chosen count and rule.",
     )
     draft_temperature: float | None = Field(
