@@ -62,7 +62,8 @@ def sparse_warp(logits: torch.Tensor, params: WarpParams, m: int) -> tuple[torch
     top, ids = logits.topk(m, dim=-1)  # [M, m] descending
     temp = params.temperature.to(logits.device)
     greedy = temp == 0  # [M]
-    ids[:, 0] = torch.where(greedy, logits.argmax(dim=-1), ids[:, 0])  # greedy's tie rule: the first index
+    if bool(greedy.any()):  # greedy's tie rule: the first index
+        ids[:, 0] = torch.where(greedy, logits.argmax(dim=-1), ids[:, 0])
     rank = torch.arange(m, device=logits.device)[None, :]  # [1, m]
     k = params.top_k.to(logits.device)[:, None]
     keep = (k == 0) | (rank < k)  # top-k first, then renormalize among what it keeps
