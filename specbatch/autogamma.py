@@ -176,6 +176,10 @@ class AutoGamma:
                  "acceptance": self.accepted[b] / self.tested[b]}
                 for b in range(BINS) if self.tested[b] > PRIOR_TESTS
             ],
+            "measured_step_seconds": [
+                {"batch": b, "width": w, "seconds": mean, "steps": n} for (b, w), (mean, n) in sorted(self.measured.items())
+            ],
+            "verify_seconds_per_position": self.verify_seconds_per_position,
         }
 
     def reason(self) -> str:

@@ -96,6 +96,8 @@ def test_measured_step_times_replace_the_start_up_model():
     assert auto._step_cost(3, 2) == pytest.approx(1.0)
     assert auto._step_cost(2, 4) == pytest.approx(1.0)  # another batch size: still the start-up model
     assert auto.decide(rows, [3, 3, 3], conf) == [1, 1, 1]
+    measured = auto.summary()["measured_step_seconds"]
+    assert [(m["batch"], m["width"], m["steps"]) for m in measured] == [(3, 1, MIN_MEASURED), (3, 4, MIN_MEASURED)]
 
 
 def test_a_row_whose_proposals_fail_drafts_less_and_calibration_learns():
