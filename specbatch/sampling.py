@@ -205,15 +205,15 @@ def crossing_score(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     todo = (top_p < 1).nonzero().squeeze(1)  # [M'] rows still searching
     if todo.numel() == 0:
         return out
-    log_z = scores[todo].logsumexp(dim=-1, keepdim=True)  # [M', 1] the normalizer of the full row
+    sub = scores[todo]  # [M', V] the rows still searching
+    log_z = sub.logsumexp(dim=-1, keepdim=True)  # [M', 1] the normalizer of the full row
     for k in (*[k for k in TOP_P_PREFIXES if k < v], v):
-        sub = scores[todo]  # [M', V]
         top = sub.sort(dim=-1, descending=True).values if k == v else sub.topk(k, dim=-1).values  # [M', k]
         cum = (top - log_z).exp().cumsum(dim=-1)  # [M', k] non-decreasing
         below = (cum < top_p[todo, None]).sum(dim=-1, keepdim=True)  # [M', 1] tokens before the crossing
         settled = (below < k).squeeze(1) if k < v else torch.ones_like(todo, dtype=torch.bool)  # [M']
         out[todo[settled]] = top.gather(1, below.clamp(max=k - 1))[settled]
-        todo, log_z = todo[~settled], log_z[~settled]
+        todo, sub, log_z = todo[~settled], sub[~settled], log_z[~settled]
         if todo.numel() == 0:
             break
     return out

@@ -137,6 +137,7 @@ def build_engine(spec: Any, measure_cost: bool = True) -> LoadedEngine:
         "draft": draft_spec.kind if draft_spec.kind != "model" else f"model:{draft_spec.path}",
         "num_draft_tokens": "auto" if auto and gamma else gamma,
     }
+
     def plain() -> EngineLike:
         return Engine(target, tokenizer, None, dataclasses.replace(config, num_draft_tokens=0, adaptive_gamma=False,
                                                                   auto_gamma=False, measure_cost=False))
