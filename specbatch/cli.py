@@ -363,8 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from specbatch.worker import ENGINE_FACTORY
 
         args.engine_factory = ENGINE_FACTORY
+    from specbatch.deps import DependencyError
+
     try:
         return args.func(args)
+    except DependencyError as exc:  # raised by the preflight, before Ray starts
+        return _fail(str(exc), EXIT_INPUT)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except BrokenPipeError:  # e.g. `specbatch stats OUT | head`: the reader left, not an error

@@ -18,6 +18,9 @@ and the value limits of ``specbatch.limits``). The stages, in order:
    is never taken for a hub id; then the sampling values that depend on the target (token ids
    within its vocabulary, max_new_tokens within its context).
 
+Before the stages, for specbatch's own engine, every module a job imports is imported here
+(``deps.check``: a missing or broken dependency is ``DependencyError``, one line).
+
 Every failure raises ``SpecError`` or ``InputError`` (exit code 2) with one line naming the field
 or file and what was expected; nothing is written. Checks that need a live cluster (a local
 output path on a multi-node cluster) stay in the driver (``driver.check_cluster_output``).
@@ -36,7 +39,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from specbatch import data, storage
+from specbatch import data, deps, storage
 from specbatch.data import InputError, InputInfo
 from specbatch.spec import JobSpec, SpecError
 from specbatch.worker import ENGINE_FACTORY
@@ -61,6 +64,8 @@ def preflight(spec: JobSpec, *, engine_factory: str = ENGINE_FACTORY, here: bool
     checked only where they exist here. offline=True (``validate``): an output object store
     that cannot be reached from here is a warning (:attr:`Checked.warnings`), not an error.
     """
+    if engine_factory == ENGINE_FACTORY and here:
+        deps.check()  # a broken environment is one line here, not a traceback from an actor
     info = check_input(spec) if here else None
     warning = check_output_location(spec, info, offline=offline) if here else None
     target = None

@@ -21,7 +21,7 @@ turned into a float32 uniform in the open interval (0, 1) with 24 random bits::
 
 Torch has no unsigned 32-bit multiply, so the 32x32 -> 64-bit products are computed in
 int64 from 16-bit halves, which never overflows.  The Triton kernels compute the same
-function with native uint32 arithmetic (``kernels/rng.py``); tests check they agree bit for bit.
+function with native uint32 arithmetic (``kernels/specbatch_kernels/rng.py``); tests check they agree bit for bit.
 
 Because nothing here has state, a row's draws do not depend on which batch, slot, shard or
 actor computed them, nor on the order of rows in a batch.
