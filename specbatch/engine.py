@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from specbatch import rng
@@ -32,8 +33,9 @@ from specbatch.autogamma import AutoGamma
 from specbatch.drafters import Drafter, NoDrafter
 from specbatch.request import Request, SampleOutput
 from specbatch.rows import Row
-from specbatch.sampling import History, WarpParams
-from specbatch.speculative import VerifyResult, cut, stop_cut
+from specbatch.sampling import WarpParams
+from specbatch.slots import SlotState
+from specbatch.speculative import VerifyResult, stop_cut
 from specbatch.stats import AcceptanceStats, CostModel, expected_speedup, expected_speedup_of_steps
 from specbatch.tokenization import StopStringMatcher
 from specbatch.verification import warp_and_verify
@@ -98,6 +100,7 @@ class Engine:
         self.prefix_slot = num_slots - 1
         self.cache = target.new_cache(num_slots, self.max_len)
         self.drafter.attach(num_slots, self.max_len)
+        self.slot_state = SlotState(self.max_batch, self.vocab_size, self.device, self.eos_ids)
         self.cost_model: CostModel | None = None
         self.reset_stats()
         self._matchers: dict[tuple[str, ...], StopStringMatcher] = {}
@@ -157,7 +160,9 @@ class Engine:
                 starting = []
                 while pending and pending[0][0] is req and free and len(active) + len(starting) < self.max_batch:
                     starting.append((pending.popleft()[1], free.pop()))
+                admitted = len(active)
                 self._fan_out(req, starting, active)
+                self.slot_state.admit(active[admitted:])
             if not active:
                 continue
             self._step_with_oom_retry(active)
@@ -237,18 +242,24 @@ class Engine:
 
     def _max_proposals(self, rows: list[Row]) -> torch.Tensor:
         """Per row: gamma, cut so the step can neither overrun max_new_tokens nor the cache."""
-        limits = []
-        for row in rows:
-            budget = row.params.max_new_tokens - row.position
-            room = self.max_len - len(row.tokens)
-            limits.append(max(0, min(self.gamma, budget - 1, room)))
-        return torch.tensor(limits, dtype=torch.int64)
+        if self.gamma == 0:
+            return torch.zeros(len(rows), dtype=torch.int64)
+        gamma, max_len = self.gamma, self.max_len
+        return torch.tensor(
+            [max(0, min(gamma, row.params.max_new_tokens - row.position - 1, max_len - len(row.tokens))) for row in rows],
+            dtype=torch.int64,
+        )
 
     def _step(self, rows: list[Row]) -> None:
+        """One draft -> verify step of the rows.  The rows' per-slot state (specbatch.slots) is
+        read and advanced on the device; the host synchronizes once, to fetch what each row
+        emitted (its tokens, the stop flag, tested / accepted counts and log-probabilities)."""
         step_start = time.perf_counter()
         r = len(rows)
         dev = self.device
         coupled = self.config.verification == "coupled"
+        state = self.slot_state
+        batch = state.batch(rows)
         limits = self._max_proposals(rows)
         if self.auto is not None:
             limits = self._auto_proposals(rows, limits)
@@ -257,51 +268,77 @@ class Engine:
         counts = proposal.num_proposed.tolist()
         self.steps_by_shape[(r, max(counts, default=0))] += 1
         self.rows_by_proposals.update((r, c) for c in counts)
-        num_proposed = proposal.num_proposed.to(dev)
-        draft_tokens = proposal.tokens.to(dev)
+        if g:
+            num_proposed = proposal.num_proposed.to(dev)
+            draft_tokens = proposal.tokens.to(dev)
+        else:  # plain step: nothing to copy to the device
+            num_proposed = torch.zeros(r, dtype=torch.int64, device=dev)
+            draft_tokens = torch.empty(r, 0, dtype=torch.int64, device=dev)
 
         # One target forward over [last committed token, proposals] per row.
         feed = torch.empty(r, g + 1, dtype=torch.int64, device=dev)
-        feed[:, 0] = torch.tensor([row.tokens[-1] for row in rows], dtype=torch.int64)
+        feed[:, 0] = state.last_token[batch.slots]
         feed[:, 1:] = draft_tokens.clamp(min=0)
-        slots = torch.tensor([row.slot for row in rows], dtype=torch.int64, device=dev)
-        logits = self.target(feed, self.cache, slots, num_proposed + 1)  # [R, G+1, V]
+        logits = self.target(feed, self.cache, batch.slots, num_proposed + 1)  # [R, G+1, V]
 
         verify_start = time.perf_counter()
-        params = WarpParams.from_params([row.params for row in rows], device=dev)
-        key = torch.tensor([row.key for row in rows], dtype=torch.int64, device=dev)
-        sidx = torch.tensor([row.sample_index for row in rows], dtype=torch.int64, device=dev)
-        pos = torch.tensor([row.position for row in rows], dtype=torch.int64, device=dev)
-        history = self._history(rows, draft_tokens) if params.any_penalty else None
-        ban = self._ban(rows, g)
+        pos = state.position[batch.slots]  # [R]
+        ban = batch.min_new_max > 0 and any(row.position < row.params.min_new_tokens for row in rows)
+        scores = state.adjust(logits, batch, draft_tokens, pos, ban)  # bias, penalties, bans
         result, logp = warp_and_verify(
-            logits, draft_tokens, num_proposed, proposal.q, params, key, sidx, pos,
-            history=history, ban=ban, coupled=coupled,
+            scores, draft_tokens, num_proposed, proposal.q, batch.params, batch.key, batch.sample_index, pos,
+            coupled=coupled,
         )
-        result = self._apply_stops(rows, result)
+        # Stop ids cut the run on the device; stop strings (host) may cut it further below.
+        is_stop = state.is_stop(batch, result.tokens, pos)  # [R, G+1]
+        keep = stop_cut(result.tokens, result.num_emitted, is_stop, batch.max_new_tokens - pos)  # [R]
+        last_stop = is_stop.gather(1, (keep - 1)[:, None])  # [R, 1]
+        w = g + 1
+        packed = torch.cat([
+            result.tokens, keep[:, None], last_stop.to(torch.int64), result.num_tested[:, None],
+            result.num_accepted[:, None], logp.to(torch.float64).view(torch.int64),
+        ], dim=1).cpu().numpy()  # [R, 2W + 4]: the step's one host synchronization
+        tokens = packed[:, :w].tolist()
+        keep_list = packed[:, w].tolist()
+        stopped = packed[:, w + 1].tolist()
+        logp_rows = packed[:, w + 4 :].view(np.float64).tolist()
+        if batch.stop_rows and self._stop_strings(rows, batch.stop_rows, tokens, keep_list):
+            keep = torch.tensor(keep_list, dtype=torch.int64, device=dev)
         if self.auto is not None:  # result's tensors were read on the host: the time is complete
             self.auto.record_verify_time(r * (g + 1), time.perf_counter() - verify_start)
 
-        # Commit: extend rows, roll caches back to the accepted prefix.
-        emitted = result.num_emitted.tolist()
-        tokens = result.tokens.tolist()
-        logp_rows = logp.tolist()
+        # Commit: extend rows, advance the slots' state, roll caches back to the accepted prefix.
+        kept = np.asarray(keep_list, dtype=np.int64)  # [R]
+        tested = np.minimum(packed[:, w + 2], kept)  # [R] a cut run tests no proposal after it
+        accepted = np.minimum(packed[:, w + 3], kept)  # [R]
+        tested_list, accepted_list = tested.tolist(), accepted.tolist()
+        max_len = self.max_len
         for i, row in enumerate(rows):
-            k = emitted[i]
-            row.tokens.extend(tokens[i][:k])
+            k = keep_list[i]
+            row.tokens += tokens[i][:k]
             row.logprob += sum(logp_rows[i][:k])
             row.steps += 1
-            if row.finish_reason is None and (row.position >= row.params.max_new_tokens or len(row.tokens) > self.max_len):
-                row.finish_reason = "length"
-        nprop, ntest, nacc = result.num_proposed.tolist(), result.num_tested.tolist(), result.num_accepted.tolist()
-        for i, row in enumerate(rows):
-            row.proposed += nprop[i]
-            row.tested += ntest[i]
-            row.accepted += nacc[i]
-        self.cache.set_lengths(slots.tolist(), [len(row.tokens) - 1 for row in rows])
-        self.drafter.commit(rows, result.num_proposed, result.num_accepted)
-        self.stats.add_step(result.num_proposed, result.num_tested, result.num_accepted, result.num_emitted)
-        self._after_verification(rows, logits, result, params)
+            row.proposed += counts[i]
+            row.tested += tested_list[i]
+            row.accepted += accepted_list[i]
+            if row.finish_reason is None:
+                if stopped[i]:
+                    last = tokens[i][k - 1]
+                    if last in row.params.stop_token_ids:
+                        row.finish_reason, row.stop_reason = "stop", str(last)
+                    else:
+                        row.finish_reason = "eos"
+                elif row.position >= row.params.max_new_tokens or len(row.tokens) > max_len:
+                    row.finish_reason = "length"
+        state.commit(batch, result.tokens, keep)
+        self.cache.set_lengths(batch.slots, state.length[batch.slots] - 1)
+        num_emitted = torch.from_numpy(kept)
+        emitted = torch.from_numpy(np.where(np.arange(w)[None, :] < kept[:, None], packed[:, :w], -1))
+        committed = VerifyResult(tokens=emitted, num_emitted=num_emitted, num_tested=torch.from_numpy(tested),
+                                 num_accepted=torch.from_numpy(accepted), num_proposed=torch.tensor(counts, dtype=torch.int64))
+        self.drafter.commit(rows, committed.num_proposed, committed.num_accepted)
+        self.stats.add_step(committed.num_proposed, committed.num_tested, committed.num_accepted, committed.num_emitted)
+        self._after_verification(rows, logits, committed, batch.params)
         if self.auto is not None:
             self.auto.record_step_time(r, g + 1, time.perf_counter() - step_start)
         self._maybe_adapt_gamma(r)
@@ -322,72 +359,19 @@ class Engine:
             self.auto.record(result.num_tested.tolist(), result.num_accepted.tolist())
             self.gamma_reason = self.auto.reason()
 
-    def _history(self, rows: list[Row], draft_tokens: torch.Tensor) -> History:
-        """Penalty history for each (row, position j): prompt, completion + proposals[:j]."""
-        r, g = draft_tokens.shape
-        w = g + 1
-        prompt_len = max(row.num_prompt for row in rows)
-        out_len = max(row.position for row in rows) + g
-        prompt = torch.full((r * w, max(prompt_len, 1)), -1, dtype=torch.int64)
-        output = torch.full((r * w, max(out_len, 1)), -1, dtype=torch.int64)
-        drafts = draft_tokens.cpu().tolist()
-        for i, row in enumerate(rows):
-            comp = row.completion
-            for j in range(w):
-                m = i * w + j
-                prompt[m, : row.num_prompt] = torch.tensor(row.tokens[: row.num_prompt])
-                seq = comp + [t for t in drafts[i][:j] if t >= 0]
-                if seq:
-                    output[m, : len(seq)] = torch.tensor(seq)
-        return History(prompt_ids=prompt.to(self.device), output_ids=output.to(self.device))
-
-    def _stop_ids(self, row: Row) -> set[int]:
-        ids = set(row.params.stop_token_ids)
-        if not row.params.ignore_eos:
-            ids |= self.eos_ids
-        return ids
-
-    def _ban(self, rows: list[Row], g: int) -> torch.Tensor | None:
-        """min_new_tokens: EOS and stop ids masked at positions before the minimum. [R*(G+1), V]."""
-        if not any(row.params.min_new_tokens > row.position for row in rows):
-            return None
-        w = g + 1
-        ban = torch.zeros(len(rows) * w, self.vocab_size, dtype=torch.bool)
-        for i, row in enumerate(rows):
-            ids = [t for t in (set(row.params.stop_token_ids) | self.eos_ids) if t < self.vocab_size]
-            for j in range(w):
-                if row.position + j < row.params.min_new_tokens and ids:
-                    ban[i * w + j, ids] = True
-        return ban.to(self.device)
-
-    def _apply_stops(self, rows: list[Row], result: VerifyResult) -> VerifyResult:
-        r, w = result.tokens.shape
-        tokens = result.tokens.tolist()
-        is_stop = torch.zeros(r, w, dtype=torch.bool)
-        for i, row in enumerate(rows):
-            stop_ids = self._stop_ids(row)
-            for j in range(w):
-                if tokens[i][j] in stop_ids and row.position + j >= row.params.min_new_tokens:
-                    is_stop[i, j] = True
-        budget = torch.tensor([row.params.max_new_tokens - row.position for row in rows], dtype=torch.int64)
-        keep = stop_cut(result.tokens.cpu(), result.num_emitted.cpu(), is_stop, budget)
-        keep_list = keep.tolist()
-        for i, row in enumerate(rows):
-            k = keep_list[i]
-            new = tokens[i][:k]
-            if row.params.stop:
-                found = self._matcher(row.params.stop).find(row.completion + new, k)
-                if found is not None:
-                    keep_list[i] = found[0]
-                    row.finish_reason, row.stop_reason = "stop", found[1]
-                    continue
-            last = new[-1] if new else None
-            if last is not None and is_stop[i, k - 1]:
-                if last in row.params.stop_token_ids:
-                    row.finish_reason, row.stop_reason = "stop", str(last)
-                else:
-                    row.finish_reason = "eos"
-        return cut(result, torch.tensor(keep_list, dtype=torch.int64, device=result.tokens.device))
+    def _stop_strings(self, rows: list[Row], which: list[int], tokens: list[list[int]], keep: list[int]) -> bool:
+        """Stop strings of rows `which` (those that have any), matched on the text the step's kept
+        tokens complete: a match cuts keep[i] and finishes the row.  -> whether any row matched."""
+        cut_any = False
+        for i in which:
+            row = rows[i]
+            k = keep[i]
+            found = self._matcher(row.params.stop).find(row.completion + tokens[i][:k], k)
+            if found is not None:
+                keep[i] = found[0]
+                row.finish_reason, row.stop_reason = "stop", found[1]
+                cut_any = True
+        return cut_any
 
     def _matcher(self, stops: tuple[str, ...]) -> StopStringMatcher:
         m = self._matchers.get(stops)

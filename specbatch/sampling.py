@@ -169,11 +169,28 @@ def apply_bias_and_penalties(
         return logits
     out_counts = _token_counts(history.output_ids, v)  # [M, V]
     seen = (out_counts > 0) | (_token_counts(history.prompt_ids, v) > 0)  # [M, V]
-    rep = params.repetition_penalty[:, None]  # [M, 1]
-    penalized = torch.where(logits < 0, logits * rep, logits / rep)
-    logits = torch.where(seen & (rep != 1), penalized, logits)
-    logits = logits - params.frequency_penalty[:, None] * out_counts
-    logits = logits - params.presence_penalty[:, None] * (out_counts > 0).to(torch.float32)
+    return apply_penalties(logits, out_counts, seen, params.repetition_penalty[:, None],
+                           params.presence_penalty[:, None], params.frequency_penalty[:, None])
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    out_counts: torch.Tensor,
+    seen: torch.Tensor,
+    repetition: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+) -> torch.Tensor:
+    """The penalties of step 1 from token counts (any leading shape [..., V], all float32).
+
+    out_counts: [..., V] completion count of each token (proposals before the position
+    included); seen: [..., V] bool, in the prompt or the completion; repetition, presence,
+    frequency: the rows' penalties, broadcastable against [..., V] (e.g. [M, 1]).
+    """
+    penalized = torch.where(logits < 0, logits * repetition, logits / repetition)
+    logits = torch.where(seen & (repetition != 1), penalized, logits)
+    logits = logits - frequency * out_counts
+    logits = logits - presence * (out_counts > 0).to(torch.float32)
     return logits
 
 

@@ -60,6 +60,10 @@ def _check_messages(prompt: Sequence[Any]) -> list[dict[str, Any]]:
     return messages
 
 
+WINDOW_TOKENS = 8  # tokens decoded before the new ones, beyond the longest stop's length in characters
+WINDOW_CHARS = 16  # characters of that window's text beyond the longest stop's length
+
+
 class StopStringMatcher:
     """Finds the first stop string completed by newly emitted tokens.
 
@@ -77,8 +81,14 @@ class StopStringMatcher:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def find(self, ids: Sequence[int], num_new: int) -> tuple[int, str] | None:
-        """(tokens of this step to keep, matched string) for the first stop completed, else None."""
-        if not self.stops or num_new <= 0:
+        """(tokens of this step to keep, matched string) for the first stop completed, else None.
+
+        A step that completes no stop string is ruled out on a window of the text around the
+        new tokens (:meth:`may_complete`), so the cost of a step does not grow with the
+        completion; only a step whose window shows a stop decodes the whole completion once
+        per new token to find where the stop ends.
+        """
+        if not self.stops or num_new <= 0 or not self.may_complete(ids, num_new):
             return None
         before = len(ids) - num_new
         prev_len = len(self.decode(ids[:before])) if before else 0
@@ -90,6 +100,24 @@ class StopStringMatcher:
             if hits:
                 return k, min(hits)[1]
         return None
+
+    def may_complete(self, ids: Sequence[int], num_new: int) -> bool:
+        """Whether the last num_new tokens may complete a stop string: a stop occurs in the text of
+        a window of tokens ending with them, at or after the longest stop's length before the new
+        text.  The window holds at least WINDOW_CHARS characters more than the longest stop before
+        the new tokens (or the whole completion), so text that a decoder changes at the window's
+        start (a leading space, a partial character) lies before the part searched."""
+        before = len(ids) - num_new
+        span = self.longest + WINDOW_TOKENS
+        while True:
+            lo = max(0, before - span)
+            head = self.decode(ids[lo:before]) if before > lo else ""
+            if lo == 0 or len(head) >= self.longest + WINDOW_CHARS:
+                break
+            span *= 2
+        text = self.decode(ids[lo:])
+        start = max(0, len(head) - self.longest + 1)
+        return any(text.find(s, start) >= 0 for s in self.stops)
 
     def final_text(self, ids: Sequence[int], stop: str | None) -> str:
         """Completion text; a matched stop string and what follows it are left out."""
