@@ -37,7 +37,7 @@ from specbatch.sampling import WarpParams
 from specbatch.slots import SlotState
 from specbatch.speculative import VerifyResult, stop_cut
 from specbatch.stats import AcceptanceStats, CostModel, expected_speedup, expected_speedup_of_steps
-from specbatch.tokenization import StopStringMatcher
+from specbatch.tokenization import StopStringMatcher, StopWindow
 from specbatch.verification import warp_and_verify
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ class Engine:
         self.prefix_slot = num_slots - 1
         self.cache = target.new_cache(num_slots, self.max_len)
         self.drafter.attach(num_slots, self.max_len)
-        self.slot_state = SlotState(self.max_batch, self.vocab_size, self.device, self.eos_ids)
+        self.slot_state = SlotState(self.max_batch, self.vocab_size, self.device, self.eos_ids,
+                                    self.max_len + self.config.num_draft_tokens + 1)
         self.cost_model: CostModel | None = None
         self.reset_stats()
         self._matchers: dict[tuple[str, ...], StopStringMatcher] = {}
@@ -284,7 +285,8 @@ class Engine:
         verify_start = time.perf_counter()
         pos = state.position[batch.slots]  # [R]
         ban = batch.min_new_max > 0 and any(row.position < row.params.min_new_tokens for row in rows)
-        scores = state.adjust(logits, batch, draft_tokens, pos, ban)  # bias, penalties, bans
+        history_len = max([len(row.tokens) for row in rows]) if batch.penalized else 0
+        scores = state.adjust(logits, batch, draft_tokens, pos, ban, history_len)  # bias, penalties, bans
         result, logp = warp_and_verify(
             scores, draft_tokens, num_proposed, proposal.q, batch.params, batch.key, batch.sample_index, pos,
             coupled=coupled,
@@ -366,7 +368,9 @@ class Engine:
         for i in which:
             row = rows[i]
             k = keep[i]
-            found = self._matcher(row.params.stop).find(row.completion + tokens[i][:k], k)
+            if row.stop_window is None:
+                row.stop_window = StopWindow()
+            found = self._matcher(row.params.stop).find(row.completion + tokens[i][:k], k, row.stop_window)
             if found is not None:
                 keep[i] = found[0]
                 row.finish_reason, row.stop_reason = "stop", found[1]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from specbatch.request import Request
 from specbatch.sampling import SamplingParams
+from specbatch.tokenization import StopWindow
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Row:
     steps: int = 0
     finish_reason: str | None = None
     stop_reason: str | None = None
+    stop_window: StopWindow | None = None  # decoded text around the last tokens, for stop strings
 
     @property
     def params(self) -> SamplingParams:

@@ -10,12 +10,14 @@ advances it on the device instead of on the host:
 * *position* (completion tokens so far), committed *length* (prompt + completion) and *last
   token* (the one fed to the target at the next step), advanced at every commit;
 * the *count table* ``counts`` [S, V] float32: how often each token occurs in the row's completion
-  so far (presence and frequency penalties), and the *prompt mask* ``prompt_seen`` [S, V] bool
-  (the repetition penalty also counts prompt tokens).  Allocated when the first row with
-  penalties arrives; afterwards every admitted row clears and refills its slot's entries, and
-  every commit adds the emitted tokens (never the rejected proposals: nothing to roll back).  The
-  counts at position j of a verify window are the table's plus proposals 0..j-1
-  (:meth:`SlotState.window_counts`);
+  so far (presence and frequency penalties), the *prompt mask* ``prompt_seen`` [S, V] bool (the
+  repetition penalty also counts prompt tokens) and the *token history* ``history`` [S, L]
+  (prompt + completion, ``length`` of them valid): the only tokens a penalty can change are
+  those, and the window's proposals, so penalties are computed on them alone, not on the whole
+  vocabulary.  Allocated when the first row with penalties arrives; afterwards every admitted
+  row clears and refills its slot's entries, and every commit adds the emitted tokens (never
+  the rejected proposals: nothing to roll back).  The counts at position j of a verify window
+  are the table's plus proposals 0..j-1 (:meth:`SlotState.window_counts`);
 * the *stop mask* ``stop_ids`` [S, V] bool: EOS (unless ignore_eos) and stop token ids, which end
   a row once its position reaches min_new_tokens;
 * the *ban mask* ``ban_ids`` [S, V] bool: EOS and stop token ids, masked in the logits while the
@@ -67,9 +69,11 @@ class Batch:
 class SlotState:
     """Per-slot tensors of ``num_slots`` slots over a vocabulary of ``vocab_size``, on ``device``."""
 
-    def __init__(self, num_slots: int, vocab_size: int, device: torch.device | str, eos_ids: set[int]):
+    def __init__(self, num_slots: int, vocab_size: int, device: torch.device | str, eos_ids: set[int],
+                 max_tokens: int):
+        """max_tokens: the most tokens a row's history holds after a commit, plus one step's width."""
         s, dev = num_slots, torch.device(device)
-        self.num_slots, self.vocab_size, self.device = s, vocab_size, dev
+        self.num_slots, self.vocab_size, self.device, self.max_tokens = s, vocab_size, dev, max_tokens
         self.eos_ids = set(eos_ids)
         self.warp = {name: torch.zeros(s, dtype=dtype, device=dev) for name, dtype in _WARP_FIELDS}
         self.key = torch.zeros(s, dtype=torch.int64, device=dev)  # [S]
@@ -83,6 +87,7 @@ class SlotState:
         self.ban_ids: torch.Tensor | None = None  # [S, V] bool
         self.counts: torch.Tensor | None = None  # [S, V] float32
         self.prompt_seen: torch.Tensor | None = None  # [S, V] bool
+        self.history: torch.Tensor | None = None  # [S, max_tokens] int64, first length[s] valid
         self.bias_ids: torch.Tensor | None = None  # [S, K] int64 (0 where unused)
         self.bias_values: torch.Tensor | None = None  # [S, K] float32 (0 where unused)
         self.generation = 0  # bumped at every admission: a cached Batch of the same slots is stale
@@ -126,6 +131,7 @@ class SlotState:
         if p.has_penalties and self.counts is None:
             self.counts = torch.zeros(self.num_slots, v, dtype=torch.float32, device=dev)
             self.prompt_seen = torch.zeros(self.num_slots, v, dtype=torch.bool, device=dev)
+            self.history = torch.zeros(self.num_slots, self.max_tokens, dtype=torch.int64, device=dev)
         if self.counts is not None:
             self.clear_counts(slots)
             completion = first.completion  # a forced prefix is completion
@@ -133,8 +139,9 @@ class SlotState:
                 ids = torch.tensor(completion, dtype=torch.int64, device=dev)
                 counted = torch.zeros(v, dtype=torch.float32, device=dev).index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
                 self.counts[slots] += counted
-            prompt = torch.tensor(first.tokens[: first.num_prompt], dtype=torch.int64, device=dev)
-            self.prompt_seen[slots[:, None], prompt[None, :]] = True
+            committed = torch.tensor(first.tokens, dtype=torch.int64, device=dev)
+            self.prompt_seen[slots[:, None], committed[None, : first.num_prompt]] = True
+            self.history[slots, : len(first.tokens)] = committed
         if p.logit_bias and self.bias_ids is None:
             self._grow_bias(len(p.logit_bias))
         if self.bias_ids is not None:
@@ -190,19 +197,18 @@ class SlotState:
 
     # ------------------------------------------------------------------ warping inputs
 
-    def window_counts(self, counts: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
-        """Completion token counts at each position of a verify window.
+    def window_counts(self, counts: torch.Tensor, ids: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
+        """Completion counts of tokens ``ids`` at each position of a verify window.
 
-        counts: [R, V] float32, the rows' table entries; draft_tokens: [R, G] int64 (-1 where
-        nothing was proposed).  Position j counts the completion and proposals 0..j-1.
-        Returns [R, G+1, V] float32.
+        counts: [R, N] float32, the table's count of each ids[r, n]; ids: [R, N] int64 >= 0;
+        draft_tokens: [R, G] int64 (-1 where nothing was proposed).  Position j counts the
+        completion and proposals 0..j-1.  Returns [R, G+1, N] float32.
         """
         r, g = draft_tokens.shape
         if g == 0:
             return counts[:, None, :]
-        onehot = torch.zeros(r, g, self.vocab_size, dtype=torch.float32, device=counts.device)  # [R, G, V]
-        onehot.scatter_(2, draft_tokens.clamp(min=0)[..., None], (draft_tokens >= 0).to(torch.float32)[..., None])
-        before = torch.cat([torch.zeros_like(onehot[:, :1]), onehot.cumsum(dim=1)], dim=1)  # [R, G+1, V]
+        same = (draft_tokens[:, :, None] == ids[:, None, :]).to(torch.float32)  # [R, G, N]
+        before = torch.cat([torch.zeros_like(same[:, :1]), same.cumsum(dim=1)], dim=1)  # [R, G+1, N]
         return counts[:, None, :] + before
 
     def banned_positions(self, position: torch.Tensor, min_new_tokens: torch.Tensor, width: int) -> torch.Tensor:
@@ -211,12 +217,13 @@ class SlotState:
         return (position[:, None] + offsets) < min_new_tokens[:, None]
 
     def adjust(self, logits: torch.Tensor, batch: Batch, draft_tokens: torch.Tensor, position: torch.Tensor,
-               ban: bool) -> torch.Tensor:
+               ban: bool, history_len: int) -> torch.Tensor:
         """Steps 1-2 of the warp (DESIGN section 4): logit bias, penalties, min_new_tokens bans.
 
         logits: [R, W, V] (W = G + 1); draft_tokens: [R, G]; position: [R] of the window's first
-        position; ban: some row may still be below its min_new_tokens.  Returns float32
-        [R, W, V], or the logits themselves when no row needs any of it.
+        position; ban: some row may still be below its min_new_tokens; history_len: the longest
+        committed sequence among the rows.  Returns float32 [R, W, V], or the logits themselves
+        when no row needs any of it.
         """
         if not (batch.biased or batch.penalized or ban):
             return logits
@@ -227,15 +234,29 @@ class SlotState:
             ids = self.bias_ids[batch.slots][:, None, :].expand(r, w, k)  # [R, W, K]
             scores.scatter_add_(2, ids, self.bias_values[batch.slots][:, None, :].expand(r, w, k))
         if batch.penalized:
-            out_counts = self.window_counts(self.counts[batch.slots], draft_tokens)  # [R, W, V]
-            seen = (out_counts > 0) | self.prompt_seen[batch.slots][:, None, :]  # [R, W, V]
-            p = batch.params
-            scores = apply_penalties(scores, out_counts, seen, p.repetition_penalty[:, None, None],
-                                     p.presence_penalty[:, None, None], p.frequency_penalty[:, None, None])
+            self._penalize(scores, batch, draft_tokens, history_len)
         if ban:
             before_min = self.banned_positions(position, batch.min_new_tokens, w)  # [R, W]
             scores = scores.masked_fill(before_min[..., None] & self.ban_ids[batch.slots][:, None, :], NEG_INF)
         return scores
+
+    def _penalize(self, scores: torch.Tensor, batch: Batch, draft_tokens: torch.Tensor, history_len: int) -> None:
+        """Penalties, in place, on the only tokens they can change: each row's history and proposals.
+
+        scores: [R, W, V] float32.  Every (row, position, token) entry is recomputed from the
+        count table and the prompt mask, so a token listed twice (or a padding entry: a token of
+        a stale history cell) gets the same value each time, and a token never seen is unchanged.
+        """
+        r, w, _ = scores.shape
+        slots = batch.slots
+        ids = torch.cat([self.history[slots, :history_len], draft_tokens.clamp(min=0)], dim=1)  # [R, N]
+        out_counts = self.window_counts(self.counts[slots].gather(1, ids), ids, draft_tokens)  # [R, W, N]
+        seen = (out_counts > 0) | self.prompt_seen[slots].gather(1, ids)[:, None, :]  # [R, W, N]
+        at = ids[:, None, :].expand(r, w, ids.shape[1])  # [R, W, N]
+        p = batch.params
+        penalized = apply_penalties(scores.gather(2, at), out_counts, seen, p.repetition_penalty[:, None, None],
+                                    p.presence_penalty[:, None, None], p.frequency_penalty[:, None, None])
+        scores.scatter_(2, at, penalized)
 
     def is_stop(self, batch: Batch, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """[R, W] bool: token j of row r ends the row (EOS / stop id at or after min_new_tokens)."""
@@ -254,6 +275,9 @@ class SlotState:
         self.last_token[slots] = tokens.gather(1, (keep - 1)[:, None]).squeeze(1)
         if self.counts is not None:
             self.count_tokens(slots, tokens, keep)
+            w = tokens.shape[1]
+            at = (self.length[slots] - keep)[:, None] + torch.arange(w, device=tokens.device)[None, :]  # [R, W]
+            self.history[slots[:, None], at] = tokens.clamp(min=0)  # cells from length on are not read
 
     def count_tokens(self, slots: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor) -> None:
         """Add the emitted tokens[r, :keep[r]] to the count table of slots[r]."""

@@ -7,6 +7,7 @@ adding special tokens again (no double BOS).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 Prompt = str | Sequence[dict[str, Any]]
@@ -64,6 +65,15 @@ WINDOW_TOKENS = 8  # tokens decoded before the new ones, beyond the longest stop
 WINDOW_CHARS = 16  # characters of that window's text beyond the longest stop's length
 
 
+@dataclass
+class StopWindow:
+    """One row's window for stop-string checks: the decoded text of its completion[start:end]."""
+
+    start: int = 0
+    end: int = -1  # -1: no window yet
+    text: str = ""
+
+
 class StopStringMatcher:
     """Finds the first stop string completed by newly emitted tokens.
 
@@ -80,15 +90,16 @@ class StopStringMatcher:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def find(self, ids: Sequence[int], num_new: int) -> tuple[int, str] | None:
+    def find(self, ids: Sequence[int], num_new: int, window: "StopWindow | None" = None) -> tuple[int, str] | None:
         """(tokens of this step to keep, matched string) for the first stop completed, else None.
 
-        A step that completes no stop string is ruled out on a window of the text around the
-        new tokens (:meth:`may_complete`), so the cost of a step does not grow with the
-        completion; only a step whose window shows a stop decodes the whole completion once
-        per new token to find where the stop ends.
+        ids: the completion so far, the step's num_new tokens last.  A step that completes no
+        stop string is ruled out on a window of the text around the new tokens
+        (:meth:`may_complete`; pass the row's ``window`` to carry it from step to step), so the
+        cost of a step does not grow with the completion; only a step whose window shows a stop
+        decodes the whole completion once per new token to find where the stop ends.
         """
-        if not self.stops or num_new <= 0 or not self.may_complete(ids, num_new):
+        if not self.stops or num_new <= 0 or not self.may_complete(ids, num_new, window):
             return None
         before = len(ids) - num_new
         prev_len = len(self.decode(ids[:before])) if before else 0
@@ -101,22 +112,27 @@ class StopStringMatcher:
                 return k, min(hits)[1]
         return None
 
-    def may_complete(self, ids: Sequence[int], num_new: int) -> bool:
-        """Whether the last num_new tokens may complete a stop string: a stop occurs in the text of
-        a window of tokens ending with them, at or after the longest stop's length before the new
-        text.  The window holds at least WINDOW_CHARS characters more than the longest stop before
-        the new tokens (or the whole completion), so text that a decoder changes at the window's
-        start (a leading space, a partial character) lies before the part searched."""
+    def may_complete(self, ids: Sequence[int], num_new: int, window: "StopWindow | None" = None) -> bool:
+        """Whether the last num_new tokens of ids may complete a stop string: a stop occurs in the
+        text of a window of tokens ending with them, at or after the longest stop's length before
+        the new text.  The window holds at least WINDOW_CHARS characters more than the longest
+        stop before the new tokens (or starts at the completion's start), so text that a decoder
+        changes at the window's start (a leading space, a partial character) lies before the part
+        searched.  ``window`` (the row's, updated here) keeps the window's start and the text
+        before the new tokens from the previous step: one decode per step."""
         before = len(ids) - num_new
-        span = self.longest + WINDOW_TOKENS
-        while True:
-            lo = max(0, before - span)
-            head = self.decode(ids[lo:before]) if before > lo else ""
-            if lo == 0 or len(head) >= self.longest + WINDOW_CHARS:
-                break
-            span *= 2
-        text = self.decode(ids[lo:])
-        start = max(0, len(head) - self.longest + 1)
+        window = window if window is not None else StopWindow()
+        if window.end != before or before - window.start > 2 * (self.longest + WINDOW_TOKENS):
+            span = self.longest + WINDOW_TOKENS  # (re)start the window: a fresh row, or it grew long
+            while True:
+                window.start = max(0, before - span)
+                window.text = self.decode(ids[window.start : before]) if before > window.start else ""
+                if window.start == 0 or len(window.text) >= self.longest + WINDOW_CHARS:
+                    break
+                span *= 2
+        text = self.decode(ids[window.start :])
+        start = max(0, len(window.text) - self.longest + 1)
+        window.end, window.text = len(ids), text
         return any(text.find(s, start) >= 0 for s in self.stops)
 
     def final_text(self, ids: Sequence[int], stop: str | None) -> str:
