@@ -90,15 +90,15 @@ def test_audit_fails_when_the_drafter_reports_another_q(tmp_path, pair, capsys):
 
 def test_audit_fails_when_penalties_ignore_earlier_proposals(tmp_path, pair, capsys):
     """Mutant (issue 11): the penalty history of position j lacks the proposals before j."""
-    from specbatch.engine import Engine
+    from specbatch.slots import SlotState
 
-    original = Engine._history
+    original = SlotState.window_counts
 
-    def history_without_proposals(self, rows, draft_tokens):
-        return original(self, rows, torch.full_like(draft_tokens, -1))
+    def history_without_proposals(self, counts, ids, draft_tokens):
+        return original(self, counts, ids, torch.full_like(draft_tokens, -1))
 
     job = write_job(tmp_path, pair, model_draft(pair), {"presence_penalty": 3.0})
-    with mock.patch.object(Engine, "_history", history_without_proposals):
+    with mock.patch.object(SlotState, "window_counts", history_without_proposals):
         out = audit_output(job, capsys, 1)
     assert "audit: FAIL" in out
     assert any(" rep " in line and line.endswith("FAIL") for line in out.splitlines())  # too many repeats

@@ -1,8 +1,8 @@
 """Engine and drafter mutants: one-line breakages of engine.py / drafters.py that the engine
 harness (:mod:`tests.exactness.engine_harness`) must fail.
 
-Each mutant patches the real code path (a method of ``Engine``, ``ModelDrafter`` or ``KVCache``,
-or a module attribute that engine.py / drafters.py call) with a thin wrapper around the real
+Each mutant patches the real code path (a method of ``Engine``, ``SlotState``, ``ModelDrafter``
+or ``KVCache``, or a module attribute that engine.py / drafters.py call) with a thin wrapper around the real
 function that changes one thing; the comment on each names the one line of the product code
 it stands for.  Nothing copies the engine or the drafter.
 
@@ -30,8 +30,7 @@ from specbatch import cache as cache_mod
 from specbatch import drafters, engine, rng
 from specbatch.autogamma import AutoGamma
 from specbatch.drafters import ModelDrafter
-from specbatch.engine import Engine
-from specbatch.sampling import History
+from specbatch.slots import SlotState
 from specbatch.suffix import SuffixDrafter, sparse_warp
 from specbatch_kernels import ops
 
@@ -75,41 +74,69 @@ def _draft_uniform_per_step(stack: contextlib.ExitStack) -> None:
 
 
 def _penalty_history_without_proposals(stack: contextlib.ExitStack) -> None:
-    # Engine._history: seq = comp + [t for t in drafts[i][:j] if t >= 0] -> seq = comp
-    real = Engine._history
+    # SlotState.window_counts: counts + proposals 0..j-1 at position j -> counts alone
+    real = SlotState.window_counts
     stack.enter_context(mock.patch.object(
-        Engine, "_history", lambda self, rows, draft_tokens: real(self, rows, torch.full_like(draft_tokens, -1))))
+        SlotState, "window_counts",
+        lambda self, counts, ids, draft_tokens: real(self, counts, ids, torch.full_like(draft_tokens, -1))))
 
 
 def _ban_once_per_step(stack: contextlib.ExitStack) -> None:
-    # Engine._ban: if row.position + j < row.params.min_new_tokens -> if row.position < row.params.min_new_tokens
-    real = Engine._ban
+    # SlotState.banned_positions: position + j < min_new_tokens -> position < min_new_tokens
+    real = SlotState.banned_positions
 
-    def ban(self, rows, g):
-        out = real(self, rows, g)  # [R*(G+1), V] or None
-        if out is None:
-            return None
-        per_row = out.view(len(rows), g + 1, -1)
-        return per_row[:, :1].expand_as(per_row).reshape(out.shape).contiguous()
+    def banned_positions(self, position, min_new_tokens, width):
+        out = real(self, position, min_new_tokens, width)  # [R, W]
+        return out[:, :1].expand_as(out)
 
-    stack.enter_context(mock.patch.object(Engine, "_ban", ban))
+    stack.enter_context(mock.patch.object(SlotState, "banned_positions", banned_positions))
 
 
 def _penalty_history_includes_scored(stack: contextlib.ExitStack) -> None:
-    # Engine._history: drafts[i][:j] -> drafts[i][:j+1] (the token being scored is in its own history)
-    real = Engine._history
+    # SlotState.window_counts: proposals 0..j-1 -> 0..j (the token being scored is in its own history)
+    real = SlotState.window_counts
 
-    def history(self, rows, draft_tokens):
+    def window_counts(self, counts, ids, draft_tokens):
         r, g = draft_tokens.shape
         padded = torch.cat([draft_tokens, torch.full((r, 1), -1, dtype=draft_tokens.dtype, device=draft_tokens.device)], 1)
-        wide = real(self, rows, padded)  # windows j = 0..G+1 over [proposals, -1]: keep j = 1..G+1
+        return real(self, counts, ids, padded)[:, 1:]  # windows j = 0..G+1 over [proposals, -1]: keep j = 1..G+1
 
-        def shift(t: torch.Tensor) -> torch.Tensor:
-            return t.view(r, g + 2, -1)[:, 1:].reshape(r * (g + 1), -1)
+    stack.enter_context(mock.patch.object(SlotState, "window_counts", window_counts))
 
-        return History(prompt_ids=shift(wide.prompt_ids), output_ids=shift(wide.output_ids))
 
-    stack.enter_context(mock.patch.object(Engine, "_history", history))
+def _count_table_kept_on_refill(stack: contextlib.ExitStack) -> None:
+    # SlotState.clear_counts: self.counts[slots] = 0.0 -> (left out): a refilled slot starts from
+    # the previous row's completion counts
+    real = SlotState.clear_counts
+
+    def clear_counts(self, slots):
+        stale = self.counts[slots].clone()
+        real(self, slots)
+        self.counts[slots] = stale
+
+    stack.enter_context(mock.patch.object(SlotState, "clear_counts", clear_counts))
+
+
+def _count_table_keeps_rejected(stack: contextlib.ExitStack) -> None:
+    # SlotState.count_tokens: the emitted tokens[:keep] -> also the proposals the step rejected
+    # (or left untested): the table took the window's proposals and was never rolled back
+    real_adjust, real_count = SlotState.adjust, SlotState.count_tokens
+    step: dict[str, torch.Tensor] = {}
+
+    def adjust(self, logits, batch, draft_tokens, *args, **kw):
+        step["drafts"] = draft_tokens
+        return real_adjust(self, logits, batch, draft_tokens, *args, **kw)
+
+    def count_tokens(self, slots, tokens, keep):
+        real_count(self, slots, tokens, keep)
+        drafts = step["drafts"]  # [R, G]; proposal keep - 1 on were rejected or untested
+        offsets = torch.arange(drafts.shape[1], device=drafts.device)[None, :]
+        dropped = (offsets >= (keep - 1)[:, None]) & (drafts >= 0)
+        self.counts.index_put_((slots[:, None].expand_as(drafts), drafts.clamp(min=0)), dropped.to(torch.float32),
+                               accumulate=True)
+
+    stack.enter_context(mock.patch.object(SlotState, "adjust", adjust))
+    stack.enter_context(mock.patch.object(SlotState, "count_tokens", count_tokens))
 
 
 # ---- more at the engine / drafter level -------------------------------------------------------
@@ -165,7 +192,7 @@ def _refill_keeps_stale_prefix(stack: contextlib.ExitStack) -> None:
 
 
 def _stop_only_at_run_end(stack: contextlib.ExitStack) -> None:
-    # Engine._apply_stops: a stop token inside an accepted run is not cut (only the run's last token counts)
+    # Engine._step: a stop token inside an accepted run is not cut (only the run's last token counts)
     real = engine.stop_cut
 
     def stop_cut(tokens, num_emitted, is_stop, budget):
@@ -235,6 +262,10 @@ ENGINE_MUTANTS: dict[str, EngineMutant] = {
                      "min_new_tokens ban decided at the step's first position for all its positions"),
         EngineMutant("penalty_history_includes_scored", "penalties", _penalty_history_includes_scored,
                      "penalty history includes the token being scored ([:j] -> [:j+1])"),
+        EngineMutant("count_table_kept_on_refill", "penalties", _count_table_kept_on_refill,
+                     "a refilled slot's penalty counts start from the previous row's"),
+        EngineMutant("count_table_keeps_rejected", "penalties", _count_table_keeps_rejected,
+                     "the penalty count table keeps the proposals a step rejected", n=4000),
         EngineMutant("q_of_another_warp", "near_draft_warped", _q_of_another_warp,
                      "the draft samples with draft_top_k and reports q without it"),
         EngineMutant("bonus_at_widest_position", "ngram", _bonus_at_widest_position,

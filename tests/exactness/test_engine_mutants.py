@@ -14,7 +14,7 @@ import pytest
 from specbatch import cache, drafters, engine
 from specbatch.drafters import ModelDrafter
 from specbatch.autogamma import AutoGamma
-from specbatch.engine import Engine
+from specbatch.slots import SlotState
 from specbatch.suffix import SuffixDrafter
 from tests.exactness import engine_harness as eh
 from tests.exactness.distribution import DistributionMismatch
@@ -37,7 +37,8 @@ def test_engine_mutant_fails_the_harness(name):
 
 
 def test_mutant_patches_are_undone():
-    watched = [(Engine, "_history"), (Engine, "_ban"), (ModelDrafter, "propose"), (drafters, "ops"),
+    watched = [(SlotState, "window_counts"), (SlotState, "banned_positions"), (SlotState, "clear_counts"),
+               (SlotState, "count_tokens"), (SlotState, "adjust"), (ModelDrafter, "propose"), (drafters, "ops"),
                (engine, "warp_and_verify"), (engine, "stop_cut"), (cache.KVCache, "copy_prefix"),
                (SuffixDrafter, "propose"), (AutoGamma, "decide")]
     before = [getattr(obj, attr) for obj, attr in watched]
