@@ -244,18 +244,27 @@ class SlotState:
         """Penalties, in place, on the only tokens they can change: each row's history and proposals.
 
         scores: [R, W, V] float32.  Every (row, position, token) entry is recomputed from the
-        count table and the prompt mask, so a token listed twice (or a padding entry: a token of
-        a stale history cell) gets the same value each time, and a token never seen is unchanged.
+        count table (and, for proposals, the prompt mask), so a token listed twice gets the same
+        value each time and a token never seen is unchanged.  History cells past a row's length
+        repeat its last token; every history token is seen (it is in the prompt or the
+        completion), a proposal only where it is in the history or proposed earlier.
         """
         r, w, _ = scores.shape
+        g = draft_tokens.shape[1]
         slots = batch.slots
-        ids = torch.cat([self.history[slots, :history_len], draft_tokens.clamp(min=0)], dim=1)  # [R, N]
-        out_counts = self.window_counts(self.counts[slots].gather(1, ids), ids, draft_tokens)  # [R, W, N]
-        seen = (out_counts > 0) | self.prompt_seen[slots].gather(1, ids)[:, None, :]  # [R, W, N]
+        cells = torch.arange(history_len, device=slots.device)[None, :]  # [1, L]
+        cells = torch.minimum(cells, self.length[slots][:, None] - 1)  # [R, L]
+        ids = torch.cat([self.history[slots[:, None], cells], draft_tokens.clamp(min=0)], dim=1)  # [R, N = L + G]
+        out_counts = self.window_counts(self.counts[slots[:, None], ids], ids, draft_tokens)  # [R, W, N]
         at = ids[:, None, :].expand(r, w, ids.shape[1])  # [R, W, N]
+        x = scores.gather(2, at)  # [R, W, N]
         p = batch.params
-        penalized = apply_penalties(scores.gather(2, at), out_counts, seen, p.repetition_penalty[:, None, None],
-                                    p.presence_penalty[:, None, None], p.frequency_penalty[:, None, None])
+        rep, pres, freq = (t[:, None, None] for t in (p.repetition_penalty, p.presence_penalty, p.frequency_penalty))
+        penalized = apply_penalties(x, out_counts, None, rep, pres, freq)  # [R, W, N], every token seen
+        if g:
+            drafts = slice(history_len, None)
+            seen = (out_counts[..., drafts] > 0) | self.prompt_seen[slots[:, None], ids[:, drafts]][:, None, :]  # [R, W, G]
+            penalized[..., drafts] = apply_penalties(x[..., drafts], out_counts[..., drafts], seen, rep, pres, freq)
         scores.scatter_(2, at, penalized)
 
     def is_stop(self, batch: Batch, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
