@@ -11,7 +11,10 @@ forward is a few milliseconds) runs through the real ``Engine`` on 1 thread: a b
 new tokens per row, EOS ignored so the batch stays full.  The target model is wrapped so its
 forwards (prefill and steps) are timed; ``Engine._step`` is wrapped only to count steps.  Host
 ms per step = (generate's wall time - the target forwards' time) / steps, median of 3 runs after
-one warm-up.
+one warm-up.  A second table shows the part of it spent in ``warp_and_verify`` (the engine
+module's, wrapped and timed): the warp and verification math, which runs as the torch reference
+on the CPU and as fused kernels on a GPU, so on a GPU it is device work rather than host work
+(the current engine applies penalties before that call, the old one inside it).
 
 Cases: plain | ngram gamma 4 | plain + penalties | ngram gamma 4 + penalties + stop strings
 (repetition 1.1, presence 0.4, frequency 0.2; two stop strings of two words each).
@@ -22,6 +25,7 @@ a subprocess (``--worker``) with that tree first on ``sys.path``; both columns a
 baseline / current go into one table.  The same checkpoint is used by both.
 
     .venv/bin/python bench/host.py [--baseline HEAD] [--batches 64,256] [--repeats 3] [--vocab 512]
+                                   [--top-k 0] [--top-p 1.0] [--new-tokens 96]
 """
 
 from __future__ import annotations
@@ -84,11 +88,14 @@ class TimedModel:
         return getattr(self._model, name)
 
 
-def measure(checkpoint: str, batches: list[int], repeats: int, top_k: int, top_p: float) -> dict[str, dict[str, float]]:
-    """{case: {batch: host ms per step}} with the specbatch found first on sys.path."""
+def measure(checkpoint: str, batches: list[int], repeats: int, top_k: int, top_p: float,
+            new_tokens: int = NEW_TOKENS) -> dict[str, dict[str, dict[str, float]]]:
+    """{case: {batch: {"host": ms per step, "verify": ms per step}}} with the specbatch found first
+    on sys.path."""
     import torch
 
     import specbatch
+    import specbatch.engine as engine_mod
     from specbatch.drafters import NgramDrafter, NoDrafter
     from specbatch.engine import Engine, EngineConfig
     from specbatch.models import load_model, load_tokenizer
@@ -100,13 +107,24 @@ def measure(checkpoint: str, batches: list[int], repeats: int, top_k: int, top_p
     model = load_model(checkpoint, dtype="float32")
     tokenizer = load_tokenizer(checkpoint)
     vocab = model.config.vocab_size
-    out: dict[str, dict[str, float]] = {}
+    real_verify = engine_mod.warp_and_verify
+    verify_seconds = [0.0]
+
+    def timed_verify(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return real_verify(*args, **kwargs)
+        finally:
+            verify_seconds[0] += time.perf_counter() - t0
+
+    engine_mod.warp_and_verify = timed_verify
+    out: dict[str, dict[str, dict[str, float]]] = {}
     for name, case in CASES.items():
         out[name] = {}
         for batch in batches:
             drafter = NgramDrafter(min_n=1, max_n=3) if case["gamma"] else NoDrafter()
             config = EngineConfig(max_batch_size=batch, num_draft_tokens=case["gamma"] or 4,
-                                  max_model_len=PROMPT_TOKENS + NEW_TOKENS + 8, measure_cost=False)
+                                  max_model_len=PROMPT_TOKENS + new_tokens + 8, measure_cost=False)
             engine = Engine(model, tokenizer, drafter, config)
             timed = TimedModel(model)
             engine.target = timed
@@ -123,41 +141,45 @@ def measure(checkpoint: str, batches: list[int], repeats: int, top_k: int, top_p
                 extra.update(repetition_penalty=1.1, presence_penalty=0.4, frequency_penalty=0.2)
             if case["stops"]:
                 extra.update(stop=STOP_STRINGS)
-            params = SamplingParams(n=SAMPLES_PER_PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True,
+            params = SamplingParams(n=SAMPLES_PER_PROMPT, max_new_tokens=new_tokens, ignore_eos=True,
                                     temperature=0.8, top_k=top_k, top_p=top_p, seed=1, **extra)
             gen = torch.Generator().manual_seed(0)
             requests = [
                 Request(f"p{i}", [int(t) for t in torch.randint(7, vocab, (PROMPT_TOKENS,), generator=gen)], params)
                 for i in range(batch // SAMPLES_PER_PROMPT)
             ]
-            per_step = []
+            per_step, verify = [], []
             for run in range(repeats + 1):  # the first run warms up
-                timed.seconds, steps[0] = 0.0, 0
+                timed.seconds, steps[0], verify_seconds[0] = 0.0, 0, 0.0
                 with torch.inference_mode():
                     t0 = time.perf_counter()
                     engine.generate(requests)
                     wall = time.perf_counter() - t0
                 if run:
                     per_step.append((wall - timed.seconds) / steps[0] * 1e3)
-            out[name][str(batch)] = statistics.median(per_step)
-            print(f"# {name} @ {batch}: {out[name][str(batch)]:.2f} ms/step host, {steps[0]} steps, "
+                    verify.append(verify_seconds[0] / steps[0] * 1e3)
+            out[name][str(batch)] = {"host": statistics.median(per_step), "verify": statistics.median(verify)}
+            print(f"# {name} @ {batch}: {out[name][str(batch)]['host']:.2f} ms/step host "
+                  f"({out[name][str(batch)]['verify']:.2f} in warp_and_verify), {steps[0]} steps, "
                   f"forward {timed.seconds / steps[0] * 1e3:.2f} ms/step", file=sys.stderr)
     return out
 
 
-def baseline(rev: str, checkpoint: str, batches: list[int], repeats: int, top_k: int, top_p: float) -> dict[str, dict[str, float]]:
+def baseline(rev: str, checkpoint: str, batches: list[int], repeats: int, top_k: int, top_p: float,
+             new_tokens: int = NEW_TOKENS) -> dict[str, dict[str, dict[str, float]]]:
     """Run this script's measurement on ``rev``'s specbatch (git archive) in a subprocess."""
     with tempfile.TemporaryDirectory(prefix="specbatch-host-baseline-") as tree:
         archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", "--tree", tree,
-               "--checkpoint", checkpoint, "--batches", ",".join(map(str, batches)), "--repeats", str(repeats), "--top-k", str(top_k), "--top-p", str(top_p)]
+               "--checkpoint", checkpoint, "--batches", ",".join(map(str, batches)), "--repeats", str(repeats), "--top-k", str(top_k), "--top-p", str(top_p),
+               "--new-tokens", str(new_tokens)]
         env = {**os.environ, "PYTHONPATH": tree}
         done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, env=env)
         return json.loads(done.stdout)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--baseline", metavar="REV", help="also measure this git revision (e.g. HEAD, main)")
     ap.add_argument("--batches", default="64,256")
@@ -165,40 +187,48 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--top-k", type=int, default=0, help="the rows' top_k (0: off)")
     ap.add_argument("--top-p", type=float, default=1.0, help="the rows' top_p (1: off)")
+    ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="new tokens per row")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tree", help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     if args.worker:
         sys.path.insert(0, args.tree)
-        print(json.dumps(measure(args.checkpoint, batches, args.repeats, args.top_k, args.top_p)))
+        print(json.dumps(measure(args.checkpoint, batches, args.repeats, args.top_k, args.top_p, args.new_tokens)))
         return
 
     sys.path.insert(0, str(REPO))
     with tempfile.TemporaryDirectory(prefix="specbatch-host-") as root:
         checkpoint = str(make_checkpoint(pathlib.Path(root), args.vocab))
-        old = baseline(args.baseline, checkpoint, batches, args.repeats, args.top_k, args.top_p) if args.baseline else None
-        new = measure(checkpoint, batches, args.repeats, args.top_k, args.top_p)
+        old = (baseline(args.baseline, checkpoint, batches, args.repeats, args.top_k, args.top_p, args.new_tokens)
+               if args.baseline else None)
+        new = measure(checkpoint, batches, args.repeats, args.top_k, args.top_p, args.new_tokens)
 
     from bench.common import table
 
+    print(f"host ms per step outside the target forward (1 thread, prompt {PROMPT_TOKENS} tokens, "
+          f"{args.new_tokens} new tokens, vocab {args.vocab}, temperature 0.8, top_k {args.top_k}, top_p {args.top_p}, "
+          f"median of {args.repeats}" + (f"; ratio = {args.baseline} / now)" if old else ")"))
+    print(table(*_table(old, new, batches, "host", args.baseline)))
+    print("\nof which in warp_and_verify (warp + verification math: a fused kernel on a GPU)")
+    print(table(*_table(old, new, batches, "verify", args.baseline)))
+
+
+def _table(old: dict | None, new: dict, batches: list[int], what: str, rev: str | None) -> tuple[list[str], list[list[Any]]]:
     headers = ["case"]
     for b in batches:
-        headers += [f"B={b} {args.baseline}", f"B={b} now", f"B={b} ratio"] if old else [f"B={b} now"]
+        headers += [f"B={b} {rev}", f"B={b} now", f"B={b} ratio"] if old else [f"B={b} now"]
     rows = []
     for name in CASES:
         row: list[Any] = [name]
         for b in map(str, batches):
             if old:
-                row += [old[name][b], new[name][b], old[name][b] / new[name][b]]
+                row += [old[name][b][what], new[name][b][what], old[name][b][what] / new[name][b][what]]
             else:
-                row.append(new[name][b])
+                row.append(new[name][b][what])
         rows.append(row)
-    print(f"host ms per step outside the target forward (1 thread, prompt {PROMPT_TOKENS} tokens, "
-          f"{NEW_TOKENS} new tokens, vocab {args.vocab}, temperature 0.8, top_k {args.top_k}, top_p {args.top_p}, "
-          f"median of {args.repeats}; ratio = baseline / now)")
-    print(table(headers, rows))
+    return headers, rows
 
 
 if __name__ == "__main__":
