@@ -114,6 +114,7 @@ def build_engine(spec: Any, measure_cost: bool = True) -> LoadedEngine:
         scope=draft_spec.scope,
     )
     gamma, auto = spec.gamma, spec.auto_gamma
+    points = [params for _, params in spec.sweep_points()]
     config = EngineConfig(
         max_batch_size=spec.resources.max_batch_size,
         num_draft_tokens=gamma,
@@ -122,6 +123,9 @@ def build_engine(spec: Any, measure_cost: bool = True) -> LoadedEngine:
         auto_gamma=auto,
         max_model_len=target_spec.max_model_len,
         measure_cost=measure_cost,
+        # the KV plan: prompts held once for their samples, row slots sized for the completions
+        samples_per_prompt=max(p.n for p in points),
+        max_new_tokens=max(p.max_new_tokens for p in points),
     )
     engine = Engine(target, tokenizer, drafter, config)
     chat_template = spec.input.chat_template

@@ -189,7 +189,8 @@ def run_engine(target: Any, tokenizer: Any, drafter: Drafter | None, requests: S
     auto: each row chooses its own proposal count (0..gamma) every step (num_draft_tokens: auto)."""
     config = EngineConfig(max_batch_size=max_batch, num_draft_tokens=gamma, verification=verification,
                           max_model_len=MAX_MODEL_LEN, measure_cost=False, adaptive_gamma=cost_model is not None,
-                          auto_gamma=auto)
+                          auto_gamma=auto, samples_per_prompt=max(r.params.n for r in requests),
+                          max_new_tokens=max(r.params.max_new_tokens for r in requests))
     engine = Engine(target, tokenizer, drafter, config)
     engine.cost_model = cost_model
     with torch.inference_mode():

@@ -148,8 +148,9 @@ def _draft_uniforms_shared_by_samples(stack: contextlib.ExitStack) -> None:
 
 
 def _refill_keeps_stale_prefix(stack: contextlib.ExitStack) -> None:
-    # KVCache.copy_prefix: a slot that held a row before keeps its K/V (only its length is set),
-    # as if it still held this prompt's prefix
+    # KVCache.copy_prefix: a slot that held a row before keeps the previous row's prompt, as if
+    # it still held this prompt's prefix: unshared, its copied K/V stays (only its length is set);
+    # shared, its link to the previous prompt's slot stays (only its lengths are set)
     real = cache_mod.KVCache.copy_prefix
     used: dict[int, set[int]] = {}
 
@@ -158,7 +159,10 @@ def _refill_keeps_stale_prefix(stack: contextlib.ExitStack) -> None:
         dst = [int(d) for d in dst]
         fresh = [d for d in dst if d not in seen]
         real(self, src, fresh, length)
-        self.set_lengths([d for d in dst if d in seen], length)
+        stale = [d for d in dst if d in seen]
+        if self.shared and stale:
+            self.prefix_len[stale] = length
+        self.set_lengths(stale, length)
         seen.update(dst)
 
     stack.enter_context(mock.patch.object(cache_mod.KVCache, "copy_prefix", copy_prefix))
