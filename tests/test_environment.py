@@ -31,18 +31,27 @@ from tests.tiny import make_tiny_checkpoint
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _importable_names_at_root() -> set[str]:
-    """Top-level names the repository root provides as regular packages or modules."""
-    names = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
-    names |= {p.stem for p in ROOT.glob("*.py")}
+# Folders that are sys.path[0] of some process: the root (pytest, python -m, Ray workers) and
+# bench/ (its scripts run as `python bench/NAME.py`, which puts bench/ first on sys.path).
+PATH_FOLDERS = (ROOT, ROOT / "bench")
+
+
+def _importable_names(folder: pathlib.Path) -> set[str]:
+    """Top-level names a folder on sys.path provides as regular packages or modules."""
+    names = {p.name for p in folder.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    names |= {p.stem for p in folder.glob("*.py")}
     return names
 
 
-def test_no_folder_at_the_root_shadows_an_installed_distribution():
+@pytest.mark.parametrize("folder", PATH_FOLDERS, ids=lambda p: p.name)
+def test_no_module_on_a_path_folder_shadows_an_installed_distribution(folder):
     owners = importlib.metadata.packages_distributions()
-    clashes = {name: owners[name] for name in _importable_names_at_root()
+    clashes = {name: owners[name] for name in _importable_names(folder)
                if name in owners and set(owners[name]) - {"specbatch"}}
     assert clashes == {}
+
+
+def test_the_kernels_folder_is_not_a_package():
     assert not (ROOT / "kernels" / "__init__.py").exists()
     assert (ROOT / "kernels" / "specbatch_kernels" / "__init__.py").exists()
 
