@@ -171,3 +171,36 @@ def test_run_stops_with_one_line_before_ray_when_a_dependency_is_broken(tmp_path
     assert len(lines) == 1 and lines[0].startswith("error: the environment cannot run specbatch: `import transformers")
     assert "a stale kernels folder" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/venv.sh: a step that fails is one line naming it
+
+
+def _venv_script(tmp_path, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_extra}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "venv.sh"), str(tmp_path / "venv"), "lock"],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_venv_script_stops_in_one_line_when_the_venv_cannot_be_created(tmp_path):
+    proc = _venv_script(tmp_path, {"PY": "false"})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: creating the virtual environment {tmp_path / 'venv'} with false failed "
+        f"(full log: {tmp_path / 'venv' / 'install.log'})"]
+
+
+def test_venv_script_stops_in_one_line_naming_the_step_and_pips_error(tmp_path):
+    """An existing environment whose pip refuses the torch requirement (a stand-in python)."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    python = bin_dir / "python"
+    python.write_text('#!/bin/sh\ncase "$*" in *torch*) echo "Collecting torch"; '
+                      'echo "ERROR: No matching distribution found for torch==99.0"; exit 1;; esac\nexit 0\n')
+    python.chmod(0o755)
+    proc = _venv_script(tmp_path, {"TORCH_SPEC": "torch==99.0"})
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"error: installing torch (torch==99.0) failed: ERROR: No matching distribution found for "
+                     f"torch==99.0 (full log: {tmp_path / 'venv' / 'install.log'})"]
