@@ -353,6 +353,7 @@ class Driver:
                         self._replace(slot, plan)
                         self._task_failed(task, _error_line(e), tasks, progress)
                     except rex.RayTaskError as e:
+                        _raise_if_fatal(e)
                         self._task_failed(task, _error_line(e), tasks, progress)
                     except rex.RayError as e:  # e.g. the object was lost with its node: a fresh actor
                         self.log(f"warning: {slot.label} lost {task.shard.name} ({_error_line(e)}); replacing it")
@@ -479,6 +480,16 @@ class Driver:
         if latest is None:
             return None, None
         return latest.engine.get("cost_model"), latest.engine.get("gamma")
+
+
+def _raise_if_fatal(exc: BaseException) -> None:
+    """Re-raise, in the driver, an actor's error that no retry can mend: an input file that changed
+    since the plan (InputError, exit 2). The rest of the job is stopped; committed shards stay."""
+    from specbatch.data import InputError
+
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, InputError):
+        raise InputError(str(cause)) from None
 
 
 def _init_error(slot: _Slot) -> str:

@@ -141,7 +141,7 @@ def check_output_location(spec: JobSpec, info: InputInfo | None, offline: bool =
     except InputError as e:
         return _unreachable(f"output.path: {e}", str(e), offline)
     if not isinstance(fs, pafs.LocalFileSystem):
-        return _check_object_store(spec, fs, path, offline)
+        return _check_object_store(spec, fs, path, offline, info)
     if info is not None and (storage.is_local(info.uri) or info.uri.startswith("file://")):
         out = os.path.realpath(path)
         for f in map(os.path.realpath, info.files):
@@ -161,7 +161,7 @@ def check_output_location(spec: JobSpec, info: InputInfo | None, offline: bool =
     except OSError as e:
         raise InputError(f"output.path: {uri}: cannot {verb} ({e.strerror or e})") from None
     shutil.rmtree(probe, ignore_errors=True)
-    data.check_existing_output(spec)
+    data.check_existing_output(spec, info)
     return None
 
 
@@ -181,7 +181,8 @@ def _unreachable(line: str, why: str, offline: bool) -> str:
     raise InputError(line)
 
 
-def _check_object_store(spec: JobSpec, fs: pafs.FileSystem, path: str, offline: bool) -> str | None:
+def _check_object_store(spec: JobSpec, fs: pafs.FileSystem, path: str, offline: bool,
+                        info: InputInfo | None = None) -> str | None:
     """The bucket exists and answers, the location is not a file, if_exists allows the spec."""
     uri = spec.output.path
     bucket = path.split("/", 1)[0]
@@ -195,7 +196,7 @@ def _check_object_store(spec: JobSpec, fs: pafs.FileSystem, path: str, offline: 
         raise InputError(f"output.path: {uri}: the bucket {bucket} does not exist")
     if kind == pafs.FileType.File:
         raise InputError(f"output.path: {uri} is a file, expected a directory")
-    data.check_existing_output(spec)
+    data.check_existing_output(spec, info)
     return None
 
 
