@@ -68,6 +68,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _run_spec(spec: Any, args: argparse.Namespace) -> int:
     from specbatch import report
+    from specbatch.data import OutputIOError
     from specbatch.driver import RunError, run_job
 
     try:
@@ -76,6 +77,8 @@ def _run_spec(spec: Any, args: argparse.Namespace) -> int:
         return _fail(str(e), EXIT_INPUT)
     except RunError as e:
         return _fail(str(e), EXIT_FAILED)
+    except OutputIOError as e:  # a full disk, a read-only or vanished output: stopped, not retried
+        return _fail(f"cannot write the output: {e}; committed shards are kept, run again once this is fixed", EXIT_FAILED)
     print(report.summary_text(result.stats))
     if result.failed:
         return _fail(result.failure_line(), EXIT_FAILED)

@@ -484,12 +484,16 @@ class Driver:
 
 def _raise_if_fatal(exc: BaseException) -> None:
     """Re-raise, in the driver, an actor's error that no retry can mend: an input file that changed
-    since the plan (InputError, exit 2). The rest of the job is stopped; committed shards stay."""
-    from specbatch.data import InputError
+    since the plan (InputError, exit 2) or a write the output refused (OutputIOError, exit 1:
+    a full disk, a read-only or vanished directory). Nothing is retried or split; the rest of
+    the job is stopped and committed shards stay."""
+    from specbatch.data import InputError, OutputIOError
 
     cause = getattr(exc, "cause", None)
     if isinstance(cause, InputError):
         raise InputError(str(cause)) from None
+    if isinstance(cause, OutputIOError):
+        raise cause from None
 
 
 def _init_error(slot: _Slot) -> str:

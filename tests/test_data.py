@@ -407,7 +407,7 @@ def test_manifest_commits_only_a_complete_file(tmp_path):
     spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=3")
     prepare_output(spec)
     s0, s1 = plan_shards(spec)
-    with pytest.raises(FileNotFoundError, match="part-00000.parquet: shard file missing"):
+    with pytest.raises(data.OutputIOError, match="part-00000.parquet: the shard file is missing"):
         write_manifest(spec, ShardManifest("part-00000", 0, 3, rows=3))
     commit(spec, s0, n=2)
     # s1's file is written but not committed (a crash between file and manifest): invisible.

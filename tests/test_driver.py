@@ -364,3 +364,76 @@ def test_shard_runner_keys_sweep_points_apart_and_reports_row_errors(tmp_path):
     assert set(errors) == {"p1", "p2"} and "empty" in errors["p1"] and "no tokens for this" in errors["p2"]
     assert manifest.samples == 12 and manifest.errors == 8 and manifest.error_ids == ["p1", "p2"]
     assert manifest.tokens == 8 and manifest.stats["emitted"] == 8 and manifest.actor == "actor-7"
+
+
+# ------------------------------------------------------------------------------------------
+# Output I/O errors stop the job in one line (issue 20 item 5)
+
+
+def _run_cli(spec, tmp_path: pathlib.Path, capsys) -> tuple[int, list[str]]:
+    """`specbatch run` in this process (on the module's Ray): (exit code, stderr lines)."""
+    import yaml
+
+    from specbatch.cli import main
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec.to_dict()))
+    capsys.readouterr()
+    code = main(["run", str(job), "--engine-factory", FAKE, "--quiet"])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("fault, says", [("ENOSPC", "No space left on device"), ("EROFS", "Read-only file system"),
+                                          ("EACCES", "Permission denied")])
+def test_a_full_disk_stops_the_job_in_one_line_and_the_resume_completes_once(reference, tmp_path, capsys, fault, says):
+    """ENOSPC (or EROFS, EACCES) on the third shard file (simulated in the actor: tests/fake_engine.py write_fault):
+    exit 1 with one line naming the file and the error, the write tried once (no retry, no
+    split), the two committed shards kept; the resume after the fault equals an uninterrupted run."""
+    spec_ref, _ = reference
+    log = tmp_path / "refused-writes.log"
+    inp = write_prompts(tmp_path / "in", plain_prompts(),
+                        control={"write_fault": {"errno": fault, "after": 2, "log": str(log)}})
+    out = tmp_path / "out"
+    spec = make_spec(inp, out)
+    code, lines = _run_cli(spec, tmp_path, capsys)
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: cannot write the output: {out}/part-00002.parquet: {says} ({fault})")
+    assert len(log.read_text().splitlines()) == 1, "the refused write was tried again"
+    assert sorted(data.committed(str(out))) == ["part-00000", "part-00001"]
+    assert not (out / data.SUCCESS_FILE).exists()
+    if fault != "ENOSPC":
+        return  # the resume is the same for every fault
+
+    (tmp_path / "in" / "fake_engine.json").unlink()  # the disk has room again
+    code, lines = _run_cli(spec, tmp_path, capsys)
+    assert code == 0, lines
+    assert rows_by_key(out) == rows_by_key(spec_ref.output.path)
+    assert json.loads((out / data.STATS_FILE).read_text())["run"]["resumed_shards"] == 2
+
+
+def test_an_output_directory_removed_mid_run_stops_the_job_in_one_line(reference, tmp_path, capsys):
+    """A real fault: the output directory deleted after the first commit. The job stops with
+    one line naming the directory or the file it could not write (never made again), and a
+    rerun writes the whole output once."""
+    spec_ref, _ = reference
+    inp = write_prompts(tmp_path / "in", plain_prompts(), control={"delay_s": 0.1})
+    out = tmp_path / "out"
+    spec = make_spec(inp, out)
+
+    def remove_after_first_commit():
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(out.glob(data.MANIFEST_DIR + "/*.json")):
+            time.sleep(0.01)
+        shutil.rmtree(out)
+
+    remover = threading.Thread(target=remove_after_first_commit, daemon=True)
+    remover.start()
+    code, lines = _run_cli(spec, tmp_path, capsys)
+    remover.join()
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: cannot write the output: {out}") and "(ENOENT)" in lines[0] \
+        or "the shard file is missing" in lines[0], lines
+    assert not out.exists() or not list(out.glob("part-*.parquet")), "the vanished directory was made again"
+    code, lines = _run_cli(spec, tmp_path, capsys)
+    assert code == 0, lines
+    assert rows_by_key(out) == rows_by_key(spec_ref.output.path)

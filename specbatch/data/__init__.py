@@ -28,7 +28,7 @@ from specbatch.data.commits import (
     verify_shard,
     write_manifest,
 )
-from specbatch.data.files import _is_object_store, write_json
+from specbatch.data.files import OutputIOError, _is_object_store, write_json
 from specbatch.data.inputs import InputInfo, RowGroup, check_input, list_input_files, read_rows
 from specbatch.data.location import InputError, is_local, output_uri, resolve
 from specbatch.data.layout import (
@@ -55,7 +55,7 @@ from specbatch.data.records import (
 
 __all__ = [
     "CHAT_TYPE", "MANIFEST_DIR", "META_DIR", "OUTPUT_COLUMNS", "PLAN_FILE", "SPEC_FILE", "STATS_FILE", "SUCCESS_FILE",
-    "InputError",
+    "InputError", "OutputIOError",
     "InputInfo", "ManifestError", "OutputRecord", "RowGroup", "Shard", "ShardFile", "ShardManifest",
     "FileIdentity", "check_existing_output", "check_input", "check_plan", "check_shard_input", "file_identity",
     "read_plan",

@@ -8,6 +8,7 @@ a directory written by a different spec (:func:`check_existing_output`, run by t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import time
@@ -18,7 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from specbatch.data.commits import _read_manifests, remove_uncommitted, uncommit_unverified
-from specbatch.data.files import _delete_quietly, _exists, _list_dir, _read_json, _write_bytes_atomic
+from specbatch.data.files import OutputIOError, _delete_quietly, _exists, _list_dir, _read_json, _write_bytes_atomic
 from specbatch.data.layout import (
     LEGACY,
     LEGACY_MANIFEST_SUFFIX,
@@ -143,7 +144,10 @@ def write_shard(spec: JobSpec, shard: Shard, records: Sequence[OutputRecord], sc
     pq.write_table(table, sink)
     buffer = sink.getvalue()
     fs, root = resolve(spec.output.path)
-    fs.create_dir(root, recursive=True)
+    # The directory is made by prepare_output; one that is gone since is an output error, never
+    # made again here (a fresh directory would hold shards without their spec file and plan).
+    if isinstance(fs, pafs.LocalFileSystem) and fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise OutputIOError(root, OSError(errno.ENOENT, "gone"))
     _write_bytes_atomic(fs, _join(root, f"{shard.name}.parquet"), buffer)
     return ShardFile(output_uri(spec, f"{shard.name}.parquet"), buffer.size, hashlib.sha256(buffer).hexdigest())
 
