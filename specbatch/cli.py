@@ -11,7 +11,8 @@
 
 Exit codes: 0 success; 2 a spec, input, output-location or model error (one line naming the
 field or file, found by the preflight before Ray starts, nothing written); 1 a failed run (it
-names the failed shards) or a failed audit.
+names the failed shards), an output write refused (a full disk, a read-only or vanished
+directory) or a failed audit; 130 Ctrl-C; 143 SIGTERM (a clean stop, like Ctrl-C).
 """
 
 from __future__ import annotations
@@ -366,17 +367,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from specbatch.worker import ENGINE_FACTORY
 
         args.engine_factory = ENGINE_FACTORY
+    from specbatch import signals
     from specbatch.deps import DependencyError
 
-    try:
-        return args.func(args)
-    except DependencyError as exc:  # raised by the preflight, before Ray starts
-        return _fail(str(exc), EXIT_INPUT)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
-    except BrokenPipeError:  # e.g. `specbatch stats OUT | head`: the reader left, not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+    with signals.restored():  # main() called in a longer-lived process leaves its handler alone
+        signals.install()  # SIGTERM unwinds like Ctrl-C: actors stopped, the local Ray reaped
+        try:
+            return args.func(args)
+        except DependencyError as exc:  # raised by the preflight, before Ray starts
+            return _fail(str(exc), EXIT_INPUT)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (signals.Terminated, which Ray may rewrap)
+            if signals.received():
+                return _fail("terminated (SIGTERM); committed shards are kept, run again to resume", signals.EXIT_TERMINATED)
+            return _fail("interrupted", 130)
+        except BrokenPipeError:  # e.g. `specbatch stats OUT | head`: the reader left, not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from specbatch import localray, storage
+from specbatch import localray, signals, storage
 from specbatch.preflight import preflight
 from specbatch.worker import ENGINE_FACTORY
 
@@ -82,10 +82,11 @@ def connect_ray() -> localray.LocalRay | None:
     if ray.is_initialized():
         return None
     address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return None
-    return localray.start(include_dashboard=False, dashboard_host=localray.LOOPBACK, log_to_driver=True)
+    with signals.restored():  # ray.init replaces the SIGTERM handler with its own sys.exit
+        if address:
+            ray.init(address=address, log_to_driver=True)
+            return None
+        return localray.start(include_dashboard=False, dashboard_host=localray.LOOPBACK, log_to_driver=True)
 
 
 def alive_nodes() -> int:
