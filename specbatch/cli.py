@@ -70,11 +70,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _run_spec(spec: Any, args: argparse.Namespace) -> int:
     from specbatch import report
     from specbatch.data import OutputIOError
-    from specbatch.driver import RunError, run_job
+    from specbatch.driver import ClusterError, RunError, run_job
 
     try:
         result = run_job(spec, engine_factory=args.engine_factory, progress=not args.quiet)  # preflight first
-    except _input_errors() as e:
+    except (*_input_errors(), ClusterError) as e:
         return _fail(str(e), EXIT_INPUT)
     except RunError as e:
         return _fail(str(e), EXIT_FAILED)

@@ -21,6 +21,7 @@ or rows the engine itself reported as errors (e.g. a prompt longer than max_mode
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import sys
@@ -34,6 +35,11 @@ from specbatch.worker import ENGINE_FACTORY
 
 class RunError(RuntimeError):
     """The run could not go on (e.g. no actor could build its engine). One line."""
+
+
+class ClusterError(RunError):
+    """The cluster named by RAY_ADDRESS cannot be reached, or the address is malformed. One line;
+    nothing has run and nothing is written."""
 
 
 @dataclasses.dataclass
@@ -69,9 +75,36 @@ class RunResult:
 # Ray: connection, cluster shape, actor count
 
 
+CONNECT_TIMEOUT_S = 10.0  # for the probe of RAY_ADDRESS's host and port
+
+
+def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse a RAY_ADDRESS that is malformed or does not answer, before ``ray.init``, which
+    retries an unreachable cluster for minutes. Accepted forms: ``host:port``, ``ray://host:port``
+    (Ray Client), ``auto`` and ``local`` (found or started by Ray itself, not probed); the probe
+    is one TCP connection to host:port, given `timeout` seconds. Raises ClusterError (one line)."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme != "ray":
+        raise ClusterError(f"RAY_ADDRESS={address}: expected host:port or ray://host:port, not a {scheme}:// address")
+    host, colon, port = (rest if sep else address).rstrip("/").rpartition(":")
+    host = host.strip("[]")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClusterError(f"RAY_ADDRESS={address}: expected host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        why = "no answer" if isinstance(e, TimeoutError) or isinstance(e, socket.timeout) else (e.strerror or str(e))
+        raise ClusterError(f"RAY_ADDRESS={address}: cannot reach the cluster at {host}:{port} ({why}; tried for "
+                           f"{timeout:g} s); start it, or unset RAY_ADDRESS to run on a local Ray") from None
+
+
 def connect_ray() -> localray.LocalRay | None:
-    """Connect to RAY_ADDRESS when set, else start a local Ray; the local Ray if this call
-    started one (the caller stops it), else None.
+    """Connect to RAY_ADDRESS when set (probed first: :func:`check_address`), else start a local
+    Ray; the local Ray if this call started one (the caller stops it), else None.
 
     An already initialized Ray (a test session, a Ray job's driver) is used as it is. A local
     Ray is a new instance (never someone else's cluster found on this machine), listens on
@@ -82,6 +115,8 @@ def connect_ray() -> localray.LocalRay | None:
     if ray.is_initialized():
         return None
     address = os.environ.get("RAY_ADDRESS")
+    if address:
+        check_address(address)
     with signals.restored():  # ray.init replaces the SIGTERM handler with its own sys.exit
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -284,44 +319,57 @@ class Driver:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        """Preflight, prepare, dispatch, commit; return the result (stats.json written)."""
-        import ray
-
-        from specbatch import data
-
+        """Preflight, connect, prepare, dispatch, commit; return the result (stats.json written)."""
         spec = self.spec
         run_started = time.time()
         preflight(spec, engine_factory=self.engine_factory)  # before Ray starts; raises SpecError / InputError
         # One run at a time per output directory: a second driver would delete the files the
-        # first has written but not yet committed (prepare_output, _finish).
-        try:
-            held = storage.hold(spec.output.path)
-        except storage.StorageError as e:
-            raise data.InputError(f"output.path: {e}") from None
-        with held:
+        # first has written but not yet committed (prepare_output, _finish). An existing
+        # directory is held before Ray starts (a busy one is refused first); a new one is made
+        # and held only once the job can run (connected, the output fits the cluster).
+        held = self._hold(create=False)
+        with held or contextlib.ExitStack():
             local_ray = connect_ray()
             self.ray_ready_s = time.time() - run_started
             try:
                 nodes = alive_nodes()
                 check_cluster_output(spec, nodes)
-                for note in data.prepare_output(spec):
-                    self.log(f"warning: {note}: uncommitted, it runs again")
-                planned = data.plan_shards(spec)
-                committed = data.committed(spec)
-                tasks = collections.deque(Task(s) for s in data.pending_shards(planned, committed))
-                self.counts["resumed"] = len(planned) - len(tasks)
-                if tasks:
-                    local = nodes == 1 and not os.environ.get("RAY_ADDRESS")  # a Ray of this machine alone
-                    plan = plan_actors(spec, ray.cluster_resources(), len(tasks), local=local)
-                    if plan.note:
-                        self.log(f"note: {plan.note}")
-                    self._dispatch(tasks, plan, run_started)
-                result = self._finish(run_started)
+                with self._hold(create=True) if held is None else contextlib.ExitStack():
+                    result = self._run(nodes, run_started)
             finally:
                 self._stop_actors()
                 if local_ray is not None:
                     local_ray.stop()
         return result
+
+    def _hold(self, create: bool) -> contextlib.ExitStack | None:
+        from specbatch import data
+
+        try:
+            return storage.hold(self.spec.output.path, create=create)
+        except storage.StorageError as e:
+            raise data.InputError(f"output.path: {e}") from None
+
+    def _run(self, nodes: int, run_started: float) -> RunResult:
+        """Prepare the held output directory, dispatch the pending shards, finish."""
+        import ray
+
+        from specbatch import data
+
+        spec = self.spec
+        for note in data.prepare_output(spec):
+            self.log(f"warning: {note}: uncommitted, it runs again")
+        planned = data.plan_shards(spec)
+        committed = data.committed(spec)
+        tasks = collections.deque(Task(s) for s in data.pending_shards(planned, committed))
+        self.counts["resumed"] = len(planned) - len(tasks)
+        if tasks:
+            local = nodes == 1 and not os.environ.get("RAY_ADDRESS")  # a Ray of this machine alone
+            plan = plan_actors(spec, ray.cluster_resources(), len(tasks), local=local)
+            if plan.note:
+                self.log(f"note: {plan.note}")
+            self._dispatch(tasks, plan, run_started)
+        return self._finish(run_started)
 
     def _dispatch(self, tasks: collections.deque, plan: ActorPlan, run_started: float) -> None:
         import ray

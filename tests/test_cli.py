@@ -390,3 +390,28 @@ def test_demo_pulls_the_model_runs_the_demo_job_and_shows_samples(ray_session, j
     assert f"output: {tmp / 'out'} (12 rows); first 3:" in out
     assert "- [p0 #0] describe item 0" in out
     assert "speedup over plain sampling, measured on 4 prompts x 2 samples: ngram" in out
+
+
+def test_run_against_an_unreachable_ray_address_fails_in_one_line_and_writes_nothing(tmp_path):
+    """RAY_ADDRESS naming a port where nothing listens: exit 2 with one line well within the
+    subprocess's 60 s (Ray alone retries for minutes), and no output directory."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    inp = tmp_path / "in" / "prompts.parquet"
+    inp.parent.mkdir()
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["hello"]}), inp)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"name": "far", "input": {"path": str(inp)}, "output": {"path": str(tmp_path / "out")},
+                                   "models": {"target": {"path": "fake"}}}))
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{closed}", "PYTHONPATH": str(pathlib.Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-m", "specbatch", "run", str(job), "--engine-factory", "tests.fake_engine:build",
+                           "--quiet"], env=env, capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"error: RAY_ADDRESS=127.0.0.1:{closed}: cannot reach the cluster"), lines
+    assert not (tmp_path / "out").exists()

@@ -312,6 +312,39 @@ def test_multi_node_cluster_refuses_a_local_output_path():
         check_cluster_output(make_spec(pathlib.Path("x.parquet"), pathlib.Path("/tmp/out"), **{"output.path": shared}), nodes=3)
 
 
+def test_a_refused_multi_node_run_creates_no_output_directory(ray_session, tmp_path, monkeypatch):
+    """The multi-node check needs the cluster, so it comes after Ray connects, but before the
+    output directory is made: a refused job leaves nothing behind."""
+    import specbatch.driver
+
+    monkeypatch.setattr(specbatch.driver, "alive_nodes", lambda: 2)
+    out = tmp_path / "new" / "out"
+    spec = make_spec(write_prompts(tmp_path / "in", plain_prompts(2)), out)
+    with pytest.raises(SpecError, match=r"^output\.path: .*local path.*2 nodes"):
+        run_job(spec, engine_factory=FAKE, progress=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_ray_address_forms_are_checked_before_ray_init():
+    """A malformed RAY_ADDRESS, an address of another scheme and one that does not answer are
+    each one line (ClusterError) without Ray's minutes of retries; auto and local go to Ray."""
+    import socket
+
+    from specbatch.driver import ClusterError, check_address
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # closed again when the block ends
+    for address, says in [("nohost", "expected host:port"), ("127.0.0.1:99999", "expected host:port"),
+                          ("http://127.0.0.1:8265", "not a http:// address"),
+                          (f"127.0.0.1:{closed}", "cannot reach the cluster at 127.0.0.1"),
+                          (f"ray://127.0.0.1:{closed}", "cannot reach the cluster at 127.0.0.1")]:
+        with pytest.raises(ClusterError, match=says):
+            check_address(address, timeout=5)
+    for address in ("auto", "local"):
+        check_address(address)
+
+
 def test_progress_bar_counts_prompts_samples_and_live_acceptance(capsys):
     from specbatch.driver import Progress
 
