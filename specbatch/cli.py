@@ -103,7 +103,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
         stats = report.read_stats(args.output)
     except (FileNotFoundError, OSError, ValueError) as e:
         return _fail(f"{args.output}: no readable stats.json ({' '.join(str(e).split())[:200]})", EXIT_INPUT)
-    print(report.summary_text(stats))
+    try:
+        text = report.summary_text(stats)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        what = f"{type(e).__name__}: {' '.join(str(e).split())}"[:200]
+        return _fail(f"{args.output}: stats.json is not a specbatch statistics file ({what})", EXIT_INPUT)
+    print(text)
     if args.no_plots:
         return EXIT_OK
     # Beside stats.json by default, where readers of the output directory skip them.
@@ -143,16 +148,16 @@ def submission(job: str, overrides: Sequence[str], runtime_env: dict | None, cwd
 
 
 def _read_runtime_env(path: str | None) -> dict | None:
-    from specbatch.spec import SpecError
+    from specbatch.spec import SpecError, read_bounded
 
     if path is None:
         return None
     import yaml
 
     try:
-        env = yaml.safe_load(pathlib.Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such file") from None
+        env = yaml.safe_load(read_bounded(pathlib.Path(path)))
+    except ValueError as e:  # an integer literal beyond Python's conversion limit
+        raise SpecError(f"{path}: {' '.join(str(e).split())[:200]}") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: YAML syntax error: {' '.join(str(e).split())}") from None
     if env is None:
@@ -162,9 +167,26 @@ def _read_runtime_env(path: str | None) -> dict | None:
     return env
 
 
+def dashboard_address(text: str) -> str:
+    """A Ray Jobs API address, ``http(s)://HOST[:PORT]`` (the dashboard, port 8265 by default);
+    SpecError (one line) for anything else: a ray:// (Ray Client) address, a bare word, a bad port."""
+    from urllib.parse import urlsplit
+
+    from specbatch.spec import SpecError
+
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as e:
+        raise SpecError(f"--address {text}: {e}; expected http://HEAD:8265") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SpecError(f"--address {text}: expected the Ray dashboard's http://HEAD:8265 (a Jobs API address)")
+    return text
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from specbatch.preflight import preflight
-    from specbatch.spec import load_spec
+    from specbatch.spec import SpecError, load_spec
 
     try:
         spec = load_spec(args.job, args.set)
@@ -172,10 +194,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
         entrypoint, runtime_env = submission(args.job, args.set, _read_runtime_env(args.runtime_env))
     except _input_errors() as e:
         return _fail(str(e), EXIT_INPUT)
+    try:
+        address = dashboard_address(args.address)
+    except SpecError as e:
+        return _fail(str(e), EXIT_INPUT)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(args.address)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"specbatch_job": spec.name})
+    try:
+        client = JobSubmissionClient(address)
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"specbatch_job": spec.name})
+    except Exception as e:  # noqa: BLE001 - whatever the Jobs API raises (connection, HTTP, version): one line
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        return _fail(f"--address {args.address}: the Ray Jobs API did not take the job ({why})", EXIT_INPUT)
     print(f"submitted {spec.name} as {job_id}: {entrypoint}")
     print(f"follow it with: ray job logs -f {job_id} --address {args.address}")
     if not args.wait:
