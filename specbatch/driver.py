@@ -8,11 +8,16 @@ range in two halves named ``<name>.1`` and ``<name>.2``; a one-row shard that ke
 *failed*: its output rows are written with the error and finish_reason "error", and the run
 exits 1.
 
-The loop is the driver's own ``ray.wait``: each actor runs one shard at a time; a result is
-committed; an application error re-queues the shard (bounded by ``resources.max_attempts``,
-then split); an actor death re-queues its shard the same way and replaces the actor (its
-constructor runs again and loads the models from their paths). A rerun of the same job
-skips committed shards (resume), including the halves of a split shard.
+The loop is the driver's own ``ray.wait``: each *started* actor (its constructor returned) runs
+one shard at a time; a result is committed; an application error re-queues the shard (bounded
+by ``resources.max_attempts``, then split); an actor death re-queues its shard the same way, for
+whichever started actor is free first, and replaces the actor (its constructor runs again and
+loads the models from their paths). A replacement Ray cannot place (its node is gone, the
+cluster is full) gets no shard: it is named in a note while the started actors finish, and the
+run ends when every shard is committed. Two errors of an actor end the run at once, never
+retried: an input file that changed since the plan (InputError) and a write the output refused
+(OutputIOError). A rerun of the same job skips committed shards (resume), including the halves
+of a split shard.
 
 A run *fails* (exit code 1) when any committed row carries an error: a failed shard's rows,
 or rows the engine itself reported as errors (e.g. a prompt longer than max_model_len).
@@ -254,22 +259,29 @@ class Progress:
 
 @dataclasses.dataclass
 class _Slot:
+    """An actor of the run. It is *ready* once its constructor has returned (describe() answered):
+    only a ready actor is given shards, so a shard never waits on an actor Ray cannot place."""
+
     label: str
     handle: Any
     busy: Task | None = None
     polling: Any = None  # ObjectRef of an outstanding progress() call
     description: Any = None  # ObjectRef of describe(), then its dict
+    ready: bool = False
+    created: float = dataclasses.field(default_factory=time.time)
+    waiting_noted: bool = False  # the "waiting to be placed" note was logged
 
 
 class Driver:
     """One run of a job spec over a Ray cluster."""
 
     def __init__(self, spec: Any, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True,
-                 poll_s: float = 1.0, log=None):
+                 poll_s: float = 1.0, log=None, placement_note_s: float = 30.0):
         self.spec = spec
         self.engine_factory = engine_factory
         self.show_progress = progress
         self.poll_s = poll_s
+        self.placement_note_s = placement_note_s  # an actor not started after this long is named in a note
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.slots: list[_Slot] = []
         self.retired: list[_Slot] = []
@@ -309,8 +321,8 @@ class Driver:
         for slot in self.retired + self.slots:
             desc = slot.description
             if not isinstance(desc, dict):
-                try:
-                    desc = ray.get(desc, timeout=5)
+                try:  # never started (died first, or never placed): no waiting on it
+                    desc = ray.get(desc, timeout=0)
                 except Exception:
                     desc = {"actor": slot.label}
             out.append(desc)
@@ -382,14 +394,18 @@ class Driver:
         last_poll = 0.0
         try:
             while tasks or inflight:
+                self._check_started(plan)
                 for slot in self.slots:
-                    if slot.busy is None and tasks:
+                    if slot.ready and slot.busy is None and tasks:
                         task = tasks.popleft()
                         task.attempts += 1
                         slot.busy = task
                         inflight[slot.handle.run_shard.remote(task.shard, task.attempts)] = slot
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=self.poll_s)
+                starting = [slot.description for slot in self.slots if not slot.ready]
+                ready, _ = ray.wait(list(inflight) + starting, num_returns=1, timeout=self.poll_s)
                 for ref in ready:
+                    if ref not in inflight:
+                        continue  # an actor started (or failed to): _check_started, next round
                     slot = inflight.pop(ref)
                     task, slot.busy = slot.busy, None
                     try:
@@ -397,7 +413,8 @@ class Driver:
                     except rex.RayActorError as e:
                         if getattr(e, "actor_init_failed", False):
                             raise RunError(f"{slot.label} could not build its engine: {_init_error(slot)}") from None
-                        self.log(f"warning: {slot.label} died while running {task.shard.name}; replacing it")
+                        self.log(f"warning: {slot.label} died while running {task.shard.name}; "
+                                 "the shard goes to the next free actor, a new actor replaces it")
                         self.counts["actor_deaths"] += 1
                         self._replace(slot, plan)
                         self._task_failed(task, _error_line(e), tasks, progress)
@@ -416,6 +433,34 @@ class Driver:
         finally:
             progress.close()
 
+    def _check_started(self, plan: ActorPlan) -> None:
+        """Mark the actors whose constructor returned as ready; raise RunError for one whose
+        engine could not be built; replace one that died before it started; and name, once, an
+        actor Ray has not placed after placement_note_s (no room on the live nodes: it starts
+        when an autoscaler adds some, while the ready actors go on with the work)."""
+        import ray
+        import ray.exceptions as rex
+
+        for slot in list(self.slots):
+            if slot.ready:
+                continue
+            done, _ = ray.wait([slot.description], timeout=0)
+            if done:
+                try:
+                    slot.description = ray.get(slot.description)
+                    slot.ready = True
+                except rex.RayActorError as e:
+                    if getattr(e, "actor_init_failed", False):
+                        raise RunError(f"{slot.label} could not build its engine: {_init_error(slot)}") from None
+                    self.log(f"warning: {slot.label} died before it started ({_error_line(e)}); replacing it")
+                    self.counts["actor_deaths"] += 1
+                    self._replace(slot, plan)
+            elif not slot.waiting_noted and time.time() - slot.created >= self.placement_note_s:
+                slot.waiting_noted = True
+                live = sum(1 for s in self.slots if s.ready)
+                self.log(f"note: {slot.label} is waiting for Ray to place it ({plan.cpus} CPU, {plan.gpus:g} GPU free on "
+                         f"one node); {live} started actor(s) go on with the work meanwhile")
+
     def _replace(self, slot: _Slot, plan: ActorPlan) -> None:
         fresh = self._start_actor(plan)
         self.slots[self.slots.index(slot)] = fresh
@@ -425,6 +470,8 @@ class Driver:
         import ray
 
         for slot in self.slots:
+            if not slot.ready:
+                continue
             if slot.polling is not None:
                 done, _ = ray.wait([slot.polling], timeout=0)
                 if not done:
@@ -559,6 +606,8 @@ def _init_error(slot: _Slot) -> str:
     return "unknown error"
 
 
-def run_job(spec: Any, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True, log=None) -> RunResult:
+def run_job(spec: Any, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True, log=None,
+            placement_note_s: float = 30.0) -> RunResult:
     """Run a job spec to completion (preflight, resume, retries, splitting); return its result."""
-    return Driver(spec, engine_factory=engine_factory, progress=progress, log=log).run()
+    return Driver(spec, engine_factory=engine_factory, progress=progress, log=log,
+                  placement_note_s=placement_note_s).run()

@@ -11,7 +11,9 @@ and the value limits of ``specbatch.limits``). The stages, in order:
    on an object store its bucket and location are looked up (``get_file_info``), nothing more
    (for ``validate``, a store that does not answer from here is a warning); then
    ``output.if_exists`` against what the directory holds (``data.check_existing_output``: a
-   non-empty directory under ``fail``, another spec's output under ``resume``);
+   non-empty directory under ``fail``, another spec's output under ``resume``, or a plan made
+   from input files that have changed since: every refusal of a resume is made here, so a
+   refused resume writes nothing);
 3. *models* (specbatch's own engine only; a custom engine factory loads what it likes): each
    checkpoint directory has config.json (parsed), safetensors weights, tokenizer files; a name
    is a checkpoint directory, a registered name or a hub id, and a string that looks like a path
