@@ -470,3 +470,35 @@ def test_an_output_directory_removed_mid_run_stops_the_job_in_one_line(reference
     code, lines = _run_cli(spec, tmp_path, capsys)
     assert code == 0, lines
     assert rows_by_key(out) == rows_by_key(spec_ref.output.path)
+
+
+def test_an_input_replaced_during_a_run_stops_it_and_the_rows_are_never_mixed(reference, tmp_path, capsys):
+    """The input file replaced by another of the same row count (same ids, other prompts) after
+    the first commit: the actor refuses its next shard, the run stops with one line naming the
+    file (exit 2), every committed row is from the file as planned, and the rerun is refused by
+    the preflight until if_exists: overwrite starts over."""
+    spec_ref, _ = reference
+    inp = write_prompts(tmp_path / "in", plain_prompts(), control={"delay_s": 0.1})
+    out = tmp_path / "out"
+    spec = make_spec(inp, out)
+    planned = pq.read_table(inp)
+
+    def replace_after_first_commit():
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(out.glob(data.MANIFEST_DIR + "/*.json")):
+            time.sleep(0.01)
+        pq.write_table(planned.set_column(1, "prompt", pa.array([f"other prompt {i}" for i in range(NUM_PROMPTS)])),
+                       inp, row_group_size=2)
+
+    replacer = threading.Thread(target=replace_after_first_commit, daemon=True)
+    replacer.start()
+    code, lines = _run_cli(spec, tmp_path, capsys)
+    replacer.join()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: input.path: {inp} changed since {out}/__specbatch__/plan.json was planned ("), lines
+    committed = rows_by_key(out)
+    reference_rows = rows_by_key(spec_ref.output.path)
+    assert 0 < len(committed) < len(reference_rows)
+    assert all(row == reference_rows[key] for key, row in committed.items())  # the planned file's rows only
+    code, lines = _run_cli(spec, tmp_path, capsys)
+    assert code == 2 and "changed since" in lines[0], lines
