@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import uuid
 from typing import Any
 
@@ -33,8 +34,6 @@ class OutputIOError(OSError):
     def __init__(self, path: str, error: BaseException | str):
         code = getattr(error, "errno", None)
         if isinstance(code, int) and code in errno.errorcode:
-            import os
-
             why = f"{os.strerror(code)} ({errno.errorcode[code]})"
         else:
             why = " ".join(str(error).split())[:300]
