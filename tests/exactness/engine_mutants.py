@@ -348,7 +348,7 @@ ENGINE_MUTANTS: dict[str, EngineMutant] = {
                      "before min_new_tokens only EOS is banned, not the stop token ids"),
         EngineMutant("no_stop_in_min_step", "stop_in_min_step", _no_stop_in_min_step,
                      "a step that began before min_new_tokens cuts at none of its stops"),
-        EngineMutant("logprob_counts_cut_tokens", "stops", _logprob_counts_cut_tokens,
+        EngineMutant("logprob_counts_cut_tokens", "min_new_with_stops", _logprob_counts_cut_tokens,
                      "cumulative_logprob adds the log p of tokens a stop cut off the run", caught_by="outputs"),
         EngineMutant("logprob_of_raw_logits", "plain", _logprob_of_raw_logits,
                      "cumulative_logprob under the raw logits, not the row's warp", caught_by="outputs", n=500),
