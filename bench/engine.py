@@ -73,7 +73,8 @@ def main() -> None:
         return sum(o.num_tokens for o in outs)
 
     def tokens_per_s(model, n: int) -> float:
-        engine = Engine(model, tok, None, EngineConfig(max_batch_size=n, measure_cost=False))
+        engine = Engine(model, tok, None, EngineConfig(max_batch_size=n, measure_cost=False, samples_per_prompt=n,
+                                                       max_new_tokens=args.tokens))
         seconds, tokens = median_time(lambda: run_ours(engine, n))
         return tokens / seconds
 

@@ -140,7 +140,8 @@ def specbatch_engine(spec: Any, target: Any, tok: Any) -> Any:
         return build_engine(spec).engine
     drafter = None if draft.kind == "none" else NgramDrafter(draft.min_n, draft.max_n)
     gamma = spec_cfg.num_draft_tokens if drafter is not None else 0
-    config = EngineConfig(max_batch_size=spec.resources.max_batch_size, num_draft_tokens=gamma, measure_cost=False)
+    config = EngineConfig(max_batch_size=spec.resources.max_batch_size, num_draft_tokens=gamma, measure_cost=False,
+                          samples_per_prompt=spec.sampling.n, max_new_tokens=spec.sampling.max_new_tokens)
     return Engine(target, tok, drafter, config)
 
 

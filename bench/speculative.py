@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
             gamma, auto = (AUTO_MAX_DRAFT_TOKENS, True) if kind == "auto" else (args.gamma, False)
         else:
             drafter = build_drafter("model", target, tok, path=str(path), dtype=args.dtype)
-        return Engine(target, tok, drafter, EngineConfig(max_batch_size=n, num_draft_tokens=gamma, auto_gamma=auto))
+        return Engine(target, tok, drafter, EngineConfig(max_batch_size=n, num_draft_tokens=gamma, auto_gamma=auto,
+                                                         samples_per_prompt=n, max_new_tokens=args.tokens))
 
     rows = []
     for case in args.cases.split(","):

@@ -63,6 +63,9 @@ END = -1  # the "completion ended" cell of the pair check
 FORWARD_CHUNK = 64  # rows per batched reference forward
 REPEAT_TAIL = 1e-4  # first-token mass the repeat check may leave uncovered
 MAX_CONTINUATIONS = 1024  # most first tokens whose next-token distribution is computed
+MAX_SAMPLES = 1_000_000  # --samples: more is a typo (the audit holds every sample's tokens)
+MAX_PROMPTS = 10_000  # --prompts
+MAX_PREFIX_LENGTH = 1 << 20  # each of --prefix-lengths (as sampling.max_new_tokens)
 
 
 class AuditError(ValueError):
@@ -78,12 +81,13 @@ class AuditConfig:
     alpha: float = DEFAULT_ALPHA  # family-wise level
 
     def __post_init__(self) -> None:
-        if self.prompts < 1:
-            raise AuditError(f"--prompts must be >= 1, got {self.prompts}")
-        if self.samples < 10:
-            raise AuditError(f"--samples must be >= 10, got {self.samples}")
-        if not self.prefix_lengths or min(self.prefix_lengths) < 0:
-            raise AuditError(f"--prefix-lengths must be non-negative integers, got {list(self.prefix_lengths)}")
+        if not 1 <= self.prompts <= MAX_PROMPTS:
+            raise AuditError(f"--prompts must be between 1 and {MAX_PROMPTS}, got {self.prompts}")
+        if not 10 <= self.samples <= MAX_SAMPLES:
+            raise AuditError(f"--samples must be between 10 and {MAX_SAMPLES}, got {self.samples}")
+        if not self.prefix_lengths or min(self.prefix_lengths) < 0 or max(self.prefix_lengths) > MAX_PREFIX_LENGTH:
+            raise AuditError(f"--prefix-lengths must be integers between 0 and {MAX_PREFIX_LENGTH}, got "
+                             f"{list(self.prefix_lengths)[:8]}")
         if not 0 < self.alpha < 1:
             raise AuditError(f"--alpha must be in (0, 1), got {self.alpha}")
 
@@ -414,6 +418,8 @@ def run_audit(spec: Any, loaded: Any, config: AuditConfig) -> AuditResult:
                 audited = _audit_params(params, config, config.samples, min(params.max_new_tokens, budget))
                 requests.append(Request(rid, ids, audited, sample_indices=list(indices), forced_prefix=prefix))
             plan.append((pid, key, params, ids, prefix))
+    if not plan:
+        _no_checks(skipped)
     engine.reset_stats()
     outputs = engine.generate(requests)
     stats = AcceptanceStats.from_dict(engine.stats.to_dict())
@@ -426,7 +432,15 @@ def run_audit(spec: Any, loaded: Any, config: AuditConfig) -> AuditResult:
         if errors:
             raise AuditError(f"prompt {pid}: {errors[0]}")
         checks += _checks(engine.target, rules, params, ids, prefix, mine, (pid, key))
+    if not checks:
+        _no_checks(skipped)
     return AuditResult(checks=checks, stats=stats, alpha=config.alpha, skipped=skipped)
+
+
+def _no_checks(skipped: list[str]) -> None:
+    """An audit with no check has no verdict (it would be FAIL with p = nan): AuditError, one line."""
+    why = f" ({len(skipped)} skipped; first: {skipped[0]})" if skipped else ""
+    raise AuditError(f"no check could run on the audited prompts{why}; try other --prefix-lengths or --prompts")
 
 
 def _forced_prefix(completions: Sequence[Sequence[int]], length: int, rules: _Rules,

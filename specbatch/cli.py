@@ -11,7 +11,8 @@
 
 Exit codes: 0 success; 2 a spec, input, output-location or model error (one line naming the
 field or file, found by the preflight before Ray starts, nothing written); 1 a failed run (it
-names the failed shards) or a failed audit.
+names the failed shards), an output write refused (a full disk, a read-only or vanished
+directory) or a failed audit; 130 Ctrl-C; 143 SIGTERM (a clean stop, like Ctrl-C).
 """
 
 from __future__ import annotations
@@ -68,14 +69,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _run_spec(spec: Any, args: argparse.Namespace) -> int:
     from specbatch import report
-    from specbatch.driver import RunError, run_job
+    from specbatch.data import OutputIOError
+    from specbatch.driver import ClusterError, RunError, run_job
 
     try:
         result = run_job(spec, engine_factory=args.engine_factory, progress=not args.quiet)  # preflight first
-    except _input_errors() as e:
+    except (*_input_errors(), ClusterError) as e:
         return _fail(str(e), EXIT_INPUT)
     except RunError as e:
         return _fail(str(e), EXIT_FAILED)
+    except OutputIOError as e:  # a full disk, a read-only or vanished output: stopped, not retried
+        return _fail(f"cannot write the output: {e}; committed shards are kept, run again once this is fixed", EXIT_FAILED)
     print(report.summary_text(result.stats))
     if result.failed:
         return _fail(result.failure_line(), EXIT_FAILED)
@@ -99,7 +103,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
         stats = report.read_stats(args.output)
     except (FileNotFoundError, OSError, ValueError) as e:
         return _fail(f"{args.output}: no readable stats.json ({' '.join(str(e).split())[:200]})", EXIT_INPUT)
-    print(report.summary_text(stats))
+    try:
+        text = report.summary_text(stats)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        what = f"{type(e).__name__}: {' '.join(str(e).split())}"[:200]
+        return _fail(f"{args.output}: stats.json is not a specbatch statistics file ({what})", EXIT_INPUT)
+    print(text)
     if args.no_plots:
         return EXIT_OK
     # Beside stats.json by default, where readers of the output directory skip them.
@@ -139,16 +148,16 @@ def submission(job: str, overrides: Sequence[str], runtime_env: dict | None, cwd
 
 
 def _read_runtime_env(path: str | None) -> dict | None:
-    from specbatch.spec import SpecError
+    from specbatch.spec import SpecError, read_bounded
 
     if path is None:
         return None
     import yaml
 
     try:
-        env = yaml.safe_load(pathlib.Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such file") from None
+        env = yaml.safe_load(read_bounded(pathlib.Path(path)))
+    except ValueError as e:  # an integer literal beyond Python's conversion limit
+        raise SpecError(f"{path}: {' '.join(str(e).split())[:200]}") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: YAML syntax error: {' '.join(str(e).split())}") from None
     if env is None:
@@ -158,9 +167,26 @@ def _read_runtime_env(path: str | None) -> dict | None:
     return env
 
 
+def dashboard_address(text: str) -> str:
+    """A Ray Jobs API address, ``http(s)://HOST[:PORT]`` (the dashboard, port 8265 by default);
+    SpecError (one line) for anything else: a ray:// (Ray Client) address, a bare word, a bad port."""
+    from urllib.parse import urlsplit
+
+    from specbatch.spec import SpecError
+
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as e:
+        raise SpecError(f"--address {text}: {e}; expected http://HEAD:8265") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SpecError(f"--address {text}: expected the Ray dashboard's http://HEAD:8265 (a Jobs API address)")
+    return text
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from specbatch.preflight import preflight
-    from specbatch.spec import load_spec
+    from specbatch.spec import SpecError, load_spec
 
     try:
         spec = load_spec(args.job, args.set)
@@ -168,10 +194,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
         entrypoint, runtime_env = submission(args.job, args.set, _read_runtime_env(args.runtime_env))
     except _input_errors() as e:
         return _fail(str(e), EXIT_INPUT)
+    try:
+        address = dashboard_address(args.address)
+    except SpecError as e:
+        return _fail(str(e), EXIT_INPUT)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(args.address)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"specbatch_job": spec.name})
+    try:
+        client = JobSubmissionClient(address)
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"specbatch_job": spec.name})
+    except Exception as e:  # noqa: BLE001 - whatever the Jobs API raises (connection, HTTP, version): one line
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        return _fail(f"--address {args.address}: the Ray Jobs API did not take the job ({why})", EXIT_INPUT)
     print(f"submitted {spec.name} as {job_id}: {entrypoint}")
     print(f"follow it with: ray job logs -f {job_id} --address {args.address}")
     if not args.wait:
@@ -363,17 +397,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from specbatch.worker import ENGINE_FACTORY
 
         args.engine_factory = ENGINE_FACTORY
+    from specbatch import signals
     from specbatch.deps import DependencyError
 
-    try:
-        return args.func(args)
-    except DependencyError as exc:  # raised by the preflight, before Ray starts
-        return _fail(str(exc), EXIT_INPUT)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
-    except BrokenPipeError:  # e.g. `specbatch stats OUT | head`: the reader left, not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+    with signals.restored():  # main() called in a longer-lived process leaves its handler alone
+        signals.install()  # SIGTERM unwinds like Ctrl-C: actors stopped, the local Ray reaped
+        try:
+            return args.func(args)
+        except DependencyError as exc:  # raised by the preflight, before Ray starts
+            return _fail(str(exc), EXIT_INPUT)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (signals.Terminated, which Ray may rewrap)
+            if signals.received():
+                return _fail("terminated (SIGTERM); committed shards are kept, run again to resume", signals.EXIT_TERMINATED)
+            return _fail("interrupted", 130)
+        except BrokenPipeError:  # e.g. `specbatch stats OUT | head`: the reader left, not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import array
 import torch
 
 from specbatch import rng
+from specbatch.cache import CacheLayout
 from specbatch.rows import Row
 from specbatch.sampling import WarpParams, warp
 from specbatch.speculative import coupled_choice
@@ -51,14 +52,14 @@ class Drafter(Protocol):
     kind: str
     deterministic: bool
 
-    def attach(self, num_slots: int, max_len: int) -> None:
-        """Allocate per-slot state (called once by the engine)."""
+    def attach(self, layout: CacheLayout) -> None:
+        """Allocate per-slot state laid out like the target's cache (called once by the engine)."""
 
     def prefill(self, prompt_ids: Sequence[int], slot: int) -> None:
-        """Feed prompt_ids[:-1] into ``slot`` (the prompt's prefix slot)."""
+        """Feed prompt_ids[:-1] into ``slot`` (the prompt's prompt slot)."""
 
     def copy_prefix(self, src: int, dst: Sequence[int], length: int) -> None:
-        """Share a prompt's prefix state among the slots of its samples."""
+        """Share a prompt's prefix state (prompt slot ``src``) with the row slots of its samples."""
 
     def propose(self, rows: Sequence[Row], max_proposals: torch.Tensor, coupled: bool) -> Proposal:
         """Up to max_proposals[r] tokens per row."""
@@ -91,7 +92,7 @@ class _StatelessDrafter:
 
     deterministic = True
 
-    def attach(self, num_slots: int, max_len: int) -> None:
+    def attach(self, layout: CacheLayout) -> None:
         pass
 
     def prefill(self, prompt_ids: Sequence[int], slot: int) -> None:
@@ -204,8 +205,8 @@ class ModelDrafter:
         self.cache = None
         self.device = next(model.parameters()).device
 
-    def attach(self, num_slots: int, max_len: int) -> None:
-        self.cache = self.model.new_cache(num_slots, max_len)
+    def attach(self, layout: CacheLayout) -> None:
+        self.cache = self.model.new_cache(layout.num_slots, layout.max_len, layout.prompt_slots, layout.prompt_len)
 
     def prefill(self, prompt_ids: Sequence[int], slot: int) -> None:
         self.cache.reset([slot])

@@ -8,11 +8,16 @@ range in two halves named ``<name>.1`` and ``<name>.2``; a one-row shard that ke
 *failed*: its output rows are written with the error and finish_reason "error", and the run
 exits 1.
 
-The loop is the driver's own ``ray.wait``: each actor runs one shard at a time; a result is
-committed; an application error re-queues the shard (bounded by ``resources.max_attempts``,
-then split); an actor death re-queues its shard the same way and replaces the actor (its
-constructor runs again and loads the models from their paths). A rerun of the same job
-skips committed shards (resume), including the halves of a split shard.
+The loop is the driver's own ``ray.wait``: each *started* actor (its constructor returned) runs
+one shard at a time; a result is committed; an application error re-queues the shard (bounded
+by ``resources.max_attempts``, then split); an actor death re-queues its shard the same way, for
+whichever started actor is free first, and replaces the actor (its constructor runs again and
+loads the models from their paths). A replacement Ray cannot place (its node is gone, the
+cluster is full) gets no shard: it is named in a note while the started actors finish, and the
+run ends when every shard is committed. Two errors of an actor end the run at once, never
+retried: an input file that changed since the plan (InputError) and a write the output refused
+(OutputIOError). A rerun of the same job skips committed shards (resume), including the halves
+of a split shard.
 
 A run *fails* (exit code 1) when any committed row carries an error: a failed shard's rows,
 or rows the engine itself reported as errors (e.g. a prompt longer than max_model_len).
@@ -21,19 +26,25 @@ or rows the engine itself reported as errors (e.g. a prompt longer than max_mode
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import sys
 import time
 from typing import Any
 
-from specbatch import localray, storage
+from specbatch import localray, signals, storage
 from specbatch.preflight import preflight
 from specbatch.worker import ENGINE_FACTORY
 
 
 class RunError(RuntimeError):
     """The run could not go on (e.g. no actor could build its engine). One line."""
+
+
+class ClusterError(RunError):
+    """The cluster named by RAY_ADDRESS cannot be reached, or the address is malformed. One line;
+    nothing has run and nothing is written."""
 
 
 @dataclasses.dataclass
@@ -69,9 +80,36 @@ class RunResult:
 # Ray: connection, cluster shape, actor count
 
 
+CONNECT_TIMEOUT_S = 10.0  # for the probe of RAY_ADDRESS's host and port
+
+
+def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse a RAY_ADDRESS that is malformed or does not answer, before ``ray.init``, which
+    retries an unreachable cluster for minutes. Accepted forms: ``host:port``, ``ray://host:port``
+    (Ray Client), ``auto`` and ``local`` (found or started by Ray itself, not probed); the probe
+    is one TCP connection to host:port, given `timeout` seconds. Raises ClusterError (one line)."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme != "ray":
+        raise ClusterError(f"RAY_ADDRESS={address}: expected host:port or ray://host:port, not a {scheme}:// address")
+    host, colon, port = (rest if sep else address).rstrip("/").rpartition(":")
+    host = host.strip("[]")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClusterError(f"RAY_ADDRESS={address}: expected host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        why = "no answer" if isinstance(e, TimeoutError) or isinstance(e, socket.timeout) else (e.strerror or str(e))
+        raise ClusterError(f"RAY_ADDRESS={address}: cannot reach the cluster at {host}:{port} ({why}; tried for "
+                           f"{timeout:g} s); start it, or unset RAY_ADDRESS to run on a local Ray") from None
+
+
 def connect_ray() -> localray.LocalRay | None:
-    """Connect to RAY_ADDRESS when set, else start a local Ray; the local Ray if this call
-    started one (the caller stops it), else None.
+    """Connect to RAY_ADDRESS when set (probed first: :func:`check_address`), else start a local
+    Ray; the local Ray if this call started one (the caller stops it), else None.
 
     An already initialized Ray (a test session, a Ray job's driver) is used as it is. A local
     Ray is a new instance (never someone else's cluster found on this machine), listens on
@@ -83,9 +121,12 @@ def connect_ray() -> localray.LocalRay | None:
         return None
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return None
-    return localray.start(include_dashboard=False, dashboard_host=localray.LOOPBACK, log_to_driver=True)
+        check_address(address)
+    with signals.restored():  # ray.init replaces the SIGTERM handler with its own sys.exit
+        if address:
+            ray.init(address=address, log_to_driver=True)
+            return None
+        return localray.start(include_dashboard=False, dashboard_host=localray.LOOPBACK, log_to_driver=True)
 
 
 def alive_nodes() -> int:
@@ -218,22 +259,29 @@ class Progress:
 
 @dataclasses.dataclass
 class _Slot:
+    """An actor of the run. It is *ready* once its constructor has returned (describe() answered):
+    only a ready actor is given shards, so a shard never waits on an actor Ray cannot place."""
+
     label: str
     handle: Any
     busy: Task | None = None
     polling: Any = None  # ObjectRef of an outstanding progress() call
     description: Any = None  # ObjectRef of describe(), then its dict
+    ready: bool = False
+    created: float = dataclasses.field(default_factory=time.time)
+    waiting_noted: bool = False  # the "waiting to be placed" note was logged
 
 
 class Driver:
     """One run of a job spec over a Ray cluster."""
 
     def __init__(self, spec: Any, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True,
-                 poll_s: float = 1.0, log=None):
+                 poll_s: float = 1.0, log=None, placement_note_s: float = 30.0):
         self.spec = spec
         self.engine_factory = engine_factory
         self.show_progress = progress
         self.poll_s = poll_s
+        self.placement_note_s = placement_note_s  # an actor not started after this long is named in a note
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.slots: list[_Slot] = []
         self.retired: list[_Slot] = []
@@ -273,8 +321,8 @@ class Driver:
         for slot in self.retired + self.slots:
             desc = slot.description
             if not isinstance(desc, dict):
-                try:
-                    desc = ray.get(desc, timeout=5)
+                try:  # never started (died first, or never placed): no waiting on it
+                    desc = ray.get(desc, timeout=0)
                 except Exception:
                     desc = {"actor": slot.label}
             out.append(desc)
@@ -283,44 +331,57 @@ class Driver:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        """Preflight, prepare, dispatch, commit; return the result (stats.json written)."""
-        import ray
-
-        from specbatch import data
-
+        """Preflight, connect, prepare, dispatch, commit; return the result (stats.json written)."""
         spec = self.spec
         run_started = time.time()
         preflight(spec, engine_factory=self.engine_factory)  # before Ray starts; raises SpecError / InputError
         # One run at a time per output directory: a second driver would delete the files the
-        # first has written but not yet committed (prepare_output, _finish).
-        try:
-            held = storage.hold(spec.output.path)
-        except storage.StorageError as e:
-            raise data.InputError(f"output.path: {e}") from None
-        with held:
+        # first has written but not yet committed (prepare_output, _finish). An existing
+        # directory is held before Ray starts (a busy one is refused first); a new one is made
+        # and held only once the job can run (connected, the output fits the cluster).
+        held = self._hold(create=False)
+        with held or contextlib.ExitStack():
             local_ray = connect_ray()
             self.ray_ready_s = time.time() - run_started
             try:
                 nodes = alive_nodes()
                 check_cluster_output(spec, nodes)
-                for note in data.prepare_output(spec):
-                    self.log(f"warning: {note}: uncommitted, it runs again")
-                planned = data.plan_shards(spec)
-                committed = data.committed(spec)
-                tasks = collections.deque(Task(s) for s in data.pending_shards(planned, committed))
-                self.counts["resumed"] = len(planned) - len(tasks)
-                if tasks:
-                    local = nodes == 1 and not os.environ.get("RAY_ADDRESS")  # a Ray of this machine alone
-                    plan = plan_actors(spec, ray.cluster_resources(), len(tasks), local=local)
-                    if plan.note:
-                        self.log(f"note: {plan.note}")
-                    self._dispatch(tasks, plan, run_started)
-                result = self._finish(run_started)
+                with self._hold(create=True) if held is None else contextlib.ExitStack():
+                    result = self._run(nodes, run_started)
             finally:
                 self._stop_actors()
                 if local_ray is not None:
                     local_ray.stop()
         return result
+
+    def _hold(self, create: bool) -> contextlib.ExitStack | None:
+        from specbatch import data
+
+        try:
+            return storage.hold(self.spec.output.path, create=create)
+        except storage.StorageError as e:
+            raise data.InputError(f"output.path: {e}") from None
+
+    def _run(self, nodes: int, run_started: float) -> RunResult:
+        """Prepare the held output directory, dispatch the pending shards, finish."""
+        import ray
+
+        from specbatch import data
+
+        spec = self.spec
+        for note in data.prepare_output(spec):
+            self.log(f"warning: {note}: uncommitted, it runs again")
+        planned = data.plan_shards(spec)
+        committed = data.committed(spec)
+        tasks = collections.deque(Task(s) for s in data.pending_shards(planned, committed))
+        self.counts["resumed"] = len(planned) - len(tasks)
+        if tasks:
+            local = nodes == 1 and not os.environ.get("RAY_ADDRESS")  # a Ray of this machine alone
+            plan = plan_actors(spec, ray.cluster_resources(), len(tasks), local=local)
+            if plan.note:
+                self.log(f"note: {plan.note}")
+            self._dispatch(tasks, plan, run_started)
+        return self._finish(run_started)
 
     def _dispatch(self, tasks: collections.deque, plan: ActorPlan, run_started: float) -> None:
         import ray
@@ -333,14 +394,18 @@ class Driver:
         last_poll = 0.0
         try:
             while tasks or inflight:
+                self._check_started(plan)
                 for slot in self.slots:
-                    if slot.busy is None and tasks:
+                    if slot.ready and slot.busy is None and tasks:
                         task = tasks.popleft()
                         task.attempts += 1
                         slot.busy = task
                         inflight[slot.handle.run_shard.remote(task.shard, task.attempts)] = slot
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=self.poll_s)
+                starting = [slot.description for slot in self.slots if not slot.ready]
+                ready, _ = ray.wait(list(inflight) + starting, num_returns=1, timeout=self.poll_s)
                 for ref in ready:
+                    if ref not in inflight:
+                        continue  # an actor started (or failed to): _check_started, next round
                     slot = inflight.pop(ref)
                     task, slot.busy = slot.busy, None
                     try:
@@ -348,11 +413,13 @@ class Driver:
                     except rex.RayActorError as e:
                         if getattr(e, "actor_init_failed", False):
                             raise RunError(f"{slot.label} could not build its engine: {_init_error(slot)}") from None
-                        self.log(f"warning: {slot.label} died while running {task.shard.name}; replacing it")
+                        self.log(f"warning: {slot.label} died while running {task.shard.name}; "
+                                 "the shard goes to the next free actor, a new actor replaces it")
                         self.counts["actor_deaths"] += 1
                         self._replace(slot, plan)
                         self._task_failed(task, _error_line(e), tasks, progress)
                     except rex.RayTaskError as e:
+                        _raise_if_fatal(e)
                         self._task_failed(task, _error_line(e), tasks, progress)
                     except rex.RayError as e:  # e.g. the object was lost with its node: a fresh actor
                         self.log(f"warning: {slot.label} lost {task.shard.name} ({_error_line(e)}); replacing it")
@@ -366,6 +433,34 @@ class Driver:
         finally:
             progress.close()
 
+    def _check_started(self, plan: ActorPlan) -> None:
+        """Mark the actors whose constructor returned as ready; raise RunError for one whose
+        engine could not be built; replace one that died before it started; and name, once, an
+        actor Ray has not placed after placement_note_s (no room on the live nodes: it starts
+        when an autoscaler adds some, while the ready actors go on with the work)."""
+        import ray
+        import ray.exceptions as rex
+
+        for slot in list(self.slots):
+            if slot.ready:
+                continue
+            done, _ = ray.wait([slot.description], timeout=0)
+            if done:
+                try:
+                    slot.description = ray.get(slot.description)
+                    slot.ready = True
+                except rex.RayActorError as e:
+                    if getattr(e, "actor_init_failed", False):
+                        raise RunError(f"{slot.label} could not build its engine: {_init_error(slot)}") from None
+                    self.log(f"warning: {slot.label} died before it started ({_error_line(e)}); replacing it")
+                    self.counts["actor_deaths"] += 1
+                    self._replace(slot, plan)
+            elif not slot.waiting_noted and time.time() - slot.created >= self.placement_note_s:
+                slot.waiting_noted = True
+                live = sum(1 for s in self.slots if s.ready)
+                self.log(f"note: {slot.label} is waiting for Ray to place it ({plan.cpus} CPU, {plan.gpus:g} GPU free on "
+                         f"one node); {live} started actor(s) go on with the work meanwhile")
+
     def _replace(self, slot: _Slot, plan: ActorPlan) -> None:
         fresh = self._start_actor(plan)
         self.slots[self.slots.index(slot)] = fresh
@@ -375,6 +470,8 @@ class Driver:
         import ray
 
         for slot in self.slots:
+            if not slot.ready:
+                continue
             if slot.polling is not None:
                 done, _ = ray.wait([slot.polling], timeout=0)
                 if not done:
@@ -481,6 +578,20 @@ class Driver:
         return latest.engine.get("cost_model"), latest.engine.get("gamma")
 
 
+def _raise_if_fatal(exc: BaseException) -> None:
+    """Re-raise, in the driver, an actor's error that no retry can mend: an input file that changed
+    since the plan (InputError, exit 2) or a write the output refused (OutputIOError, exit 1:
+    a full disk, a read-only or vanished directory). Nothing is retried or split; the rest of
+    the job is stopped and committed shards stay."""
+    from specbatch.data import InputError, OutputIOError
+
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, InputError):
+        raise InputError(str(cause)) from None
+    if isinstance(cause, OutputIOError):
+        raise cause from None
+
+
 def _init_error(slot: _Slot) -> str:
     """The constructor's exception, one line."""
     import ray
@@ -495,6 +606,8 @@ def _init_error(slot: _Slot) -> str:
     return "unknown error"
 
 
-def run_job(spec: Any, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True, log=None) -> RunResult:
+def run_job(spec: Any, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True, log=None,
+            placement_note_s: float = 30.0) -> RunResult:
     """Run a job spec to completion (preflight, resume, retries, splitting); return its result."""
-    return Driver(spec, engine_factory=engine_factory, progress=progress, log=log).run()
+    return Driver(spec, engine_factory=engine_factory, progress=progress, log=log,
+                  placement_note_s=placement_note_s).run()

@@ -5,11 +5,13 @@ decoding completions and matching stop strings).  Requests go in; one :class:`Sa
 per (prompt, sample) comes out.
 
 How a request runs:
-1. *prefill once*: the prompt's first P - 1 tokens go into the prefix slot of the target (and
+1. *prefill once*: the prompt's first P - 1 tokens go into a prompt slot of the target (and
    draft) cache;
-2. *fan out*: each of its samples gets a free slot and a copy of that prefix; its first token
-   is sampled at its first step like any other, with its own sample index, so the N samples are
-   independent draws;
+2. *fan out*: each of its samples gets a free row slot, linked to that prompt slot (the shared
+   prompt KV layout: the prompt's KV is held once and read once per step for all its samples,
+   and lives while any of them runs) or given a copy of the prefix (the unshared layout, for one
+   sample per prompt); its first token is sampled at its first step like any other, with its own
+   sample index, so the N samples are independent draws;
 3. *steps*: every live row is advanced together.  The drafter proposes up to gamma tokens per
    row (ragged); one target forward scores [last committed token, proposals] for every row at
    its own positions; the verifier (specbatch.speculative) decides what is emitted; stops cut
@@ -30,6 +32,7 @@ import torch
 
 from specbatch import rng
 from specbatch.autogamma import AutoGamma
+from specbatch.cache import CacheLayout
 from specbatch.drafters import Drafter, NoDrafter
 from specbatch.request import Request, SampleOutput
 from specbatch.rows import Row
@@ -55,6 +58,12 @@ class EngineConfig:
     adaptive_gamma: bool = False  # choose gamma from measured alpha and the cost model
     auto_gamma: bool = False  # per-row proposal counts each step, up to num_draft_tokens (specbatch.autogamma)
     measure_cost: bool = True  # measure the cost model at start-up (needed for expected speedup)
+    # Planning hints for the KV cache (a job's sampling.n and sampling.max_new_tokens): with more
+    # than one sample per prompt, prompts are held once (shared prompt KV) and row slots are sized
+    # for completions of max_new_tokens; a request asking for more is refused with an error row.
+    samples_per_prompt: int = 1
+    max_new_tokens: int | None = None
+    share_prompt_kv: bool = True  # False: every row holds its own copy of its prompt (unshared)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -63,6 +72,38 @@ class EngineConfig:
             raise ValueError("num_draft_tokens must be >= 0")
         if self.verification not in ("rejection", "coupled"):
             raise ValueError(f"verification must be rejection or coupled, got {self.verification!r}")
+
+
+class PromptSlots:
+    """The prompt slots of an engine's cache and who holds them.
+
+    A prompt slot is *held* once by the request being fanned out (until its last sample has a
+    row) and, in the shared prompt KV layout, once by each live row linked to it; it is free
+    again, and reset, when its holds fall to zero, so a prompt's KV lives while any of its
+    samples runs. Unshared rows copy the prompt and hold nothing.
+    """
+
+    def __init__(self, slots: Sequence[int], cache: Any):
+        self.free = list(slots)[::-1]
+        self.holds: dict[int, int] = {}
+        self.cache = cache
+
+    def acquire(self) -> int | None:
+        """A free prompt slot, held once; None when every one is held."""
+        if not self.free:
+            return None
+        slot = self.free.pop()
+        self.holds[slot] = 1
+        return slot
+
+    def hold(self, slot: int, count: int) -> None:
+        self.holds[slot] += count
+
+    def release(self, slot: int) -> None:
+        self.holds[slot] -= 1
+        if self.holds[slot] == 0:
+            self.cache.reset([slot])
+            self.free.append(slot)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -76,7 +117,7 @@ class Engine:
     """Generates SampleOutputs for Requests on one device."""
 
     def __init__(self, target: Any, tokenizer: Any, drafter: Drafter | None = None, config: EngineConfig | None = None):
-        from specbatch.cache import plan_cache
+        from specbatch.cache import plan_cache, plan_shared_cache
 
         self.target = target
         self.tokenizer = tokenizer
@@ -91,15 +132,24 @@ class Engine:
         self.gamma = self.config.num_draft_tokens if not isinstance(self.drafter, NoDrafter) else 0
         self.gamma_reason = "fixed by speculative.num_draft_tokens" if self.gamma else "no drafter"
         self.max_batch = self.config.max_batch_size
-        # One extra slot holds the prompt being fanned out (its prefix).
+        # Unshared layout: one extra slot holds the prompt being fanned out (its prefix).
         budget = self.config.kv_cache_bytes or default_kv_budget(cfg, self.max_batch + 1, self.device)
         num_slots, self.max_len = plan_cache(cfg, budget, self.config.max_model_len, self.max_batch + 1, cfg.dtype)
-        if num_slots < 2:
-            raise ValueError(f"KV budget of {budget} bytes holds {num_slots} slot(s); need at least 2")
-        self.max_batch = min(self.max_batch, num_slots - 1)
-        self.prefix_slot = num_slots - 1
-        self.cache = target.new_cache(num_slots, self.max_len)
-        self.drafter.attach(num_slots, self.max_len)
+        if self.config.share_prompt_kv and self.config.samples_per_prompt > 1:
+            layout = plan_shared_cache(cfg, budget, self.max_len, self.max_batch,
+                                       self.config.max_new_tokens or self.max_len, self.config.samples_per_prompt,
+                                       cfg.dtype)
+            self.max_batch = min(self.max_batch, layout.num_slots)
+            self.prompt_slot_ids = list(range(layout.num_slots, layout.num_slots + layout.prompt_slots))
+        else:
+            if num_slots < 2:
+                raise ValueError(f"KV budget of {budget} bytes holds {num_slots} slot(s); need at least 2")
+            layout = CacheLayout(num_slots, self.max_len)
+            self.max_batch = min(self.max_batch, num_slots - 1)
+            self.prompt_slot_ids = [num_slots - 1]
+        self.layout = layout
+        self.cache = target.new_cache(layout.num_slots, layout.max_len, layout.prompt_slots, layout.prompt_len)
+        self.drafter.attach(layout)
         self.slot_state = SlotState(self.max_batch, self.vocab_size, self.device, self.eos_ids,
                                     self.max_len + self.config.num_draft_tokens + 1)
         self.cost_model: CostModel | None = None
@@ -138,8 +188,9 @@ class Engine:
         done: dict[tuple[int, int], SampleOutput] = {}
         order = [(id(req), i) for req in requests for i in req.indices()]
         free = list(range(self.max_batch))[::-1]
+        prompts = PromptSlots(self.prompt_slot_ids, self.cache)
         active: list[Row] = []
-        prefixed: Request | None = None
+        current: tuple[Request, int] | None = None  # the request being fanned out, its prompt slot
 
         def finish(out: SampleOutput, req: Request) -> None:
             done[(id(req), out.sample_index)] = out
@@ -155,15 +206,23 @@ class Engine:
                         _, i = pending.popleft()
                         finish(self._error_output(req, i, problem), req)
                     continue
-                if prefixed is not req:
-                    self._prefill(req)
-                    prefixed = req
+                if current is None or current[0] is not req:
+                    prompt_slot = prompts.acquire()
+                    if prompt_slot is None:  # every prompt slot serves live rows: wait for one to finish
+                        break
+                    current = (req, prompt_slot)
+                    self._prefill(req, prompt_slot)
                 starting = []
                 while pending and pending[0][0] is req and free and len(active) + len(starting) < self.max_batch:
                     starting.append((pending.popleft()[1], free.pop()))
                 admitted = len(active)
-                self._fan_out(req, starting, active)
+                self._fan_out(req, current[1], starting, active)
                 self.slot_state.admit(active[admitted:])
+                if self.cache.shared:
+                    prompts.hold(current[1], len(starting))
+                if not (pending and pending[0][0] is req):  # every sample started
+                    prompts.release(current[1])
+                    current = None
             if not active:
                 continue
             self._step_with_oom_retry(active)
@@ -176,6 +235,8 @@ class Engine:
                 self.cache.reset([row.slot])
                 self.drafter.release([row.slot])
                 free.append(row.slot)
+                if row.prompt_slot is not None:
+                    prompts.release(row.prompt_slot)
             active = still
         return [done[k] for k in order]
 
@@ -193,11 +254,14 @@ class Engine:
         forced = len(req.forced_prefix)
         if forced and (forced >= req.params.max_new_tokens or n + forced >= self.max_len):
             return f"forced prefix of {forced} tokens leaves no room for a new token"
+        if self.cache.shared and req.params.max_new_tokens - forced > self.layout.max_len \
+                and n + forced - 1 + self.layout.max_len < self.max_len:
+            return (f"max_new_tokens {req.params.max_new_tokens} exceeds the {self.layout.max_len} completion "
+                    "tokens the engine's KV cache was planned for (EngineConfig.max_new_tokens)")
         return None
 
-    def _prefill(self, req: Request) -> None:
-        """(Prompt + forced prefix)[:-1] into the prefix slot of the target and the drafter."""
-        slot = self.prefix_slot
+    def _prefill(self, req: Request, slot: int) -> None:
+        """(Prompt + forced prefix)[:-1] into prompt slot ``slot`` of the target and the drafter."""
         self.cache.reset([slot])
         committed = req.committed_token_ids()
         head = committed[:-1]
@@ -206,19 +270,24 @@ class Engine:
             self.target(tokens, self.cache, torch.tensor([slot], device=self.device), torch.tensor([len(head)], device=self.device), last_only=True)
         self.drafter.prefill(committed, slot)
 
-    def _fan_out(self, req: Request, starting: list[tuple[int, int]], active: list[Row]) -> None:
+    def _fan_out(self, req: Request, prompt_slot: int, starting: list[tuple[int, int]], active: list[Row]) -> None:
+        """Rows for ``starting`` (sample index, row slot), each given the prompt in ``prompt_slot``."""
         if not starting:
             return
         slots = [slot for _, slot in starting]
         committed = req.committed_token_ids()
         length = len(committed) - 1
-        self.cache.copy_prefix(self.prefix_slot, slots, length)
-        self.drafter.copy_prefix(self.prefix_slot, slots, length)
+        self.cache.copy_prefix(prompt_slot, slots, length)
+        self.drafter.copy_prefix(prompt_slot, slots, length)
         key = rng.row_key(req.params.seed, req.request_id)
+        # The most tokens a row may hold: its prompt and own slot in the shared layout.
+        capacity = min(self.max_len, length + self.layout.max_len) if self.cache.shared else self.max_len
+        linked = prompt_slot if self.cache.shared else None
         for sidx, slot in starting:
             active.append(
                 Row(request=req, sample_index=sidx, slot=slot, key=key,
-                    tokens=list(committed), num_prompt=len(req.prompt_token_ids))
+                    tokens=list(committed), num_prompt=len(req.prompt_token_ids), capacity=capacity,
+                    prompt_slot=linked)
             )
 
     # ------------------------------------------------------------------ one step
@@ -245,9 +314,10 @@ class Engine:
         """Per row: gamma, cut so the step can neither overrun max_new_tokens nor the cache."""
         if self.gamma == 0:
             return torch.zeros(len(rows), dtype=torch.int64)
-        gamma, max_len = self.gamma, self.max_len
+        gamma = self.gamma
         return torch.tensor(
-            [max(0, min(gamma, row.params.max_new_tokens - row.position - 1, max_len - len(row.tokens))) for row in rows],
+            [max(0, min(gamma, row.params.max_new_tokens - row.position - 1, row.capacity - len(row.tokens)))
+             for row in rows],
             dtype=torch.int64,
         )
 
@@ -314,7 +384,6 @@ class Engine:
         tested = np.minimum(packed[:, w + 2], kept)  # [R] a cut run tests no proposal after it
         accepted = np.minimum(packed[:, w + 3], kept)  # [R]
         tested_list, accepted_list = tested.tolist(), accepted.tolist()
-        max_len = self.max_len
         for i, row in enumerate(rows):
             k = keep_list[i]
             row.tokens += tokens[i][:k]
@@ -330,7 +399,7 @@ class Engine:
                         row.finish_reason, row.stop_reason = "stop", str(last)
                     else:
                         row.finish_reason = "eos"
-                elif row.position >= row.params.max_new_tokens or len(row.tokens) > max_len:
+                elif row.position >= row.params.max_new_tokens or len(row.tokens) > row.capacity:
                     row.finish_reason = "length"
         state.commit(batch, result.tokens, keep)
         self.cache.set_lengths(batch.slots, state.length[batch.slots] - 1)

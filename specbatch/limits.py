@@ -39,6 +39,7 @@ class Bounds:
         return None
 
 
+MAX_SPEC_BYTES = 1 << 20  # a job spec (or a runtime env) file: read at most this many bytes
 MAX_SAMPLES = 65_536  # sampling.n
 MAX_NEW_TOKENS = 1 << 20  # sampling.max_new_tokens, before the model's own context limit (checked in preflight)
 MAX_TOKEN_ID = (1 << 31) - 1  # token ids (logit_bias keys, stop_token_ids), before the vocabulary check

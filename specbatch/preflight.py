@@ -11,7 +11,9 @@ and the value limits of ``specbatch.limits``). The stages, in order:
    on an object store its bucket and location are looked up (``get_file_info``), nothing more
    (for ``validate``, a store that does not answer from here is a warning); then
    ``output.if_exists`` against what the directory holds (``data.check_existing_output``: a
-   non-empty directory under ``fail``, another spec's output under ``resume``);
+   non-empty directory under ``fail``, another spec's output under ``resume``, or a plan made
+   from input files that have changed since: every refusal of a resume is made here, so a
+   refused resume writes nothing);
 3. *models* (specbatch's own engine only; a custom engine factory loads what it likes): each
    checkpoint directory has config.json (parsed), safetensors weights, tokenizer files; a name
    is a checkpoint directory, a registered name or a hub id, and a string that looks like a path
@@ -141,7 +143,7 @@ def check_output_location(spec: JobSpec, info: InputInfo | None, offline: bool =
     except InputError as e:
         return _unreachable(f"output.path: {e}", str(e), offline)
     if not isinstance(fs, pafs.LocalFileSystem):
-        return _check_object_store(spec, fs, path, offline)
+        return _check_object_store(spec, fs, path, offline, info)
     if info is not None and (storage.is_local(info.uri) or info.uri.startswith("file://")):
         out = os.path.realpath(path)
         for f in map(os.path.realpath, info.files):
@@ -161,7 +163,7 @@ def check_output_location(spec: JobSpec, info: InputInfo | None, offline: bool =
     except OSError as e:
         raise InputError(f"output.path: {uri}: cannot {verb} ({e.strerror or e})") from None
     shutil.rmtree(probe, ignore_errors=True)
-    data.check_existing_output(spec)
+    data.check_existing_output(spec, info)
     return None
 
 
@@ -181,7 +183,8 @@ def _unreachable(line: str, why: str, offline: bool) -> str:
     raise InputError(line)
 
 
-def _check_object_store(spec: JobSpec, fs: pafs.FileSystem, path: str, offline: bool) -> str | None:
+def _check_object_store(spec: JobSpec, fs: pafs.FileSystem, path: str, offline: bool,
+                        info: InputInfo | None = None) -> str | None:
     """The bucket exists and answers, the location is not a file, if_exists allows the spec."""
     uri = spec.output.path
     bucket = path.split("/", 1)[0]
@@ -195,7 +198,7 @@ def _check_object_store(spec: JobSpec, fs: pafs.FileSystem, path: str, offline: 
         raise InputError(f"output.path: {uri}: the bucket {bucket} does not exist")
     if kind == pafs.FileType.File:
         raise InputError(f"output.path: {uri} is a file, expected a directory")
-    data.check_existing_output(spec)
+    data.check_existing_output(spec, info)
     return None
 
 

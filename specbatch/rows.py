@@ -24,6 +24,8 @@ class Row:
     key: int  # random-number row key (specbatch.rng.row_key of seed and prompt id)
     tokens: list[int]  # committed sequence: prompt + completion so far
     num_prompt: int
+    capacity: int  # the most tokens the row's cache slot holds (prompt + completion)
+    prompt_slot: int | None = None  # the prompt slot it reads its prompt from (shared prompt KV)
     logprob: float = 0.0
     proposed: int = 0
     tested: int = 0

@@ -531,20 +531,15 @@ def load_spec(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> JobSpe
     list). Raises :class:`SpecError` with one line naming the file or field.
     """
     path = pathlib.Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise SpecError(f"{path}: is a directory, expected a YAML file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path}: cannot read: {_one_line(str(e))}") from None
+    text = read_bounded(path)
     try:
         data = _load_yaml(text)  # a SafeLoader: plain data only
     except _AliasBomb as e:
         raise SpecError(f"{path}: {e}") from None
     except RecursionError:
         raise SpecError(f"{path}: YAML nested too deeply") from None
+    except ValueError as e:  # e.g. an integer literal beyond Python's 4300-digit conversion limit
+        raise SpecError(f"{path}: {_scalar_problem(e)}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -559,6 +554,34 @@ def load_spec(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> JobSpe
     return spec_from_dict(data)
 
 
+def read_bounded(path: pathlib.Path, limit: int = limits.MAX_SPEC_BYTES) -> str:
+    """The text of a small YAML file, reading at most `limit` + 1 bytes (a device such as
+    /dev/zero, or a huge file, is refused, never read whole). SpecError (one line) otherwise."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory, expected a YAML file") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read: {_one_line(str(e))}") from None
+    if len(raw) > limit:
+        raise SpecError(f"{path}: larger than {limit} bytes, not a job spec")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: cannot read: {_one_line(str(e))}") from None
+
+
+def _scalar_problem(e: ValueError) -> str:
+    """One phrase for a scalar PyYAML could not convert (an over-long integer literal)."""
+    text = _one_line(str(e))
+    if "digits" in text:
+        return f"a number is too long ({text})"
+    return f"a value does not convert: {text[:200]}"
+
+
 def apply_override(data: dict[str, Any], item: str) -> dict[str, Any]:
     """Return a copy of data with ``a.b.c=value`` set (value parsed as YAML)."""
     key, sep, raw = item.partition("=")
@@ -570,6 +593,8 @@ def apply_override(data: dict[str, Any], item: str) -> dict[str, Any]:
         value = _load_yaml(raw) if raw.strip() else ""
     except _AliasBomb as e:
         raise SpecError(f"--set {'.'.join(filter(None, (key, e.field)))}: {e.problem}") from None
+    except ValueError as e:
+        raise SpecError(f"--set {key}: {_scalar_problem(e)}") from None
     except yaml.YAMLError as e:
         raise SpecError(f"--set {item!r}: value is not valid YAML: {_one_line(getattr(e, 'problem', None) or str(e))}") from None
     out = _deep_copy(data)

@@ -73,10 +73,10 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
         raise StorageError(f"{location}: cannot open filesystem: {' '.join(str(e).split())}") from None
 
 
-def hold(location: str) -> contextlib.ExitStack:
+def hold(location: str, create: bool = True) -> contextlib.ExitStack | None:
     """Take the directory `location` for this process alone, creating it if missing; the
     returned context releases it. Raises Busy when another process (or another hold in this
-    one) has it.
+    one) has it. create=False: a missing local directory is not made, and None is returned.
 
     On a local filesystem (plain paths, ``file://`` URIs) this is an advisory lock (flock) on
     the directory itself: no file is written, and the kernel releases it when the process ends,
@@ -88,6 +88,8 @@ def hold(location: str) -> contextlib.ExitStack:
     fs, path = resolve(location)
     if not isinstance(fs, pafs.LocalFileSystem):
         return held
+    if not create and not os.path.isdir(path):
+        return None
     try:
         os.makedirs(path, exist_ok=True)
         fd = os.open(path, os.O_RDONLY)

@@ -114,6 +114,7 @@ def build_engine(spec: Any, measure_cost: bool = True) -> LoadedEngine:
         scope=draft_spec.scope,
     )
     gamma, auto = spec.gamma, spec.auto_gamma
+    points = [params for _, params in spec.sweep_points()]
     config = EngineConfig(
         max_batch_size=spec.resources.max_batch_size,
         num_draft_tokens=gamma,
@@ -122,6 +123,9 @@ def build_engine(spec: Any, measure_cost: bool = True) -> LoadedEngine:
         auto_gamma=auto,
         max_model_len=target_spec.max_model_len,
         measure_cost=measure_cost,
+        # the KV plan: prompts held once for their samples, row slots sized for the completions
+        samples_per_prompt=max(p.n for p in points),
+        max_new_tokens=max(p.max_new_tokens for p in points),
     )
     engine = Engine(target, tokenizer, drafter, config)
     chat_template = spec.input.chat_template
@@ -223,6 +227,7 @@ class ShardRunner:
         self.points = [(point, point_key(point), params) for point, params in spec.sweep_points()]
         self.keep = list(spec.input.keep_columns)
         self.lock = threading.Lock()  # one shard at a time, even in a threaded actor
+        self.plan: dict[str, Any] | None = None  # the output's plan file, read at the first shard that finds one
 
     def records(self, rows: list[dict]) -> list[OutputRecord]:
         """Output records of `rows`, in row order, then sweep point order, then sample index."""
@@ -263,6 +268,9 @@ class ShardRunner:
             started = time.time()
             before = _snapshot(self.loaded.engine.stats)
             shapes_before = self.step_shapes()
+            # The input files are those the plan was made from (InputError if one changed since).
+            self.plan = self.plan or data.read_plan(self.spec)
+            data.check_shard_input(self.spec, shard, self.plan)
             rows = data.read_rows(self.spec, shard)
             records = self.records(rows)
             written = data.write_shard(self.spec, shard, records)

@@ -14,6 +14,11 @@ Behaviour is steered by an optional ``fake_engine.json`` beside the input Parque
 exists during ``generate``, the engine deletes it and kills its own process, once (so a test
 can kill an actor in the middle of generation after some shards were committed).
 
+``"write_fault": {"errno": "ENOSPC", "after": k, "log": path}`` simulates an output store that
+refuses writes: in the actor's process, every shard-file write after the first k raises
+``OSError(errno)`` as the file system would (the write path of ``specbatch.data.files`` is
+patched there; no disk is really full), and appends a line to ``log`` per refused write.
+
 ``build_real(spec)`` is the real engine with the same die_marker behaviour (and delay_s
 slept before each shard's generation).
 """
@@ -121,11 +126,34 @@ class FakeEngine:
         return outputs
 
 
+def _inject_write_fault(fault: dict) -> None:
+    """Make this process's shard-file writes fail with fault["errno"] after fault["after"] of them."""
+    import errno as errnos
+
+    from specbatch.data import files
+
+    code = getattr(errnos, fault["errno"])
+    put, written = files._put, []
+
+    def failing_put(fs, path, data):
+        if ".part-" in path or path.rsplit("/", 1)[-1].startswith("part-"):
+            if len(written) >= int(fault.get("after", 0)):
+                with open(fault["log"], "a") as log:
+                    log.write(f"{path}\n")
+                raise OSError(code, f"[errno {code}] {os.strerror(code)}")
+            written.append(path)
+        put(fs, path, data)
+
+    files._put = failing_put
+
+
 def build(spec) -> LoadedEngine:
     control_path = pathlib.Path(spec.input.path).parent / "fake_engine.json"
     control = json.loads(control_path.read_text()) if control_path.is_file() else {}
     if control.get("fail_init"):
         raise RuntimeError("fake engine refused to start")
+    if control.get("write_fault"):
+        _inject_write_fault(control["write_fault"])
     return LoadedEngine(engine=FakeEngine(control), encode=encode, description={"device": "cpu", "engine": "fake"})
 
 

@@ -142,3 +142,17 @@ def test_forced_prefix_continues_a_sample_exactly(pair):
                                           forced_prefix=out.token_ids[:k])])[0]
         assert forced.token_ids == out.token_ids
         assert forced.num_prompt_tokens == len(prompt)
+
+
+def test_huge_sample_counts_and_audits_without_checks_exit_2(tmp_path, pair, capsys):
+    """--samples 99999999999 is refused before any model loads; an audit whose every prefix is
+    skipped has no verdict (it printed FAIL with p = nan): one line, exit 2."""
+    job = write_job(tmp_path, pair, {"kind": "ngram"})
+    assert main(["audit", job, "--samples", "99999999999"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --samples must be between 10 and 1000000, got 99999999999"], err
+    assert main(["audit", job, "--prompts", "1", "--prefix-lengths", "16", "--samples", "10"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no check could run on the audited prompts (1 skipped; first: "), lines
+    assert "audit: FAIL" not in captured.out

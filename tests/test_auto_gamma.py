@@ -26,7 +26,7 @@ PARAMS = SamplingParams(max_new_tokens=3, temperature=0.9, top_k=12, seed=5)
 
 def _rows(k, tested=0, accepted=0):
     req = Request("r", [1, 2, 3], SamplingParams(n=k))
-    return [Row(request=req, sample_index=i, slot=i, key=1, tokens=[1, 2, 3], num_prompt=3, tested=tested, accepted=accepted)
+    return [Row(request=req, sample_index=i, slot=i, key=1, tokens=[1, 2, 3], num_prompt=3, capacity=64, tested=tested, accepted=accepted)
             for i in range(k)]
 
 

@@ -49,7 +49,7 @@ def _entry(*pairs):
 
 def _row(tokens, request_id="r", n=2, sample_index=0, slot=0, **params):
     req = Request(request_id, list(tokens), SamplingParams(n=n, seed=3, **params))
-    return Row(request=req, sample_index=sample_index, slot=slot, key=11, tokens=list(tokens), num_prompt=len(tokens))
+    return Row(request=req, sample_index=sample_index, slot=slot, key=11, tokens=list(tokens), num_prompt=len(tokens), capacity=64)
 
 
 # ---------------------------------------------------------------------- the cache

@@ -6,6 +6,7 @@ One module per concept:
 * :mod:`~specbatch.data.layout`: where things live in an output directory;
 * :mod:`~specbatch.data.files`: atomic writes, listings and JSON documents;
 * :mod:`~specbatch.data.inputs`: finding, checking and reading the prompt dataset (stable row order);
+* :mod:`~specbatch.data.identity`: an input file's identity (size, time, footer hash), recorded in the plan;
 * :mod:`~specbatch.data.planning`: shards, planned once into the output directory, and their halves;
 * :mod:`~specbatch.data.records`: the output row (:class:`OutputRecord`, the output schema) and the
   shard manifest (:class:`ShardManifest`);
@@ -27,7 +28,7 @@ from specbatch.data.commits import (
     verify_shard,
     write_manifest,
 )
-from specbatch.data.files import _is_object_store, write_json
+from specbatch.data.files import OutputIOError, _is_object_store, write_json
 from specbatch.data.inputs import InputInfo, RowGroup, check_input, list_input_files, read_rows
 from specbatch.data.location import InputError, is_local, output_uri, resolve
 from specbatch.data.layout import (
@@ -40,7 +41,8 @@ from specbatch.data.layout import (
     manifest_name,
 )
 from specbatch.data.output import check_existing_output, prepare_output, read_output, write_shard
-from specbatch.data.planning import Shard, plan_rows, plan_shards, split_shard
+from specbatch.data.identity import FileIdentity, file_identity
+from specbatch.data.planning import Shard, check_plan, check_shard_input, plan_rows, plan_shards, read_plan, split_shard
 from specbatch.data.records import (
     CHAT_TYPE,
     OUTPUT_COLUMNS,
@@ -53,9 +55,10 @@ from specbatch.data.records import (
 
 __all__ = [
     "CHAT_TYPE", "MANIFEST_DIR", "META_DIR", "OUTPUT_COLUMNS", "PLAN_FILE", "SPEC_FILE", "STATS_FILE", "SUCCESS_FILE",
-    "InputError",
+    "InputError", "OutputIOError",
     "InputInfo", "ManifestError", "OutputRecord", "RowGroup", "Shard", "ShardFile", "ShardManifest",
-    "check_existing_output", "check_input",
+    "FileIdentity", "check_existing_output", "check_input", "check_plan", "check_shard_input", "file_identity",
+    "read_plan",
     "committed", "is_local", "list_input_files", "output_schema", "output_uri", "pending_shards", "plan_rows",
     "plan_shards", "prepare_output", "read_output", "read_rows", "remove_uncommitted", "resolve", "split_shard",
     "manifest_name", "uncommit_unverified", "verify_shard", "write_json", "write_manifest", "write_shard",

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from specbatch.data.files import _delete_quietly, _list_dir, _read_json, _write_bytes_atomic, file_digest
+from specbatch.data.files import OutputIOError, _delete_quietly, _list_dir, _read_json, _write_bytes_atomic, file_digest
 from specbatch.data.layout import LEGACY_MANIFEST_SUFFIX, MANIFEST_DIR, MANIFEST_SUFFIX, META_DIR, manifest_name
 from specbatch.data.location import InputError, _join, _one_line, output_uri, resolve
 from specbatch.data.planning import Shard, split_shard
@@ -39,9 +39,9 @@ def write_manifest(spec: JobSpec, manifest: ShardManifest) -> ShardManifest:
     file_name = f"{manifest.shard}.parquet"
     info = fs.get_file_info(_join(root, file_name))
     if info.type != pafs.FileType.File:
-        raise FileNotFoundError(f"{output_uri(spec, file_name)}: shard file missing; write it before its manifest")
+        raise OutputIOError(output_uri(spec, file_name), "the shard file is missing (written, then removed?)")
     if manifest.file_bytes is not None and info.size != manifest.file_bytes:
-        raise OSError(f"{output_uri(spec, file_name)}: {info.size} bytes, {manifest.file_bytes} were written")
+        raise OutputIOError(output_uri(spec, file_name), f"{info.size} bytes, {manifest.file_bytes} were written")
     manifest = dataclasses.replace(
         manifest, file=file_name, fingerprint=spec.fingerprint(),
         committed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -2,12 +2,19 @@
 
 A file written here is never seen partial: on a file system it is written under a temporary
 name (``.NAME.tmp-XXXX``) and renamed; on an object store it is one PUT of the whole object.
+
+An **output I/O error** (:class:`OutputIOError`) is a write the output's store refused: a full
+disk (ENOSPC, EDQUOT), a read-only file system (EROFS), no permission (EACCES, EPERM), a
+directory that is gone (ENOENT), or an object store's refusal. It is never a property of the
+rows being written, so it is never retried row by row: the run stops, naming the path.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import uuid
 from typing import Any
 
@@ -18,6 +25,33 @@ from specbatch.data.location import resolve
 
 _OBJECT_STORES = ("s3", "gcs")
 _DIGEST_PIECE = 8 << 20
+
+
+class OutputIOError(OSError):
+    """A write to the output location failed. ``str(e)`` is one line: the path and the error
+    (with its errno name, e.g. ``No space left on device (ENOSPC)``)."""
+
+    def __init__(self, path: str, error: BaseException | str):
+        code = getattr(error, "errno", None)
+        if isinstance(code, int) and code in errno.errorcode:
+            why = f"{os.strerror(code)} ({errno.errorcode[code]})"
+        else:
+            why = " ".join(str(error).split())[:300]
+        super().__init__(code, f"{path}: {why}")
+        self.path = path
+        self.line = f"{path}: {why}"
+
+    def __str__(self) -> str:
+        return self.line
+
+    def __reduce__(self):  # pickled across Ray with its line intact
+        return (_rebuild_output_io_error, (self.path, self.line))
+
+
+def _rebuild_output_io_error(path: str, line: str) -> "OutputIOError":
+    e = OutputIOError(path, "")
+    e.line = line
+    return e
 
 
 def _is_object_store(fs: pafs.FileSystem) -> bool:
@@ -31,16 +65,22 @@ def _exists(fs: pafs.FileSystem, path: str) -> bool:
 
 
 def _write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes | pa.Buffer) -> None:
-    """Write data so that `path` is never seen partial: temp name + rename, or one object PUT."""
+    """Write data so that `path` is never seen partial: temp name + rename, or one object PUT.
+    A failed write raises OutputIOError naming `path`."""
     if _is_object_store(fs):
-        _put(fs, path, data)
+        try:
+            _put(fs, path, data)
+        except (OSError, pa.ArrowException) as e:
+            raise OutputIOError(path, e) from None
         return
     tmp = _temp_name(path)
     try:
         _put(fs, tmp, data)
         fs.move(tmp, path)
-    except BaseException:
+    except BaseException as e:
         _delete_quietly(fs, tmp)
+        if isinstance(e, (OSError, pa.ArrowException)) and not isinstance(e, OutputIOError):
+            raise OutputIOError(path, e) from None
         raise
 
 

@@ -129,6 +129,8 @@ def _open_parquet(fs: pafs.FileSystem, path: str, shown: str | None = None) -> p
 
 
 def _prompt_kind(t: pa.DataType) -> str | None:
+    if pa.types.is_dictionary(t):  # dictionary-encoded strings (pandas categoricals, some writers)
+        t = t.value_type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         return "text"
     if pa.types.is_list(t) or pa.types.is_large_list(t):
@@ -230,7 +232,11 @@ def check_input(spec: JobSpec) -> InputInfo:
 
 
 def _check_output_outside_input(spec: JobSpec) -> None:
-    """An output directory inside an input directory would be read back as input on a rerun."""
+    """An output directory inside an input directory would be read back as input on a rerun.
+
+    For a glob, only an output directory that files matching the glob could lie in is refused
+    (``data/*.parquet`` refuses ``data`` itself, ``data/**/*.parquet`` anything below it; neither
+    refuses ``data/out`` or ``data_out``)."""
     if storage.scheme(spec.input.path) != storage.scheme(spec.output.path):
         return  # different stores: the output's is not opened here (it may not be reachable from this machine)
     split = _split_glob(spec.input.path)
@@ -240,9 +246,25 @@ def _check_output_outside_input(spec: JobSpec) -> None:
         return
     if split is None and in_fs.get_file_info(in_path).type != pafs.FileType.Directory:
         return
-    base = in_path.rstrip("/")
-    if out_path.rstrip("/") == base or out_path.startswith(base + "/"):
-        raise InputError(f"output.path: {spec.output.path} is inside the input directory {spec.input.path}; write it elsewhere")
+    base, out = in_path.rstrip("/"), out_path.rstrip("/")
+    if out != base and not out.startswith(base + "/"):
+        return
+    if split is not None:
+        below = [p for p in out[len(base):].split("/") if p]
+        if not _may_hold_matches(below, split[1].split("/")):
+            return
+    raise InputError(f"output.path: {spec.output.path} is inside the input directory {spec.input.path}; write it elsewhere")
+
+
+def _may_hold_matches(parts: list[str], pattern: list[str]) -> bool:
+    """Whether a file below the directory `parts` (segments under the glob's base) can match `pattern`."""
+    if not pattern:
+        return False  # the pattern ends above the directory: files below it are deeper than any match
+    if pattern[0] == "**":
+        return True
+    if not parts:
+        return True  # the directory itself: its files are matched by the rest of the pattern
+    return fnmatch.fnmatchcase(parts[0], pattern[0]) and _may_hold_matches(parts[1:], pattern[1:])
 
 
 def _check_ids(spec: JobSpec, info: InputInfo) -> None:

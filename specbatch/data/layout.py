@@ -30,7 +30,8 @@ SUCCESS_FILE = f"{META_DIR}/_SUCCESS"
 LEGACY_MANIFEST_SUFFIX = ".manifest.json"
 LEGACY_SPEC_FILE = "_spec.json"
 LEGACY_STATS_FILE = "stats.json"
-LEGACY = {"_plan.json": PLAN_FILE, LEGACY_SPEC_FILE: SPEC_FILE, LEGACY_STATS_FILE: None, "_SUCCESS": None}
+LEGACY_PLAN_FILE = "_plan.json"
+LEGACY = {LEGACY_PLAN_FILE: PLAN_FILE, LEGACY_SPEC_FILE: SPEC_FILE, LEGACY_STATS_FILE: None, "_SUCCESS": None}
 
 
 def manifest_name(shard: str) -> str:

@@ -8,6 +8,7 @@ a directory written by a different spec (:func:`check_existing_output`, run by t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import time
@@ -18,7 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from specbatch.data.commits import _read_manifests, remove_uncommitted, uncommit_unverified
-from specbatch.data.files import _delete_quietly, _exists, _list_dir, _read_json, _write_bytes_atomic
+from specbatch.data.files import OutputIOError, _delete_quietly, _exists, _list_dir, _read_json, _write_bytes_atomic
 from specbatch.data.layout import (
     LEGACY,
     LEGACY_MANIFEST_SUFFIX,
@@ -29,14 +30,15 @@ from specbatch.data.layout import (
     manifest_name,
 )
 from specbatch.data.location import InputError, _join, output_uri, resolve
-from specbatch.data.planning import Shard
+from specbatch.data.inputs import InputInfo, _layout
+from specbatch.data.planning import Shard, check_plan, read_plan
 from specbatch.data.records import OutputRecord, ShardFile, output_schema, records_table
 
 if TYPE_CHECKING:
     from specbatch.spec import JobSpec
 
 
-def check_existing_output(spec: JobSpec) -> bool:
+def check_existing_output(spec: JobSpec, info: InputInfo | None = None) -> bool:
     """Read the output directory's state and decide whether `spec` may write it under
     ``output.if_exists``; True when the directory holds something (resume keeps it, overwrite
     clears it), False when it is missing or empty.
@@ -44,7 +46,11 @@ def check_existing_output(spec: JobSpec) -> bool:
     Raises InputError (one line naming output.path and the rule) for a file in its place, a
     non-empty directory under ``fail``, a non-empty directory without a spec file (not a
     specbatch output: never resumed into or cleared), and under ``resume`` a spec file that does
-    not read or records another spec's fingerprint. Reads the listing and the spec file only.
+    not read or records another spec's fingerprint, a plan that is stale (the input's files are not
+    those it was planned from, :func:`~specbatch.data.planning.check_plan`; `info` is the input's
+    layout, scanned when not given) and a manifest written by a newer specbatch. Reads the
+    listing, the spec file, the plan, the manifests and the input files' footers; writes nothing,
+    so a refused resume leaves the directory exactly as it was.
     The preflight calls it before Ray starts; :func:`prepare_output` calls it again under the
     run's hold on the directory, since another run may have written it in between.
     """
@@ -71,6 +77,10 @@ def check_existing_output(spec: JobSpec) -> bool:
                 f"output.path: {where} was written by a different spec (fingerprint {str(recorded)[:12]} != "
                 f"{fingerprint[:12]}); use output.if_exists: overwrite or another output.path"
             )
+        plan = read_plan(spec)
+        if plan is not None:
+            check_plan(spec, plan, info or _layout(spec))
+        _read_manifests(fs, root)  # raises for a manifest of a newer version
     return True
 
 
@@ -134,7 +144,10 @@ def write_shard(spec: JobSpec, shard: Shard, records: Sequence[OutputRecord], sc
     pq.write_table(table, sink)
     buffer = sink.getvalue()
     fs, root = resolve(spec.output.path)
-    fs.create_dir(root, recursive=True)
+    # The directory is made by prepare_output; one that is gone since is an output error, never
+    # made again here (a fresh directory would hold shards without their spec file and plan).
+    if isinstance(fs, pafs.LocalFileSystem) and fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise OutputIOError(root, OSError(errno.ENOENT, "gone"))
     _write_bytes_atomic(fs, _join(root, f"{shard.name}.parquet"), buffer)
     return ShardFile(output_uri(spec, f"{shard.name}.parquet"), buffer.size, hashlib.sha256(buffer).hexdigest())
 

@@ -13,6 +13,11 @@ attends causally over the slot (and only within the sliding window on layers tha
 then advances ``cache.lengths[slots]`` by ``num_tokens``.  Attention reads the cache only up
 to the longest live row of the batch.
 
+With the shared prompt KV layout (``specbatch.cache``), a call writes either one prompt slot
+(prefill of a prompt) or row slots only; a row slot holds its own tokens and attends over its
+linked prompt slot too (``specbatch.models.attention``). Positions stay logical: RoPE and the
+causal and sliding-window masks see the same positions in both layouts.
+
 Weights are stored fused where that saves kernel launches: q/k/v in one matrix, gate/up in
 one matrix.  In float32 the logits match transformers' to rounding; in half precision the
 fused RMSNorm rounds once where transformers rounds twice, so logits differ slightly.
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specbatch.cache import KVCache
+from specbatch.models.attention import shared_prefix_attention
 from specbatch.models.config import ModelConfig
 from specbatch.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
@@ -87,10 +93,12 @@ CPU_FLOAT32_ATTENTION_MAX_ELEMENTS = 1 << 17
 class DecoderLayer(nn.Module):
     """Pre-norm attention (fused qkv, GQA, optional q/k norm) then a SwiGLU MLP (fused gate/up)."""
 
-    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], prefix: str, sliding: bool, pack: bool):
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], prefix: str, sliding: bool, pack: bool,
+                 index: int = 0):
         super().__init__()
         self.config = config
         self.sliding = sliding
+        self.index = index  # this layer's place in the cache's per-layer lists
         a, m = prefix + "self_attn.", prefix + "mlp."
         nh, kvh = config.num_attention_heads, config.num_key_value_heads
         self.attn_norm = _param(w[prefix + "input_layernorm.weight"])  # [H]
@@ -144,7 +152,15 @@ class DecoderLayer(nn.Module):
             keys, values = k_cache[plan.slots, :, : plan.kv_len], v_cache[plan.slots, :, : plan.kv_len]
         # keys, values: [R, kvh, L, hd], in the same row order as q and the masks
         mask = plan.sliding_mask if self.sliding else plan.mask  # [R, W, L]
-        if W <= MATMUL_ATTENTION_MAX_WIDTH:
+        if plan.prefix is not None:  # shared prompt KV: the linked prompt slots, then the own tokens
+            pre = plan.prefix
+            prefix_k, prefix_v = pre.keys(self.index), pre.values(self.index)  # [G, kvh, Lp, hd]
+            prefix_mask = pre.sliding_mask if self.sliding else pre.mask  # [R, W, Lp]
+            if plan.float32_attention:
+                q, keys, values, prefix_k, prefix_v = (t.float() for t in (q, keys, values, prefix_k, prefix_v))
+            out = shared_prefix_attention(q, keys, values, mask, prefix_k, prefix_v, prefix_mask,
+                                          pre.group, pre.rank, pre.rows_per_group).to(x.dtype)
+        elif W <= MATMUL_ATTENTION_MAX_WIDTH:
             if plan.float32_attention:
                 out = _matmul_attention(q.float(), keys.float(), values.float(), mask[:, None, None]).to(q.dtype)
             else:
@@ -184,41 +200,68 @@ class _Plan:
     """Per-forward index and mask tensors shared by all layers (computed once per call).
 
     Masks ``[R, W, L]``: for wide calls boolean (True = attend), for
-    scaled_dot_product_attention; for narrow calls additive float32 (0 or -inf).
+    scaled_dot_product_attention; for narrow calls, and every call reading a shared prompt,
+    additive float32 (0 or -inf).
+
+    ``pool`` is the cache pool the call reads and writes: "rows" (row slots) or "prompts" (one
+    prompt slot being prefilled, shared layout only); ``slots`` are indices into that pool. In
+    row calls with linked prompts, positions in the row's own region are the logical positions
+    minus the row's ``prefix_len``, and ``prefix`` (a :class:`_PrefixPlan`) says how to read the
+    prompt slots; otherwise ``prefix`` is None and the call is the unshared forward.
     """
 
     def __init__(self, model: "LlamaModel", cache: KVCache, slots: torch.Tensor, num_tokens: torch.Tensor, W: int):
         device = slots.device
         R = slots.shape[0]
-        starts = cache.lengths[slots]  # [R]
+        starts = cache.lengths[slots]  # [R] logical
         offsets = torch.arange(W, device=device)
-        positions = starts[:, None] + offsets  # [R, W]
+        positions = starts[:, None] + offsets  # [R, W] logical (RoPE)
         valid = offsets < num_tokens[:, None]  # [R, W]
-        ends = starts + num_tokens  # [R]
         # One host sync for everything the shapes depend on.
         zero = slots.new_zeros(())
         sorted_slots, order = slots.sort()
         first = sorted_slots[0] if R else zero
         arange = torch.arange(R, device=device)
         facts = torch.stack([
-            ends.max() if R else zero,
             (num_tokens == W).all().long(),
             (sorted_slots == first + arange).all().long(),  # the slots are a contiguous run
             (order == arange).all().long(),                 # ... already in slot order
             first,
+            sorted_slots[-1] if R else zero,
             starts.min() if R else zero,
             num_tokens.min() if R else zero,
         ]).tolist()
-        kv_len, all_valid, contiguous, in_order, lo, min_start, min_tokens = facts
-        if kv_len > cache.max_len:
-            raise ValueError(f"a row would hold {kv_len} tokens but the cache's max_len is {cache.max_len}")
+        all_valid, contiguous, in_order, lo, hi, min_start, min_tokens = facts
         if min_tokens < 0 or min_start < 0:
             raise ValueError("num_tokens and cache lengths must be >= 0")
+        if cache.shared and R and lo >= cache.num_slots:  # a prompt slot being prefilled
+            if R != 1:
+                raise ValueError("a prompt slot is prefilled alone")
+            self.pool, base, capacity = "prompts", cache.num_slots, cache.prompt_len
+        elif hi >= cache.num_slots:
+            raise ValueError(f"slot {hi} is not a row slot of a cache with {cache.num_slots}")
+        else:
+            self.pool, base, capacity = "rows", 0, cache.max_len
+        slots = slots - base if base else slots
+        lo -= base
+        own = starts  # [R] tokens before this call in the region the call writes
+        linked = self.pool == "rows" and cache.shared
+        if linked:
+            prefix_len = cache.prefix_len[slots]  # [R]
+            own = starts - prefix_len
+        own_positions = own[:, None] + offsets  # [R, W] indices into the written region
+        own_facts = torch.stack([(own + num_tokens).max() if R else zero, own.min() if R else zero,
+                                 prefix_len.max() if linked and R else zero]).tolist()
+        kv_len, min_own, longest_prefix = own_facts
+        if min_own < 0:
+            raise ValueError("a row was rolled back into its shared prompt")
+        if kv_len > capacity:
+            raise ValueError(f"a row would hold {kv_len} tokens but the cache's max_len is {capacity}")
         self.kv_len = max(kv_len, 1)
         c = model.config
         self.float32_attention = (
             device.type == "cpu" and model.dtype != torch.float32
-            and R * c.num_key_value_heads * self.kv_len * c.head_dim <= CPU_FLOAT32_ATTENTION_MAX_ELEMENTS
+            and R * c.num_key_value_heads * (self.kv_len + longest_prefix) * c.head_dim <= CPU_FLOAT32_ATTENTION_MAX_ELEMENTS
         )
         self.slots = slots
         self.slot_range = (lo, lo + R) if contiguous else None
@@ -231,30 +274,71 @@ class _Plan:
 
         if all_valid:
             self.write_valid = None
-            self.write_index = (slots[:, None].expand(R, W), positions)  # ([R, W], [R, W])
+            self.write_index = (slots[:, None].expand(R, W), own_positions)  # ([R, W], [R, W])
         else:
             self.write_valid = valid
-            self.write_index = (slots[:, None].expand(R, W)[valid], positions[valid])  # ([N], [N])
+            self.write_index = (slots[:, None].expand(R, W)[valid], own_positions[valid])  # ([N], [N])
 
-        key_pos = torch.arange(self.kv_len, device=device)  # [L]
-        causal = key_pos <= positions[:, :, None]  # [R, W, L]
+        additive = longest_prefix > 0 or W <= MATMUL_ATTENTION_MAX_WIDTH
+        key_pos = torch.arange(self.kv_len, device=device)  # [L] own-region index
+        causal = key_pos <= own_positions[:, :, None]  # [R, W, L]
         padding = None if all_valid else ~valid[:, :, None]  # padded queries attend anywhere (finite, unused)
-        self.mask = self._mask(causal, padding, W)
+        self.mask = self._mask(causal, padding, additive)
         self.sliding_mask = None
         window = model.config.sliding_window
-        if window is not None:
-            self.sliding_mask = self._mask(causal & (key_pos > positions[:, :, None] - window), padding, W)
+        if window is not None:  # own-region distances are logical distances
+            self.sliding_mask = self._mask(causal & (key_pos > own_positions[:, :, None] - window), padding, additive)
+        self.prefix = None
+        if longest_prefix > 0:
+            self.prefix = _PrefixPlan(cache, slots, positions, padding, longest_prefix, window, self._mask, self.order)
 
-    def _mask(self, allowed: torch.Tensor, padding: torch.Tensor | None, W: int) -> torch.Tensor:
+    def _mask(self, allowed: torch.Tensor, padding: torch.Tensor | None, additive: bool) -> torch.Tensor:
         """The attention mask in the row order attention runs in (slot order when permuted)."""
         if padding is not None:
             allowed = allowed | padding
         if self.order is not None:
             allowed = allowed[self.order]
-        if W > MATMUL_ATTENTION_MAX_WIDTH:
+        if not additive:
             return allowed  # [R, W, L] bool
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
         return bias.masked_fill_(~allowed, float("-inf"))  # [R, W, L]
+
+
+class _PrefixPlan:
+    """How a row call reads its rows' linked prompt slots (shared prompt KV layout).
+
+    Rows linked to one prompt slot form a *group*; ``group [R]`` is each row's group (in the
+    row order attention runs in), ``rank [R]`` its place within the group, ``rows_per_group``
+    the largest group. The masks ``[R, W, Lp]`` allow key j of row r where j < prefix_len[r]
+    (every prompt position precedes the row's queries) and, on sliding-window layers, only the
+    keys within the window of each query's logical position.
+    """
+
+    def __init__(self, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor, padding: torch.Tensor | None,
+                 longest_prefix: int, window: int | None, mask, order: torch.Tensor | None) -> None:
+        prefix_len = cache.prefix_len[slots]  # [R]
+        groups, group = torch.unique(cache.prefix_of[slots], return_inverse=True)  # [G], [R]
+        counts = torch.bincount(group)  # [G]
+        by_group = torch.argsort(group, stable=True)  # [R]
+        starts = torch.cumsum(counts, 0) - counts  # [G] first place of each group in by_group
+        rank = torch.empty_like(group)
+        rank[by_group] = torch.arange(group.shape[0], device=group.device) - starts[group[by_group]]
+        self.rows_per_group = int(counts.max())
+        self.cache, self.groups, self.length = cache, groups, longest_prefix
+        key_pos = torch.arange(longest_prefix, device=slots.device)  # [Lp]
+        allowed = (key_pos < prefix_len[:, None]).unsqueeze(1).expand(-1, positions.shape[1], -1)  # [R, W, Lp]
+        self.mask = mask(allowed, padding, True)
+        self.sliding_mask = None
+        if window is not None:
+            self.sliding_mask = mask(allowed & (key_pos > positions[:, :, None] - window), padding, True)
+        # In the row order attention runs in (the masks were permuted by `mask` already).
+        self.group, self.rank = (group, rank) if order is None else (group[order], rank[order])
+
+    def keys(self, layer: int) -> torch.Tensor:
+        return self.cache.pk[layer][self.groups, :, : self.length]  # [G, kvh, Lp, hd]
+
+    def values(self, layer: int) -> torch.Tensor:
+        return self.cache.pv[layer][self.groups, :, : self.length]  # [G, kvh, Lp, hd]
 
 
 class LlamaModel(nn.Module):
@@ -270,7 +354,7 @@ class LlamaModel(nn.Module):
         self.embed = _param(weights["model.embed_tokens.weight"])  # [V, H]
         pack = _onednn_packing_works(self.embed.device, self.embed.dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, weights, f"model.layers.{i}.", config.sliding_layers[i], pack)
+            DecoderLayer(config, weights, f"model.layers.{i}.", config.sliding_layers[i], pack, i)
             for i in range(config.num_hidden_layers)
         )
         self.norm = _param(weights["model.norm.weight"])  # [H]
@@ -293,11 +377,12 @@ class LlamaModel(nn.Module):
     def device(self) -> torch.device:
         return self.embed.device
 
-    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
-        """An empty KV cache for this model, in its dtype and on its device."""
+    def new_cache(self, num_slots: int, max_len: int, prompt_slots: int = 0, prompt_len: int = 0) -> KVCache:
+        """An empty KV cache for this model, in its dtype and on its device (with prompt slots:
+        the shared prompt KV layout)."""
         c = self.config
         return KVCache(c.num_hidden_layers, num_slots, max_len, c.num_key_value_heads, c.head_dim,
-                       dtype=self.dtype, device=self.device)
+                       dtype=self.dtype, device=self.device, prompt_slots=prompt_slots, prompt_len=prompt_len)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor, num_tokens: torch.Tensor,
@@ -312,7 +397,8 @@ class LlamaModel(nn.Module):
         # Steps (narrow calls wanting every position's logits) run compiled when compile_steps
         # was applied; prefill (last position only) always runs eager.
         compiled = self.compiled_body is not None and W <= self.compiled_max_width and not last_only
-        logits = (self.compiled_body if compiled else self.body)(x, cache.k, cache.v, plan, last)
+        k, v = (cache.pk, cache.pv) if plan.pool == "prompts" else (cache.k, cache.v)
+        logits = (self.compiled_body if compiled else self.body)(x, k, v, plan, last)
         cache.lengths.index_add_(0, slots, num_tokens)
         return logits
 

@@ -1,9 +1,12 @@
-"""Engine and drafter mutants: one-line breakages of engine.py / drafters.py that the engine
-harness (:mod:`tests.exactness.engine_harness`) must fail.
+"""Engine and drafter mutants: one-line breakages of engine.py / drafters.py (and of the warp,
+the random numbers and the kernels' torch reference they call) that the engine harness
+(:mod:`tests.exactness.engine_harness`) must fail, in its distribution comparisons or, for
+``caught_by="outputs"``, in its whole-output checks (invariants, recomputed cumulative_logprob).
 
-Each mutant patches the real code path (a method of ``Engine``, ``SlotState``, ``ModelDrafter``
-or ``KVCache``, or a module attribute that engine.py / drafters.py call) with a thin wrapper around the real
-function that changes one thing; the comment on each names the one line of the product code
+Each mutant patches the real code path (a method of ``Engine``, ``SlotState``, ``ModelDrafter`` or
+``KVCache``, or a module attribute that engine.py / drafters.py / the kernels' reference call) with a
+thin wrapper around the real function that changes one thing; the comment on each names the one line
+of the product code
 it stands for.  Nothing copies the engine or the drafter.
 
 Use::
@@ -27,12 +30,14 @@ from unittest import mock
 import torch
 
 from specbatch import cache as cache_mod
-from specbatch import drafters, engine, rng
+from specbatch import drafters, engine, rng, sampling
 from specbatch.autogamma import AutoGamma
 from specbatch.drafters import ModelDrafter
+from specbatch.engine import Engine
 from specbatch.slots import SlotState
+from specbatch.speculative import emitted_logprobs
 from specbatch.suffix import SuffixDrafter, sparse_warp
-from specbatch_kernels import ops
+from specbatch_kernels import ops, reference
 
 Installer = Callable[[contextlib.ExitStack], None]
 
@@ -46,6 +51,7 @@ class EngineMutant:
     install: Installer
     breaks: str  # what is wrong, in one line
     n: int = 2000  # samples per prompt (half a case's own: every mutant fails by far at this size)
+    caught_by: str = "distribution"  # distribution: the case's comparisons; outputs: its whole-output checks
 
 
 def _drafter_ops(stack: contextlib.ExitStack, **replacements: Callable[..., Any]) -> None:
@@ -175,8 +181,9 @@ def _draft_uniforms_shared_by_samples(stack: contextlib.ExitStack) -> None:
 
 
 def _refill_keeps_stale_prefix(stack: contextlib.ExitStack) -> None:
-    # KVCache.copy_prefix: a slot that held a row before keeps its K/V (only its length is set),
-    # as if it still held this prompt's prefix
+    # KVCache.copy_prefix: a slot that held a row before keeps the previous row's prompt, as if
+    # it still held this prompt's prefix: unshared, its copied K/V stays (only its length is set);
+    # shared, its link to the previous prompt's slot stays (only its lengths are set)
     real = cache_mod.KVCache.copy_prefix
     used: dict[int, set[int]] = {}
 
@@ -185,7 +192,10 @@ def _refill_keeps_stale_prefix(stack: contextlib.ExitStack) -> None:
         dst = [int(d) for d in dst]
         fresh = [d for d in dst if d not in seen]
         real(self, src, fresh, length)
-        self.set_lengths([d for d in dst if d in seen], length)
+        stale = [d for d in dst if d in seen]
+        if self.shared and stale:
+            self.prefix_len[stale] = length
+        self.set_lengths(stale, length)
         seen.update(dst)
 
     stack.enter_context(mock.patch.object(cache_mod.KVCache, "copy_prefix", copy_prefix))
@@ -251,6 +261,95 @@ def _auto_count_peeks_at_uniforms(stack: contextlib.ExitStack) -> None:
     stack.enter_context(mock.patch.object(AutoGamma, "decide", decide))
 
 
+# ---- issue 19: stops x min_new_tokens, cumulative_logprob, the warp itself, distant samples ------
+
+
+def _ban_without_stop_ids(stack: contextlib.ExitStack) -> None:
+    # SlotState._admit_group: ban mask = stop_token_ids | eos_ids -> eos_ids
+    # (before min_new_tokens only EOS is banned; the stop ids can be drawn there)
+    real = SlotState.admit
+
+    def admit(self, rows):
+        real(self, rows)
+        if self.ban_ids is not None and rows:
+            slots = torch.tensor([row.slot for row in rows], dtype=torch.int64, device=self.device)
+            self.ban_ids[slots] = False
+            self.ban_ids[slots[:, None], self._ids(self.eos_ids)[None, :]] = True
+
+    stack.enter_context(mock.patch.object(SlotState, "admit", admit))
+
+
+def _no_stop_in_min_step(stack: contextlib.ExitStack) -> None:
+    # SlotState.is_stop: position + j >= min_new_tokens -> position >= min_new_tokens
+    # (a step that began before the minimum cuts at none of its stops)
+    real = SlotState.is_stop
+
+    def is_stop(self, batch, tokens, position):
+        return real(self, batch, tokens, position) & (position >= batch.min_new_tokens)[:, None]
+
+    stack.enter_context(mock.patch.object(SlotState, "is_stop", is_stop))
+
+
+def _logprob_counts_cut_tokens(stack: contextlib.ExitStack) -> None:
+    # Engine._step: row.logprob += sum(logp_rows[i][:k]) -> sum(logp_rows[i]) (the log p of tokens
+    # that a stop cut off the emitted run are counted)
+    real_verify, real_step = engine.warp_and_verify, Engine._step
+    seen: dict[str, list] = {}
+
+    def warp_and_verify(*args, **kw):
+        result, logp = real_verify(*args, **kw)
+        seen["logp"] = logp.tolist()  # [R, G+1], 0 after the uncut run
+        return result, logp
+
+    def step(self, rows):
+        before = [len(row.tokens) for row in rows]
+        real_step(self, rows)
+        for row, logp, n in zip(rows, seen["logp"], before):
+            row.logprob += sum(logp[len(row.tokens) - n:])  # what the step kept: len(row.tokens) - n
+
+    stack.enter_context(mock.patch.object(engine, "warp_and_verify", warp_and_verify))
+    stack.enter_context(mock.patch.object(Engine, "_step", step))
+
+
+def _logprob_of_raw_logits(stack: contextlib.ExitStack) -> None:
+    # specbatch_kernels.reference.verify: emitted_logprobs(p, result) -> log softmax of the raw scores
+    # (temperature 1, no top-k / top-p / min-p: the model's distribution, not the row's warp)
+    real = reference.verify
+
+    def verify(step):
+        result, _, p = real(step)
+        return result, emitted_logprobs(step.scores.to(p.dtype).softmax(dim=-1), result), p
+
+    stack.enter_context(mock.patch.object(reference, "verify", verify))
+
+
+def _top_k_keeps_one_more(stack: contextlib.ExitStack) -> None:
+    # specbatch.sampling.truncate_and_normalize: kth_index = (k - 1) -> k (top-k keeps k + 1 tokens),
+    # wherever the function is called (sampling.warp, the kernels' torch reference)
+    real = sampling.truncate_and_normalize
+
+    def truncate_and_normalize(logits, params):
+        wider = dataclasses.replace(params, top_k=torch.where(params.top_k > 0, params.top_k + 1, params.top_k))
+        return real(logits, wider)
+
+    stack.enter_context(mock.patch.object(sampling, "truncate_and_normalize", truncate_and_normalize))
+    stack.enter_context(mock.patch.object(reference, "truncate_and_normalize", truncate_and_normalize))
+
+
+SAMPLE_INDEX_BITS = 11
+
+
+def _sample_index_wraps(stack: contextlib.ExitStack) -> None:
+    # specbatch.rng.uniform: counter word sample_index -> sample_index & 0x7FF (11 bits), so samples
+    # i and i + 2048 of a prompt share every draw; adjacent samples never do
+    real = rng.uniform
+
+    def uniform(key, sample_index, position, role, lane=0):
+        return real(key, torch.as_tensor(sample_index) & ((1 << SAMPLE_INDEX_BITS) - 1), position, role, lane)
+
+    stack.enter_context(mock.patch.object(rng, "uniform", uniform))
+
+
 ENGINE_MUTANTS: dict[str, EngineMutant] = {
     m.name: m
     for m in (
@@ -280,5 +379,19 @@ ENGINE_MUTANTS: dict[str, EngineMutant] = {
                      "the suffix drafter's q is read after the cache learned the step's distributions", n=1000),
         EngineMutant("auto_count_peeks_at_uniforms", "auto_suffix", _auto_count_peeks_at_uniforms,
                      "a row's proposal count depends on its own acceptance uniform", n=4000),
+        # issue 19
+        EngineMutant("ban_without_stop_ids", "min_new_with_stops", _ban_without_stop_ids,
+                     "before min_new_tokens only EOS is banned, not the stop token ids"),
+        EngineMutant("no_stop_in_min_step", "stop_in_min_step", _no_stop_in_min_step,
+                     "a step that began before min_new_tokens cuts at none of its stops"),
+        EngineMutant("logprob_counts_cut_tokens", "min_new_with_stops", _logprob_counts_cut_tokens,
+                     "cumulative_logprob adds the log p of tokens a stop cut off the run", caught_by="outputs"),
+        EngineMutant("logprob_of_raw_logits", "plain", _logprob_of_raw_logits,
+                     "cumulative_logprob under the raw logits, not the row's warp", caught_by="outputs", n=500),
+        EngineMutant("top_k_keeps_one_more", "ngram", _top_k_keeps_one_more,
+                     "top-k keeps k + 1 tokens (in the product's warp, so only an independent oracle sees it)"),
+        EngineMutant("sample_index_wraps", "plain", _sample_index_wraps,
+                     "the sample index wraps at 2048 in the random-number counter: samples i and i + 2048 "
+                     "share every draw", n=2400),
     )
 }

@@ -5,9 +5,9 @@ warp-and-sample of rows x (gamma + 1) plain rows, as the median of 3 runs, and r
 microseconds and effective GB/s against the *bandwidth bound*: the time to read the inputs once
 (target logits, plus the dense draft q for verification) at the device's memory bandwidth.
 
-    python bench/kernels.py                   # CPU: the torch reference alone, a small grid
-    python bench/kernels.py --full            # vocab 32k/128k/152k, rows 1..256, gamma 1..8
-    python bench/kernels.py --vocab 151936 --rows 64 --gamma 4
+    python bench/fused_kernels.py                   # CPU: the torch reference alone, a small grid
+    python bench/fused_kernels.py --full            # vocab 32k/128k/152k, rows 1..256, gamma 1..8
+    python bench/fused_kernels.py --vocab 151936 --rows 64 --gamma 4
 
 On CUDA the fused kernels run too, and FlashInfer where it is installed (its chain speculative
 sampling takes probabilities, so its time includes the softmax that makes them).  On CPU only the

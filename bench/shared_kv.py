@@ -1,0 +1,99 @@
+"""Shared prompt KV against the unshared layout: decode rate with a long prompt, rows per budget.
+
+N samples of one prompt either read the prompt's KV once per step from a prompt slot (shared)
+or each hold and read a full copy (unshared). Side by side, in one run, on the demo model:
+
+* decode rate at N samples, plain sampling, with a short (~40-token) and a long (~1500-token)
+  prompt: N (T2 - T1) / (t(T2) - t(T1)) for runs of T1 and T2 new tokens, so the prefill and
+  admission cancel; median of 3; the long/short ratio says what a long prompt costs per token;
+* rows that fit one fixed KV budget with that long prompt and completions of T2 tokens, as
+  each layout's planner lays the cache out.
+
+    .venv/bin/python bench/shared_kv.py [--n 16] [--threads 2] [--long 1500] [--tokens 16,48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import median_time, table  # noqa: E402
+
+from specbatch.cache import plan_cache, plan_shared_cache  # noqa: E402
+from specbatch.engine import Engine, EngineConfig  # noqa: E402
+from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
+from specbatch.request import Request  # noqa: E402
+from specbatch.sampling import SamplingParams  # noqa: E402
+from specbatch.tokenization import encode_prompt  # noqa: E402
+
+SHORT = "Brainstorm five unusual names for a bakery run by retired astronauts."
+FILLER = ("The committee met again on Tuesday to review the harbour plans, the budget for the new "
+          "lighthouse, and the long list of complaints about the ferry timetable. ")
+
+
+def long_prompt(tok, length: int) -> list[int]:
+    """A chat prompt of about ``length`` tokens: filler paragraphs, then the short request."""
+    text = SHORT
+    while len(encode_prompt(tok, text)) < length:
+        text = FILLER + text
+    return encode_prompt(tok, text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--long", type=int, default=1500)
+    ap.add_argument("--tokens", default="16,48", help="T1,T2: the two run lengths whose difference is timed")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget-mib", type=int, default=1024, help="KV budget for the rows-per-budget rows")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t1, t2 = (int(x) for x in args.tokens.split(","))
+    path = resolve_model_path(args.model)
+    tok = load_tokenizer(path)
+    model = load_model(path, dtype=args.dtype)
+    prompts = {"short": encode_prompt(tok, SHORT), "long": long_prompt(tok, args.long)}
+    max_model_len = len(prompts["long"]) + t2 + 8
+
+    def engine(shared: bool) -> Engine:
+        config = EngineConfig(max_batch_size=args.n, measure_cost=False, max_model_len=max_model_len,
+                              samples_per_prompt=args.n, max_new_tokens=t2, share_prompt_kv=shared)
+        return Engine(model, tok, None, config)
+
+    def seconds(eng: Engine, ids: list[int], tokens: int) -> float:
+        params = SamplingParams(n=args.n, max_new_tokens=tokens, temperature=0.8, ignore_eos=True, seed=1)
+        with torch.inference_mode():
+            return median_time(lambda: eng.generate([Request("p", ids, params)]))[0]
+
+    rates: dict[tuple[str, str], float] = {}
+    for layout in ("unshared", "shared"):
+        eng = engine(layout == "shared")
+        for name, ids in prompts.items():
+            rates[(layout, name)] = args.n * (t2 - t1) / (seconds(eng, ids, t2) - seconds(eng, ids, t1))
+    rows = []
+    for layout in ("unshared", "shared"):
+        short, long = rates[(layout, "short")], rates[(layout, "long")]
+        rows.append([layout, len(prompts["short"]), short, len(prompts["long"]), long, long / short,
+                     rates[(layout, "long")] / rates[("unshared", "long")]])
+    print(f"decode rate, N={args.n}, plain, T={t1}->{t2} new tokens, {args.threads} threads, {args.dtype}, median of 3")
+    print(table(["layout", "short prompt", "tok/s", "long prompt", "tok/s", "long / short", "long vs unshared"], rows))
+
+    cfg = model.config
+    budget = args.budget_mib << 20
+    slots, _ = plan_cache(cfg, budget, max_model_len, 1 << 20, model.dtype)
+    shared = plan_shared_cache(cfg, budget, max_model_len, 1 << 20, t2, args.n, model.dtype)
+    print(f"\nrows that fit {args.budget_mib} MiB of KV ({cfg.kv_bytes_per_token} bytes/token) with a "
+          f"{len(prompts['long'])}-token prompt, {t2}-token completions, N={args.n}")
+    print(table(["layout", "rows", "prompt slots", "vs unshared"],
+                [["unshared", slots - 1, 1, 1.0],
+                 ["shared", shared.num_slots, shared.prompt_slots, shared.num_slots / (slots - 1)]]))
+
+
+if __name__ == "__main__":
+    main()

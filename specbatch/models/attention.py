@@ -1,0 +1,57 @@
+"""Attention over a shared prompt and each row's own tokens (the shared prompt KV layout).
+
+With the shared layout (``specbatch.cache``) a row's keys are two segments: its prompt's K/V,
+held once in a prompt slot for all N samples of that prompt, and its own tokens' K/V in its row
+slot. :func:`shared_prefix_attention` scores every row's queries against both, takes one softmax
+over the concatenated scores (so the result is the attention over the row's whole sequence, to
+rounding) and reads each prompt slot's K and V once per *prompt group* (the rows linked to one
+prompt slot in this call): the group's queries are stacked into one matrix product with the
+prompt's keys, then one with its values. A fused GPU kernel would merge the two partial
+attentions by their log-sum-exp instead of materializing the concatenated scores; the
+arithmetic is the same.
+
+Terms: R rows, W query positions per row, nh query heads, kvh K/V heads (g = nh / kvh query
+heads share one K/V head), hd head size, G prompt groups, Rg the most rows of one group in this
+call, Lp prompt keys read (the longest prefix in the call), Lo own keys read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def shared_prefix_attention(q: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor, own_bias: torch.Tensor,
+                            prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_bias: torch.Tensor,
+                            group: torch.Tensor, rank: torch.Tensor, rows_per_group: int) -> torch.Tensor:
+    """Attention of ``q [R, W, nh, hd]`` over ``prefix_k/v [G, kvh, Lp, hd]`` (row r reads group
+    ``group[r]``, as the ``rank[r]``-th of at most ``rows_per_group`` rows of it) then its own
+    ``own_k/v [R, kvh, Lo, hd]``; biases ``[R, W, Lp]`` and ``[R, W, Lo]`` are 0 (attend) or
+    -inf. Scores and softmax in float32, like ``llama._matmul_attention``. -> ``[R, W, nh, hd]``.
+    """
+    R, W, nh, hd = q.shape
+    G, kvh, Lp, _ = prefix_k.shape
+    Lo = own_k.shape[2]
+    g, Rg = nh // kvh, rows_per_group
+    qh = q.reshape(R, W, kvh, g, hd).permute(0, 2, 3, 1, 4)  # [R, kvh, g, W, hd]
+
+    own_scores = torch.matmul(qh.reshape(R, kvh, g * W, hd), own_k.transpose(-1, -2)).view(R, kvh, g, W, Lo)
+    # The prompt's keys, read once per group: the group's rows' queries stacked as one matrix.
+    q_groups = qh.new_zeros(G, Rg, kvh, g, W, hd)
+    q_groups[group, rank] = qh
+    q_groups = q_groups.permute(0, 2, 1, 3, 4, 5).reshape(G, kvh, Rg * g * W, hd)
+    prefix_scores = torch.matmul(q_groups, prefix_k.transpose(-1, -2))  # [G, kvh, Rg g W, Lp]
+    prefix_scores = prefix_scores.view(G, kvh, Rg, g, W, Lp).permute(0, 2, 1, 3, 4, 5)[group, rank]  # [R, kvh, g, W, Lp]
+
+    bias = torch.cat([prefix_bias, own_bias], dim=-1)[:, None, None]  # [R, 1, 1, W, Lp + Lo]
+    scores = torch.add(bias, torch.cat([prefix_scores, own_scores], dim=-1), alpha=hd**-0.5)  # float32
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)  # [R, kvh, g, W, Lp + Lo]
+    prefix_probs, own_probs = probs.split((Lp, Lo), dim=-1)
+
+    out = torch.matmul(own_probs.reshape(R, kvh, g * W, Lo), own_v).view(R, kvh, g, W, hd)
+    # The prompt's values, read once per group.
+    p_groups = probs.new_zeros(G, Rg, kvh, g, W, Lp)
+    p_groups[group, rank] = prefix_probs
+    p_groups = p_groups.permute(0, 2, 1, 3, 4, 5).reshape(G, kvh, Rg * g * W, Lp)
+    prefix_out = torch.matmul(p_groups, prefix_v).view(G, kvh, Rg, g, W, hd).permute(0, 2, 1, 3, 4, 5)[group, rank]
+    out = out + prefix_out  # [R, kvh, g, W, hd]
+    return out.permute(0, 3, 1, 2, 4).reshape(R, W, nh, hd)

@@ -1,0 +1,189 @@
+"""Shared prompt KV: a prompt's K/V held once in a prompt slot, its samples' row slots holding
+only their own tokens, gives the logits of the unshared layout (every row a full copy), on
+ragged batches, after rollback and after a slot is refilled with another prompt's sample.
+
+Both layouts run the same calls side by side: prefill each prompt once, fan it out to its rows
+(copy vs link), then steps of ragged widths in scrambled slot order, rollbacks, a refill.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specbatch.cache import CacheLayout, plan_shared_cache, prompt_slots_for
+from specbatch.models import load_model, load_tokenizer
+from tests.tiny import make_tiny_checkpoint
+
+CONFIGS = {
+    "llama-gqa": dict(arch="llama", num_heads=4, num_kv_heads=2),
+    "mistral-sliding": dict(arch="mistral", sliding_window=5),
+    "qwen3": dict(arch="qwen3"),
+}
+ROWS, ROW_LEN, PROMPTS, PROMPT_LEN = 6, 24, 3, 16
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model(request, tmp_path_factory):
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("shared") / request.param, vocab_size=48, seed=7,
+                                **CONFIGS[request.param])
+    return load_model(path, dtype=torch.float32)
+
+
+class Pair:
+    """The same calls on an unshared and a shared cache; logits compared at real positions."""
+
+    def __init__(self, model):
+        self.model = model
+        self.unshared = model.new_cache(ROWS + 1, PROMPT_LEN + ROW_LEN)  # the last slot prefills
+        self.shared = model.new_cache(ROWS, ROW_LEN, prompt_slots=PROMPTS, prompt_len=PROMPT_LEN)
+        self.gen = torch.Generator().manual_seed(3)
+
+    def admit(self, prompt: list[int], rows: list[int], prompt_slot: int) -> None:
+        head = torch.tensor([prompt[:-1]], dtype=torch.int64)
+        n = torch.tensor([len(prompt) - 1])
+        self.unshared.reset([ROWS])
+        self.shared.reset([ROWS + prompt_slot])
+        if len(prompt) > 1:  # as the engine does: a one-token prompt has no prefix to prefill
+            self.model(head, self.unshared, torch.tensor([ROWS]), n, last_only=True)
+            self.model(head, self.shared, torch.tensor([ROWS + prompt_slot]), n, last_only=True)
+        self.unshared.copy_prefix(ROWS, rows, len(prompt) - 1)
+        self.shared.copy_prefix(ROWS + prompt_slot, rows, len(prompt) - 1)
+
+    def step(self, slots: list[int], widths: list[int]) -> None:
+        W = max(widths)
+        tokens = torch.randint(0, self.model.config.vocab_size, (len(slots), W), generator=self.gen)
+        s, n = torch.tensor(slots), torch.tensor(widths)
+        want = self.model(tokens, self.unshared, s, n)
+        got = self.model(tokens, self.shared, s, n)
+        for r, k in enumerate(widths):
+            torch.testing.assert_close(got[r, :k], want[r, :k], rtol=1e-5, atol=1e-5)
+        assert self.shared.lengths[s].tolist() == self.unshared.lengths[s].tolist()
+
+    def rollback(self, slots: list[int], lengths: list[int]) -> None:
+        self.unshared.set_lengths(slots, lengths)
+        self.shared.set_lengths(slots, lengths)
+
+
+def test_shared_prompt_logits_equal_the_unshared_layout(model):
+    pair = Pair(model)
+    a, b, c = [5, 9, 11, 3, 7, 2, 8, 1, 4, 6], [12, 4, 4], [30]  # c: a one-token prompt (no prefix)
+    pair.admit(a, [0, 2, 3], prompt_slot=0)
+    pair.admit(b, [5, 1], prompt_slot=1)
+    pair.admit(c, [4], prompt_slot=2)
+    pair.step([0, 2, 3, 5, 1, 4], [1, 1, 1, 1, 1, 1])       # every row's first token
+    pair.step([3, 0, 5, 2, 4, 1], [4, 1, 3, 2, 5, 0])       # ragged, scrambled slot order, a width 0
+    pair.step([4, 1], [3, 1])                                 # a subset
+    pair.rollback([3, 0, 5], [len(a) - 1 + 2, len(a) - 1, len(b) - 1 + 1])  # back to 2 own, 0 own, 1 own
+    pair.step([0, 3, 5], [2, 5, 3])
+    pair.step(list(range(ROWS)), [18, 1, 2, 3, 1, 2])       # a wide call (W > 16: the other mask kind)
+    # Refill: row 2 finishes, slot 2 becomes a sample of b; prompt slot 0 (a) still serves 0 and 3.
+    pair.unshared.reset([2])
+    pair.shared.reset([2])
+    pair.admit(b, [2], prompt_slot=1)
+    pair.step([2, 0, 3, 1], [3, 1, 2, 1])
+
+
+def test_a_row_rolled_back_into_its_prompt_is_refused(model):
+    pair = Pair(model)
+    pair.admit([5, 9, 11, 3], [0], prompt_slot=0)
+    pair.shared.set_lengths([0], [2])  # below its prefix of 3
+    with pytest.raises(ValueError, match="rolled back into its shared prompt"):
+        model(torch.tensor([[1]]), pair.shared, torch.tensor([0]), torch.tensor([1]))
+
+
+def test_rows_of_one_prompt_read_its_prompt_slot_and_hold_only_their_tokens(model):
+    cache = model.new_cache(ROWS, ROW_LEN, prompt_slots=PROMPTS, prompt_len=PROMPT_LEN)
+    prompt = torch.arange(1, 13)[None]  # [1, 12]
+    model(prompt, cache, torch.tensor([ROWS + 1]), torch.tensor([12]), last_only=True)
+    cache.copy_prefix(ROWS + 1, [0, 1, 2, 3], 12)
+    assert cache.prefix_of[:4].tolist() == [1] * 4 and cache.prefix_len[:4].tolist() == [12] * 4
+    model(torch.ones(4, 1, dtype=torch.int64), cache, torch.arange(4), torch.ones(4, dtype=torch.int64))
+    assert cache.lengths[:4].tolist() == [13] * 4  # logical lengths
+    assert torch.count_nonzero(cache.k[0][:4, :, 1:]) == 0  # own regions: one token each, at index 0
+
+
+def test_the_planner_fits_rows_by_completion_length():
+    class Config:  # a demo-model-sized KV: 30 layers x 3 KV heads x 64
+        num_hidden_layers, num_key_value_heads, head_dim = 30, 3, 64
+
+    per_token = 2 * 30 * 3 * 64 * 2  # bfloat16
+    budget = 200 * 1600 * per_token  # 200 rows of 1600 tokens, unshared
+    layout = plan_shared_cache(Config, budget, max_len=1600, max_rows=4096, row_len=100, samples_per_prompt=16,
+                               dtype=torch.bfloat16)
+    assert layout.prompt_len == 1599 and layout.max_len == 100
+    assert layout.prompt_slots == prompt_slots_for(layout.num_slots, 16)
+    assert layout.tokens() * per_token <= budget < CacheLayout(layout.num_slots + 1, 100, prompt_slots_for(layout.num_slots + 1, 16), 1599).tokens() * per_token
+    assert layout.num_slots >= 5 * 200  # five times the rows of the unshared layout
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the engine: the same seeds give the same samples in both layouts
+
+
+@pytest.fixture(scope="module")
+def pair_of_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine-shared")
+    target = make_tiny_checkpoint(root / "target", vocab_size=48, seed=11, num_layers=2)
+    draft = make_tiny_checkpoint(root / "draft", vocab_size=48, seed=12, num_layers=1)
+    return load_model(target, dtype=torch.float32), load_model(draft, dtype=torch.float32), load_tokenizer(target)
+
+
+def _generate(models, shared: bool, drafter_kind: str, max_batch: int = 8):
+    from specbatch.drafters import ModelDrafter, NgramDrafter
+    from specbatch.engine import Engine, EngineConfig
+    from specbatch.request import Request
+    from specbatch.sampling import SamplingParams
+
+    target, draft, tok = models
+    drafter = {"none": None, "ngram": NgramDrafter(1, 3), "model": ModelDrafter(draft, 48)}[drafter_kind]
+    params = SamplingParams(n=5, max_new_tokens=9, temperature=0.9, top_k=20, seed=4, ignore_eos=True)
+    prompts = [[1 + (i * 7 + j * 3) % 40 for j in range(3 + i % 9)] for i in range(11)]  # ragged prompts
+    prompts[3] = [17]  # one token: nothing to prefill
+    config = EngineConfig(max_batch_size=max_batch, num_draft_tokens=3, measure_cost=False, max_model_len=40,
+                          samples_per_prompt=params.n, max_new_tokens=params.max_new_tokens, share_prompt_kv=shared)
+    engine = Engine(target, tok, drafter, config)
+    assert engine.cache.shared == shared
+    with torch.inference_mode():
+        outs = engine.generate([Request(f"r{i}", p, params) for i, p in enumerate(prompts)])
+    assert not [o.error for o in outs if o.error]
+    return [(o.sample_index, o.token_ids) for o in outs], engine
+
+
+@pytest.mark.parametrize("drafter_kind", ["none", "ngram", "model"])
+def test_the_engine_samples_the_same_tokens_in_both_layouts(pair_of_models, drafter_kind):
+    """11 prompts x 5 samples through 8 rows: prompts overlap, slots refill, prompt slots turn
+    over; the shared layout's logits equal the unshared ones to rounding, so with the same
+    seeds every sample's tokens are the same."""
+    shared, engine = _generate(pair_of_models, True, drafter_kind)
+    unshared, _ = _generate(pair_of_models, False, drafter_kind)
+    assert shared == unshared
+    assert engine.layout.prompt_slots == prompt_slots_for(8, 5) < 8
+
+
+def test_a_prompt_slot_freed_under_its_running_samples_changes_them(pair_of_models):
+    """Mutant: live rows do not hold their prompt slot, so the next prompt is prefilled into it
+    while the previous prompt's samples still read it."""
+    from unittest import mock
+
+    from specbatch import engine as engine_mod
+
+    want, _ = _generate(pair_of_models, False, "ngram")
+    with mock.patch.object(engine_mod.PromptSlots, "hold", lambda self, slot, count: None):
+        got, _ = _generate(pair_of_models, True, "ngram")
+    assert got != want
+
+
+def test_completions_longer_than_the_planned_rows_are_error_rows(pair_of_models):
+    from specbatch.engine import Engine, EngineConfig
+    from specbatch.request import Request
+    from specbatch.sampling import SamplingParams
+
+    target, _, tok = pair_of_models
+    engine = Engine(target, tok, None, EngineConfig(max_batch_size=4, measure_cost=False, max_model_len=40,
+                                                    samples_per_prompt=2, max_new_tokens=5))
+    outs = engine.generate([Request("long", [1, 2, 3], SamplingParams(n=2, max_new_tokens=6)),
+                            Request("fits", [1, 2, 3], SamplingParams(n=2, max_new_tokens=5, ignore_eos=True))])
+    assert [o.finish_reason for o in outs] == ["error", "error", "length", "length"]
+    assert "max_new_tokens 6 exceeds the 5 completion tokens" in outs[0].error
+    assert [len(o.token_ids) for o in outs[2:]] == [5, 5]
