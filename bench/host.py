@@ -23,7 +23,8 @@ Cases: plain | ngram gamma 4 | plain + penalties | ngram gamma 4 + penalties + s
 
 ``--baseline REV`` measures a git revision's specbatch beside the working tree's in the same
 run: ``git archive REV`` is unpacked into a temporary directory and this script runs there in
-a subprocess (``--worker``) with that tree first on ``sys.path``; both columns and the ratio
+a subprocess (``--worker``) with that tree (and its kernels/) first on ``sys.path``, as the
+working tree's are for the current column; both columns and the ratio
 baseline / current go into one table.  The same checkpoint is used by both.
 
     .venv/bin/python bench/host.py [--baseline HEAD] [--batches 64,256] [--repeats 3] [--vocab 512]
@@ -46,7 +47,7 @@ from typing import Any
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 CLOCK = CLOCKS["cpu"]
-# bench/ itself must not be on sys.path: bench/kernels.py would shadow PyPI's kernels (transformers imports it).
+# bench/ itself is kept off sys.path: a module there could shadow an installed one (bench/kernels.py once shadowed PyPI's kernels).
 if sys.path and pathlib.Path(sys.path[0]).resolve() == REPO / "bench":
     sys.path.pop(0)
 
@@ -106,7 +107,10 @@ def measure(checkpoint: str, batches: list[int], repeats: int, top_k: int, top_p
     from specbatch.request import Request
     from specbatch.sampling import SamplingParams
 
-    print(f"# specbatch from {pathlib.Path(specbatch.__file__).parent}", file=sys.stderr)
+    import specbatch_kernels
+
+    print(f"# specbatch from {pathlib.Path(specbatch.__file__).parent}, "
+          f"kernels from {pathlib.Path(specbatch_kernels.__file__).parent}", file=sys.stderr)
     torch.set_num_threads(1)
     model = load_model(checkpoint, dtype="float32")
     tokenizer = load_tokenizer(checkpoint)
@@ -178,7 +182,7 @@ def baseline(rev: str, checkpoint: str, batches: list[int], repeats: int, top_k:
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", "--tree", tree,
                "--checkpoint", checkpoint, "--batches", ",".join(map(str, batches)), "--repeats", str(repeats), "--top-k", str(top_k), "--top-p", str(top_p),
                "--new-tokens", str(new_tokens), "--clock", next(k for k, c in CLOCKS.items() if c is CLOCK)]
-        env = {**os.environ, "PYTHONPATH": tree}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree, os.path.join(tree, "kernels")])}
         done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, env=env)
         return json.loads(done.stdout)
 
@@ -201,11 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     global CLOCK
     CLOCK = CLOCKS[args.clock]
     if args.worker:
-        sys.path.insert(0, args.tree)
+        sys.path[:0] = [args.tree, os.path.join(args.tree, "kernels")]  # that revision's specbatch and kernels
         print(json.dumps(measure(args.checkpoint, batches, args.repeats, args.top_k, args.top_p, args.new_tokens)))
         return
 
-    sys.path.insert(0, str(REPO))
+    sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # this tree's specbatch and kernels
     with tempfile.TemporaryDirectory(prefix="specbatch-host-") as root:
         checkpoint = str(make_checkpoint(pathlib.Path(root), args.vocab))
         old = (baseline(args.baseline, checkpoint, batches, args.repeats, args.top_k, args.top_p, args.new_tokens)
