@@ -47,7 +47,8 @@ from typing import Any
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 CLOCK = CLOCKS["cpu"]
-# bench/ itself is kept off sys.path: a module there could shadow an installed one (bench/kernels.py once shadowed PyPI's kernels).
+# bench/ itself is kept off sys.path: a module there could shadow an installed one (bench/kernels.py
+# once shadowed PyPI's kernels, which transformers imports).
 if sys.path and pathlib.Path(sys.path[0]).resolve() == REPO / "bench":
     sys.path.pop(0)
 
