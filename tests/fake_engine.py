@@ -1,6 +1,6 @@
 """A deterministic stand-in engine for job-system tests (driver, CLI), no model inside.
 
-``build(spec)`` is an engine factory (worker.import_factory path ``tests.fake_engine:build``).
+``build(spec)`` is an engine factory (build.import_factory path ``tests.fake_engine:build``).
 Each (request id, seed, sample index) gets a fixed pseudo-random completion, so outputs are
 reproducible across shards, actors, retries and runs, like the real engine's.
 
@@ -29,9 +29,9 @@ import time
 
 import torch
 
-from specbatch.request import Request, SampleOutput
-from specbatch.stats import AcceptanceStats
-from specbatch.worker import LoadedEngine
+from specbatch.engine.request import Request, SampleOutput
+from specbatch.engine.stats import AcceptanceStats
+from specbatch.jobs.build import LoadedEngine
 
 POISON_ID = 9001
 CRASH_ID = 9002
@@ -53,7 +53,7 @@ def encode(prompt) -> list[int]:
 
 
 class FakeEngine:
-    """Implements specbatch.worker.EngineLike: fixed gamma, no cost model, step shapes of one-row steps."""
+    """Implements specbatch.jobs.build.EngineLike: fixed gamma, no cost model, step shapes of one-row steps."""
 
     def __init__(self, control: dict):
         self.stats = AcceptanceStats()
@@ -154,9 +154,9 @@ class _DyingEngine:
 
 
 def build_real(spec) -> LoadedEngine:
-    """specbatch's real engine (worker.build_engine), which dies on the control's die_marker
+    """specbatch's real engine (build.build_engine), which dies on the control's die_marker
     between two finished samples: an actor killed in the middle of real generation."""
-    from specbatch.worker import build_engine
+    from specbatch.jobs.build import build_engine
 
     control_path = pathlib.Path(spec.input.path).parent / "fake_engine.json"
     control = json.loads(control_path.read_text()) if control_path.is_file() else {}

@@ -20,9 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from specbatch import data
+from specbatch.jobs import data
 from specbatch.cli import main, submission
 from tests.tiny import make_tiny_checkpoint
+from tests import PYTHONPATH
 
 ray = pytest.importorskip("ray")
 
@@ -74,12 +75,12 @@ def dump(tmp_path: pathlib.Path, spec: dict | str, name: str = "job.yaml") -> st
 
 def no_actors(monkeypatch):
     """Any attempt to start an actor fails the test."""
-    import specbatch.worker
+    import specbatch.jobs.worker
 
     def refuse():
         raise AssertionError("an actor was started")
 
-    monkeypatch.setattr(specbatch.worker, "actor_class", refuse)
+    monkeypatch.setattr(specbatch.jobs.worker, "actor_class", refuse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def test_driver_killed_mid_run_then_rerun_equals_an_uninterrupted_run(ray_sessio
     out = tmp / "out"
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+    env.update(PYTHONPATH=PYTHONPATH, RAY_AUTH_MODE="disabled")
     cmd = [sys.executable, "-m", "specbatch", "run", path, "--engine-factory", FAKE, "--quiet"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -296,7 +297,7 @@ def test_submission_uploads_the_working_dir_and_runs_the_job_inside_it(tmp_path)
     entrypoint, env = submission(str(job), ["sampling.n=2", "name=a b"], {"pip": ["specbatch"]}, cwd=tmp_path)
     assert entrypoint == "python -m specbatch run jobs/j.yaml --quiet --set sampling.n=2 --set 'name=a b'"
     assert env == {"pip": ["specbatch"], "working_dir": str(tmp_path.resolve())}
-    from specbatch.spec import SpecError
+    from specbatch.jobs.spec import SpecError
 
     with pytest.raises(SpecError, match="inside the uploaded working directory"):
         submission(str(job), [], {"working_dir": str(tmp_path / "elsewhere")})

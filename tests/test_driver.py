@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from specbatch import data
-from specbatch.driver import RunError, check_cluster_output, plan_actors, run_job
-from specbatch.spec import SpecError, spec_from_dict
+from specbatch.jobs import data
+from specbatch.jobs.driver import RunError, check_cluster_output, plan_actors, run_job
+from specbatch.jobs.spec import SpecError, spec_from_dict
 
 pytest.importorskip("ray")
 
@@ -243,8 +243,9 @@ def test_resume_reruns_shards_whose_file_or_manifest_was_damaged(reference, tmp_
 
 
 def test_success_is_written_only_once_every_commit_verifies(tmp_path):
-    from specbatch.driver import Driver
-    from specbatch.worker import EngineLike, ShardRunner
+    from specbatch.jobs.driver import Driver
+    from specbatch.jobs.build import EngineLike
+    from specbatch.jobs.worker import ShardRunner
     from tests import fake_engine
 
     out = tmp_path / "out"
@@ -313,7 +314,7 @@ def test_multi_node_cluster_refuses_a_local_output_path():
 
 
 def test_progress_bar_counts_prompts_samples_and_live_acceptance(capsys):
-    from specbatch.driver import Progress
+    from specbatch.jobs.driver import Progress
 
     progress = Progress(total_prompts=10, enabled=True)
     progress.actor_counters("actor-0", {"emitted": 40, "tested": 8, "accepted": 6})
@@ -325,9 +326,10 @@ def test_progress_bar_counts_prompts_samples_and_live_acceptance(capsys):
 
 
 def test_shard_runner_keys_sweep_points_apart_and_reports_row_errors(tmp_path):
-    from specbatch.request import SampleOutput
-    from specbatch.stats import AcceptanceStats
-    from specbatch.worker import LoadedEngine, ShardRunner
+    from specbatch.engine.request import SampleOutput
+    from specbatch.engine.stats import AcceptanceStats
+    from specbatch.jobs.build import LoadedEngine
+    from specbatch.jobs.worker import ShardRunner
 
     class Recorder:  # an EngineLike that records its requests
         def __init__(self):

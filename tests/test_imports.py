@@ -17,6 +17,7 @@ import sys
 import textwrap
 
 from tests.tiny import make_tiny_checkpoint
+from tests import PYTHONPATH
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNEL_MODULES = sorted(p.stem for p in (ROOT / "kernels" / "specbatch_kernels").glob("*.py") if p.stem != "__init__")
@@ -40,7 +41,7 @@ HIDE_TRITON = textwrap.dedent(
 
 def run_python(code: str, env: dict[str, str] | None = None) -> dict:
     """Run ``code`` in a fresh interpreter rooted at the repository; it prints one JSON line."""
-    environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    environ = {**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})}
     environ.pop("SPECBATCH_KERNELS", None)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environ, capture_output=True, text=True,
                           timeout=300)
@@ -56,8 +57,8 @@ def test_kernels_never_import_the_engine_and_the_engine_never_imports_ray():
         loaded = lambda names: sorted(m for m in sys.modules if m in names or m.startswith("ray."))
         for module in {KERNEL_MODULES!r}:
             importlib.import_module("specbatch_kernels." + module)
-        after_kernels = loaded(("specbatch.engine", "specbatch.worker", "specbatch.driver", "specbatch.drafters", "ray"))
-        import specbatch.engine, specbatch.drafters, specbatch.verification
+        after_kernels = loaded(("specbatch.engine.engine", "specbatch.jobs.worker", "specbatch.jobs.driver", "specbatch.engine.drafting.base", "ray"))
+        import specbatch.engine.engine, specbatch.engine.drafting.base, specbatch.engine.verification
         print(json.dumps(dict(after_kernels=after_kernels, after_engine=loaded(("ray",)))))
         """
     ))
@@ -71,11 +72,11 @@ def test_reference_backend_runs_without_triton(tmp_path):
         f"""
         import json, sys
         import specbatch
-        from specbatch.drafters import NgramDrafter
-        from specbatch.engine import Engine, EngineConfig
+        from specbatch.engine.drafting.ngram import NgramDrafter
+        from specbatch.engine.engine import Engine, EngineConfig
         from specbatch.models import load_model, load_tokenizer
-        from specbatch.request import Request
-        from specbatch.sampling import SamplingParams
+        from specbatch.engine.request import Request
+        from specbatch.sampling.warping import SamplingParams
         from specbatch_kernels import ops
 
         target = load_model({str(ckpt)!r}, dtype="float32")

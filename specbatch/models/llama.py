@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specbatch.cache import KVCache
+from specbatch.models.cache import KVCache
 from specbatch.models.config import ModelConfig
 from specbatch.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 

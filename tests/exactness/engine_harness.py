@@ -36,7 +36,7 @@ position is reached in most steps; a near draft (target head plus noise) accepts
 far draft 10-20%, so every proposal position sees many rejections; an EOS-heavy target ends
 rows early (min_new_tokens, stops).  :func:`assert_power` asserts a minimum number of
 rejections at every proposal position and of tests at the last one.  The mutants of
-:mod:`tests.exactness.engine_mutants` (one-line breakages of engine.py and drafters.py applied to
+:mod:`tests.exactness.engine_mutants` (one-line breakages of engine.py and drafting/model.py applied to
 the real code by patching) must all fail these comparisons.
 """
 
@@ -54,13 +54,16 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from specbatch.drafters import Drafter, ModelDrafter, NgramDrafter, NoDrafter
-from specbatch.engine import Engine, EngineConfig
+from specbatch.engine.drafting.base import Drafter
+from specbatch.engine.drafting.model import ModelDrafter
+from specbatch.engine.drafting.ngram import NgramDrafter
+from specbatch.engine.drafting.none import NoDrafter
+from specbatch.engine.engine import Engine, EngineConfig
 from specbatch.models import load_model, load_tokenizer
-from specbatch.request import Request, SampleOutput
-from specbatch.sampling import History, SamplingParams, WarpParams, warp
-from specbatch.stats import AcceptanceStats, CostModel
-from specbatch.suffix import SuffixDrafter
+from specbatch.engine.request import Request, SampleOutput
+from specbatch.sampling.warping import History, SamplingParams, WarpParams, warp
+from specbatch.engine.stats import AcceptanceStats, CostModel
+from specbatch.engine.drafting.suffix import SuffixDrafter
 from specbatch_kernels import ops
 from tests import tiny
 from tests.exactness.distribution import DistributionMismatch, DistributionReport, compare, histogram, sequence_probs
@@ -304,7 +307,7 @@ class EngineCase:
     power_positions: int = 2
     min_reached: int = 0  # tests of proposal index power_positions - 1
     draft_cost: float | None = None  # adaptive gamma under a cost model: draft step / target step
-    auto: bool = False  # per-row proposal counts (specbatch.autogamma)
+    auto: bool = False  # per-row proposal counts (specbatch.engine.speculation)
 
     def make_drafter(self, models: TinyModels) -> Drafter:
         if self.drafter == "none":

@@ -1,8 +1,8 @@
-"""Engine and drafter mutants: one-line breakages of engine.py / drafters.py that the engine
+"""Engine and drafter mutants: one-line breakages of engine.py / drafting/model.py that the engine
 harness (:mod:`tests.exactness.engine_harness`) must fail.
 
 Each mutant patches the real code path (a method of ``Engine``, ``ModelDrafter`` or ``KVCache``,
-or a module attribute that engine.py / drafters.py call) with a thin wrapper around the real
+or a module attribute that engine.py / drafting/model.py call) with a thin wrapper around the real
 function that changes one thing; the comment on each names the one line of the product code
 it stands for.  Nothing copies the engine or the drafter.
 
@@ -26,13 +26,15 @@ from unittest import mock
 
 import torch
 
-from specbatch import cache as cache_mod
-from specbatch import drafters, engine, rng
-from specbatch.autogamma import AutoGamma
-from specbatch.drafters import ModelDrafter
-from specbatch.engine import Engine
-from specbatch.sampling import History
-from specbatch.suffix import SuffixDrafter, sparse_warp
+from specbatch.models import cache as cache_mod
+from specbatch.engine.drafting import model as model_drafting
+from specbatch.engine import engine
+from specbatch.sampling import rng
+from specbatch.engine.speculation import AutoGamma
+from specbatch.engine.drafting.model import ModelDrafter
+from specbatch.engine.engine import Engine
+from specbatch.sampling.warping import History
+from specbatch.engine.drafting.suffix import SuffixDrafter, sparse_warp
 from specbatch_kernels import ops
 
 Installer = Callable[[contextlib.ExitStack], None]
@@ -50,16 +52,16 @@ class EngineMutant:
 
 
 def _drafter_ops(stack: contextlib.ExitStack, **replacements: Callable[..., Any]) -> None:
-    """drafters.py sees ``ops`` with some functions replaced (the rest are the real ones)."""
+    """drafting/model.py sees ``ops`` with some functions replaced (the rest are the real ones)."""
     shim = types.SimpleNamespace(**{**vars(ops), **replacements})
-    stack.enter_context(mock.patch.object(drafters, "ops", shim))
+    stack.enter_context(mock.patch.object(model_drafting, "ops", shim))
 
 
 # ---- the issue's four ------------------------------------------------------------------------
 
 
 def _draft_uniform_per_step(stack: contextlib.ExitStack) -> None:
-    # drafters.ModelDrafter.propose: ops.warp_and_sample(..., pos + i, Role.DRAFT, ...) -> (..., pos, ...)
+    # ModelDrafter.propose: ops.warp_and_sample(..., pos + i, Role.DRAFT, ...) -> (..., pos, ...)
     first: dict[str, torch.Tensor] = {}
     real_propose = ModelDrafter.propose
 

@@ -11,11 +11,13 @@ import contextlib
 
 import pytest
 
-from specbatch import cache, drafters, engine
-from specbatch.drafters import ModelDrafter
-from specbatch.autogamma import AutoGamma
-from specbatch.engine import Engine
-from specbatch.suffix import SuffixDrafter
+from specbatch.models import cache
+from specbatch.engine.drafting import model as model_drafting
+from specbatch.engine import engine
+from specbatch.engine.drafting.model import ModelDrafter
+from specbatch.engine.speculation import AutoGamma
+from specbatch.engine.engine import Engine
+from specbatch.engine.drafting.suffix import SuffixDrafter
 from tests.exactness import engine_harness as eh
 from tests.exactness.distribution import DistributionMismatch
 from tests.exactness.engine_mutants import ENGINE_MUTANTS
@@ -37,7 +39,7 @@ def test_engine_mutant_fails_the_harness(name):
 
 
 def test_mutant_patches_are_undone():
-    watched = [(Engine, "_history"), (Engine, "_ban"), (ModelDrafter, "propose"), (drafters, "ops"),
+    watched = [(Engine, "_history"), (Engine, "_ban"), (ModelDrafter, "propose"), (model_drafting, "ops"),
                (engine, "warp_and_verify"), (engine, "stop_cut"), (cache.KVCache, "copy_prefix"),
                (SuffixDrafter, "propose"), (AutoGamma, "decide")]
     before = [getattr(obj, attr) for obj, attr in watched]

@@ -1,0 +1,90 @@
+"""Files in a job's directories: atomic writes, listings and JSON documents, on any ``pyarrow.fs``.
+
+A file written here is never seen partial: on a file system it is written under a temporary
+name (``.NAME.tmp-XXXX``) and renamed; on an object store it is one PUT of the whole object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from specbatch.jobs.data.location import resolve
+
+_OBJECT_STORES = ("s3", "gcs")
+_DIGEST_PIECE = 8 << 20
+
+
+def _is_object_store(fs: pafs.FileSystem) -> bool:
+    while isinstance(fs, pafs.SubTreeFileSystem):
+        fs = fs.base_fs
+    return fs.type_name in _OBJECT_STORES
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes | pa.Buffer) -> None:
+    """Write data so that `path` is never seen partial: temp name + rename, or one object PUT."""
+    if _is_object_store(fs):
+        _put(fs, path, data)
+        return
+    tmp = _temp_name(path)
+    try:
+        _put(fs, tmp, data)
+        fs.move(tmp, path)
+    except BaseException:
+        _delete_quietly(fs, tmp)
+        raise
+
+
+def _put(fs: pafs.FileSystem, path: str, data: bytes | pa.Buffer) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def file_digest(fs: pafs.FileSystem, path: str) -> tuple[int, str]:
+    """(size in bytes, sha256 hex digest) of a file, streamed in 8 MiB pieces."""
+    digest = hashlib.sha256()
+    size = 0
+    with fs.open_input_stream(path) as f:
+        while piece := f.read(_DIGEST_PIECE):
+            digest.update(piece)
+            size += len(piece)
+    return size, digest.hexdigest()
+
+
+def _temp_name(path: str) -> str:
+    head, _, tail = path.rpartition("/")
+    return f"{head}/.{tail}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_file(path)
+    except (OSError, FileNotFoundError):
+        pass
+
+
+def _list_dir(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.Directory:
+        return []
+    return fs.get_file_info(pafs.FileSelector(path, recursive=False))
+
+
+def _read_json(fs: pafs.FileSystem, path: str) -> Any:
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    """Write a JSON document atomically to a path or URI (used for stats.json and the like)."""
+    fs, path = resolve(uri)
+    _write_bytes_atomic(fs, path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
