@@ -21,7 +21,10 @@ import os
 import pathlib
 import shlex
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from specbatch.jobs.spec import JobSpec
 
 DEMO_MODEL = "smollm2-135m-instruct"
 DEMO_JOB = "jobs/demo.yaml"
@@ -66,7 +69,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_spec(spec: Any, args: argparse.Namespace) -> int:
+def _run_spec(spec: JobSpec, args: argparse.Namespace) -> int:
     from specbatch.jobs import report
     from specbatch.jobs.driver import RunError, run_job
 
@@ -216,10 +219,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
-def _show_speedup(spec: Any, engine_factory: str, count: int = 4) -> None:
+def _show_speedup(spec: JobSpec, engine_factory: str, count: int = 4) -> None:
     """Print the job's drafter against plain sampling, measured on `count` of its prompts."""
     from specbatch.jobs.data import read_output
-    from specbatch.engine.speedup import measure_speedup
+    from specbatch.jobs.speedup import measure_speedup
     from specbatch.jobs.build import import_factory
 
     table = read_output(spec.output.path)
@@ -231,7 +234,7 @@ def _show_speedup(spec: Any, engine_factory: str, count: int = 4) -> None:
     print(f"\nspeedup over plain sampling, {speedup.line()}")
 
 
-def _show_examples(spec: Any, count: int = 3) -> None:
+def _show_examples(spec: JobSpec, count: int = 3) -> None:
     """Print a few samples of the demo's output."""
     from specbatch.jobs.data import read_output
 

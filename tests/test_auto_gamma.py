@@ -169,7 +169,7 @@ def test_the_demo_speedup_measures_plain_sampling_on_the_jobs_loaded_target(ckpt
     """measure_speedup: the plain engine is the job engine's plain() twin (same target object,
     no drafter, no cost model), so the model is loaded and the cost model measured once."""
     from specbatch.jobs.spec import spec_from_dict
-    from specbatch.engine.speedup import measure_speedup
+    from specbatch.jobs.speedup import measure_speedup
     from specbatch.jobs.build import build_engine
 
     spec = spec_from_dict({

@@ -47,13 +47,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
 from specbatch.engine.request import Request, SampleOutput
 from specbatch.sampling.warping import History, SamplingParams, WarpParams, warp
 from specbatch.engine.stats import AcceptanceStats
+
+if TYPE_CHECKING:
+    from specbatch.jobs.spec import JobSpec
 
 MIN_EXPECTED = 5.0  # expected count a bin needs for the chi-square approximation
 PEAKED_FLOOR = 1e-3  # smallest probability assumed outside a near-certain cell
@@ -350,7 +353,7 @@ def _make_check(label: tuple[str, str], prefix_len: int, position: str, samples:
 # The audit
 
 
-def audit_prompts(spec: Any, encode: Any, count: int) -> list[tuple[str, list[int]]]:
+def audit_prompts(spec: JobSpec, encode: Any, count: int) -> list[tuple[str, list[int]]]:
     """The first `count` prompts of the input that read and encode cleanly: (id, token ids)."""
     from specbatch.jobs.data import Shard, check_input, read_rows
 
@@ -375,7 +378,7 @@ def _audit_params(params: SamplingParams, config: AuditConfig, n: int, max_new_t
     return dataclasses.replace(params, n=n, seed=config.seed, stop=(), max_new_tokens=max_new_tokens)
 
 
-def run_audit(spec: Any, loaded: Any, config: AuditConfig) -> AuditResult:
+def run_audit(spec: JobSpec, loaded: Any, config: AuditConfig) -> AuditResult:
     """Sample through `loaded.engine` (a worker's LoadedEngine for `spec`) and test the samples."""
     from specbatch.jobs.spec import point_key
     from specbatch.jobs.worker import request_id

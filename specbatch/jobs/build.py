@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, runtime_checkable
 
 from specbatch.engine.request import Request, SampleOutput
 from specbatch.engine.stats import AcceptanceStats, CostModel
+
+if TYPE_CHECKING:
+    from specbatch.jobs.spec import JobSpec
 
 ENGINE_FACTORY = "specbatch.jobs.build:build_engine"
 
@@ -55,7 +58,7 @@ class LoadedEngine:
     plain: Callable[[], EngineLike] | None = None
 
 
-def device_for(spec: Any) -> str:
+def device_for(spec: JobSpec) -> str:
     """'cuda' when the actor was given a GPU (Ray sets CUDA_VISIBLE_DEVICES), else 'cpu'."""
     if spec.resources.gpus_per_actor > 0:
         import torch
@@ -65,7 +68,7 @@ def device_for(spec: Any) -> str:
     return "cpu"
 
 
-def build_engine(spec: Any, measure_cost: bool = True) -> LoadedEngine:
+def build_engine(spec: JobSpec, measure_cost: bool = True) -> LoadedEngine:
     """The real engine for a job spec: target model, tokenizer, drafter, Engine.
 
     measure_cost False skips the start-up cost model (no expected speedup, no adaptive gamma).

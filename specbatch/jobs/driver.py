@@ -25,11 +25,14 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from specbatch.jobs import localray, storage
 from specbatch.jobs.preflight import preflight
 from specbatch.jobs.build import ENGINE_FACTORY
+
+if TYPE_CHECKING:
+    from specbatch.jobs.spec import JobSpec
 
 
 class RunError(RuntimeError):
@@ -94,7 +97,7 @@ def alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
-def check_cluster_output(spec: Any, nodes: int) -> None:
+def check_cluster_output(spec: JobSpec, nodes: int) -> None:
     """The one check that needs a live cluster (the rest is the preflight, before Ray starts):
     on a multi-node cluster a local output path is refused (each node would get a piece)."""
     from specbatch.jobs.spec import SpecError
@@ -114,7 +117,7 @@ class ActorPlan:
     note: str | None = None
 
 
-def plan_actors(spec: Any, resources: dict[str, float], num_tasks: int, local: bool) -> ActorPlan:
+def plan_actors(spec: JobSpec, resources: dict[str, float], num_tasks: int, local: bool) -> ActorPlan:
     """How many actors, with which resources.
 
     'auto' is one actor per GPU in the cluster (gpus_per_actor each), or one on a CPU-only
@@ -228,7 +231,7 @@ class _Slot:
 class Driver:
     """One run of a job spec over a Ray cluster."""
 
-    def __init__(self, spec: Any, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True,
+    def __init__(self, spec: JobSpec, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True,
                  poll_s: float = 1.0, log=None):
         self.spec = spec
         self.engine_factory = engine_factory
@@ -495,6 +498,6 @@ def _init_error(slot: _Slot) -> str:
     return "unknown error"
 
 
-def run_job(spec: Any, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True, log=None) -> RunResult:
+def run_job(spec: JobSpec, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True, log=None) -> RunResult:
     """Run a job spec to completion (preflight, resume, retries, splitting); return its result."""
     return Driver(spec, engine_factory=engine_factory, progress=progress, log=log).run()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import pyarrow.fs as pafs
 
@@ -24,6 +24,9 @@ from specbatch.jobs import data
 from specbatch.jobs.data import STATS_FILE, ShardManifest
 from specbatch.jobs.data.layout import LEGACY_STATS_FILE
 from specbatch.engine.stats import AcceptanceStats, CostModel, expected_speedup, expected_speedup_of_steps
+
+if TYPE_CHECKING:
+    from specbatch.jobs.spec import JobSpec
 
 STATS = STATS_FILE  # in the output directory
 GAMMA_CANDIDATES = range(0, 9)  # 0: plain sampling (speedup 1 by definition)
@@ -115,7 +118,7 @@ def _speedup_over_steps(alpha: float | None, manifests: Sequence[ShardManifest],
         return None
 
 
-def gamma_report(spec: Any, engine_gamma: Mapping[str, Any] | None, speedup: Mapping[str, Any]) -> dict[str, Any]:
+def gamma_report(spec: JobSpec, engine_gamma: Mapping[str, Any] | None, speedup: Mapping[str, Any]) -> dict[str, Any]:
     """The gamma the job ran with and why; the best gamma the measurements predict."""
     configured = spec.gamma
     value, why = configured, "speculative.num_draft_tokens in the job spec"
@@ -166,7 +169,7 @@ def _per_actor(manifests: Sequence[ShardManifest], descriptions: Sequence[Mappin
 
 
 def build_stats(
-    spec: Any,
+    spec: JobSpec,
     manifests: Mapping[str, ShardManifest],
     *,
     this_run: Sequence[ShardManifest] = (),

@@ -29,7 +29,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from specbatch.sampling import limits
 from specbatch.engine.speculation import AUTO_MAX_DRAFT_TOKENS
-from specbatch.jobs.data import OUTPUT_COLUMNS  # the output row's fixed columns (OutputRecord)
 from specbatch.sampling.limits import SAMPLING as _BOUNDS
 from specbatch.sampling.warping import SamplingParams
 
@@ -47,6 +46,13 @@ def _not_blank(v: str) -> str:
     return v
 
 
+# The output row's fixed columns, in order (specbatch.jobs.data.records.OutputRecord checks its
+# fields against this on import): named here so that reading a spec loads neither pyarrow nor data/.
+OUTPUT_COLUMNS = (
+    "id", "sample_index", "prompt", "completion", "completion_token_ids", "num_prompt_tokens", "num_tokens",
+    "finish_reason", "stop_reason", "cumulative_logprob", "draft_proposed", "draft_tested", "draft_accepted",
+    "target_passes", "error",
+)
 Location = Annotated[str, AfterValidator(_not_blank)]  # a path or URI of job data (input.path, output.path)
 
 

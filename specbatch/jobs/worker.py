@@ -20,13 +20,16 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from specbatch.jobs import data
 from specbatch.jobs.data import OutputRecord, ShardManifest
 from specbatch.engine.request import Request
 from specbatch.engine.stats import AcceptanceStats
 from specbatch.jobs.build import LoadedEngine, import_factory
+
+if TYPE_CHECKING:
+    from specbatch.jobs.spec import JobSpec
 
 
 def request_id(row_id: str, point_key: str) -> str:
@@ -66,7 +69,7 @@ def _extra(row: dict, point: dict, keep_columns: Sequence[str]) -> dict[str, Any
     return {**{column: row.get(column) for column in keep_columns}, **point}
 
 
-def error_records(spec: Any, rows: list[dict], error: str) -> list[OutputRecord]:
+def error_records(spec: JobSpec, rows: list[dict], error: str) -> list[OutputRecord]:
     """Every output record of `rows`, each carrying `error` (a shard whose rows kept failing)."""
     keep = list(spec.input.keep_columns)
     n = spec.sampling.n
@@ -90,7 +93,7 @@ def _counter_delta(now: dict[str, dict], before: dict[str, dict]) -> dict[str, l
 class ShardRunner:
     """Runs shards on one loaded engine: read, encode, generate, write; no Ray inside."""
 
-    def __init__(self, spec: Any, loaded: LoadedEngine, label: str = "actor-0"):
+    def __init__(self, spec: JobSpec, loaded: LoadedEngine, label: str = "actor-0"):
         from specbatch.jobs.spec import point_key
 
         self.spec = spec
@@ -178,7 +181,7 @@ class GenerationActor:
     calls so that the driver can read :meth:`progress` while :meth:`run_shard` generates.
     """
 
-    def __init__(self, spec: Any, factory: str, label: str, threads: int):
+    def __init__(self, spec: JobSpec, factory: str, label: str, threads: int):
         import torch
 
         torch.set_num_threads(max(1, int(threads)))

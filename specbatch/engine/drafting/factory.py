@@ -10,6 +10,7 @@ from specbatch.engine.drafting.base import Drafter
 from specbatch.engine.drafting.model import ModelDrafter, check_same_tokenizer
 from specbatch.engine.drafting.ngram import NgramDrafter
 from specbatch.engine.drafting.none import NoDrafter
+from specbatch.engine.drafting.suffix import SuffixDrafter
 
 
 def build_drafter(
@@ -35,8 +36,6 @@ def build_drafter(
     if kind == "ngram":
         return NgramDrafter(min_n=min_n, max_n=max_n)
     if kind == "suffix":
-        from specbatch.engine.drafting.suffix import SuffixDrafter
-
         if target_model is None:
             raise ValueError("models.draft.kind: a suffix drafter needs the target model (its vocabulary)")
         return SuffixDrafter(target_model.config.vocab_size, top_m=top_m, min_n=min_n, max_n=max_n,

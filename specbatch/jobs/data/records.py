@@ -15,6 +15,7 @@ import pyarrow as pa
 from specbatch.jobs.data.inputs import InputInfo, _layout
 from specbatch.jobs.data.location import InputError, _one_line
 from specbatch.engine.request import FINISH_REASONS, SampleOutput
+from specbatch.jobs.spec import OUTPUT_COLUMNS
 
 if TYPE_CHECKING:
     from specbatch.jobs.spec import JobSpec
@@ -79,7 +80,8 @@ class OutputRecord:
 
 
 _FIXED = tuple(f for f in dataclasses.fields(OutputRecord) if "arrow" in f.metadata)
-OUTPUT_COLUMNS = tuple(f.name for f in _FIXED)  # before pass-through and sweep columns
+if tuple(f.name for f in _FIXED) != OUTPUT_COLUMNS:  # before pass-through and sweep columns
+    raise AssertionError(f"OutputRecord's columns {[f.name for f in _FIXED]} differ from spec.OUTPUT_COLUMNS {OUTPUT_COLUMNS}")
 _SWEEP_TYPES = {float: pa.float64(), int: pa.int64(), bool: pa.bool_()}
 CHAT_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from specbatch.jobs.spec import JobSpec
 
 
 @dataclass
@@ -42,7 +45,7 @@ def _tokens_per_second(engine: Any, requests: Sequence[Any]) -> float:
         return tokens / (time.perf_counter() - t0)
 
 
-def measure_speedup(spec: Any, prompts: Sequence[Any], factory: Callable[[Any], Any], repeats: int = 3) -> Speedup:
+def measure_speedup(spec: JobSpec, prompts: Sequence[Any], factory: Callable[[Any], Any], repeats: int = 3) -> Speedup:
     """Generate `prompts` (input values: text or chat messages) with the job's engine and with
     plain sampling, both from ``factory`` (build.build_engine or the job's engine factory): the
     plain engine is the loaded engine's ``plain()`` where it has one (same target, no second
