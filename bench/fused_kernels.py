@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_time, memory_bandwidth, table  # noqa: E402
 
-from specbatch import rng  # noqa: E402
-from specbatch.sampling import WarpParams  # noqa: E402
+from specbatch.sampling import rng  # noqa: E402
+from specbatch.sampling.warping import WarpParams  # noqa: E402
 from specbatch_kernels import ops  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -101,12 +101,20 @@ def measure(checkpoint: str, batches: list[int], repeats: int, top_k: int, top_p
     import torch
 
     import specbatch
-    import specbatch.engine as engine_mod
-    from specbatch.drafters import NgramDrafter, NoDrafter
-    from specbatch.engine import Engine, EngineConfig
     from specbatch.models import load_model, load_tokenizer
-    from specbatch.request import Request
-    from specbatch.sampling import SamplingParams
+
+    try:  # the package layout (specbatch.engine, specbatch.sampling as packages)
+        import specbatch.engine.engine as engine_mod
+        from specbatch.engine.drafting.ngram import NgramDrafter
+        from specbatch.engine.drafting.none import NoDrafter
+        from specbatch.engine.request import Request
+        from specbatch.sampling.warping import SamplingParams
+    except ImportError:  # revisions before it: flat modules
+        import specbatch.engine as engine_mod
+        from specbatch.drafters import NgramDrafter, NoDrafter
+        from specbatch.request import Request
+        from specbatch.sampling import SamplingParams
+    Engine, EngineConfig = engine_mod.Engine, engine_mod.EngineConfig
 
     import specbatch_kernels
 

@@ -22,7 +22,10 @@ import os
 import pathlib
 import shlex
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from specbatch.jobs.spec import JobSpec
 
 DEMO_MODEL = "smollm2-135m-instruct"
 DEMO_JOB = "jobs/demo.yaml"
@@ -36,8 +39,8 @@ def _fail(message: str, code: int) -> int:
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
-    from specbatch.data import InputError
-    from specbatch.spec import SpecError
+    from specbatch.jobs.data import InputError
+    from specbatch.jobs.spec import SpecError
 
     return (SpecError, InputError)
 
@@ -47,8 +50,8 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from specbatch.preflight import preflight
-    from specbatch.spec import load_spec
+    from specbatch.jobs.preflight import preflight
+    from specbatch.jobs.spec import load_spec
 
     try:
         spec = load_spec(args.job, args.set)
@@ -68,9 +71,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _run_spec(spec: Any, args: argparse.Namespace) -> int:
-    from specbatch import report
-    from specbatch.data import OutputIOError
-    from specbatch.driver import ClusterError, RunError, run_job
+    from specbatch.jobs import report
+    from specbatch.jobs.data import OutputIOError
+    from specbatch.jobs.driver import ClusterError, RunError, run_job
 
     try:
         result = run_job(spec, engine_factory=args.engine_factory, progress=not args.quiet)  # preflight first
@@ -87,7 +90,7 @@ def _run_spec(spec: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from specbatch.spec import load_spec
+    from specbatch.jobs.spec import load_spec
 
     try:
         spec = load_spec(args.job, args.set)
@@ -97,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from specbatch import report
+    from specbatch.jobs import report
 
     try:
         stats = report.read_stats(args.output)
@@ -129,7 +132,7 @@ def submission(job: str, overrides: Sequence[str], runtime_env: dict | None, cwd
     The working directory (cwd) is uploaded unless the runtime env names its own working_dir;
     the job file must lie inside it, and the entrypoint refers to it relative to it.
     """
-    from specbatch.spec import SpecError
+    from specbatch.jobs.spec import SpecError
 
     env = dict(runtime_env or {})
     root = pathlib.Path(env.get("working_dir") or cwd).resolve()
@@ -148,7 +151,7 @@ def submission(job: str, overrides: Sequence[str], runtime_env: dict | None, cwd
 
 
 def _read_runtime_env(path: str | None) -> dict | None:
-    from specbatch.spec import SpecError, read_bounded
+    from specbatch.jobs.spec import SpecError, read_bounded
 
     if path is None:
         return None
@@ -172,7 +175,7 @@ def dashboard_address(text: str) -> str:
     SpecError (one line) for anything else: a ray:// (Ray Client) address, a bare word, a bad port."""
     from urllib.parse import urlsplit
 
-    from specbatch.spec import SpecError
+    from specbatch.jobs.spec import SpecError
 
     try:
         parts = urlsplit(text)
@@ -185,8 +188,8 @@ def dashboard_address(text: str) -> str:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from specbatch.preflight import preflight
-    from specbatch.spec import SpecError, load_spec
+    from specbatch.jobs.preflight import preflight
+    from specbatch.jobs.spec import SpecError, load_spec
 
     try:
         spec = load_spec(args.job, args.set)
@@ -228,7 +231,7 @@ def demo_job_path() -> pathlib.Path:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from specbatch.models import pull_model
-    from specbatch.spec import load_spec
+    from specbatch.jobs.spec import load_spec
 
     job = demo_job_path()
     if not job.is_file():
@@ -250,11 +253,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
-def _show_speedup(spec: Any, engine_factory: str, count: int = 4) -> None:
+def _show_speedup(spec: JobSpec, engine_factory: str, count: int = 4) -> None:
     """Print the job's drafter against plain sampling, measured on `count` of its prompts."""
-    from specbatch.data import read_output
-    from specbatch.speedup import measure_speedup
-    from specbatch.worker import import_factory
+    from specbatch.jobs.data import read_output
+    from specbatch.jobs.speedup import measure_speedup
+    from specbatch.jobs.build import import_factory
 
     table = read_output(spec.output.path)
     prompts = list(dict.fromkeys(table.column("id").to_pylist()))[:count]
@@ -265,9 +268,9 @@ def _show_speedup(spec: Any, engine_factory: str, count: int = 4) -> None:
     print(f"\nspeedup over plain sampling, {speedup.line()}")
 
 
-def _show_examples(spec: Any, count: int = 3) -> None:
+def _show_examples(spec: JobSpec, count: int = 3) -> None:
     """Print a few samples of the demo's output."""
-    from specbatch.data import read_output
+    from specbatch.jobs.data import read_output
 
     table = read_output(spec.output.path)
     rows = table.slice(0, count).to_pylist()
@@ -290,17 +293,17 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    from specbatch.spec import reference_markdown
+    from specbatch.jobs.spec import reference_markdown
 
     print(reference_markdown(), end="")
     return EXIT_OK
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from specbatch.audit import AuditConfig, AuditError, report_lines, run_audit
-    from specbatch.preflight import preflight
-    from specbatch.spec import load_spec
-    from specbatch.worker import build_engine
+    from specbatch.jobs.audit import AuditConfig, AuditError, report_lines, run_audit
+    from specbatch.jobs.preflight import preflight
+    from specbatch.jobs.spec import load_spec
+    from specbatch.jobs.build import build_engine
 
     try:
         given = {"prompts": args.prompts, "prefix_lengths": args.prefix_lengths, "samples": args.samples,
@@ -394,10 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "engine_factory", "unset") is None:
-        from specbatch.worker import ENGINE_FACTORY
+        from specbatch.jobs.build import ENGINE_FACTORY
 
         args.engine_factory = ENGINE_FACTORY
-    from specbatch import signals
+    from specbatch.jobs import signals
     from specbatch.deps import DependencyError
 
     with signals.restored():  # main() called in a longer-lived process leaves its handler alone

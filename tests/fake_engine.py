@@ -1,6 +1,6 @@
 """A deterministic stand-in engine for job-system tests (driver, CLI), no model inside.
 
-``build(spec)`` is an engine factory (worker.import_factory path ``tests.fake_engine:build``).
+``build(spec)`` is an engine factory (build.import_factory path ``tests.fake_engine:build``).
 Each (request id, seed, sample index) gets a fixed pseudo-random completion, so outputs are
 reproducible across shards, actors, retries and runs, like the real engine's.
 
@@ -16,7 +16,7 @@ can kill an actor in the middle of generation after some shards were committed).
 
 ``"write_fault": {"errno": "ENOSPC", "after": k, "log": path}`` simulates an output store that
 refuses writes: in the actor's process, every shard-file write after the first k raises
-``OSError(errno)`` as the file system would (the write path of ``specbatch.data.files`` is
+``OSError(errno)`` as the file system would (the write path of ``specbatch.jobs.data.files`` is
 patched there; no disk is really full), and appends a line to ``log`` per refused write.
 
 ``build_real(spec)`` is the real engine with the same die_marker behaviour (and delay_s
@@ -34,9 +34,9 @@ import time
 
 import torch
 
-from specbatch.request import Request, SampleOutput
-from specbatch.stats import AcceptanceStats
-from specbatch.worker import LoadedEngine
+from specbatch.engine.request import Request, SampleOutput
+from specbatch.engine.stats import AcceptanceStats
+from specbatch.jobs.build import LoadedEngine
 
 POISON_ID = 9001
 CRASH_ID = 9002
@@ -58,7 +58,7 @@ def encode(prompt) -> list[int]:
 
 
 class FakeEngine:
-    """Implements specbatch.worker.EngineLike: fixed gamma, no cost model, step shapes of one-row steps."""
+    """Implements specbatch.jobs.build.EngineLike: fixed gamma, no cost model, step shapes of one-row steps."""
 
     def __init__(self, control: dict):
         self.stats = AcceptanceStats()
@@ -130,7 +130,7 @@ def _inject_write_fault(fault: dict) -> None:
     """Make this process's shard-file writes fail with fault["errno"] after fault["after"] of them."""
     import errno as errnos
 
-    from specbatch.data import files
+    from specbatch.jobs.data import files
 
     code = getattr(errnos, fault["errno"])
     put, written = files._put, []
@@ -182,9 +182,9 @@ class _DyingEngine:
 
 
 def build_real(spec) -> LoadedEngine:
-    """specbatch's real engine (worker.build_engine), which dies on the control's die_marker
+    """specbatch's real engine (build.build_engine), which dies on the control's die_marker
     between two finished samples: an actor killed in the middle of real generation."""
-    from specbatch.worker import build_engine
+    from specbatch.jobs.build import build_engine
 
     control_path = pathlib.Path(spec.input.path).parent / "fake_engine.json"
     control = json.loads(control_path.read_text()) if control_path.is_file() else {}

@@ -20,9 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from specbatch import data
+from specbatch.jobs import data
 from specbatch.cli import main, submission
 from tests.tiny import make_tiny_checkpoint
+from tests import PYTHONPATH
 
 ray = pytest.importorskip("ray")
 
@@ -74,12 +75,12 @@ def dump(tmp_path: pathlib.Path, spec: dict | str, name: str = "job.yaml") -> st
 
 def no_actors(monkeypatch):
     """Any attempt to start an actor fails the test."""
-    import specbatch.worker
+    import specbatch.jobs.worker
 
     def refuse():
         raise AssertionError("an actor was started")
 
-    monkeypatch.setattr(specbatch.worker, "actor_class", refuse)
+    monkeypatch.setattr(specbatch.jobs.worker, "actor_class", refuse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def test_driver_killed_mid_run_then_rerun_equals_an_uninterrupted_run(ray_sessio
     out = tmp / "out"
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+    env.update(PYTHONPATH=PYTHONPATH, RAY_AUTH_MODE="disabled")
     cmd = [sys.executable, "-m", "specbatch", "run", path, "--engine-factory", FAKE, "--quiet"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -296,7 +297,7 @@ def test_submission_uploads_the_working_dir_and_runs_the_job_inside_it(tmp_path)
     entrypoint, env = submission(str(job), ["sampling.n=2", "name=a b"], {"pip": ["specbatch"]}, cwd=tmp_path)
     assert entrypoint == "python -m specbatch run jobs/j.yaml --quiet --set sampling.n=2 --set 'name=a b'"
     assert env == {"pip": ["specbatch"], "working_dir": str(tmp_path.resolve())}
-    from specbatch.spec import SpecError
+    from specbatch.jobs.spec import SpecError
 
     with pytest.raises(SpecError, match="inside the uploaded working directory"):
         submission(str(job), [], {"working_dir": str(tmp_path / "elsewhere")})
@@ -452,7 +453,7 @@ def test_spec_files_are_read_with_a_size_bound_and_long_integers_are_one_line(jo
     """/dev/zero and a file over the bound are refused after reading at most the bound; an
     integer literal of 5000 digits (past Python's conversion limit), in the file or in --set, is
     one line naming the file or the field."""
-    from specbatch import limits
+    from specbatch.sampling import limits
 
     tmp, spec = job
     assert main(["validate", "/dev/zero"]) == 2
@@ -484,7 +485,7 @@ def test_a_dictionary_encoded_prompt_column_is_accepted(job, capsys):
     table = table.set_column(1, "prompt", table.column("prompt").dictionary_encode())
     write_table(pathlib.Path(spec["input"]["path"]), table)
     assert main(["validate", dump(tmp, spec)]) == 0, capsys.readouterr().err
-    from specbatch.spec import spec_from_dict
+    from specbatch.jobs.spec import spec_from_dict
 
     rows = data.read_rows(spec_from_dict(spec), data.Shard("part-00000", 0, 6))
     assert [r["prompt"] for r in rows] == [f"describe item {i}" for i in range(6)]

@@ -13,8 +13,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from specbatch import data
-from specbatch.data import (
+from specbatch.jobs import data
+from specbatch.jobs.data import (
     InputError,
     OutputRecord,
     RowGroup,
@@ -33,7 +33,7 @@ from specbatch.data import (
     write_manifest,
     write_shard,
 )
-from specbatch.spec import apply_override, spec_from_dict
+from specbatch.jobs.spec import apply_override, spec_from_dict
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -704,7 +704,7 @@ def test_layout_cache_sees_a_rewritten_input(tmp_path):
 
 def test_repository_prompt_data_checks_out():
     for job in ("demo.yaml", "brainstorm.yaml", "temperature_sweep.yaml"):
-        from specbatch.spec import load_spec
+        from specbatch.jobs.spec import load_spec
 
         spec = load_spec(REPO / "jobs" / job)
         spec = spec_from_dict(apply_override(spec.to_dict(), f"input.path={REPO / spec.input.path}"))

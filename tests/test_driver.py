@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from specbatch import data
-from specbatch.driver import RunError, check_cluster_output, plan_actors, run_job
-from specbatch.spec import SpecError, spec_from_dict
+from specbatch.jobs import data
+from specbatch.jobs.driver import RunError, check_cluster_output, plan_actors, run_job
+from specbatch.jobs.spec import SpecError, spec_from_dict
 
 pytest.importorskip("ray")
 
@@ -243,8 +243,9 @@ def test_resume_reruns_shards_whose_file_or_manifest_was_damaged(reference, tmp_
 
 
 def test_success_is_written_only_once_every_commit_verifies(tmp_path):
-    from specbatch.driver import Driver
-    from specbatch.worker import EngineLike, ShardRunner
+    from specbatch.jobs.driver import Driver
+    from specbatch.jobs.build import EngineLike
+    from specbatch.jobs.worker import ShardRunner
     from tests import fake_engine
 
     out = tmp_path / "out"
@@ -315,9 +316,9 @@ def test_multi_node_cluster_refuses_a_local_output_path():
 def test_a_refused_multi_node_run_creates_no_output_directory(ray_session, tmp_path, monkeypatch):
     """The multi-node check needs the cluster, so it comes after Ray connects, but before the
     output directory is made: a refused job leaves nothing behind."""
-    import specbatch.driver
+    import specbatch.jobs.driver
 
-    monkeypatch.setattr(specbatch.driver, "alive_nodes", lambda: 2)
+    monkeypatch.setattr(specbatch.jobs.driver, "alive_nodes", lambda: 2)
     out = tmp_path / "new" / "out"
     spec = make_spec(write_prompts(tmp_path / "in", plain_prompts(2)), out)
     with pytest.raises(SpecError, match=r"^output\.path: .*local path.*2 nodes"):
@@ -330,7 +331,7 @@ def test_ray_address_forms_are_checked_before_ray_init():
     each one line (ClusterError) without Ray's minutes of retries; auto and local go to Ray."""
     import socket
 
-    from specbatch.driver import ClusterError, check_address
+    from specbatch.jobs.driver import ClusterError, check_address
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -346,7 +347,7 @@ def test_ray_address_forms_are_checked_before_ray_init():
 
 
 def test_progress_bar_counts_prompts_samples_and_live_acceptance(capsys):
-    from specbatch.driver import Progress
+    from specbatch.jobs.driver import Progress
 
     progress = Progress(total_prompts=10, enabled=True)
     progress.actor_counters("actor-0", {"emitted": 40, "tested": 8, "accepted": 6})
@@ -358,9 +359,10 @@ def test_progress_bar_counts_prompts_samples_and_live_acceptance(capsys):
 
 
 def test_shard_runner_keys_sweep_points_apart_and_reports_row_errors(tmp_path):
-    from specbatch.request import SampleOutput
-    from specbatch.stats import AcceptanceStats
-    from specbatch.worker import LoadedEngine, ShardRunner
+    from specbatch.engine.request import SampleOutput
+    from specbatch.engine.stats import AcceptanceStats
+    from specbatch.jobs.build import LoadedEngine
+    from specbatch.jobs.worker import ShardRunner
 
     class Recorder:  # an EngineLike that records its requests
         def __init__(self):

@@ -27,6 +27,7 @@ import yaml
 
 from specbatch import deps
 from tests.tiny import make_tiny_checkpoint
+from tests import PYTHONPATH
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -79,7 +80,7 @@ DRIVER_AND_ACTOR = textwrap.dedent(
     import json, os, sys
     import kernels
     import transformers.activations
-    from specbatch import localray
+    from specbatch.jobs import localray
 
     def where():
         import kernels, sys, os
@@ -100,7 +101,7 @@ DRIVER_AND_ACTOR = textwrap.dedent(
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled")
+    env.update(PYTHONPATH=PYTHONPATH, RAY_AUTH_MODE="disabled")
     return env
 
 
@@ -163,7 +164,7 @@ def test_run_stops_with_one_line_before_ray_when_a_dependency_is_broken(tmp_path
     job.write_text(yaml.safe_dump({"name": "broken-env", "input": {"path": str(inp)}, "output": {"path": str(tmp_path / "out")},
                                    "models": {"target": {"path": str(model)}}}))
     env = _env()
-    env["PYTHONPATH"] = f"{shadow.parent}{os.pathsep}{ROOT}"
+    env["PYTHONPATH"] = f"{shadow.parent}{os.pathsep}{PYTHONPATH}"
     proc = subprocess.run([sys.executable, "-m", "specbatch", "validate", str(job)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2

@@ -20,10 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from specbatch import data
-from specbatch.driver import run_job
-from specbatch.spec import spec_from_dict
-from specbatch.worker import LoadedEngine, ShardRunner
+from specbatch.jobs import data
+from specbatch.jobs.driver import run_job
+from specbatch.jobs.spec import spec_from_dict
+from specbatch.jobs.build import LoadedEngine
+from specbatch.jobs.worker import ShardRunner
 from tests.fake_engine import FakeEngine, encode
 
 ray = pytest.importorskip("ray")

@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from specbatch import limits
+from specbatch.sampling import limits
 from specbatch.cli import main
-from specbatch.report import gamma_report
-from specbatch.sampling import SamplingParams
-from specbatch.spec import SamplingSpec, SpecError, load_spec, spec_from_dict
+from specbatch.jobs.report import gamma_report
+from specbatch.sampling.warping import SamplingParams
+from specbatch.jobs.spec import SamplingSpec, SpecError, load_spec, spec_from_dict
 from tests.tiny import make_tiny_checkpoint
 
 FAKE = "tests.fake_engine:build"
@@ -36,14 +36,14 @@ def tiny(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture
 def job(tmp_path, tiny, monkeypatch):
     """(tmp, spec dict) of a valid job; Ray and actors are off limits (a preflight failure must come first)."""
-    import specbatch.driver
-    import specbatch.worker
+    import specbatch.jobs.driver
+    import specbatch.jobs.worker
 
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started before the preflight refused the job")
 
-    monkeypatch.setattr(specbatch.driver, "connect_ray", refuse)
-    monkeypatch.setattr(specbatch.worker, "actor_class", refuse)
+    monkeypatch.setattr(specbatch.jobs.driver, "connect_ray", refuse)
+    monkeypatch.setattr(specbatch.jobs.worker, "actor_class", refuse)
     monkeypatch.setenv("SPECBATCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     inp = tmp_path / "in" / "prompts.parquet"
@@ -237,7 +237,7 @@ def _tree(root: pathlib.Path) -> dict[str, bytes]:
 def test_if_exists_refusals_come_before_ray_and_write_nothing(job, capsys):
     """if_exists: fail on a non-empty directory and resume of another spec's output are the
     preflight's decision (data.check_existing_output), not the prepared run's."""
-    from specbatch import data
+    from specbatch.jobs import data
 
     tmp, spec = job
     out = tmp / "out"
@@ -419,8 +419,9 @@ def test_effective_gamma_is_one_rule(job):
 
 def _complete_output(spec: dict) -> None:
     """The output directory as a finished run of `spec` leaves it (fake engine, no Ray)."""
-    from specbatch import data
-    from specbatch.worker import LoadedEngine, ShardRunner
+    from specbatch.jobs import data
+    from specbatch.jobs.build import LoadedEngine
+    from specbatch.jobs.worker import ShardRunner
     from tests.fake_engine import FakeEngine, encode
 
     s = spec_from_dict(spec)
@@ -469,8 +470,9 @@ def test_a_changed_input_is_refused_before_ray_and_the_output_stays_as_it_was(jo
 def test_an_input_file_changed_under_a_running_job_is_refused_before_its_rows_are_read(job):
     """The actor's side: a shard planned from one file is never read from another (InputError
     naming the file), while the file as planned reads; a touch alone counts as a change."""
-    from specbatch import data
-    from specbatch.worker import LoadedEngine, ShardRunner
+    from specbatch.jobs import data
+    from specbatch.jobs.build import LoadedEngine
+    from specbatch.jobs.worker import ShardRunner
     from tests.fake_engine import FakeEngine, encode
 
     tmp, spec = job

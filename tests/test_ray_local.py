@@ -34,11 +34,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from specbatch import data, localray
+from specbatch.jobs import data, localray
 from specbatch.cli import main
-from specbatch.spec import spec_from_dict
-from specbatch.worker import LoadedEngine, ShardRunner
+from specbatch.jobs.spec import spec_from_dict
+from specbatch.jobs.build import LoadedEngine
+from specbatch.jobs.worker import ShardRunner
 from tests.fake_engine import FakeEngine, encode
+from tests import PYTHONPATH
 
 FAKE = "tests.fake_engine:build"
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -103,7 +105,7 @@ class Run:
 
     def __init__(self, job_path: str, log: pathlib.Path):
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+        env.update(PYTHONPATH=PYTHONPATH, RAY_AUTH_MODE="disabled")
         self.log = log
         with open(log, "wb") as stderr:
             self.proc = subprocess.Popen(

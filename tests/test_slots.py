@@ -1,10 +1,10 @@
-"""The engine's per-slot state (specbatch.slots) against the rows it stands for.
+"""The engine's per-slot state (specbatch.engine.slots) against the rows it stands for.
 
 After every step of a run with rejections (a draft model that disagrees with the target) and
 refills (more rows than slots), each live row's slot must hold: the completion token counts
 recomputed from the row's own tokens, its prompt mask and token history, its position, length
 and last token, its stop and ban masks and sampling parameters.  The sparse penalties (history
-and proposals only) must equal the dense reference of specbatch.sampling, and the stop-string
+and proposals only) must equal the dense reference of specbatch.sampling.warping, and the stop-string
 window carried across steps must find what the whole-completion scan finds.
 """
 
@@ -16,13 +16,13 @@ import random
 import pytest
 import torch
 
-from specbatch.drafters import ModelDrafter, NgramDrafter
-from specbatch.engine import Engine, EngineConfig
+from specbatch.engine.drafting.model import ModelDrafter
+from specbatch.engine.engine import Engine, EngineConfig
+from specbatch.engine.request import Request
+from specbatch.engine.slots import SlotState
+from specbatch.engine.tokenization import StopStringMatcher, StopWindow
 from specbatch.models import load_model, load_tokenizer
-from specbatch.request import Request
-from specbatch.sampling import History, SamplingParams, WarpParams, apply_bias_and_penalties
-from specbatch.slots import SlotState
-from specbatch.tokenization import StopStringMatcher, StopWindow
+from specbatch.sampling.warping import History, SamplingParams, WarpParams, apply_bias_and_penalties
 from tests.tiny import EOS_ID, make_tiny_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -12,7 +12,7 @@ the target model itself (:func:`exact_probs`): every prefix of up to L - 1 token
 with the row's settings, the penalty history (prompt + that prefix), the min_new_tokens ban of
 that position, and stopped after EOS or a stop token id.  The warping is done by the independent
 oracle (:mod:`tests.exactness.oracle`: transformers' logits processors with the documented top-p
-tie deviation restored), never by ``specbatch.sampling.warp``.  Nothing of the engine's step
+tie deviation restored), never by ``specbatch.sampling.warping.warp``.  Nothing of the engine's step
 loop, drafts, verification or warp enters the expectation, so any error in them shows as a mismatch.
 
 What is compared (:func:`exactness_reports`), each with Pearson's chi-square (p >= 1e-4, small
@@ -71,13 +71,16 @@ import numpy as np
 import torch
 from scipy import stats as scipy_stats
 
-from specbatch.drafters import Drafter, ModelDrafter, NgramDrafter, NoDrafter
-from specbatch.engine import Engine, EngineConfig
+from specbatch.engine.drafting.base import Drafter
+from specbatch.engine.drafting.model import ModelDrafter
+from specbatch.engine.drafting.ngram import NgramDrafter
+from specbatch.engine.drafting.none import NoDrafter
+from specbatch.engine.engine import Engine, EngineConfig
 from specbatch.models import load_model, load_tokenizer
-from specbatch.request import Request, SampleOutput
-from specbatch.sampling import SamplingParams
-from specbatch.stats import AcceptanceStats, CostModel
-from specbatch.suffix import SuffixDrafter
+from specbatch.engine.request import Request, SampleOutput
+from specbatch.sampling.warping import SamplingParams
+from specbatch.engine.stats import AcceptanceStats, CostModel
+from specbatch.engine.drafting.suffix import SuffixDrafter
 from specbatch_kernels import ops
 from tests import tiny
 from tests.exactness.distribution import (
@@ -552,7 +555,7 @@ class EngineCase:
     power_positions: int = 2
     min_reached: int = 0  # tests of proposal index power_positions - 1
     draft_cost: float | None = None  # adaptive gamma under a cost model: draft step / target step
-    auto: bool = False  # per-row proposal counts (specbatch.autogamma)
+    auto: bool = False  # per-row proposal counts (specbatch.engine.speculation)
 
     def make_drafter(self, models: TinyModels) -> Drafter:
         if self.drafter == "none":

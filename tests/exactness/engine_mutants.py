@@ -29,15 +29,28 @@ from unittest import mock
 
 import torch
 
-from specbatch import cache as cache_mod
-from specbatch import drafters, engine, rng, sampling
-from specbatch.autogamma import AutoGamma
-from specbatch.drafters import ModelDrafter
-from specbatch.engine import Engine
-from specbatch.slots import SlotState
-from specbatch.speculative import emitted_logprobs
-from specbatch.suffix import SuffixDrafter, sparse_warp
+from specbatch.models import cache as cache_mod
+from specbatch.engine.drafting import base as drafters
+from specbatch.engine import engine
+from specbatch.sampling import rng, warping as sampling
+from specbatch.engine.speculation import AutoGamma
+from specbatch.engine.drafting.model import ModelDrafter
+from specbatch.engine.engine import Engine
+from specbatch.sampling.warping import History
+from specbatch.sampling.speculative import emitted_logprobs
+from specbatch.engine.drafting.suffix import SuffixDrafter, sparse_warp
+from specbatch.engine.slots import SlotState
 from specbatch_kernels import ops, reference
+from specbatch.models import cache as cache_mod
+from specbatch.engine.drafting import model as model_drafting
+from specbatch.engine import engine
+from specbatch.sampling import rng
+from specbatch.engine.speculation import AutoGamma
+from specbatch.engine.drafting.model import ModelDrafter
+from specbatch.engine.engine import Engine
+from specbatch.sampling.warping import History
+from specbatch.engine.drafting.suffix import SuffixDrafter, sparse_warp
+from specbatch_kernels import ops
 
 Installer = Callable[[contextlib.ExitStack], None]
 
@@ -55,16 +68,16 @@ class EngineMutant:
 
 
 def _drafter_ops(stack: contextlib.ExitStack, **replacements: Callable[..., Any]) -> None:
-    """drafters.py sees ``ops`` with some functions replaced (the rest are the real ones)."""
+    """drafting/model.py sees ``ops`` with some functions replaced (the rest are the real ones)."""
     shim = types.SimpleNamespace(**{**vars(ops), **replacements})
-    stack.enter_context(mock.patch.object(drafters, "ops", shim))
+    stack.enter_context(mock.patch.object(model_drafting, "ops", shim))
 
 
 # ---- the issue's four ------------------------------------------------------------------------
 
 
 def _draft_uniform_per_step(stack: contextlib.ExitStack) -> None:
-    # drafters.ModelDrafter.propose: ops.warp_and_sample(..., pos + i, Role.DRAFT, ...) -> (..., pos, ...)
+    # ModelDrafter.propose: ops.warp_and_sample(..., pos + i, Role.DRAFT, ...) -> (..., pos, ...)
     first: dict[str, torch.Tensor] = {}
     real_propose = ModelDrafter.propose
 
@@ -324,7 +337,7 @@ def _logprob_of_raw_logits(stack: contextlib.ExitStack) -> None:
 
 
 def _top_k_keeps_one_more(stack: contextlib.ExitStack) -> None:
-    # specbatch.sampling.truncate_and_normalize: kth_index = (k - 1) -> k (top-k keeps k + 1 tokens),
+    # specbatch.sampling.warping.truncate_and_normalize: kth_index = (k - 1) -> k (top-k keeps k + 1 tokens),
     # wherever the function is called (sampling.warp, the kernels' torch reference)
     real = sampling.truncate_and_normalize
 
@@ -340,7 +353,7 @@ SAMPLE_INDEX_BITS = 11
 
 
 def _sample_index_wraps(stack: contextlib.ExitStack) -> None:
-    # specbatch.rng.uniform: counter word sample_index -> sample_index & 0x7FF (11 bits), so samples
+    # specbatch.sampling.rng.uniform: counter word sample_index -> sample_index & 0x7FF (11 bits), so samples
     # i and i + 2048 of a prompt share every draw; adjacent samples never do
     real = rng.uniform
 

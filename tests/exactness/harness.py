@@ -3,8 +3,8 @@ emitted sequences follow the target's distribution exactly (DESIGN section 4b).
 
 The world is a Markov chain over a small vocabulary (V = 8..16 tokens).  A :class:`Scenario`
 holds a target logit table and a draft logit table, each [V, V] (row = previous token), and the
-target's and draft's :class:`~specbatch.sampling.SamplingParams`.  The next-token
-distributions are the tables' rows after warping with :func:`specbatch.sampling.warp`, so
+target's and draft's :class:`~specbatch.sampling.warping.SamplingParams`.  The next-token
+distributions are the tables' rows after warping with :func:`specbatch.sampling.warping.warp`, so
 temperature, top-k, top-p, min-p, penalties (which look at the whole history, prompt included)
 and min_new_tokens bans all go through the real code.  **p** is the warped target distribution,
 **q** the distribution the drafter sampled its proposal from.  The *expected* distribution
@@ -20,14 +20,14 @@ each has emitted L tokens or stopped.  One step for the active rows:
    function of the row and position) unless the scenario fixes it;
 2. the target distributions along the proposed prefix are built: target_probs [R, G+1, V];
 3. ``verify_fn`` decides; emitted runs are cut at stops (EOS, stop token ids) and at the length
-   budget with :func:`specbatch.speculative.stop_cut` / :func:`~specbatch.speculative.cut`;
+   budget with :func:`specbatch.sampling.speculative.stop_cut` / :func:`~specbatch.sampling.speculative.cut`;
 4. emitted tokens are appended and each row's position advances by its emitted count.
 
 The empirical joint distribution of the first L symbols (token ids, or V = "stopped") is then
 compared with the exact probability of every sequence, computed by enumeration (see
 :mod:`tests.exactness.distribution`).
 
-**verify_fn**, the thing under test, has the signature of :func:`specbatch.speculative.verify`::
+**verify_fn**, the thing under test, has the signature of :func:`specbatch.sampling.speculative.verify`::
 
     verify_fn(draft_tokens [R, G] int64 (-1 where i >= num_proposed),
               num_proposed [R] int64 in 0..G,
@@ -35,10 +35,10 @@ compared with the exact probability of every sequence, computed by enumeration (
               draft_probs [R, G, V] float32 (the q each proposal was sampled from) or None (one-hot q),
               key [R] int64, sample_index [R] int64,
               position [R] int64 (completion position of the first proposal))
-        -> specbatch.speculative.VerifyResult
+        -> specbatch.sampling.speculative.VerifyResult
 
 so a kernel verifier with the same signature plugs in directly.  In scenarios with
-``draft_mode == "coupled"`` it has the signature of :func:`specbatch.speculative.verify_coupled`
+``draft_mode == "coupled"`` it has the signature of :func:`specbatch.sampling.speculative.verify_coupled`
 instead (no draft_probs argument).
 
 Typical use::
@@ -57,9 +57,9 @@ from typing import Callable
 
 import torch
 
-from specbatch import rng, speculative
-from specbatch.sampling import History, SamplingParams, WarpParams, sample_from_probs, warp
-from specbatch.stats import AcceptanceStats
+from specbatch.sampling import rng, speculative
+from specbatch.sampling.warping import History, SamplingParams, WarpParams, sample_from_probs, warp
+from specbatch.engine.stats import AcceptanceStats
 from tests.exactness.distribution import (  # noqa: F401  (re-exported: the harness API)
     DistributionMismatch,
     DistributionReport,
@@ -234,7 +234,7 @@ class ChainResult:
 def row_keys(seed: int, prompt_ids: torch.Tensor) -> torch.Tensor:
     """Non-negative 63-bit keys of integer prompt ids under a seed, vectorized. [P] -> [P] int64.
 
-    (The engine hashes (seed, prompt id) with :func:`specbatch.rng.row_key`; any fixed injective-
+    (The engine hashes (seed, prompt id) with :func:`specbatch.sampling.rng.row_key`; any fixed injective-
     looking map serves the harness, and this one is fast for a million rows.)
     """
     zero = torch.zeros_like(prompt_ids)

@@ -1,8 +1,8 @@
 """Deliberately broken verifiers and drafters: the harness must fail every one (DESIGN section 4b).
 
 A harness that cannot fail a mutant proves nothing.  Each mutant breaks exactly one thing, by
-patching one building block of :mod:`specbatch.speculative`, wrapping the reference
-:func:`~specbatch.speculative.verify` with one wrong step, or handing the harness a drafter that
+patching one building block of :mod:`specbatch.sampling.speculative`, wrapping the reference
+:func:`~specbatch.sampling.speculative.verify` with one wrong step, or handing the harness a drafter that
 lies about q.  None copies the verifier.
 
 Use::
@@ -25,8 +25,8 @@ from unittest import mock
 
 import torch
 
-from specbatch import rng, speculative
-from specbatch.sampling import sample_from_probs
+from specbatch.sampling import rng, speculative
+from specbatch.sampling.warping import sample_from_probs
 from tests.exactness import harness
 from tests.exactness.harness import Drafter, Scenario, VerifyFn
 
@@ -77,7 +77,7 @@ def _with_drafter(drafter: Drafter) -> Installer:
     return lambda stack: (speculative.verify, drafter)
 
 
-# ---- broken building blocks of specbatch.speculative ----------------------------------------
+# ---- broken building blocks of specbatch.sampling.speculative ----------------------------------------
 
 
 def _unscaled_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

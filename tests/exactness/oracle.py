@@ -2,7 +2,7 @@
 
 Both statistical harnesses (:mod:`tests.exactness.harness`, the verifier in a Markov chain, and
 :mod:`tests.exactness.engine_harness`, the real engine) compare what was sampled with an exact
-distribution.  That distribution must not be computed with ``specbatch.sampling.warp``, the
+distribution.  That distribution must not be computed with ``specbatch.sampling.warping.warp``, the
 function under test: a warping bug (say top-k keeping k + 1 tokens) would then be in the
 expectation too, and pass.  :func:`oracle_probs` builds it from transformers' logits processors,
 applied in float32 in the DESIGN section 4 order:
@@ -19,7 +19,7 @@ applied in float32 in the DESIGN section 4 order:
 Where it differs from transformers, and why (nothing else is changed):
 
 1. **Top-p ties** (:func:`tie_aware_top_p`).  The contract (DESIGN section 4, README's sampling
-   table, ``specbatch.sampling.crossing_score``) keeps every token whose score is >= the crossing
+   table, ``specbatch.sampling.warping.crossing_score``) keeps every token whose score is >= the crossing
    token's: the smallest descending set reaching top_p plus every token tied with the crossing
    token.  ``TopPLogitsWarper`` sorts ascending and keeps the tokens from the crossing one
    upwards, so of a group of tokens tied at the crossing it keeps a part that depends on how the
@@ -33,7 +33,7 @@ Where it differs from transformers, and why (nothing else is changed):
 3. **Greedy.**  transformers has no warper for temperature 0 (generation takes an argmax);
    the contract's greedy distribution is one-hot at the first maximum (lowest id on ties).
 
-Every row of one call shares one :class:`~specbatch.sampling.SamplingParams` and one history
+Every row of one call shares one :class:`~specbatch.sampling.warping.SamplingParams` and one history
 length (the enumerations ask for all prefixes of one length at a time), so the processors get
 ``input_ids`` = prompt + completion prefix, as in ``generate``.
 """
@@ -53,7 +53,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from specbatch.sampling import SamplingParams
+from specbatch.sampling.warping import SamplingParams
 
 
 def tie_aware_top_p(ids: torch.Tensor, scores: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -14,8 +14,8 @@ from unittest import mock
 import pytest
 import torch
 
-from specbatch.drafters import NoDrafter
-from specbatch.sampling import SamplingParams
+from specbatch.engine.drafting.none import NoDrafter
+from specbatch.sampling.warping import SamplingParams
 from specbatch_kernels import verify as kverify
 from specbatch_kernels import warp as kwarp
 from tests.exactness import engine_harness as eh

@@ -14,14 +14,24 @@ import contextlib
 import pytest
 import torch
 
-from specbatch import cache, drafters, engine, rng, sampling
-from specbatch.autogamma import AutoGamma
-from specbatch.drafters import ModelDrafter
-from specbatch.engine import Engine
-from specbatch.sampling import WarpParams
-from specbatch.slots import SlotState
-from specbatch.suffix import SuffixDrafter
+from specbatch.models import cache
+from specbatch.engine.drafting import base as drafters
+from specbatch.engine import engine
+from specbatch.sampling import rng, warping as sampling
+from specbatch.engine.speculation import AutoGamma
+from specbatch.engine.drafting.model import ModelDrafter
+from specbatch.engine.engine import Engine
+from specbatch.sampling.warping import WarpParams
+from specbatch.engine.drafting.suffix import SuffixDrafter
+from specbatch.engine.slots import SlotState
 from specbatch_kernels import reference
+from specbatch.models import cache
+from specbatch.engine.drafting import model as model_drafting
+from specbatch.engine import engine
+from specbatch.engine.drafting.model import ModelDrafter
+from specbatch.engine.speculation import AutoGamma
+from specbatch.engine.engine import Engine
+from specbatch.engine.drafting.suffix import SuffixDrafter
 from tests.exactness import engine_harness as eh
 from tests.exactness.distribution import DistributionMismatch, sequence_probs
 from tests.exactness.engine_mutants import ENGINE_MUTANTS
@@ -56,7 +66,7 @@ def test_top_k_mutant_passes_an_expectation_built_with_the_product_warp():
     model = eh.tiny_models()[case.target]
     head = torch.tensor(case.prompts[0])
 
-    def product_next_probs(prefix):  # what exact_probs did before issue 19: specbatch.sampling.warp
+    def product_next_probs(prefix):  # what exact_probs did before issue 19: specbatch.sampling.warping.warp
         m = prefix.shape[0]
         seqs = torch.cat([head.expand(m, -1), prefix], dim=1)
         logits = model(seqs, model.new_cache(m, seqs.shape[1]), torch.arange(m), torch.full((m,), seqs.shape[1]),
@@ -76,7 +86,7 @@ def test_top_k_mutant_passes_an_expectation_built_with_the_product_warp():
 
 def test_mutant_patches_are_undone():
     watched = [(SlotState, "window_counts"), (SlotState, "banned_positions"), (SlotState, "clear_counts"),
-               (SlotState, "count_tokens"), (SlotState, "adjust"), (ModelDrafter, "propose"), (drafters, "ops"),
+               (SlotState, "count_tokens"), (SlotState, "adjust"), (ModelDrafter, "propose"), (model_drafting, "ops"),
                (engine, "warp_and_verify"), (engine, "stop_cut"), (cache.KVCache, "copy_prefix"),
                (SuffixDrafter, "propose"), (AutoGamma, "decide"), (SlotState, "admit"), (SlotState, "is_stop"),
                (Engine, "_step"), (reference, "verify"), (reference, "truncate_and_normalize"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import TopPLogitsWarper
 
-from specbatch.sampling import SamplingParams
+from specbatch.sampling.warping import SamplingParams
 from tests.exactness.oracle import oracle_probs, tie_aware_top_p
 
 NONE = torch.zeros(1, 0, dtype=torch.int64)  # no completion yet
