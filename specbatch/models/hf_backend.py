@@ -285,6 +285,23 @@ class TransformersModel(nn.Module):
         return full
 
 
+def transformers_config(directory: pathlib.Path) -> ModelConfig:
+    """The engine's view of a checkpoint the transformers backend would run, from its config
+    files alone (no weights read); CheckpointError (one line) for what the backend refuses."""
+    from specbatch.models.backends import check_transformers_support
+
+    directory = pathlib.Path(directory)
+    check_transformers_support(directory)
+    import transformers
+
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{directory / 'config.json'}: transformers cannot read it ({reason})") from None
+    return hf_model_config(directory, hf_config, torch.float32)
+
+
 def load_transformers_model(directory: pathlib.Path, dtype: torch.dtype,
                             device: str | torch.device = "cpu") -> TransformersModel:
     """The checkpoint's transformers class with our attention, in eval mode on ``device``.
@@ -296,13 +313,13 @@ def load_transformers_model(directory: pathlib.Path, dtype: torch.dtype,
     from specbatch.models.checkpoint import weight_files
 
     directory = pathlib.Path(directory)
-    check_transformers_support(directory)
+    arch = check_transformers_support(directory)
     weight_files(directory)  # safetensors present, else one line naming what was found
     import transformers
 
     _register()
-    try:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(
+    try:  # the class config.json names (AutoModelForCausalLM would go by model_type instead)
+        hf = getattr(transformers, arch).from_pretrained(
             str(directory), attn_implementation=ATTENTION_NAME, dtype=dtype, trust_remote_code=False,
             use_safetensors=True,
         )
