@@ -10,9 +10,10 @@ A *backend* is the code that computes a model's forward over the slot KV cache:
 - ``auto``: native for the Llama family, transformers otherwise.
 
 ``check_transformers_support`` refuses, in one line naming the architecture and why, what the
-transformers backend cannot run: encoder-decoder models, checkpoints whose config asks for
-remote code (``auto_map``), architectures transformers does not know as a causal LM, and those
-whose code does not route attention through the attention interface.
+transformers backend cannot run: encoder-decoder models, checkpoints that need remote code (an
+``auto_map`` in config.json for an architecture transformers does not ship; one it ships runs
+its own code, the ``auto_map`` ignored), architectures transformers does not know as a causal
+LM, and those whose code does not route attention through the attention interface.
 """
 
 from __future__ import annotations
@@ -55,14 +56,16 @@ def check_transformers_support(directory: pathlib.Path) -> str:
     path = pathlib.Path(directory) / "config.json"
     raw = read_json(path)
     arch = architecture_of(raw, path)
-    if "auto_map" in raw:
-        raise CheckpointError(f"{path}: architecture {arch} needs remote code (config.json has auto_map), which is never run")
     if raw.get("is_encoder_decoder"):
         raise CheckpointError(f"{path}: architecture {arch} is an encoder-decoder model; only decoder-only models run")
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     cls = getattr(transformers, arch, None)
+    if cls is None and "auto_map" in raw:
+        raise CheckpointError(
+            f"{path}: architecture {arch} needs remote code (config.json's auto_map), which is never run"
+        )
     if cls is None:
         raise CheckpointError(f"{path}: architecture {arch} is unknown to transformers {transformers.__version__}")
     if getattr(cls, "_is_stateful", False) or arch not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
