@@ -10,7 +10,7 @@ One table, median of 3 runs per cell (one untimed warm-up each), plain sampling 
   transformers' own ``generate`` with ``num_return_sequences`` = N, at N = 16.
 
     .venv/bin/python bench/backends.py [--native-model smollm2-135m-instruct] [--hf-model gemma3-270m]
-        [--dtype bfloat16] [--tokens 32] [--prompts 2] [--repeats 3]
+        [--dtype bfloat16] [--tokens 32] [--prompts 2] [--repeats 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> list[list[Any]]:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ns", default="1,16", help="samples per prompt for the backend comparison")
     ap.add_argument("--hf-n", type=int, default=16, help="samples per prompt for the transformers comparison")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows: list[list[Any]] = []
 

@@ -16,6 +16,8 @@ from specbatch.models import load_model
 from specbatch.models.hf_backend import TransformersModel
 from tests.tiny_hf import ARCHS, WINDOW, make_tiny_hf_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: a second thread only adds synchronization
+
 VOCAB = 48
 ROWS, ROW_LEN, PROMPTS, PROMPT_LEN = 5, 40, 3, 24
 TOL = dict(rtol=1e-5, atol=2e-5)
