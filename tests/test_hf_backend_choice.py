@@ -1,5 +1,6 @@
-"""What the transformers backend cannot run is refused by the preflight in one line naming the
-architecture and why; the backend setting reaches the loader; auto picks native for Llama."""
+"""Choosing a backend: what the transformers backend cannot run is refused by the preflight in one
+line naming the architecture and why; auto picks native for the Llama family; each model's
+backend setting reaches the loader, the worker's engine and the model drafter."""
 
 from __future__ import annotations
 
@@ -138,3 +139,28 @@ def test_the_backend_setting_is_per_model_and_keeps_old_fingerprints():
     assert default.fingerprint() == hashlib.sha256(canonical.encode()).hexdigest()
     with pytest.raises(Exception, match="backend: only for kind 'model'"):
         spec_from_dict({**base, "models": {"target": {"path": "m"}, "draft": {"kind": "ngram", "backend": "native"}}})
+
+
+def test_build_engine_and_the_model_drafter_take_each_models_backend(tmp_path, gemma):
+    from specbatch.drafters import ModelDrafter
+    from specbatch.request import Request
+    from specbatch.sampling import SamplingParams
+    from specbatch.worker import build_engine
+
+    draft = make_tiny_hf_checkpoint(tmp_path / "draft", "gemma2", vocab_size=32, seed=3)
+    spec = spec_from_dict({
+        "name": "hf", "input": {"path": "in.parquet"}, "output": {"path": str(tmp_path / "out")},
+        "models": {"target": {"path": str(gemma), "dtype": "float32"},
+                   "draft": {"kind": "model", "path": str(draft), "backend": "transformers"}},
+        "sampling": {"n": 2, "max_new_tokens": 4, "seed": 1}, "speculative": {"num_draft_tokens": 2},
+        "resources": {"max_batch_size": 4},
+    })
+    loaded = build_engine(spec, measure_cost=False)
+    assert loaded.description["backend"] == "TransformersModel"
+    assert isinstance(loaded.engine.drafter, ModelDrafter) and isinstance(loaded.engine.drafter.model, TransformersModel)
+    import torch
+
+    with torch.inference_mode():
+        outs = loaded.engine.generate([Request("r", loaded.encode("a b c"), SamplingParams(n=2, max_new_tokens=4, seed=1))])
+    assert len(outs) == 2 and all(o.error is None and 1 <= len(o.token_ids) <= 4 for o in outs)
+    assert loaded.engine.stats.tested > 0
