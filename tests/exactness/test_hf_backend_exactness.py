@@ -16,6 +16,7 @@ import functools
 import pathlib
 import shutil
 import tempfile
+from unittest import mock
 
 import pytest
 
@@ -45,23 +46,14 @@ def hf_models(arch: str) -> eh.TinyModels:
 
 @dataclasses.dataclass(frozen=True)
 class HFCase(eh.EngineCase):
-    """An EngineCase whose models are one architecture's tiny checkpoints (see hf_models)."""
+    """An EngineCase run on one architecture's tiny checkpoints (see hf_models): inside
+    ``models()`` the harness's ``tiny_models`` gives them, so the engine run, the enumerated
+    distribution and every other check of the harness use the transformers backend."""
 
     arch: str = "gemma3"
 
-    def run(self, n: int | None = None) -> eh.EngineRun:
-        models = hf_models(self.arch)
-        with eh.verification_backend(self.backend):
-            return eh.run_engine(models[self.target], models.tokenizer, self.make_drafter(models), self.requests(n),
-                                 gamma=self.gamma, max_batch=self.max_batch, verification=self.verification)
-
-    def reports(self, run: eh.EngineRun) -> dict:
-        model = hf_models(self.arch)[self.target]
-        out = {}
-        for i, prompt in enumerate(self.prompts):
-            found = eh.exactness_reports(run.sequences(i, self.length), eh.exact_probs(model, prompt, self.params, self.length))
-            out.update({f"{i}:{k}": r for k, r in found.items()})
-        return out
+    def models(self):
+        return mock.patch.object(eh, "tiny_models", lambda: hf_models(self.arch))
 
 
 N = 2000
@@ -90,6 +82,8 @@ CASES = {c.name: c for arch in ARCHS for c in _cases(arch)}
 @pytest.mark.parametrize("name", list(CASES))
 def test_engine_through_the_transformers_backend_matches_exact_distribution(name):
     case = CASES[name]
-    run = case.run()
-    assert len(run.outputs) == case.params.n * len(case.prompts)
-    case.check(run)
+    with case.models():
+        run = case.run()
+        assert isinstance(run.engine.target, TransformersModel)
+        assert len(run.outputs) == case.params.n * len(case.prompts)
+        case.check(run)
