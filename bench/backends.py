@@ -31,11 +31,11 @@ from common import PROMPTS, table  # noqa: E402
 # bench/kernels.py would shadow PyPI's kernels package, which transformers' generate imports.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-from specbatch.engine import Engine, EngineConfig  # noqa: E402
+from specbatch.engine.engine import Engine, EngineConfig  # noqa: E402
 from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
-from specbatch.request import Request  # noqa: E402
-from specbatch.sampling import SamplingParams  # noqa: E402
-from specbatch.tokenization import encode_prompt  # noqa: E402
+from specbatch.engine.request import Request  # noqa: E402
+from specbatch.sampling.warping import SamplingParams  # noqa: E402
+from specbatch.engine.tokenization import encode_prompt  # noqa: E402
 
 TEMPERATURE = 0.8
 

@@ -21,13 +21,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import PROMPTS, median_time, memory_bandwidth, table  # noqa: E402
 
-from specbatch.costmodel import time_forward  # noqa: E402
-from specbatch.engine import Engine, EngineConfig  # noqa: E402
+from specbatch.engine.costmodel import time_forward  # noqa: E402
+from specbatch.engine.engine import Engine, EngineConfig  # noqa: E402
 from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
 from specbatch.models.compile import compile_steps  # noqa: E402
-from specbatch.request import Request  # noqa: E402
-from specbatch.sampling import SamplingParams  # noqa: E402
-from specbatch.tokenization import encode_prompt  # noqa: E402
+from specbatch.engine.request import Request  # noqa: E402
+from specbatch.sampling.warping import SamplingParams  # noqa: E402
+from specbatch.engine.tokenization import encode_prompt  # noqa: E402
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ of 3 timed runs after one untimed warm-up, every sample forced to exactly --toke
 tokens (specbatch: ignore_eos; transformers: min_new_tokens; vLLM: ignore_eos + min_tokens),
 only generated tokens counted.  Systems run one after another, never at once:
 
-- specbatch, in this process (specbatch.worker.build_engine on the demo job spec, Engine.generate;
+- specbatch, in this process (specbatch.jobs.build.build_engine on the demo job spec, Engine.generate;
   per-engine throughput, no Ray): plain (drafter none), ngram, suffix and
   ``num_draft_tokens: auto`` (on the suffix drafter, or ngram without it); a config this specbatch
   does not accept is printed as skipped with its spec error;
@@ -42,13 +42,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import median_time, table  # noqa: E402
 from peers_workload import parse_results  # noqa: E402
 
-from specbatch.drafters import NgramDrafter  # noqa: E402
-from specbatch.engine import Engine, EngineConfig  # noqa: E402
+from specbatch.engine.drafting.ngram import NgramDrafter  # noqa: E402
+from specbatch.engine.engine import Engine, EngineConfig  # noqa: E402
 from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
-from specbatch.request import Request  # noqa: E402
-from specbatch.spec import SpecError, spec_from_dict  # noqa: E402
-from specbatch.tokenization import encode_prompt  # noqa: E402
-from specbatch.worker import build_engine  # noqa: E402
+from specbatch.engine.request import Request  # noqa: E402
+from specbatch.jobs.spec import SpecError, spec_from_dict  # noqa: E402
+from specbatch.engine.tokenization import encode_prompt  # noqa: E402
+from specbatch.jobs.build import build_engine  # noqa: E402
 
 BENCH = pathlib.Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -134,7 +134,7 @@ def specbatch_spec(demo: dict[str, Any], w: dict[str, Any], config: str, n: int,
 def specbatch_engine(spec: Any, target: Any, tok: Any) -> Any:
     """The engine for a spec.  Plain and ngram share one loaded target and skip the start-up
     cost-model measurement (fixed gamma never reads it), as bench/speculative.py does; any other
-    config goes through the product path, specbatch.worker.build_engine."""
+    config goes through the product path, specbatch.jobs.build.build_engine."""
     draft, spec_cfg = spec.models.draft, spec.speculative
     if draft.kind not in ("none", "ngram") or not isinstance(spec_cfg.num_draft_tokens, int):
         return build_engine(spec).engine

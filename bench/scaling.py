@@ -40,9 +40,9 @@ sys.path.insert(0, str(REPO))
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from specbatch import localray  # noqa: E402
-from specbatch.driver import run_job  # noqa: E402
-from specbatch.spec import spec_from_dict  # noqa: E402
+from specbatch.jobs import localray  # noqa: E402
+from specbatch.jobs.driver import run_job  # noqa: E402
+from specbatch.jobs.spec import spec_from_dict  # noqa: E402
 
 
 def write_prompts(path: pathlib.Path, count: int, shard_rows: int, tiny: bool) -> None:
@@ -107,7 +107,7 @@ def one_run(spec) -> dict:
     result = run_job(spec, progress=False)
     if result.exit_code != 0:
         raise SystemExit(f"run failed: {result.failure_line()}")
-    from specbatch import data
+    from specbatch.jobs import data
 
     infos = [m for m in data.committed(spec).values()]
     # The window is the time every actor is generating: from the last actor's first shard start

@@ -23,12 +23,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import median_time, table  # noqa: E402
 
-from specbatch.cache import plan_cache, plan_shared_cache  # noqa: E402
-from specbatch.engine import Engine, EngineConfig  # noqa: E402
+from specbatch.models.cache import plan_cache, plan_shared_cache  # noqa: E402
+from specbatch.engine.engine import Engine, EngineConfig  # noqa: E402
 from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
-from specbatch.request import Request  # noqa: E402
-from specbatch.sampling import SamplingParams  # noqa: E402
-from specbatch.tokenization import encode_prompt  # noqa: E402
+from specbatch.engine.request import Request  # noqa: E402
+from specbatch.sampling.warping import SamplingParams  # noqa: E402
+from specbatch.engine.tokenization import encode_prompt  # noqa: E402
 
 SHORT = "Brainstorm five unusual names for a bakery run by retired astronauts."
 FILLER = ("The committee met again on Tuesday to review the harbour plans, the budget for the new "

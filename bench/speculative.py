@@ -28,15 +28,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import PROMPTS, median_time, table  # noqa: E402
 
-import specbatch.engine as engine_mod  # noqa: E402
-from specbatch.autogamma import AUTO_MAX_DRAFT_TOKENS  # noqa: E402
-from specbatch.drafters import NgramDrafter, build_drafter  # noqa: E402
-from specbatch.engine import Engine, EngineConfig  # noqa: E402
+import specbatch.engine.engine as engine_mod  # noqa: E402
+from specbatch.engine.speculation import AUTO_MAX_DRAFT_TOKENS  # noqa: E402
+from specbatch.engine.drafting.ngram import NgramDrafter
+from specbatch.engine.drafting.factory import build_drafter  # noqa: E402
+from specbatch.engine.engine import Engine, EngineConfig  # noqa: E402
 from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
-from specbatch.request import Request  # noqa: E402
-from specbatch.sampling import SamplingParams  # noqa: E402
-from specbatch.suffix import SuffixDrafter  # noqa: E402
-from specbatch.tokenization import encode_prompt  # noqa: E402
+from specbatch.engine.request import Request  # noqa: E402
+from specbatch.sampling.warping import SamplingParams  # noqa: E402
+from specbatch.engine.drafting.suffix import SuffixDrafter  # noqa: E402
+from specbatch.engine.tokenization import encode_prompt  # noqa: E402
 
 
 class Profile:

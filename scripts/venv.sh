@@ -19,11 +19,11 @@ torch_spec=${TORCH_SPEC:-torch==2.13.0}
 here=$(cd "$(dirname "$0")/.." && pwd)
 log="$venv/install.log"
 
-fail() {  # fail STEP: one line, the last error pip printed, where the rest is
+fail() {  # fail STEP: one line, pip's first error (cut to 240 characters), where the rest is
     local why
-    why=$(grep -E '^(ERROR|error):' "$log" 2>/dev/null | tail -n 1)
+    why=$(grep -E '^(ERROR|error):' "$log" 2>/dev/null | head -n 1 | cut -c1-240)
     [ -n "$why" ] || why=$(grep -v '^WARNING' "$log" 2>/dev/null | grep -v '^\s*$' | tail -n 1)
-    echo "error: $1 failed: ${why:-see $log} (full log: $log)" >&2
+    echo "error: $1 failed${why:+: $why} (full log: $log)" >&2
     exit 1
 }
 

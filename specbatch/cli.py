@@ -11,7 +11,8 @@
 
 Exit codes: 0 success; 2 a spec, input, output-location or model error (one line naming the
 field or file, found by the preflight before Ray starts, nothing written); 1 a failed run (it
-names the failed shards) or a failed audit.
+names the failed shards), an output write refused (a full disk, a read-only or vanished
+directory) or a failed audit; 130 Ctrl-C; 143 SIGTERM (a clean stop, like Ctrl-C).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import os
 import pathlib
 import shlex
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from specbatch.jobs.spec import JobSpec
 
 DEMO_MODEL = "smollm2-135m-instruct"
 DEMO_JOB = "jobs/demo.yaml"
@@ -35,8 +39,8 @@ def _fail(message: str, code: int) -> int:
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
-    from specbatch.data import InputError
-    from specbatch.spec import SpecError
+    from specbatch.jobs.data import InputError
+    from specbatch.jobs.spec import SpecError
 
     return (SpecError, InputError)
 
@@ -46,8 +50,8 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from specbatch.preflight import preflight
-    from specbatch.spec import load_spec
+    from specbatch.jobs.preflight import preflight
+    from specbatch.jobs.spec import load_spec
 
     try:
         spec = load_spec(args.job, args.set)
@@ -67,15 +71,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _run_spec(spec: Any, args: argparse.Namespace) -> int:
-    from specbatch import report
-    from specbatch.driver import RunError, run_job
+    from specbatch.jobs import report
+    from specbatch.jobs.data import OutputIOError
+    from specbatch.jobs.driver import ClusterError, RunError, run_job
 
     try:
         result = run_job(spec, engine_factory=args.engine_factory, progress=not args.quiet)  # preflight first
-    except _input_errors() as e:
+    except (*_input_errors(), ClusterError) as e:
         return _fail(str(e), EXIT_INPUT)
     except RunError as e:
         return _fail(str(e), EXIT_FAILED)
+    except OutputIOError as e:  # a full disk, a read-only or vanished output: stopped, not retried
+        return _fail(f"cannot write the output: {e}; committed shards are kept, run again once this is fixed", EXIT_FAILED)
     print(report.summary_text(result.stats))
     if result.failed:
         return _fail(result.failure_line(), EXIT_FAILED)
@@ -83,7 +90,7 @@ def _run_spec(spec: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from specbatch.spec import load_spec
+    from specbatch.jobs.spec import load_spec
 
     try:
         spec = load_spec(args.job, args.set)
@@ -93,13 +100,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from specbatch import report
+    from specbatch.jobs import report
 
     try:
         stats = report.read_stats(args.output)
     except (FileNotFoundError, OSError, ValueError) as e:
         return _fail(f"{args.output}: no readable stats.json ({' '.join(str(e).split())[:200]})", EXIT_INPUT)
-    print(report.summary_text(stats))
+    try:
+        text = report.summary_text(stats)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        what = f"{type(e).__name__}: {' '.join(str(e).split())}"[:200]
+        return _fail(f"{args.output}: stats.json is not a specbatch statistics file ({what})", EXIT_INPUT)
+    print(text)
     if args.no_plots:
         return EXIT_OK
     # Beside stats.json by default, where readers of the output directory skip them.
@@ -120,7 +132,7 @@ def submission(job: str, overrides: Sequence[str], runtime_env: dict | None, cwd
     The working directory (cwd) is uploaded unless the runtime env names its own working_dir;
     the job file must lie inside it, and the entrypoint refers to it relative to it.
     """
-    from specbatch.spec import SpecError
+    from specbatch.jobs.spec import SpecError
 
     env = dict(runtime_env or {})
     root = pathlib.Path(env.get("working_dir") or cwd).resolve()
@@ -139,16 +151,16 @@ def submission(job: str, overrides: Sequence[str], runtime_env: dict | None, cwd
 
 
 def _read_runtime_env(path: str | None) -> dict | None:
-    from specbatch.spec import SpecError
+    from specbatch.jobs.spec import SpecError, read_bounded
 
     if path is None:
         return None
     import yaml
 
     try:
-        env = yaml.safe_load(pathlib.Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such file") from None
+        env = yaml.safe_load(read_bounded(pathlib.Path(path)))
+    except ValueError as e:  # an integer literal beyond Python's conversion limit
+        raise SpecError(f"{path}: {' '.join(str(e).split())[:200]}") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: YAML syntax error: {' '.join(str(e).split())}") from None
     if env is None:
@@ -158,9 +170,26 @@ def _read_runtime_env(path: str | None) -> dict | None:
     return env
 
 
+def dashboard_address(text: str) -> str:
+    """A Ray Jobs API address, ``http(s)://HOST[:PORT]`` (the dashboard, port 8265 by default);
+    SpecError (one line) for anything else: a ray:// (Ray Client) address, a bare word, a bad port."""
+    from urllib.parse import urlsplit
+
+    from specbatch.jobs.spec import SpecError
+
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as e:
+        raise SpecError(f"--address {text}: {e}; expected http://HEAD:8265") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SpecError(f"--address {text}: expected the Ray dashboard's http://HEAD:8265 (a Jobs API address)")
+    return text
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
-    from specbatch.preflight import preflight
-    from specbatch.spec import load_spec
+    from specbatch.jobs.preflight import preflight
+    from specbatch.jobs.spec import SpecError, load_spec
 
     try:
         spec = load_spec(args.job, args.set)
@@ -168,10 +197,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
         entrypoint, runtime_env = submission(args.job, args.set, _read_runtime_env(args.runtime_env))
     except _input_errors() as e:
         return _fail(str(e), EXIT_INPUT)
+    try:
+        address = dashboard_address(args.address)
+    except SpecError as e:
+        return _fail(str(e), EXIT_INPUT)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(args.address)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"specbatch_job": spec.name})
+    try:
+        client = JobSubmissionClient(address)
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"specbatch_job": spec.name})
+    except Exception as e:  # noqa: BLE001 - whatever the Jobs API raises (connection, HTTP, version): one line
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        return _fail(f"--address {args.address}: the Ray Jobs API did not take the job ({why})", EXIT_INPUT)
     print(f"submitted {spec.name} as {job_id}: {entrypoint}")
     print(f"follow it with: ray job logs -f {job_id} --address {args.address}")
     if not args.wait:
@@ -194,7 +231,7 @@ def demo_job_path() -> pathlib.Path:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from specbatch.models import pull_model
-    from specbatch.spec import load_spec
+    from specbatch.jobs.spec import load_spec
 
     job = demo_job_path()
     if not job.is_file():
@@ -216,11 +253,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
-def _show_speedup(spec: Any, engine_factory: str, count: int = 4) -> None:
+def _show_speedup(spec: JobSpec, engine_factory: str, count: int = 4) -> None:
     """Print the job's drafter against plain sampling, measured on `count` of its prompts."""
-    from specbatch.data import read_output
-    from specbatch.speedup import measure_speedup
-    from specbatch.worker import import_factory
+    from specbatch.jobs.data import read_output
+    from specbatch.jobs.speedup import measure_speedup
+    from specbatch.jobs.build import import_factory
 
     table = read_output(spec.output.path)
     prompts = list(dict.fromkeys(table.column("id").to_pylist()))[:count]
@@ -231,9 +268,9 @@ def _show_speedup(spec: Any, engine_factory: str, count: int = 4) -> None:
     print(f"\nspeedup over plain sampling, {speedup.line()}")
 
 
-def _show_examples(spec: Any, count: int = 3) -> None:
+def _show_examples(spec: JobSpec, count: int = 3) -> None:
     """Print a few samples of the demo's output."""
-    from specbatch.data import read_output
+    from specbatch.jobs.data import read_output
 
     table = read_output(spec.output.path)
     rows = table.slice(0, count).to_pylist()
@@ -256,17 +293,17 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    from specbatch.spec import reference_markdown
+    from specbatch.jobs.spec import reference_markdown
 
     print(reference_markdown(), end="")
     return EXIT_OK
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from specbatch.audit import AuditConfig, AuditError, report_lines, run_audit
-    from specbatch.preflight import preflight
-    from specbatch.spec import load_spec
-    from specbatch.worker import build_engine
+    from specbatch.jobs.audit import AuditConfig, AuditError, report_lines, run_audit
+    from specbatch.jobs.preflight import preflight
+    from specbatch.jobs.spec import load_spec
+    from specbatch.jobs.build import build_engine
 
     try:
         given = {"prompts": args.prompts, "prefix_lengths": args.prefix_lengths, "samples": args.samples,
@@ -360,20 +397,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "engine_factory", "unset") is None:
-        from specbatch.worker import ENGINE_FACTORY
+        from specbatch.jobs.build import ENGINE_FACTORY
 
         args.engine_factory = ENGINE_FACTORY
+    from specbatch.jobs import signals
     from specbatch.deps import DependencyError
 
-    try:
-        return args.func(args)
-    except DependencyError as exc:  # raised by the preflight, before Ray starts
-        return _fail(str(exc), EXIT_INPUT)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
-    except BrokenPipeError:  # e.g. `specbatch stats OUT | head`: the reader left, not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+    with signals.restored():  # main() called in a longer-lived process leaves its handler alone
+        signals.install()  # SIGTERM unwinds like Ctrl-C: actors stopped, the local Ray reaped
+        try:
+            return args.func(args)
+        except DependencyError as exc:  # raised by the preflight, before Ray starts
+            return _fail(str(exc), EXIT_INPUT)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (signals.Terminated, which Ray may rewrap)
+            if signals.received():
+                return _fail("terminated (SIGTERM); committed shards are kept, run again to resume", signals.EXIT_TERMINATED)
+            return _fail("interrupted", 130)
+        except BrokenPipeError:  # e.g. `specbatch stats OUT | head`: the reader left, not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OK
 
 
 if __name__ == "__main__":

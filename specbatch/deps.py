@@ -28,8 +28,8 @@ RUNTIME_MODULES: tuple[tuple[str, str], ...] = (
     ("pydantic", "job specs"),
     ("ray", "actors"),
     ("specbatch_kernels.ops", "the verification kernels' host wrapper"),
-    ("specbatch.engine", "the engine"),
-    ("specbatch.worker", "the actors"),
+    ("specbatch.engine.engine", "the engine"),
+    ("specbatch.jobs.worker", "the actors"),
 )
 
 

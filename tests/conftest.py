@@ -12,6 +12,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 import pytest  # noqa: E402  (after the environment is set)
+from tests import PYTHONPATH
 
 
 @pytest.fixture
@@ -29,11 +30,11 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def ray_session():
     """One local Ray per test module that asks for it, started as ``specbatch run`` starts one
-    (``specbatch.localray``: bound to 127.0.0.1, no dashboard, its processes reaped on stop)."""
-    from specbatch import localray
+    (``specbatch.jobs.localray``: bound to 127.0.0.1, no dashboard, its processes reaped on stop)."""
+    from specbatch.jobs import localray
 
     repo = pathlib.Path(__file__).resolve().parent.parent
     local = localray.start(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                           runtime_env={"env_vars": {"PYTHONPATH": str(repo)}})
+                           runtime_env={"env_vars": {"PYTHONPATH": PYTHONPATH}})
     yield local
     local.stop()

@@ -1,6 +1,6 @@
 """A deterministic stand-in engine for job-system tests (driver, CLI), no model inside.
 
-``build(spec)`` is an engine factory (worker.import_factory path ``tests.fake_engine:build``).
+``build(spec)`` is an engine factory (build.import_factory path ``tests.fake_engine:build``).
 Each (request id, seed, sample index) gets a fixed pseudo-random completion, so outputs are
 reproducible across shards, actors, retries and runs, like the real engine's.
 
@@ -13,6 +13,11 @@ Behaviour is steered by an optional ``fake_engine.json`` beside the input Parque
 ``{"delay_s": seconds per request, "die_marker": path}``; when the ``die_marker`` file
 exists during ``generate``, the engine deletes it and kills its own process, once (so a test
 can kill an actor in the middle of generation after some shards were committed).
+
+``"write_fault": {"errno": "ENOSPC", "after": k, "log": path}`` simulates an output store that
+refuses writes: in the actor's process, every shard-file write after the first k raises
+``OSError(errno)`` as the file system would (the write path of ``specbatch.jobs.data.files`` is
+patched there; no disk is really full), and appends a line to ``log`` per refused write.
 
 ``build_real(spec)`` is the real engine with the same die_marker behaviour (and delay_s
 slept before each shard's generation).
@@ -29,9 +34,9 @@ import time
 
 import torch
 
-from specbatch.request import Request, SampleOutput
-from specbatch.stats import AcceptanceStats
-from specbatch.worker import LoadedEngine
+from specbatch.engine.request import Request, SampleOutput
+from specbatch.engine.stats import AcceptanceStats
+from specbatch.jobs.build import LoadedEngine
 
 POISON_ID = 9001
 CRASH_ID = 9002
@@ -53,7 +58,7 @@ def encode(prompt) -> list[int]:
 
 
 class FakeEngine:
-    """Implements specbatch.worker.EngineLike: fixed gamma, no cost model, step shapes of one-row steps."""
+    """Implements specbatch.jobs.build.EngineLike: fixed gamma, no cost model, step shapes of one-row steps."""
 
     def __init__(self, control: dict):
         self.stats = AcceptanceStats()
@@ -121,11 +126,34 @@ class FakeEngine:
         return outputs
 
 
+def _inject_write_fault(fault: dict) -> None:
+    """Make this process's shard-file writes fail with fault["errno"] after fault["after"] of them."""
+    import errno as errnos
+
+    from specbatch.jobs.data import files
+
+    code = getattr(errnos, fault["errno"])
+    put, written = files._put, []
+
+    def failing_put(fs, path, data):
+        if ".part-" in path or path.rsplit("/", 1)[-1].startswith("part-"):
+            if len(written) >= int(fault.get("after", 0)):
+                with open(fault["log"], "a") as log:
+                    log.write(f"{path}\n")
+                raise OSError(code, f"[errno {code}] {os.strerror(code)}")
+            written.append(path)
+        put(fs, path, data)
+
+    files._put = failing_put
+
+
 def build(spec) -> LoadedEngine:
     control_path = pathlib.Path(spec.input.path).parent / "fake_engine.json"
     control = json.loads(control_path.read_text()) if control_path.is_file() else {}
     if control.get("fail_init"):
         raise RuntimeError("fake engine refused to start")
+    if control.get("write_fault"):
+        _inject_write_fault(control["write_fault"])
     return LoadedEngine(engine=FakeEngine(control), encode=encode, description={"device": "cpu", "engine": "fake"})
 
 
@@ -154,9 +182,9 @@ class _DyingEngine:
 
 
 def build_real(spec) -> LoadedEngine:
-    """specbatch's real engine (worker.build_engine), which dies on the control's die_marker
+    """specbatch's real engine (build.build_engine), which dies on the control's die_marker
     between two finished samples: an actor killed in the middle of real generation."""
-    from specbatch.worker import build_engine
+    from specbatch.jobs.build import build_engine
 
     control_path = pathlib.Path(spec.input.path).parent / "fake_engine.json"
     control = json.loads(control_path.read_text()) if control_path.is_file() else {}

@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from specbatch import audit
+from specbatch.jobs import audit
 from specbatch.cli import main
-from specbatch.drafters import ModelDrafter
+from specbatch.engine.drafting.model import ModelDrafter
 from tests.tiny import make_tiny_pair
 
 SAMPLES = "600"
@@ -90,7 +90,7 @@ def test_audit_fails_when_the_drafter_reports_another_q(tmp_path, pair, capsys):
 
 def test_audit_fails_when_penalties_ignore_earlier_proposals(tmp_path, pair, capsys):
     """Mutant (issue 11): the penalty history of position j lacks the proposals before j."""
-    from specbatch.engine import Engine
+    from specbatch.engine.engine import Engine
 
     original = Engine._history
 
@@ -126,10 +126,10 @@ def test_bad_options_and_specs_exit_2(tmp_path, pair, capsys):
 def test_forced_prefix_continues_a_sample_exactly(pair):
     """Forcing a sample's own first k tokens reproduces the rest of it: the prefix sits at
     completion positions 0..k-1 (random numbers, penalties and min_new_tokens see it there)."""
-    from specbatch.engine import Engine, EngineConfig
+    from specbatch.engine.engine import Engine, EngineConfig
     from specbatch.models import load_model, load_tokenizer
-    from specbatch.request import Request
-    from specbatch.sampling import SamplingParams
+    from specbatch.engine.request import Request
+    from specbatch.sampling.warping import SamplingParams
 
     target, tokenizer = load_model(pair[0], dtype="float32"), load_tokenizer(pair[0])
     engine = Engine(target, tokenizer, None, EngineConfig(max_batch_size=8, measure_cost=False))
@@ -142,3 +142,17 @@ def test_forced_prefix_continues_a_sample_exactly(pair):
                                           forced_prefix=out.token_ids[:k])])[0]
         assert forced.token_ids == out.token_ids
         assert forced.num_prompt_tokens == len(prompt)
+
+
+def test_huge_sample_counts_and_audits_without_checks_exit_2(tmp_path, pair, capsys):
+    """--samples 99999999999 is refused before any model loads; an audit whose every prefix is
+    skipped has no verdict (it printed FAIL with p = nan): one line, exit 2."""
+    job = write_job(tmp_path, pair, {"kind": "ngram"})
+    assert main(["audit", job, "--samples", "99999999999"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --samples must be between 10 and 1000000, got 99999999999"], err
+    assert main(["audit", job, "--prompts", "1", "--prefix-lengths", "16", "--samples", "10"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no check could run on the audited prompts (1 skipped; first: "), lines
+    assert "audit: FAIL" not in captured.out

@@ -11,14 +11,14 @@ import dataclasses
 
 import pytest
 
-from specbatch.autogamma import MIN_MEASURED, AutoGamma
-from specbatch.engine import Engine, EngineConfig
-from specbatch.request import Request
-from specbatch.rows import Row
-from specbatch.sampling import SamplingParams
-from specbatch.spec import SpeculativeSpec
-from specbatch.stats import CostModel
-from specbatch.suffix import SuffixDrafter
+from specbatch.engine.speculation import MIN_MEASURED, AutoGamma
+from specbatch.engine.engine import Engine, EngineConfig
+from specbatch.engine.request import Request
+from specbatch.engine.rows import Row
+from specbatch.sampling.warping import SamplingParams
+from specbatch.jobs.spec import SpeculativeSpec
+from specbatch.engine.stats import CostModel
+from specbatch.engine.drafting.suffix import SuffixDrafter
 from tests.test_suffix_drafter import PROMPT, V, ckpt, target, tokenizer  # noqa: F401 - the module's fixtures
 
 PARAMS = SamplingParams(max_new_tokens=3, temperature=0.9, top_k=12, seed=5)
@@ -141,8 +141,8 @@ def test_auto_mixes_counts_and_reports_them(target, tokenizer):
 
 
 def test_a_job_spec_with_suffix_and_auto_builds_that_engine(ckpt, tmp_path):
-    from specbatch.spec import spec_from_dict
-    from specbatch.worker import build_engine
+    from specbatch.jobs.spec import spec_from_dict
+    from specbatch.jobs.build import build_engine
 
     spec = spec_from_dict({
         "name": "auto",
@@ -168,9 +168,9 @@ def test_a_job_spec_with_suffix_and_auto_builds_that_engine(ckpt, tmp_path):
 def test_the_demo_speedup_measures_plain_sampling_on_the_jobs_loaded_target(ckpt, tmp_path):
     """measure_speedup: the plain engine is the job engine's plain() twin (same target object,
     no drafter, no cost model), so the model is loaded and the cost model measured once."""
-    from specbatch.spec import spec_from_dict
-    from specbatch.speedup import measure_speedup
-    from specbatch.worker import build_engine
+    from specbatch.jobs.spec import spec_from_dict
+    from specbatch.jobs.speedup import measure_speedup
+    from specbatch.jobs.build import build_engine
 
     spec = spec_from_dict({
         "name": "speedup",

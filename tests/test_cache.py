@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from specbatch.cache import KVCache, plan_cache
+from specbatch.models.cache import KVCache, plan_cache
 from specbatch.models.config import ModelConfig
 
 

@@ -20,9 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from specbatch import data
+from specbatch.jobs import data
 from specbatch.cli import main, submission
 from tests.tiny import make_tiny_checkpoint
+from tests import PYTHONPATH
 
 ray = pytest.importorskip("ray")
 
@@ -74,12 +75,12 @@ def dump(tmp_path: pathlib.Path, spec: dict | str, name: str = "job.yaml") -> st
 
 def no_actors(monkeypatch):
     """Any attempt to start an actor fails the test."""
-    import specbatch.worker
+    import specbatch.jobs.worker
 
     def refuse():
         raise AssertionError("an actor was started")
 
-    monkeypatch.setattr(specbatch.worker, "actor_class", refuse)
+    monkeypatch.setattr(specbatch.jobs.worker, "actor_class", refuse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def test_driver_killed_mid_run_then_rerun_equals_an_uninterrupted_run(ray_sessio
     out = tmp / "out"
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+    env.update(PYTHONPATH=PYTHONPATH, RAY_AUTH_MODE="disabled")
     cmd = [sys.executable, "-m", "specbatch", "run", path, "--engine-factory", FAKE, "--quiet"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -296,7 +297,7 @@ def test_submission_uploads_the_working_dir_and_runs_the_job_inside_it(tmp_path)
     entrypoint, env = submission(str(job), ["sampling.n=2", "name=a b"], {"pip": ["specbatch"]}, cwd=tmp_path)
     assert entrypoint == "python -m specbatch run jobs/j.yaml --quiet --set sampling.n=2 --set 'name=a b'"
     assert env == {"pip": ["specbatch"], "working_dir": str(tmp_path.resolve())}
-    from specbatch.spec import SpecError
+    from specbatch.jobs.spec import SpecError
 
     with pytest.raises(SpecError, match="inside the uploaded working directory"):
         submission(str(job), [], {"working_dir": str(tmp_path / "elsewhere")})
@@ -390,3 +391,101 @@ def test_demo_pulls_the_model_runs_the_demo_job_and_shows_samples(ray_session, j
     assert f"output: {tmp / 'out'} (12 rows); first 3:" in out
     assert "- [p0 #0] describe item 0" in out
     assert "speedup over plain sampling, measured on 4 prompts x 2 samples: ngram" in out
+
+
+def test_run_against_an_unreachable_ray_address_fails_in_one_line_and_writes_nothing(tmp_path):
+    """RAY_ADDRESS naming a port where nothing listens: exit 2 with one line well within the
+    subprocess's 60 s (Ray alone retries for minutes), and no output directory."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    inp = tmp_path / "in" / "prompts.parquet"
+    inp.parent.mkdir()
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["hello"]}), inp)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"name": "far", "input": {"path": str(inp)}, "output": {"path": str(tmp_path / "out")},
+                                   "models": {"target": {"path": "fake"}}}))
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{closed}", "PYTHONPATH": str(pathlib.Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-m", "specbatch", "run", str(job), "--engine-factory", "tests.fake_engine:build",
+                           "--quiet"], env=env, capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"error: RAY_ADDRESS=127.0.0.1:{closed}: cannot reach the cluster"), lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_submit_to_a_malformed_or_unreachable_address_is_one_line(job, capsys, monkeypatch):
+    """A ray:// or bare address, a bad port, and a dashboard address where nothing listens:
+    exit 2 with one line naming --address, no traceback."""
+    import socket
+
+    tmp, spec = job
+    path = dump(tmp, spec)
+    monkeypatch.chdir(tmp)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    for address, says in [("ray://127.0.0.1:1", "expected the Ray dashboard's http://HEAD:8265"),
+                          ("head", "expected the Ray dashboard's"), ("http://head:99999", "Port out of range"),
+                          (f"http://127.0.0.1:{closed}", "the Ray Jobs API did not take the job")]:
+        assert main(["submit", path, "--address", address]) == 2, address
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: --address {address}: {says}"), err
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile inputs that used to end in a traceback or an unbounded read (issue 20 item 7)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_spec_files_are_read_with_a_size_bound_and_long_integers_are_one_line(job, capsys):
+    """/dev/zero and a file over the bound are refused after reading at most the bound; an
+    integer literal of 5000 digits (past Python's conversion limit), in the file or in --set, is
+    one line naming the file or the field."""
+    from specbatch.sampling import limits
+
+    tmp, spec = job
+    assert main(["validate", "/dev/zero"]) == 2
+    assert _one_error_line(capsys) == f"error: /dev/zero: larger than {limits.MAX_SPEC_BYTES} bytes, not a job spec"
+    big = tmp / "big.yaml"
+    big.write_text(yaml.safe_dump(spec) + "#" * limits.MAX_SPEC_BYTES)
+    assert main(["validate", str(big)]) == 2
+    assert "larger than" in _one_error_line(capsys)
+
+    path = dump(tmp, spec)
+    pathlib.Path(path).write_text(pathlib.Path(path).read_text() + "extra: " + "7" * 5000 + "\n")
+    assert main(["validate", path]) == 2
+    assert _one_error_line(capsys).startswith(f"error: {path}: a number is too long (")
+    assert main(["validate", dump(tmp, spec), "--set", "sampling.seed=" + "7" * 5000]) == 2
+    assert _one_error_line(capsys).startswith("error: --set sampling.seed: a number is too long")
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"totals": 3}', '{"totals": {}, "throughput": null}'])
+def test_stats_of_a_malformed_stats_json_is_one_line(tmp_path, capsys, content):
+    (tmp_path / "__specbatch__").mkdir()
+    (tmp_path / "__specbatch__" / "stats.json").write_text(content)
+    assert main(["stats", str(tmp_path), "--no-plots"]) == 2
+    assert "stats.json is not a specbatch statistics file" in _one_error_line(capsys)
+
+
+def test_a_dictionary_encoded_prompt_column_is_accepted(job, capsys):
+    tmp, spec = job
+    table = prompts_table()
+    table = table.set_column(1, "prompt", table.column("prompt").dictionary_encode())
+    write_table(pathlib.Path(spec["input"]["path"]), table)
+    assert main(["validate", dump(tmp, spec)]) == 0, capsys.readouterr().err
+    from specbatch.jobs.spec import spec_from_dict
+
+    rows = data.read_rows(spec_from_dict(spec), data.Shard("part-00000", 0, 6))
+    assert [r["prompt"] for r in rows] == [f"describe item {i}" for i in range(6)]

@@ -11,12 +11,12 @@ import dataclasses
 import pytest
 import torch
 
-from specbatch.drafters import NgramDrafter
-from specbatch.engine import Engine, EngineConfig
+from specbatch.engine.drafting.ngram import NgramDrafter
+from specbatch.engine.engine import Engine, EngineConfig
 from specbatch.models import load_model, load_tokenizer
 from specbatch.models.compile import compile_steps
-from specbatch.request import Request
-from specbatch.sampling import SamplingParams
+from specbatch.engine.request import Request
+from specbatch.sampling.warping import SamplingParams
 from tests.tiny import make_tiny_checkpoint
 
 
@@ -115,8 +115,8 @@ def test_job_spec_compiles_the_target_only_when_asked(ckpt, tmp_path, monkeypatc
     """`models.target.compile` (default false) reaches the worker's engine.  compile_steps itself
     is replaced by a recorder here: the tests above cover what it does."""
     import specbatch.models.compile as compile_module
-    from specbatch.spec import spec_from_dict
-    from specbatch.worker import build_engine
+    from specbatch.jobs.spec import spec_from_dict
+    from specbatch.jobs.build import build_engine
 
     compiled_models = []
     monkeypatch.setattr(compile_module, "compile_steps", compiled_models.append)

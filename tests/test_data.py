@@ -13,8 +13,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from specbatch import data
-from specbatch.data import (
+from specbatch.jobs import data
+from specbatch.jobs.data import (
     InputError,
     OutputRecord,
     RowGroup,
@@ -33,7 +33,7 @@ from specbatch.data import (
     write_manifest,
     write_shard,
 )
-from specbatch.spec import apply_override, spec_from_dict
+from specbatch.jobs.spec import apply_override, spec_from_dict
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -331,9 +331,15 @@ def build_malformed(name: str, tmp: pathlib.Path):
 
 def test_output_inside_the_input_directory_is_refused(tmp_path):
     make_parquet(tmp_path / "d" / "a.parquet")
-    for inp in (tmp_path / "d", f"{tmp_path}/d/*.parquet"):
+    for inp, out in ((tmp_path / "d", "d/out"), (f"{tmp_path}/d/**/*.parquet", "d/out"), (f"{tmp_path}/d/*.parquet", "d"),
+                     (f"{tmp_path}/d/*/*.parquet", "d/out")):
         with pytest.raises(InputError, match=r"^output.path: .* is inside the input directory"):
-            check_input(make_spec(inp, tmp_path / "d" / "out"))
+            check_input(make_spec(inp, tmp_path / out))
+    # A glob reads only the files it matches: an output no match can lie in is not inside it,
+    # whatever prefix it shares with the glob's directory (issue 20).
+    for inp, out in ((f"{tmp_path}/d/*.parquet", "d/out"), (f"{tmp_path}/d/a*.parquet", "d/a_out"),
+                     (f"{tmp_path}/d/a*.parquet", "d/a_out/sub")):
+        check_input(make_spec(inp, tmp_path / out))
     check_input(make_spec(tmp_path / "d" / "a.parquet", tmp_path / "d" / "out"))  # a single file is fine
     check_input(make_spec(tmp_path / "d", tmp_path / "d2"))  # a sibling whose name extends it is fine
 
@@ -407,7 +413,7 @@ def test_manifest_commits_only_a_complete_file(tmp_path):
     spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=3")
     prepare_output(spec)
     s0, s1 = plan_shards(spec)
-    with pytest.raises(FileNotFoundError, match="part-00000.parquet: shard file missing"):
+    with pytest.raises(data.OutputIOError, match="part-00000.parquet: the shard file is missing"):
         write_manifest(spec, ShardManifest("part-00000", 0, 3, rows=3))
     commit(spec, s0, n=2)
     # s1's file is written but not committed (a crash between file and manifest): invisible.
@@ -698,7 +704,7 @@ def test_layout_cache_sees_a_rewritten_input(tmp_path):
 
 def test_repository_prompt_data_checks_out():
     for job in ("demo.yaml", "brainstorm.yaml", "temperature_sweep.yaml"):
-        from specbatch.spec import load_spec
+        from specbatch.jobs.spec import load_spec
 
         spec = load_spec(REPO / "jobs" / job)
         spec = spec_from_dict(apply_override(spec.to_dict(), f"input.path={REPO / spec.input.path}"))

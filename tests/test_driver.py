@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from specbatch import data
-from specbatch.driver import RunError, check_cluster_output, plan_actors, run_job
-from specbatch.spec import SpecError, spec_from_dict
+from specbatch.jobs import data
+from specbatch.jobs.driver import RunError, check_cluster_output, plan_actors, run_job
+from specbatch.jobs.spec import SpecError, spec_from_dict
 
 pytest.importorskip("ray")
 
@@ -243,8 +243,9 @@ def test_resume_reruns_shards_whose_file_or_manifest_was_damaged(reference, tmp_
 
 
 def test_success_is_written_only_once_every_commit_verifies(tmp_path):
-    from specbatch.driver import Driver
-    from specbatch.worker import EngineLike, ShardRunner
+    from specbatch.jobs.driver import Driver
+    from specbatch.jobs.build import EngineLike
+    from specbatch.jobs.worker import ShardRunner
     from tests import fake_engine
 
     out = tmp_path / "out"
@@ -312,8 +313,41 @@ def test_multi_node_cluster_refuses_a_local_output_path():
         check_cluster_output(make_spec(pathlib.Path("x.parquet"), pathlib.Path("/tmp/out"), **{"output.path": shared}), nodes=3)
 
 
+def test_a_refused_multi_node_run_creates_no_output_directory(ray_session, tmp_path, monkeypatch):
+    """The multi-node check needs the cluster, so it comes after Ray connects, but before the
+    output directory is made: a refused job leaves nothing behind."""
+    import specbatch.jobs.driver
+
+    monkeypatch.setattr(specbatch.jobs.driver, "alive_nodes", lambda: 2)
+    out = tmp_path / "new" / "out"
+    spec = make_spec(write_prompts(tmp_path / "in", plain_prompts(2)), out)
+    with pytest.raises(SpecError, match=r"^output\.path: .*local path.*2 nodes"):
+        run_job(spec, engine_factory=FAKE, progress=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_ray_address_forms_are_checked_before_ray_init():
+    """A malformed RAY_ADDRESS, an address of another scheme and one that does not answer are
+    each one line (ClusterError) without Ray's minutes of retries; auto and local go to Ray."""
+    import socket
+
+    from specbatch.jobs.driver import ClusterError, check_address
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # closed again when the block ends
+    for address, says in [("nohost", "expected host:port"), ("127.0.0.1:99999", "expected host:port"),
+                          ("http://127.0.0.1:8265", "not a http:// address"),
+                          (f"127.0.0.1:{closed}", "cannot reach the cluster at 127.0.0.1"),
+                          (f"ray://127.0.0.1:{closed}", "cannot reach the cluster at 127.0.0.1")]:
+        with pytest.raises(ClusterError, match=says):
+            check_address(address, timeout=5)
+    for address in ("auto", "local"):
+        check_address(address)
+
+
 def test_progress_bar_counts_prompts_samples_and_live_acceptance(capsys):
-    from specbatch.driver import Progress
+    from specbatch.jobs.driver import Progress
 
     progress = Progress(total_prompts=10, enabled=True)
     progress.actor_counters("actor-0", {"emitted": 40, "tested": 8, "accepted": 6})
@@ -325,9 +359,10 @@ def test_progress_bar_counts_prompts_samples_and_live_acceptance(capsys):
 
 
 def test_shard_runner_keys_sweep_points_apart_and_reports_row_errors(tmp_path):
-    from specbatch.request import SampleOutput
-    from specbatch.stats import AcceptanceStats
-    from specbatch.worker import LoadedEngine, ShardRunner
+    from specbatch.engine.request import SampleOutput
+    from specbatch.engine.stats import AcceptanceStats
+    from specbatch.jobs.build import LoadedEngine
+    from specbatch.jobs.worker import ShardRunner
 
     class Recorder:  # an EngineLike that records its requests
         def __init__(self):
@@ -364,3 +399,108 @@ def test_shard_runner_keys_sweep_points_apart_and_reports_row_errors(tmp_path):
     assert set(errors) == {"p1", "p2"} and "empty" in errors["p1"] and "no tokens for this" in errors["p2"]
     assert manifest.samples == 12 and manifest.errors == 8 and manifest.error_ids == ["p1", "p2"]
     assert manifest.tokens == 8 and manifest.stats["emitted"] == 8 and manifest.actor == "actor-7"
+
+
+# ------------------------------------------------------------------------------------------
+# Output I/O errors stop the job in one line (issue 20 item 5)
+
+
+def _run_cli(spec, tmp_path: pathlib.Path, capsys) -> tuple[int, list[str]]:
+    """`specbatch run` in this process (on the module's Ray): (exit code, stderr lines)."""
+    import yaml
+
+    from specbatch.cli import main
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec.to_dict()))
+    capsys.readouterr()
+    code = main(["run", str(job), "--engine-factory", FAKE, "--quiet"])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("fault, says", [("ENOSPC", "No space left on device"), ("EROFS", "Read-only file system"),
+                                          ("EACCES", "Permission denied")])
+def test_a_full_disk_stops_the_job_in_one_line_and_the_resume_completes_once(reference, tmp_path, capsys, fault, says):
+    """ENOSPC (or EROFS, EACCES) on the third shard file (simulated in the actor: tests/fake_engine.py write_fault):
+    exit 1 with one line naming the file and the error, the write tried once (no retry, no
+    split), the two committed shards kept; the resume after the fault equals an uninterrupted run."""
+    spec_ref, _ = reference
+    log = tmp_path / "refused-writes.log"
+    inp = write_prompts(tmp_path / "in", plain_prompts(),
+                        control={"write_fault": {"errno": fault, "after": 2, "log": str(log)}})
+    out = tmp_path / "out"
+    spec = make_spec(inp, out)
+    code, lines = _run_cli(spec, tmp_path, capsys)
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: cannot write the output: {out}/part-00002.parquet: {says} ({fault})")
+    assert len(log.read_text().splitlines()) == 1, "the refused write was tried again"
+    assert sorted(data.committed(str(out))) == ["part-00000", "part-00001"]
+    assert not (out / data.SUCCESS_FILE).exists()
+    if fault != "ENOSPC":
+        return  # the resume is the same for every fault
+
+    (tmp_path / "in" / "fake_engine.json").unlink()  # the disk has room again
+    code, lines = _run_cli(spec, tmp_path, capsys)
+    assert code == 0, lines
+    assert rows_by_key(out) == rows_by_key(spec_ref.output.path)
+    assert json.loads((out / data.STATS_FILE).read_text())["run"]["resumed_shards"] == 2
+
+
+def test_an_output_directory_removed_mid_run_stops_the_job_in_one_line(reference, tmp_path, capsys):
+    """A real fault: the output directory deleted after the first commit. The job stops with
+    one line naming the directory or the file it could not write (never made again), and a
+    rerun writes the whole output once."""
+    spec_ref, _ = reference
+    inp = write_prompts(tmp_path / "in", plain_prompts(), control={"delay_s": 0.1})
+    out = tmp_path / "out"
+    spec = make_spec(inp, out)
+
+    def remove_after_first_commit():
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(out.glob(data.MANIFEST_DIR + "/*.json")):
+            time.sleep(0.01)
+        shutil.rmtree(out)
+
+    remover = threading.Thread(target=remove_after_first_commit, daemon=True)
+    remover.start()
+    code, lines = _run_cli(spec, tmp_path, capsys)
+    remover.join()
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: cannot write the output: {out}") and "(ENOENT)" in lines[0] \
+        or "the shard file is missing" in lines[0], lines
+    assert not out.exists() or not list(out.glob("part-*.parquet")), "the vanished directory was made again"
+    code, lines = _run_cli(spec, tmp_path, capsys)
+    assert code == 0, lines
+    assert rows_by_key(out) == rows_by_key(spec_ref.output.path)
+
+
+def test_an_input_replaced_during_a_run_stops_it_and_the_rows_are_never_mixed(reference, tmp_path, capsys):
+    """The input file replaced by another of the same row count (same ids, other prompts) after
+    the first commit: the actor refuses its next shard, the run stops with one line naming the
+    file (exit 2), every committed row is from the file as planned, and the rerun is refused by
+    the preflight until if_exists: overwrite starts over."""
+    spec_ref, _ = reference
+    inp = write_prompts(tmp_path / "in", plain_prompts(), control={"delay_s": 0.1})
+    out = tmp_path / "out"
+    spec = make_spec(inp, out)
+    planned = pq.read_table(inp)
+
+    def replace_after_first_commit():
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(out.glob(data.MANIFEST_DIR + "/*.json")):
+            time.sleep(0.01)
+        pq.write_table(planned.set_column(1, "prompt", pa.array([f"other prompt {i}" for i in range(NUM_PROMPTS)])),
+                       inp, row_group_size=2)
+
+    replacer = threading.Thread(target=replace_after_first_commit, daemon=True)
+    replacer.start()
+    code, lines = _run_cli(spec, tmp_path, capsys)
+    replacer.join()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: input.path: {inp} changed since {out}/__specbatch__/plan.json was planned ("), lines
+    committed = rows_by_key(out)
+    reference_rows = rows_by_key(spec_ref.output.path)
+    assert 0 < len(committed) < len(reference_rows)
+    assert all(row == reference_rows[key] for key, row in committed.items())  # the planned file's rows only
+    code, lines = _run_cli(spec, tmp_path, capsys)
+    assert code == 2 and "changed since" in lines[0], lines

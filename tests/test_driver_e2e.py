@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from specbatch import data
-from specbatch.driver import run_job
-from specbatch.spec import spec_from_dict
-from specbatch.worker import ENGINE_FACTORY
+from specbatch.jobs import data
+from specbatch.jobs.driver import run_job
+from specbatch.jobs.spec import spec_from_dict
+from specbatch.jobs.build import ENGINE_FACTORY
 from tests.tiny import make_tiny_checkpoint, tiny_words
 
 pytest.importorskip("ray")

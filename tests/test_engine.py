@@ -13,14 +13,15 @@ import dataclasses
 import pytest
 import torch
 
-from specbatch import rng
-from specbatch.drafters import NgramDrafter, build_drafter
-from specbatch.engine import Engine, EngineConfig
+from specbatch.sampling import rng
+from specbatch.engine.drafting.ngram import NgramDrafter
+from specbatch.engine.drafting.factory import build_drafter
+from specbatch.engine.engine import Engine, EngineConfig
 from specbatch.models import load_model, load_tokenizer
-from specbatch.request import Request
-from specbatch.sampling import SamplingParams, WarpParams, warp
-from specbatch.worker import EngineLike
-from specbatch.speculative import coupled_choice
+from specbatch.engine.request import Request
+from specbatch.sampling.warping import SamplingParams, WarpParams, warp
+from specbatch.jobs.build import EngineLike
+from specbatch.sampling.speculative import coupled_choice
 from tests.tiny import EOS_ID, make_tiny_pair
 
 V = 32
@@ -235,7 +236,7 @@ def test_engine_on_the_triton_kernels_equals_the_torch_reference(target, tokeniz
 
 def test_stale_draft_cache_is_caught_by_the_length_invariants(target, tokenizer, ckpts):
     """A model drafter that forgets to roll its cache back after a rejection is refused loudly."""
-    from specbatch.drafters import ModelDrafter
+    from specbatch.engine.drafting.model import ModelDrafter
 
     class StaleDrafter(ModelDrafter):
         def commit(self, rows, num_proposed, num_accepted):  # never rolls back

@@ -27,22 +27,32 @@ import yaml
 
 from specbatch import deps
 from tests.tiny import make_tiny_checkpoint
+from tests import PYTHONPATH
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _importable_names_at_root() -> set[str]:
-    """Top-level names the repository root provides as regular packages or modules."""
-    names = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
-    names |= {p.stem for p in ROOT.glob("*.py")}
+# Folders that are sys.path[0] of some process: the root (pytest, python -m, Ray workers) and
+# bench/ (its scripts run as `python bench/NAME.py`, which puts bench/ first on sys.path).
+PATH_FOLDERS = (ROOT, ROOT / "bench")
+
+
+def _importable_names(folder: pathlib.Path) -> set[str]:
+    """Top-level names a folder on sys.path provides as regular packages or modules."""
+    names = {p.name for p in folder.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    names |= {p.stem for p in folder.glob("*.py")}
     return names
 
 
-def test_no_folder_at_the_root_shadows_an_installed_distribution():
+@pytest.mark.parametrize("folder", PATH_FOLDERS, ids=lambda p: p.name)
+def test_no_module_on_a_path_folder_shadows_an_installed_distribution(folder):
     owners = importlib.metadata.packages_distributions()
-    clashes = {name: owners[name] for name in _importable_names_at_root()
+    clashes = {name: owners[name] for name in _importable_names(folder)
                if name in owners and set(owners[name]) - {"specbatch"}}
     assert clashes == {}
+
+
+def test_the_kernels_folder_is_not_a_package():
     assert not (ROOT / "kernels" / "__init__.py").exists()
     assert (ROOT / "kernels" / "specbatch_kernels" / "__init__.py").exists()
 
@@ -70,7 +80,7 @@ DRIVER_AND_ACTOR = textwrap.dedent(
     import json, os, sys
     import kernels
     import transformers.activations
-    from specbatch import localray
+    from specbatch.jobs import localray
 
     def where():
         import kernels, sys, os
@@ -91,7 +101,7 @@ DRIVER_AND_ACTOR = textwrap.dedent(
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled")
+    env.update(PYTHONPATH=PYTHONPATH, RAY_AUTH_MODE="disabled")
     return env
 
 
@@ -154,7 +164,7 @@ def test_run_stops_with_one_line_before_ray_when_a_dependency_is_broken(tmp_path
     job.write_text(yaml.safe_dump({"name": "broken-env", "input": {"path": str(inp)}, "output": {"path": str(tmp_path / "out")},
                                    "models": {"target": {"path": str(model)}}}))
     env = _env()
-    env["PYTHONPATH"] = f"{shadow.parent}{os.pathsep}{ROOT}"
+    env["PYTHONPATH"] = f"{shadow.parent}{os.pathsep}{PYTHONPATH}"
     proc = subprocess.run([sys.executable, "-m", "specbatch", "validate", str(job)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
@@ -162,3 +172,36 @@ def test_run_stops_with_one_line_before_ray_when_a_dependency_is_broken(tmp_path
     assert len(lines) == 1 and lines[0].startswith("error: the environment cannot run specbatch: `import transformers")
     assert "a stale kernels folder" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/venv.sh: a step that fails is one line naming it
+
+
+def _venv_script(tmp_path, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_extra}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "venv.sh"), str(tmp_path / "venv"), "lock"],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_venv_script_stops_in_one_line_when_the_venv_cannot_be_created(tmp_path):
+    proc = _venv_script(tmp_path, {"PY": "false"})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: creating the virtual environment {tmp_path / 'venv'} with false failed "
+        f"(full log: {tmp_path / 'venv' / 'install.log'})"]
+
+
+def test_venv_script_stops_in_one_line_naming_the_step_and_pips_error(tmp_path):
+    """An existing environment whose pip refuses the torch requirement (a stand-in python)."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    python = bin_dir / "python"
+    python.write_text('#!/bin/sh\ncase "$*" in *torch*) echo "Collecting torch"; '
+                      'echo "ERROR: No matching distribution found for torch==99.0"; exit 1;; esac\nexit 0\n')
+    python.chmod(0o755)
+    proc = _venv_script(tmp_path, {"TORCH_SPEC": "torch==99.0"})
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"error: installing torch (torch==99.0) failed: ERROR: No matching distribution found for "
+                     f"torch==99.0 (full log: {tmp_path / 'venv' / 'install.log'})"]

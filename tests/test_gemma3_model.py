@@ -80,12 +80,12 @@ def test_gemma3_is_registered_as_a_split_gguf():
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")  # four rows: a second thread on a shared 2-core machine only spins
 def test_gemma3_samples_through_the_engine_on_the_transformers_backend():
-    from specbatch.engine import Engine, EngineConfig
-    from specbatch.drafters import NgramDrafter
+    from specbatch.engine.engine import Engine, EngineConfig
+    from specbatch.engine.drafting.ngram import NgramDrafter
     from specbatch.models import load_model, load_tokenizer
     from specbatch.models.hf_backend import TransformersModel
-    from specbatch.request import Request
-    from specbatch.sampling import SamplingParams
+    from specbatch.engine.request import Request
+    from specbatch.sampling.warping import SamplingParams
 
     directory = registry.pull_model(GEMMA)
     assert registry.verify_checkpoint(directory)

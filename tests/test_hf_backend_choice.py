@@ -19,7 +19,7 @@ from specbatch.models import CheckpointError, load_model
 from specbatch.models.backends import choose_backend
 from specbatch.models.hf_backend import TransformersModel
 from specbatch.models.llama import LlamaModel
-from specbatch.spec import spec_from_dict
+from specbatch.jobs.spec import spec_from_dict
 from tests.tiny import make_tiny_checkpoint
 from tests.tiny_hf import make_tiny_hf_checkpoint
 
@@ -142,10 +142,10 @@ def test_the_backend_setting_is_per_model_and_keeps_old_fingerprints():
 
 
 def test_build_engine_and_the_model_drafter_take_each_models_backend(tmp_path, gemma):
-    from specbatch.drafters import ModelDrafter
-    from specbatch.request import Request
-    from specbatch.sampling import SamplingParams
-    from specbatch.worker import build_engine
+    from specbatch.engine.drafting.model import ModelDrafter
+    from specbatch.engine.request import Request
+    from specbatch.sampling.warping import SamplingParams
+    from specbatch.jobs.build import build_engine
 
     draft = make_tiny_hf_checkpoint(tmp_path / "draft", "gemma2", vocab_size=32, seed=3)
     spec = spec_from_dict({

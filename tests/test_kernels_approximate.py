@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from specbatch.sampling import WarpParams
+from specbatch.sampling.warping import WarpParams
 from specbatch_kernels import approximate, ops, reference
 from specbatch_kernels.reference import VerifyStep
 from tests.kernel_support import force_triton
@@ -93,8 +93,8 @@ def _exact_kernel_tv(logits: torch.Tensor, q: torch.Tensor) -> float:
     key = torch.zeros(ROWS, dtype=torch.int64)
     sample_index = torch.arange(ROWS, dtype=torch.int64)
     position = torch.zeros(ROWS, dtype=torch.int64)
-    from specbatch import rng
-    from specbatch.sampling import sample_from_probs
+    from specbatch.sampling import rng
+    from specbatch.sampling.warping import sample_from_probs
 
     qs = q[None, :].expand(ROWS, v).contiguous()
     draft = sample_from_probs(qs, rng.uniform(key, sample_index, position, rng.Role.DRAFT))

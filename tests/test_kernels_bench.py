@@ -1,4 +1,4 @@
-"""bench/kernels.py runs on a CPU and prints the reference's table (a smoke test, no timing asserted)."""
+"""bench/fused_kernels.py runs on a CPU and prints the reference's table (a smoke test, no timing asserted)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from specbatch_kernels import ops
 from tests.kernel_support import keep_backend_choice
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "fused_kernels.py"
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU table only")

@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import TopPLogitsWarper
 
-from specbatch import rng
-from specbatch.sampling import WarpParams, sample_from_probs, truncate_and_normalize
+from specbatch.sampling import rng
+from specbatch.sampling.warping import WarpParams, sample_from_probs, truncate_and_normalize
 from specbatch_kernels import ops
 from specbatch_kernels import verify as kverify
 from tests.exactness.distribution import assert_distribution, compare

@@ -22,7 +22,7 @@ from unittest import mock
 
 import pytest
 
-from specbatch import speculative
+from specbatch.sampling import speculative
 from specbatch_kernels import ops
 from specbatch_kernels import verify as kverify
 from tests.exactness import harness
@@ -71,7 +71,7 @@ BUILDING_BLOCKS = ("rng", "sample_from_probs", "residual", "acceptance_test", "f
 
 
 def _patches_reference_internals(mutant) -> bool:
-    """True when installing the mutant swaps a building block inside specbatch.speculative."""
+    """True when installing the mutant swaps a building block inside specbatch.sampling.speculative."""
     before = [getattr(speculative, name, None) for name in BUILDING_BLOCKS]
     with contextlib.ExitStack() as stack:
         mutant.install(stack)

@@ -1,11 +1,11 @@
-"""The in-kernel Philox uniforms equal specbatch.rng.uniform bit for bit (Triton forced, interpreted)."""
+"""The in-kernel Philox uniforms equal specbatch.sampling.rng.uniform bit for bit (Triton forced, interpreted)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from specbatch import rng
+from specbatch.sampling import rng
 from specbatch_kernels.rng import uniform_triton
 
 pytestmark = pytest.mark.triton

@@ -13,8 +13,8 @@ import warnings
 import pytest
 import torch
 
-from specbatch import rng
-from specbatch.sampling import History, WarpParams, apply_bias_and_penalties, sample_from_probs
+from specbatch.sampling import rng
+from specbatch.sampling.warping import History, WarpParams, apply_bias_and_penalties, sample_from_probs
 from specbatch_kernels import ops, parity, reference
 from specbatch_kernels import verify as kverify
 from specbatch_kernels.reference import VerifyStep

@@ -11,8 +11,14 @@ import pytest
 import torch
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
-from specbatch import rng
-from specbatch.sampling import History, WarpParams, apply_bias_and_penalties, sample_from_probs, warp as reference_warp
+from specbatch.sampling import rng
+from specbatch.sampling.warping import (
+    History,
+    WarpParams,
+    apply_bias_and_penalties,
+    sample_from_probs,
+    warp as reference_warp,
+)
 from specbatch_kernels import ops, parity
 from specbatch_kernels import warp as kwarp
 from tests.kernel_support import force_triton

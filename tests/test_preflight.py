@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from specbatch import limits
+from specbatch.sampling import limits
 from specbatch.cli import main
-from specbatch.report import gamma_report
-from specbatch.sampling import SamplingParams
-from specbatch.spec import SamplingSpec, SpecError, load_spec, spec_from_dict
+from specbatch.jobs.report import gamma_report
+from specbatch.sampling.warping import SamplingParams
+from specbatch.jobs.spec import SamplingSpec, SpecError, load_spec, spec_from_dict
 from tests.tiny import make_tiny_checkpoint
 
 FAKE = "tests.fake_engine:build"
@@ -36,14 +36,14 @@ def tiny(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture
 def job(tmp_path, tiny, monkeypatch):
     """(tmp, spec dict) of a valid job; Ray and actors are off limits (a preflight failure must come first)."""
-    import specbatch.driver
-    import specbatch.worker
+    import specbatch.jobs.driver
+    import specbatch.jobs.worker
 
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started before the preflight refused the job")
 
-    monkeypatch.setattr(specbatch.driver, "connect_ray", refuse)
-    monkeypatch.setattr(specbatch.worker, "actor_class", refuse)
+    monkeypatch.setattr(specbatch.jobs.driver, "connect_ray", refuse)
+    monkeypatch.setattr(specbatch.jobs.worker, "actor_class", refuse)
     monkeypatch.setenv("SPECBATCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     inp = tmp_path / "in" / "prompts.parquet"
@@ -237,7 +237,7 @@ def _tree(root: pathlib.Path) -> dict[str, bytes]:
 def test_if_exists_refusals_come_before_ray_and_write_nothing(job, capsys):
     """if_exists: fail on a non-empty directory and resume of another spec's output are the
     preflight's decision (data.check_existing_output), not the prepared run's."""
-    from specbatch import data
+    from specbatch.jobs import data
 
     tmp, spec = job
     out = tmp / "out"
@@ -411,3 +411,84 @@ def test_effective_gamma_is_one_rule(job):
     no_speedup = {"by_gamma": {}, "alpha": None}
     assert gamma_report(plain, None, no_speedup)["chosen"] == 0
     assert gamma_report(ngram, None, no_speedup)["chosen"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# A resume never mixes two datasets (issue 20 items 1 and 2)
+
+
+def _complete_output(spec: dict) -> None:
+    """The output directory as a finished run of `spec` leaves it (fake engine, no Ray)."""
+    from specbatch.jobs import data
+    from specbatch.jobs.build import LoadedEngine
+    from specbatch.jobs.worker import ShardRunner
+    from tests.fake_engine import FakeEngine, encode
+
+    s = spec_from_dict(spec)
+    data.check_input(s)
+    data.prepare_output(s)
+    runner = ShardRunner(s, LoadedEngine(engine=FakeEngine({}), encode=encode))
+    for shard in data.plan_shards(s):
+        data.write_manifest(s, runner.run_shard(shard))
+    data.write_json(data.output_uri(s, data.SUCCESS_FILE), {"finished_at": 0})
+
+
+def test_a_changed_input_is_refused_before_ray_and_the_output_stays_as_it_was(job, capsys):
+    """The input replaced by another file of the same row count (same ids, other prompts), or
+    one row shorter, under a complete output: run and validate refuse it (exit 2, one line
+    naming the file), and not one byte of the output changes (_SUCCESS, spec.json included);
+    if_exists: overwrite starts over."""
+    tmp, spec = job
+    inp, out = pathlib.Path(spec["input"]["path"]), tmp / "out"
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(8)], "prompt": [f"old prompt {i}" for i in range(8)]}),
+                   inp, row_group_size=2)
+    put(spec, "output.if_exists", "resume")
+    put(spec, "resources.shard_rows", 2)
+    _complete_output(spec)
+    before = _tree(out)
+    assert main(["validate", str(_write(tmp, spec))]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(8)], "prompt": [f"new prompt {i}" for i in range(8)]}),
+                   inp, row_group_size=2)
+    for command in ("run", "validate"):
+        line = refused(tmp, spec, capsys, command, *(["--engine-factory", FAKE] if command == "run" else []))
+        assert line.startswith(f"error: input.path: {inp} changed since {out}/__specbatch__/plan.json was planned ("), line
+        assert "output.if_exists: overwrite" in line and _tree(out) == before
+
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(7)], "prompt": [f"old prompt {i}" for i in range(7)]}),
+                   inp, row_group_size=2)
+    for command in ("run", "validate"):
+        line = refused(tmp, spec, capsys, command, *(["--engine-factory", FAKE] if command == "run" else []))
+        assert "planned for an input of 8 rows in 1 files, the input now has 7 rows" in line, line
+        assert _tree(out) == before
+
+    put(spec, "output.if_exists", "overwrite")
+    assert main(["validate", str(_write(tmp, spec))]) == 0, capsys.readouterr().err
+
+
+def test_an_input_file_changed_under_a_running_job_is_refused_before_its_rows_are_read(job):
+    """The actor's side: a shard planned from one file is never read from another (InputError
+    naming the file), while the file as planned reads; a touch alone counts as a change."""
+    from specbatch.jobs import data
+    from specbatch.jobs.build import LoadedEngine
+    from specbatch.jobs.worker import ShardRunner
+    from tests.fake_engine import FakeEngine, encode
+
+    tmp, spec = job
+    inp = pathlib.Path(spec["input"]["path"])
+    put(spec, "resources.shard_rows", 1)
+    s = spec_from_dict(spec)
+    data.check_input(s)
+    data.prepare_output(s)
+    first, second = data.plan_shards(s)
+    runner = ShardRunner(s, LoadedEngine(engine=FakeEngine({}), encode=encode))
+    assert runner.run_shard(first).rows == 1
+    planned = inp.read_bytes()
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["other", "rows"]}), inp)
+    with pytest.raises(data.InputError, match=rf"^input\.path: {inp} changed since .*plan\.json was planned"):
+        runner.run_shard(second)
+    inp.write_bytes(planned)  # the same bytes, a new modification time
+    os.utime(inp, ns=(0, 0))
+    with pytest.raises(data.InputError, match="its modification time changed"):
+        ShardRunner(s, LoadedEngine(engine=FakeEngine({}), encode=encode)).run_shard(second)

@@ -7,9 +7,10 @@ listen on. Asserted:
 
 * every listening socket of the run's Ray is on the loopback interface;
 * every one of those processes is gone within a bounded wait after the driver ends: killed
-  with SIGKILL, interrupted with SIGINT, or finished normally;
+  with SIGKILL, interrupted with SIGINT, terminated with SIGTERM, or finished normally;
+* an interrupted or terminated driver ends with one line (exit 130, 143);
 * the output is exactly once and row for row what the engine gives after a driver killed with
-  SIGKILL and a driver interrupted with SIGINT (each resumed by a rerun), with a second driver
+  SIGKILL, one interrupted with SIGINT and one terminated with SIGTERM (each resumed by a rerun), with a second driver
   started on the same output while the last one runs (it is refused).
 
 The reference rows come from the same engine run in this process without Ray.
@@ -33,15 +34,17 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from specbatch import data, localray
+from specbatch.jobs import data, localray
 from specbatch.cli import main
-from specbatch.spec import spec_from_dict
-from specbatch.worker import LoadedEngine, ShardRunner
+from specbatch.jobs.spec import spec_from_dict
+from specbatch.jobs.build import LoadedEngine
+from specbatch.jobs.worker import ShardRunner
 from tests.fake_engine import FakeEngine, encode
+from tests import PYTHONPATH
 
 FAKE = "tests.fake_engine:build"
 REPO = pathlib.Path(__file__).resolve().parent.parent
-NUM_PROMPTS = 14
+NUM_PROMPTS = 18
 SAMPLES = 2
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 GONE_WITHIN_S = 30.0
@@ -102,7 +105,7 @@ class Run:
 
     def __init__(self, job_path: str, log: pathlib.Path):
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+        env.update(PYTHONPATH=PYTHONPATH, RAY_AUTH_MODE="disabled")
         self.log = log
         with open(log, "wb") as stderr:
             self.proc = subprocess.Popen(
@@ -189,19 +192,25 @@ def end_mid_run(path: str, out: pathlib.Path, log: pathlib.Path, how: signal.Sig
     run.stop_watching()
     run.proc.send_signal(how)
     code = run.proc.wait(timeout=120)
-    assert code == (-signal.SIGKILL if how == signal.SIGKILL else 130), run.stderr()
+    assert code == {signal.SIGKILL: -signal.SIGKILL, signal.SIGINT: 130, signal.SIGTERM: 143}[how], run.stderr()
     run.assert_ray_was_local_only_and_is_gone()
+    if how != signal.SIGKILL:
+        said = [line for line in run.stderr().splitlines() if line.startswith("error:") or "Traceback" in line]
+        expected = "error: interrupted" if how == signal.SIGINT else \
+            "error: terminated (SIGTERM); committed shards are kept, run again to resume"
+        assert said == [expected], run.stderr()
 
 
 def test_killed_interrupted_and_contended_runs_write_each_row_once(job, capsys):
-    """SIGKILL after a first commit; a rerun interrupted by SIGINT after its first commit; a
-    rerun to the end, during which a second driver on the same output is refused (exit 2,
+    """SIGKILL after a first commit; a rerun interrupted by SIGINT after its first commit, one
+    terminated by SIGTERM after its first commit; a rerun to the end, during which a second driver on the same output is refused (exit 2,
     naming the directory, before it starts any Ray). Each driver's Ray is local only and gone
     after it, and the rows are exactly the reference's."""
     root, inp, model, reference = job
     path, out = write_job(root, inp, model, "ended")
     end_mid_run(path, out, root / "killed.log", signal.SIGKILL)
     end_mid_run(path, out, root / "interrupted.log", signal.SIGINT)
+    end_mid_run(path, out, root / "terminated.log", signal.SIGTERM)
     assert len(data.committed(str(out))) <= NUM_PROMPTS // 2 - 3, "the runs finished before they were ended"
 
     rerun = Run(path, root / "finished.log")

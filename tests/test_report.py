@@ -7,12 +7,12 @@ import pathlib
 
 import pytest
 
-from specbatch import report
+from specbatch.jobs import report
 from specbatch.cli import main
-from specbatch.data import ShardManifest
-from specbatch.metrics import COUNTERS, ShardMetrics
-from specbatch.spec import spec_from_dict
-from specbatch.stats import AcceptanceStats, CostModel, expected_speedup
+from specbatch.jobs.data import ShardManifest
+from specbatch.jobs.metrics import COUNTERS, ShardMetrics
+from specbatch.jobs.spec import spec_from_dict
+from specbatch.engine.stats import AcceptanceStats, CostModel, expected_speedup
 
 
 def make_spec(tmp_path: pathlib.Path, **sampling):
@@ -165,7 +165,7 @@ def test_metrics_publish_each_shards_counts():
 
 
 def test_expected_speedup_over_the_steps_run_merges_the_manifests_step_shapes(tmp_path):
-    from specbatch.stats import expected_speedup_of_steps
+    from specbatch.engine.stats import expected_speedup_of_steps
 
     spec = make_spec(tmp_path)
     a = manifest("part-00000", "actor-0", 0, 4, [10, 6], [8, 3], emitted=40, steps=20, t0=100.0)

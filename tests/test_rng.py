@@ -1,4 +1,4 @@
-"""Counter-based random numbers (specbatch.rng): known answers, the counter layout, and the
+"""Counter-based random numbers (specbatch.sampling.rng): known answers, the counter layout, and the
 property the whole design rests on: a row's draws do not depend on the batch that computed them."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy import stats
 
-from specbatch import rng, speculative
-from specbatch.sampling import SamplingParams, WarpParams, warp
+from specbatch.sampling import rng, speculative
+from specbatch.sampling.warping import SamplingParams, WarpParams, warp
 
 # Random123's kat_vectors for philox4x32-10: counter (4 words), key (2 words) -> output (4 words).
 PHILOX_KAT = [

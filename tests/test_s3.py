@@ -21,11 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from specbatch import data, localray, storage
-from specbatch.data import inputs
-from specbatch.driver import run_job
-from specbatch.preflight import preflight
-from specbatch.spec import spec_from_dict
+from specbatch.jobs import data, localray, storage
+from specbatch.jobs.data import inputs
+from specbatch.jobs.driver import run_job
+from specbatch.jobs.preflight import preflight
+from specbatch.jobs.spec import spec_from_dict
+from tests import PYTHONPATH
 
 FAKE = "tests.fake_engine:build"
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -129,7 +130,7 @@ def ray_session(s3):
     import ray
 
     local = localray.start(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                           runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **CREDENTIALS}})
+                           runtime_env={"env_vars": {"PYTHONPATH": PYTHONPATH, **CREDENTIALS}})
     yield
     local.stop()
     assert not ray.is_initialized()
@@ -187,7 +188,7 @@ def test_cli_run_takes_the_endpoint_from_aws_endpoint_url(s3, query_run, tmp_pat
     out = f"s3://{BUCKET}/out-env"
     job.write_text(yaml.safe_dump(spec_dict(f"s3://{BUCKET}/in/prompts.parquet", out, str(model))))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(CREDENTIALS, PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    env.update(CREDENTIALS, PYTHONPATH=PYTHONPATH, RAY_AUTH_MODE="disabled", AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
     proc = subprocess.run([sys.executable, "-m", "specbatch", "run", str(job), "--engine-factory", FAKE, "--quiet"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

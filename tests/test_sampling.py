@@ -1,4 +1,4 @@
-"""Warping and sampling (specbatch.sampling) against transformers' logits processors.
+"""Warping and sampling (specbatch.sampling.warping) against transformers' logits processors.
 
 The oracle applies, per parameter combination, in float32 and in this order:
 SequenceBiasLogitsProcessor (single-token sequences = logit_bias), RepetitionPenaltyLogitsProcessor
@@ -8,7 +8,7 @@ loop implementing OpenAI's definition over completion tokens only), MinNewTokens
 TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper and a softmax.
 Our side warps every combination in ONE mixed batch with per-row parameters.
 
-One deliberate deviation (the top-p tie contract, ``specbatch.sampling.crossing_score``):
+One deliberate deviation (the top-p tie contract, ``specbatch.sampling.warping.crossing_score``):
 TopPLogitsWarper keeps a sort-dependent part of a group of tokens tied with the crossing token,
 we keep all of it.  So the oracle is :func:`tie_aware_top_p`: TopPLogitsWarper, then every token
 whose score equals the smallest score it kept (the crossing token's) is restored.  Where no tie
@@ -32,7 +32,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from specbatch.sampling import TOP_P_PREFIXES, History, SamplingParams, WarpParams, sample_from_probs, warp
+from specbatch.sampling.warping import TOP_P_PREFIXES, History, SamplingParams, WarpParams, sample_from_probs, warp
 
 # Many tiny operations: one torch thread avoids synchronization overhead (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specbatch.cache import CacheLayout, plan_shared_cache, prompt_slots_for
+from specbatch.models.cache import CacheLayout, plan_shared_cache, prompt_slots_for
 from specbatch.models import load_model, load_tokenizer
 from tests.tiny import make_tiny_checkpoint
 
@@ -130,10 +130,11 @@ def pair_of_models(tmp_path_factory):
 
 
 def _generate(models, shared: bool, drafter_kind: str, max_batch: int = 8):
-    from specbatch.drafters import ModelDrafter, NgramDrafter
-    from specbatch.engine import Engine, EngineConfig
-    from specbatch.request import Request
-    from specbatch.sampling import SamplingParams
+    from specbatch.engine.drafting.model import ModelDrafter
+    from specbatch.engine.drafting.ngram import NgramDrafter
+    from specbatch.engine.engine import Engine, EngineConfig
+    from specbatch.engine.request import Request
+    from specbatch.sampling.warping import SamplingParams
 
     target, draft, tok = models
     drafter = {"none": None, "ngram": NgramDrafter(1, 3), "model": ModelDrafter(draft, 48)}[drafter_kind]
@@ -166,7 +167,7 @@ def test_a_prompt_slot_freed_under_its_running_samples_changes_them(pair_of_mode
     while the previous prompt's samples still read it."""
     from unittest import mock
 
-    from specbatch import engine as engine_mod
+    from specbatch.engine import engine as engine_mod
 
     want, _ = _generate(pair_of_models, False, "ngram")
     with mock.patch.object(engine_mod.PromptSlots, "hold", lambda self, slot, count: None):
@@ -175,9 +176,9 @@ def test_a_prompt_slot_freed_under_its_running_samples_changes_them(pair_of_mode
 
 
 def test_completions_longer_than_the_planned_rows_are_error_rows(pair_of_models):
-    from specbatch.engine import Engine, EngineConfig
-    from specbatch.request import Request
-    from specbatch.sampling import SamplingParams
+    from specbatch.engine.engine import Engine, EngineConfig
+    from specbatch.engine.request import Request
+    from specbatch.sampling.warping import SamplingParams
 
     target, _, tok = pair_of_models
     engine = Engine(target, tok, None, EngineConfig(max_batch_size=4, measure_cost=False, max_model_len=40,

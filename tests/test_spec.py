@@ -7,8 +7,8 @@ import pathlib
 import pytest
 import yaml
 
-from specbatch.sampling import SamplingParams
-from specbatch.spec import (
+from specbatch.sampling.warping import SamplingParams
+from specbatch.jobs.spec import (
     JobSpec,
     SpecError,
     apply_override,

@@ -1,4 +1,4 @@
-"""Acceptance statistics (specbatch.stats): counters, merging, rates, and the speedup formulas."""
+"""Acceptance statistics (specbatch.engine.stats): counters, merging, rates, and the speedup formulas."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from specbatch import rng, speculative
-from specbatch.stats import AcceptanceStats, CostModel, expected_speedup, expected_tokens_per_step
+from specbatch.sampling import rng, speculative
+from specbatch.engine.stats import AcceptanceStats, CostModel, expected_speedup, expected_tokens_per_step
 
 
 # Many tiny operations: one torch thread avoids synchronization overhead (tests/conftest.py).
@@ -132,7 +132,7 @@ def test_cost_model_and_expected_speedup():
 
 
 def test_expected_speedup_of_steps_reduces_to_the_fixed_gamma_formula():
-    from specbatch.stats import CostModel, expected_speedup, expected_speedup_of_steps
+    from specbatch.engine.stats import CostModel, expected_speedup, expected_speedup_of_steps
 
     cost = CostModel(target={(8, w): 0.01 * (1 + 0.1 * (w - 1)) for w in range(1, 6)}, draft={8: 0.002})
     fixed = expected_speedup(0.7, 4, cost, 8)

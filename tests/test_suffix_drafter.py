@@ -14,13 +14,13 @@ import dataclasses
 import pytest
 import torch
 
-from specbatch.drafters import build_drafter
-from specbatch.engine import Engine, EngineConfig
+from specbatch.engine.drafting.factory import build_drafter
+from specbatch.engine.engine import Engine, EngineConfig
 from specbatch.models import load_model, load_tokenizer
-from specbatch.request import Request
-from specbatch.rows import Row
-from specbatch.sampling import SamplingParams, WarpParams, warp
-from specbatch.suffix import SuffixCache, SuffixDrafter, sparse_warp
+from specbatch.engine.request import Request
+from specbatch.engine.rows import Row
+from specbatch.sampling.warping import SamplingParams, WarpParams, warp
+from specbatch.engine.drafting.suffix import SuffixCache, SuffixDrafter, sparse_warp
 from tests.tiny import make_tiny_checkpoint
 
 V = 32

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from specbatch.models import load_tokenizer
-from specbatch.tokenization import PromptError, StopStringMatcher, encode_prompt
+from specbatch.engine.tokenization import PromptError, StopStringMatcher, encode_prompt
 from tests.tiny import BOS_ID, EOS_ID, make_tiny_checkpoint
 
 

@@ -3,7 +3,7 @@
 Each Triton launcher has a torch mirror in :mod:`specbatch_kernels.reference` (pure torch, no
 Triton import) that it must match:
 
-* :mod:`specbatch_kernels.rng`: Philox-4x32-10 uniforms in-kernel (= ``specbatch.rng.uniform``);
+* :mod:`specbatch_kernels.rng`: Philox-4x32-10 uniforms in-kernel (= ``specbatch.sampling.rng.uniform``);
 * :mod:`specbatch_kernels.warp`: warp-and-sample of plain rows and draft proposals, sorting-free
   top-k / top-p thresholds (= ``reference.warp_and_sample``);
 * :mod:`specbatch_kernels.verify`: fused verification from target logits (= ``reference.verify``);

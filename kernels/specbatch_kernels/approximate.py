@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from specbatch import rng
-from specbatch.sampling import WarpParams, sample_from_probs
-from specbatch.speculative import VerifyResult
+from specbatch.sampling import rng
+from specbatch.sampling.warping import WarpParams, sample_from_probs
+from specbatch.sampling.speculative import VerifyResult
 from specbatch_kernels.reference import VerifyStep, check_approximate_supported
 from specbatch_kernels.rng import uniform
 from specbatch_kernels.warp import first_crossing, tile_scores, tiles

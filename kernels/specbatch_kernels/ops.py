@@ -1,7 +1,7 @@
 """Host wrapper: what the engine calls.  Validates, allocates, picks the backend once.
 
 Backends: ``"triton"`` runs the fused kernels; ``"torch"`` runs the unfused torch reference
-(``specbatch_kernels.reference``: ``specbatch.sampling`` + ``specbatch.speculative``, no Triton).
+(``specbatch_kernels.reference``: ``specbatch.sampling.warping`` + ``specbatch.sampling.speculative``, no Triton).
 The kernel modules import Triton; they are imported only when a call takes the Triton path, so
 the torch backend works where Triton is not installed.  The choice is made once, on first use:
 ``SPECBATCH_KERNELS=triton`` or ``=torch`` in the environment decides; otherwise Triton when CUDA
@@ -11,7 +11,7 @@ torch reference (one rule, :func:`_use_triton`).  A *forced* "triton" runs CPU t
 the kernels too, which needs ``TRITON_INTERPRET=1``.
 
 Sparse adjustments (logit bias, repetition/presence/frequency penalties, min_new_tokens bans)
-are applied in torch before the kernels (``specbatch.sampling.apply_bias_and_penalties``); the
+are applied in torch before the kernels (``specbatch.sampling.warping.apply_bias_and_penalties``); the
 kernels do temperature/greedy, top-k, top-p, min-p, softmax, the acceptance test and the
 recovered/bonus draw, with the counter-based uniforms computed in-kernel.
 
@@ -26,9 +26,9 @@ import os
 
 import torch
 
-from specbatch import rng
-from specbatch.sampling import History, WarpParams, apply_bias_and_penalties
-from specbatch.speculative import VerifyResult
+from specbatch.sampling import rng
+from specbatch.sampling.warping import History, WarpParams, apply_bias_and_penalties
+from specbatch.sampling.speculative import VerifyResult
 from specbatch_kernels import reference
 from specbatch_kernels.reference import SampleRows, VerifyStep
 
@@ -170,7 +170,7 @@ def warp_and_sample(
 
     logits: [M, V] float32/bf16/fp16; warp: M rows; key, sample_index, position: [M] int64;
     role: Role.SAMPLE for plain rows, Role.DRAFT for draft proposals; history/ban as in
-    ``specbatch.sampling.warp``.
+    ``specbatch.sampling.warping.warp``.
     Returns (tokens [M] int64, logprob [M] float32 = log p(token)), or with return_probs=True
     (tokens [M] int64, probs [M, V] float32 = the full warped distribution sampled from: the q a
     drafter must hand to verification).
@@ -206,7 +206,7 @@ def verify(
     approximate: bool = False,
     coupled: bool = False,
 ) -> tuple[VerifyResult, torch.Tensor]:
-    """Verify one speculative step from target logits (see ``specbatch.speculative.verify``).
+    """Verify one speculative step from target logits (see ``specbatch.sampling.speculative.verify``).
 
     target_logits: [R, G+1, V] float32/bf16/fp16 (position i scores proposal i; G+1 = bonus);
     draft_tokens: [R, G] int64; num_proposed: [R] int64 in 0..G;
@@ -215,7 +215,7 @@ def verify(
     position (completion position of the first proposal): [R] int64;
     history: per pair (R*(G+1) rows), ban: [R, G+1, V] or [R*(G+1), V] bool.
     approximate: opt-in sigmoid approximation of p (``specbatch_kernels.approximate``): NOT exact.
-    coupled: Gumbel-coupled verification (``specbatch.speculative.verify_coupled``; draft_probs
+    coupled: Gumbel-coupled verification (``specbatch.sampling.speculative.verify_coupled``; draft_probs
     unused), which has no kernel: it runs the torch reference whatever the backend.
     Returns (VerifyResult, logprobs [R, G+1] float32: log p of each emitted token under the
     warped target at its position, 0 after num_emitted).
@@ -273,7 +273,7 @@ def verify_probs(
     sample_index: torch.Tensor,
     position: torch.Tensor,
 ) -> VerifyResult:
-    """Mirror of ``specbatch.speculative.verify`` (same signature, p given as probabilities) through
+    """Mirror of ``specbatch.sampling.speculative.verify`` (same signature, p given as probabilities) through
     :func:`verify`, so the exactness harness can run the kernels in the reference verifier's place.
 
     log p as logits at temperature 1 is an exact input: softmax(log p) = p, zeros stay zero.

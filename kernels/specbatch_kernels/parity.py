@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from specbatch import rng
-from specbatch.sampling import WarpParams
-from specbatch.speculative import VerifyResult, residual
+from specbatch.sampling import rng
+from specbatch.sampling.warping import WarpParams
+from specbatch.sampling.speculative import VerifyResult, residual
 
 EPS = 1e-4  # relative closeness that counts as "on the boundary" for float32 rounding
 

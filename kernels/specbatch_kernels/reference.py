@@ -1,7 +1,7 @@
 """The torch reference of every Triton kernel in ``specbatch_kernels``, in pure torch.
 
 Each launcher in the kernel modules has its mirror here: same inputs, same outputs, computed
-unfused from ``specbatch.sampling`` (warping) and ``specbatch.speculative`` (verification).
+unfused from ``specbatch.sampling.warping`` (warping) and ``specbatch.sampling.speculative`` (verification).
 
 * :func:`warp_and_sample`: mirror of ``specbatch_kernels.warp.warp_and_sample_triton``;
 * :func:`verify`: mirror of ``specbatch_kernels.verify.verify_triton``;
@@ -22,9 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-from specbatch import rng
-from specbatch.sampling import WarpParams, sample_from_probs, truncate_and_normalize
-from specbatch.speculative import VerifyResult, emitted_logprobs, verify as verify_probs, verify_coupled as coupled_probs
+from specbatch.sampling import rng
+from specbatch.sampling.warping import WarpParams, sample_from_probs, truncate_and_normalize
+from specbatch.sampling.speculative import (
+    VerifyResult,
+    emitted_logprobs,
+    verify as verify_probs,
+    verify_coupled as coupled_probs,
+)
 
 
 @dataclass

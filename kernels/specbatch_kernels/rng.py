@@ -1,11 +1,11 @@
-"""Counter-based uniforms inside Triton kernels: the same function as ``specbatch.rng.uniform``.
+"""Counter-based uniforms inside Triton kernels: the same function as ``specbatch.sampling.rng.uniform``.
 
 Philox-4x32-10 with key = the row key's two 32-bit halves and counter = (position, sample index,
 role, lane); only the first output word is used, as ``u = ((x0 >> 8) + 0.5) * 2**-24`` in (0, 1).
 Here the 32x32 -> 64-bit products use native uint32 arithmetic (``tl.umulhi`` for the high word,
 a wrapping multiply for the low word), so the result is bit for bit the torch reference's.
 
-The reference this must match sits in ``specbatch/rng.py``; ``tests/test_kernels_rng.py`` checks
+The reference this must match sits in ``specbatch/sampling/rng.py``; ``tests/test_kernels_rng.py`` checks
 them against each other.  Memory traffic: none (pure arithmetic on scalars or blocks).
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from specbatch import rng as _ref
+from specbatch.sampling import rng as _ref
 
 PHILOX_M0 = tl.constexpr(_ref.PHILOX_M0)
 PHILOX_M1 = tl.constexpr(_ref.PHILOX_M1)

@@ -1,6 +1,6 @@
 """Fused verification of one speculative step from target logits (Triton).
 
-The torch reference is ``specbatch.speculative.verify`` fed with ``specbatch.sampling.warp``'s
+The torch reference is ``specbatch.sampling.speculative.verify`` fed with ``specbatch.sampling.warping.warp``'s
 probabilities; ``specbatch_kernels.reference.verify`` packages it the way the kernels are called.
 
 One step of row r: the drafter *proposed* x_0 .. x_{n-1} (n = num_proposed[r]) sampled from
@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from specbatch import rng
-from specbatch.speculative import VerifyResult
+from specbatch.sampling import rng
+from specbatch.sampling.speculative import VerifyResult
 from specbatch_kernels.reference import VerifyStep
 from specbatch_kernels.rng import uniform
 from specbatch_kernels.warp import first_crossing, row_distribution, tile_scores, tile_weights, tiles, token_prob

@@ -1,6 +1,6 @@
 """Fused warping and sampling of rows of logits, without sorting (Triton).
 
-The torch reference is ``specbatch.sampling.truncate_and_normalize`` + ``sample_from_probs``
+The torch reference is ``specbatch.sampling.warping.truncate_and_normalize`` + ``sample_from_probs``
 (DESIGN section 4); ``specbatch_kernels.reference.warp_and_sample`` packages it the way the
 kernel is called.  Logit bias, penalties and bans are sparse and applied in torch before the kernel.
 
@@ -11,7 +11,7 @@ sum of kept weights.  A token is kept iff ``s >= thr`` (one threshold that combi
 top-p, ties at the threshold kept) and ``w >= min_p`` (min-p relative to the largest
 probability, which is ``exp(0) / Z``).  Greedy rows are one-hot at the first argmax.
 
-The top-p tie contract (DESIGN section 4, ``specbatch.sampling.crossing_score``): sorted
+The top-p tie contract (DESIGN section 4, ``specbatch.sampling.warping.crossing_score``): sorted
 descending, the *crossing token* is the first whose cumulative mass reaches top_p; every token
 whose score is >= the crossing token's is kept, so all tokens tied with it are kept, whatever
 order a sort would give them.  Scores, not probabilities, are compared (exp is monotone; two
@@ -188,7 +188,7 @@ def row_distribution(row_ptrs, V, temperature, top_k, top_p, min_p, live,
         thr = tl.where(do_k, thr_k, thr)
         z = tl.where(do_k, _kept_mass(row_ptrs, V, temp, m, thr, tl.zeros_like(z), do_k, BLOCK_R, BLOCK_V), z)
     # top-p on the distribution after top-k: the crossing token's score, ties kept
-    # (mirror of specbatch.sampling.crossing_score).
+    # (mirror of specbatch.sampling.warping.crossing_score).
     do_p = sampled & (top_p < 1)
     if tl.max(do_p.to(tl.int32), axis=0) > 0:
         hi = _key(m)

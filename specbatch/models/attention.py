@@ -1,6 +1,6 @@
 """Attention over a shared prompt and each row's own tokens (the shared prompt KV layout).
 
-With the shared layout (``specbatch.cache``) a row's keys are two segments: its prompt's K/V,
+With the shared layout (``specbatch.models.cache``) a row's keys are two segments: its prompt's K/V,
 held once in a prompt slot for all N samples of that prompt, and its own tokens' K/V in its row
 slot. :func:`shared_prefix_attention` scores every row's queries against both, takes one softmax
 over the concatenated scores (so the result is the attention over the row's whole sequence, to

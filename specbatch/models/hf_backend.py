@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specbatch.cache import KVCache
 from specbatch.models.attention import shared_prefix_attention
+from specbatch.models.cache import KVCache
 from specbatch.models.config import ModelConfig, _token_ids, read_json
 from specbatch.models.errors import CheckpointError
 from specbatch.models.llama import _Plan

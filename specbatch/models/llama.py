@@ -13,7 +13,7 @@ attends causally over the slot (and only within the sliding window on layers tha
 then advances ``cache.lengths[slots]`` by ``num_tokens``.  Attention reads the cache only up
 to the longest live row of the batch.
 
-With the shared prompt KV layout (``specbatch.cache``), a call writes either one prompt slot
+With the shared prompt KV layout (``specbatch.models.cache``), a call writes either one prompt slot
 (prefill of a prompt) or row slots only; a row slot holds its own tokens and attends over its
 linked prompt slot too (``specbatch.models.attention``). Positions stay logical: RoPE and the
 causal and sliding-window masks see the same positions in both layouts.
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specbatch.cache import KVCache
+from specbatch.models.cache import KVCache
 from specbatch.models.attention import shared_prefix_attention
 from specbatch.models.config import ModelConfig
 from specbatch.models.rope import apply_rope, inverse_frequencies, rope_cos_sin

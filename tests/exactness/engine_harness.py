@@ -10,8 +10,10 @@ is one draw of the first L completion symbols (token ids, or V = *stopped*).  Th
 distribution of those L symbols under plain sampling from the warped target is enumerated with
 the target model itself (:func:`exact_probs`): every prefix of up to L - 1 tokens is run, warped
 with the row's settings, the penalty history (prompt + that prefix), the min_new_tokens ban of
-that position, and stopped after EOS or a stop token id.  Nothing of the engine's step loop,
-drafts or verification enters the expectation, so any error in them shows as a mismatch.
+that position, and stopped after EOS or a stop token id.  The warping is done by the independent
+oracle (:mod:`tests.exactness.oracle`: transformers' logits processors with the documented top-p
+tie deviation restored), never by ``specbatch.sampling.warping.warp``.  Nothing of the engine's step
+loop, drafts, verification or warp enters the expectation, so any error in them shows as a mismatch.
 
 What is compared (:func:`exactness_reports`), each with Pearson's chi-square (p >= 1e-4, small
 cells pooled) and a total-variation bound from the sample size (false alarm <= 1e-6), see
@@ -24,10 +26,21 @@ cells pooled) and a total-variation bound from the sample size (false alarm <= 1
   in cells expecting >= 5 draws; cells expecting < 20 pooled there);
 * for N samples of one prompt (:func:`independence_reports`), samples 2k and 2k + 1 are
   independent: the joint of their symbols at each position is the product of the marginals,
-  and P(sequence 2k == sequence 2k + 1) is the sum of squared cell probabilities.
+  and P(sequence 2k == sequence 2k + 1) is the sum of squared cell probabilities;
+* and over all pairs of samples (:func:`all_pairs_reports`, :func:`collision_reports`), on whole
+  sequences and at each position: the number of equal pairs among all N(N-1)/2 against its
+  U-statistic mean and variance, and for every lag d the equal pairs (i, i + d) against their
+  exact binomial law (Bonferroni over the lags), which catches samples a fixed distance apart
+  that share randomness.
 
 A case makes 3L + 1 or so comparisons, so its false-alarm rate is below 1e-3; every run is
 seeded, so a passing case keeps passing.
+
+Besides the distributions, every case checks its whole outputs (:func:`output_report`): lengths
+within max_new_tokens, no EOS / stop id before min_new_tokens, nothing after an emitted stop,
+finish reasons that follow from the tokens, and each sampled row's cumulative_logprob equal to
+an independent recomputation (:func:`scored_logprobs`: one full forward of the target over
+prompt + completion, each token scored under the oracle's warp of its position).
 
 Why it has power.  The checkpoints are built for it (tests/tiny.py): the target ties its
 embeddings, so it repeats its last token about half the time (penalties and their history then
@@ -36,8 +49,8 @@ position is reached in most steps; a near draft (target head plus noise) accepts
 far draft 10-20%, so every proposal position sees many rejections; an EOS-heavy target ends
 rows early (min_new_tokens, stops).  :func:`assert_power` asserts a minimum number of
 rejections at every proposal position and of tests at the last one.  The mutants of
-:mod:`tests.exactness.engine_mutants` (one-line breakages of engine.py and drafters.py applied to
-the real code by patching) must all fail these comparisons.
+:mod:`tests.exactness.engine_mutants` (one-line breakages of engine.py, drafters.py and the code
+they call, applied to the real code by patching) must all fail these comparisons or checks.
 """
 
 from __future__ import annotations
@@ -46,24 +59,39 @@ import atexit
 import contextlib
 import dataclasses
 import functools
+import math
 import pathlib
+import random
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
+from scipy import stats as scipy_stats
 
-from specbatch.drafters import Drafter, ModelDrafter, NgramDrafter, NoDrafter
-from specbatch.engine import Engine, EngineConfig
+from specbatch.engine.drafting.base import Drafter
+from specbatch.engine.drafting.model import ModelDrafter
+from specbatch.engine.drafting.ngram import NgramDrafter
+from specbatch.engine.drafting.none import NoDrafter
+from specbatch.engine.engine import Engine, EngineConfig
 from specbatch.models import load_model, load_tokenizer
-from specbatch.request import Request, SampleOutput
-from specbatch.sampling import History, SamplingParams, WarpParams, warp
-from specbatch.stats import AcceptanceStats, CostModel
-from specbatch.suffix import SuffixDrafter
+from specbatch.engine.request import Request, SampleOutput
+from specbatch.sampling.warping import SamplingParams
+from specbatch.engine.stats import AcceptanceStats, CostModel
+from specbatch.engine.drafting.suffix import SuffixDrafter
 from specbatch_kernels import ops
 from tests import tiny
-from tests.exactness.distribution import DistributionMismatch, DistributionReport, compare, histogram, sequence_probs
+from tests.exactness.distribution import (
+    DistributionMismatch,
+    DistributionReport,
+    compare,
+    encode,
+    histogram,
+    sequence_probs,
+)
+from tests.exactness.oracle import oracle_probs
 
 VOCAB = 16
 MAX_MODEL_LEN = 32  # prompt + completion per row: keeps every slot's cache small
@@ -116,12 +144,14 @@ def exact_probs(model: Any, prompt: Sequence[int], params: SamplingParams, lengt
 
     The DESIGN section 4 contract, from the model's logits after prompt + prefix: penalties with
     history (prompt, prefix), EOS and stop token ids banned while the prefix is shorter than
-    min_new_tokens, then temperature / top-k / top-p / min-p; a prefix ending in a stop token id
-    (or EOS unless ignore_eos) is stopped.  -> [(V + 1)^length] float64.
+    min_new_tokens, then temperature / top-k / top-p / min-p, all by the independent oracle
+    (:func:`tests.exactness.oracle.oracle_probs`, transformers' processors), never by
+    specbatch's warp; a prefix ending in a stop token id (or EOS unless ignore_eos) is stopped.
+    -> [(V + 1)^length] float64.
     """
     v = model.config.vocab_size
     stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
-    banned = sorted((set(params.stop_token_ids) | set(eos_ids)) & set(range(v)))
+    banned = banned_ids(params, v, eos_ids)
     head = torch.tensor(list(prompt), dtype=torch.int64)
 
     def next_probs(prefix: torch.Tensor) -> torch.Tensor:  # [M, t] -> [M, V]
@@ -129,18 +159,46 @@ def exact_probs(model: Any, prompt: Sequence[int], params: SamplingParams, lengt
         seqs = torch.cat([head.expand(m, -1), prefix], dim=1)  # [M, P + t]
         cache = model.new_cache(m, seqs.shape[1])
         logits = model(seqs, cache, torch.arange(m), torch.full((m,), seqs.shape[1]), last_only=True)[:, 0]  # [M, V]
-        history = None
-        if params.has_penalties:
-            output = prefix if t else torch.full((m, 1), -1, dtype=torch.int64)
-            history = History(prompt_ids=head.expand(m, -1), output_ids=output)
-        ban = None
-        if t < params.min_new_tokens and banned:
-            ban = torch.zeros(m, v, dtype=torch.bool)
-            ban[:, banned] = True
-        return warp(logits, WarpParams.from_params([params] * m), history, ban)
+        return oracle_probs(logits, params, head.expand(m, -1), prefix, banned)
 
     with torch.inference_mode():
         return sequence_probs(next_probs, v, length, sorted(stops))
+
+
+def banned_ids(params: SamplingParams, vocab_size: int, eos_ids: Sequence[int] = (EOS_ID,)) -> list[int]:
+    """Ids masked before min_new_tokens: EOS and the stop token ids (even with ignore_eos)."""
+    return sorted((set(params.stop_token_ids) | set(eos_ids)) & set(range(vocab_size)))
+
+
+def scored_logprobs(model: Any, prompt: Sequence[int], completions: Sequence[Sequence[int]], params: SamplingParams,
+                    eos_ids: Sequence[int] = (EOS_ID,)) -> list[float]:
+    """Independent cumulative_logprob of each completion: the target model scores prompt +
+    completion in one forward, and each token's log p is read from the oracle's warp of its
+    position (penalty history prompt + the completion before it, the min_new_tokens ban).
+    Nothing of the engine, its cache or specbatch's warp enters.  -> one float per completion."""
+    banned = banned_ids(params, model.config.vocab_size, eos_ids)
+    head = torch.tensor(list(prompt), dtype=torch.int64)
+    p_len = head.numel()
+    out = [0.0] * len(completions)
+    by_length: dict[int, list[int]] = {}
+    for i, c in enumerate(completions):
+        by_length.setdefault(len(c), []).append(i)
+    for c_len, idx in by_length.items():
+        if c_len == 0:
+            continue
+        m = len(idx)
+        comp = torch.tensor([list(completions[i]) for i in idx], dtype=torch.int64)  # [M, C]
+        seqs = torch.cat([head.expand(m, -1), comp], dim=1)  # [M, P + C]
+        with torch.inference_mode():
+            cache = model.new_cache(m, seqs.shape[1])
+            logits = model(seqs, cache, torch.arange(m), torch.full((m,), seqs.shape[1]))  # [M, P + C, V]
+            total = torch.zeros(m, dtype=torch.float64)
+            for t in range(c_len):
+                p = oracle_probs(logits[:, p_len - 1 + t], params, head.expand(m, -1), comp[:, :t], banned)  # [M, V]
+                total += p.gather(1, comp[:, t : t + 1]).squeeze(1).to(torch.float64).log()
+        for j, i in enumerate(idx):
+            out[i] = float(total[j])
+    return out
 
 
 def joint_of(exact: torch.Tensor, vocab_size: int, length: int, positions: Sequence[int]) -> torch.Tensor:
@@ -246,6 +304,86 @@ def independence_reports(seqs: torch.Tensor, exact: torch.Tensor, vocab_size: in
     return out
 
 
+def all_pairs_reports(seqs: torch.Tensor, exact: torch.Tensor, vocab_size: int = VOCAB) -> dict[str, PairReport]:
+    """Samples of one prompt are independent over all pairs, not only (2k, 2k + 1): the
+    collision statistics of :func:`collision_reports` on whole sequences and at each position.
+    seqs: [N, L] in sample order (-1 after a stop); exact: [(V+1)^L]."""
+    length = seqs.shape[1]
+    sym = torch.where(seqs < 0, torch.full_like(seqs, vocab_size), seqs)  # [N, L]
+    views = torch.cat([encode(sym, vocab_size + 1)[:, None], sym], dim=1)  # [N, 1 + L]
+    probs = [exact] + [joint_of(exact, vocab_size, length, [t]) for t in range(length)]
+    return collision_reports(views, probs, [""] + [f"@{t}" for t in range(length)])
+
+
+@dataclass(frozen=True)
+class PairReport(DistributionReport):
+    """A sample-independence statistic reported as a DistributionReport (chi2 = z^2 or the
+    chi-square quantile of the p-value, dof 1; no TV part); detail says where it was strongest."""
+
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} {self.detail}".rstrip()
+
+
+def _pair_report(n: int, p_value: float, detail: str) -> PairReport:
+    p_value = min(1.0, max(p_value, 0.0))
+    chi2 = float(scipy_stats.chi2.isf(p_value, 1)) if p_value > 0 else float("inf")
+    return PairReport(n=n, chi2=chi2, dof=1, p_value=p_value, tv=0.0, tv_threshold=1.0, impossible=0,
+                      p_threshold=1e-4, detail=detail)
+
+
+def collision_reports(symbols: torch.Tensor, probs: Sequence[torch.Tensor], labels: Sequence[str]) -> dict[str, PairReport]:
+    """Independence of N i.i.d. draws over ALL pairs of samples, from their collisions.
+
+    symbols: [N, K] K views of each sample (e.g. its whole sequence's cell and its symbol at each
+    position), rows in sample-index order; probs[k]: the exact distribution of view k; labels[k]
+    names it.  Per view, with s2 = sum p^2 and s3 = sum p^3:
+
+    * ``pairs_all``: the number of equal pairs over all N(N-1)/2 pairs (a U-statistic) has mean
+      C(N,2) s2 and variance C(N,2)(s2 - s2^2) + N(N-1)(N-2)(s3 - s2^2); two-sided normal
+      p-value.  Catches dependence spread over many pairs;
+    * ``pairs_lag``: every pair (i, i + d) has a lag d; for each d = 1..N-1 the pairs with
+      (i // d) even are disjoint, so their number of equal pairs is exactly Binomial(pairs, s2)
+      under independence.  Two-sided binomial p-value per lag, Bonferroni over the N - 1 lags.
+      Catches dependence concentrated on samples a fixed distance apart (sharing randomness,
+      anti-correlated, drawn without replacement, ...), which the all-pairs count dilutes;
+      adjacent pairs are lag 1.
+    """
+    n, k = symbols.shape
+    out: dict[str, PairReport] = {}
+    if n < 2:
+        return out
+    sym = symbols.numpy()
+    hits, tried = np.zeros((n, k), dtype=np.int64), np.zeros(n, dtype=np.int64)
+    for d in range(1, n):  # one pass over the lags for all K views
+        i = np.arange(n - d)
+        i = i[(i // d) % 2 == 0]
+        hits[d], tried[d] = (sym[i] == sym[i + d]).sum(axis=0), i.size
+    lags = np.arange(1, n)
+    pairs = n * (n - 1) / 2
+    for col, (p, label) in enumerate(zip(probs, labels)):
+        p = p.to(torch.float64) / p.to(torch.float64).sum()
+        s2, s3 = float((p**2).sum()), float((p**3).sum())
+        if s2 >= 1.0 - 1e-12:  # every draw is the same symbol: nothing to test
+            continue
+        counts = torch.bincount(symbols[:, col], minlength=p.numel()).to(torch.float64)
+        equal = float((counts * (counts - 1) / 2).sum())
+        var = pairs * (s2 - s2**2) + n * (n - 1) * (n - 2) * max(s3 - s2**2, 0.0)
+        z = (equal - pairs * s2) / math.sqrt(var)
+        out[f"pairs_all{label}"] = _pair_report(int(pairs), float(scipy_stats.norm.sf(abs(z)) * 2),
+                                                f"(equal pairs {equal:.0f}, expected {pairs * s2:.0f}, z {z:+.1f})")
+        h = hits[lags, col]
+        upper = scipy_stats.binom.sf(h - 1, tried[lags], s2)  # P(X >= h)
+        lower = scipy_stats.binom.cdf(h, tried[lags], s2)  # P(X <= h)
+        p_lag = np.minimum(1.0, 2 * np.minimum(upper, lower))
+        d = int(lags[int(np.argmin(p_lag))])
+        out[f"pairs_lag{label}"] = _pair_report(
+            int(tried.sum()), float(p_lag[d - 1]) * (n - 1),
+            f"(strongest at lag {d}: {hits[d, col]} of {tried[d]} pairs equal, expected {tried[d] * s2:.1f})")
+    return out
+
+
 def failures(reports: dict[str, DistributionReport]) -> dict[str, DistributionReport]:
     return {k: r for k, r in reports.items() if not r.ok}
 
@@ -274,6 +412,118 @@ def assert_power(stats: AcceptanceStats, positions: int, min_rejections: int, mi
     return rejections
 
 
+# ---------------------------------------------------------------------------- whole outputs
+
+
+class OutputMismatch(AssertionError):
+    """Whole outputs break an invariant, or a cumulative_logprob differs from its recomputation."""
+
+
+LOGPROB_ROWS = 512  # rows per run whose cumulative_logprob is recomputed
+LOGPROB_ATOL = 2e-3  # float32 logits through the cache vs one full forward: ~1e-5 per token
+WIDE_ROWS = 5  # a mutant's violation must show on at least this many rows (and logprobs by 10x the tolerance)
+
+
+@dataclass
+class OutputReport:
+    """What :func:`output_report` found: rows per broken invariant (with a first example), and
+    the recomputed cumulative_logprobs' errors."""
+
+    rows: int
+    violations: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, str] = field(default_factory=dict)
+    logprob_rows: int = 0
+    logprob_bad: int = 0  # rows whose error exceeds the tolerance
+    logprob_max_error: float = 0.0
+    logprob_example: str = ""
+
+    def add(self, kind: str, example: str) -> None:
+        self.violations[kind] = self.violations.get(kind, 0) + 1
+        self.examples.setdefault(kind, example)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and self.logprob_bad == 0
+
+    @property
+    def wide(self) -> bool:
+        """Failing by a wide margin: an invariant broken on many rows, or logprobs far off on many."""
+        return any(c >= WIDE_ROWS for c in self.violations.values()) or (
+            self.logprob_bad >= WIDE_ROWS and self.logprob_max_error >= 10 * LOGPROB_ATOL)
+
+    def __str__(self) -> str:
+        parts = [f"{kind}: {count} of {self.rows} rows (e.g. {self.examples[kind]})" for kind, count in self.violations.items()]
+        if self.logprob_bad:
+            parts.append(f"cumulative_logprob: {self.logprob_bad} of {self.logprob_rows} recomputed rows off by more "
+                         f"than {LOGPROB_ATOL:g} (max {self.logprob_max_error:.4g}; e.g. {self.logprob_example})")
+        return "; ".join(parts) or f"ok ({self.rows} rows, {self.logprob_rows} logprobs recomputed)"
+
+
+def output_report(run: EngineRun, model: Any, eos_ids: Sequence[int] = (EOS_ID,),
+                  logprob_rows: int = LOGPROB_ROWS) -> OutputReport:
+    """Check every whole output of the run (all its tokens, not only the compared window):
+
+    * 1 <= completion length <= max_new_tokens, and no error;
+    * no EOS / stop token id before min_new_tokens (they are banned there);
+    * nothing after an emitted stop: an EOS (unless ignore_eos) or stop token id at or after
+      min_new_tokens is the completion's last token;
+    * the finish reason follows from the tokens: "stop" (stop_reason = the id) when the last token
+      is a stop token id, "eos" when it is EOS, else "length" with exactly max_new_tokens tokens;
+    * cumulative_logprob equals :func:`scored_logprobs` (the target model and the oracle) on a
+      seeded sample of ``logprob_rows`` rows.
+    """
+    report = OutputReport(rows=len(run.outputs))
+    by_request = {req.request_id: req for req in run.requests}
+    for o in run.outputs:
+        params = by_request[o.request_id].params
+        toks = list(o.token_ids)
+        eos = set() if params.ignore_eos else set(eos_ids)
+        stop_ids = set(params.stop_token_ids)
+        banned = stop_ids | set(eos_ids)
+        where = f"{o.request_id}#{o.sample_index} {toks} {o.finish_reason}/{o.stop_reason}"
+        if o.error:
+            report.add("error", f"{where}: {o.error}")
+            continue
+        if not 1 <= len(toks) <= params.max_new_tokens:
+            report.add(f"length outside 1..max_new_tokens={params.max_new_tokens}", where)
+        if any(t in banned for t in toks[: params.min_new_tokens]):
+            report.add(f"EOS / stop id before min_new_tokens={params.min_new_tokens}", where)
+        ends = [j for j, t in enumerate(toks) if j >= params.min_new_tokens and t in (eos | stop_ids)]
+        if ends and ends[0] < len(toks) - 1:
+            report.add("tokens after an emitted stop", where)
+        last = toks[-1] if toks else None
+        if ends and ends[0] == len(toks) - 1 and last in stop_ids:
+            expected = ("stop", str(last))
+        elif ends and ends[0] == len(toks) - 1:
+            expected = ("eos", None)
+        else:
+            expected = ("length", None)
+            if len(toks) != params.max_new_tokens:
+                report.add("finish_reason length before max_new_tokens", where)
+        if (o.finish_reason, o.stop_reason) != expected:
+            report.add("finish_reason / stop_reason inconsistent with the tokens", f"{where}, expected {expected}")
+    chosen = sorted(random.Random(0).sample(range(len(run.outputs)), min(logprob_rows, len(run.outputs))))
+    for req in run.requests:
+        rows = [run.outputs[i] for i in chosen if run.outputs[i].request_id == req.request_id and not run.outputs[i].error]
+        if not rows:
+            continue
+        ref = scored_logprobs(model, req.prompt_token_ids, [o.token_ids for o in rows], req.params, eos_ids)
+        for o, r in zip(rows, ref):
+            err = abs(o.cumulative_logprob - r)
+            report.logprob_rows += 1
+            report.logprob_max_error = max(report.logprob_max_error, err)
+            if not err <= LOGPROB_ATOL:  # also catches nan
+                report.logprob_bad += 1
+                report.logprob_example = report.logprob_example or (
+                    f"{o.request_id}#{o.sample_index} {o.token_ids}: {o.cumulative_logprob:.5f} vs {r:.5f}")
+    return report
+
+
+def assert_outputs(report: OutputReport, label: str = "") -> None:
+    if not report.ok:
+        raise OutputMismatch(f"{label}: {report}" if label else str(report))
+
+
 # ---------------------------------------------------------------------------- cases
 
 
@@ -300,12 +550,12 @@ class EngineCase:
     max_batch: int = 512
     verification: str = "rejection"
     backend: str = "torch"
-    independence: bool = False  # also check samples (2k, 2k+1) of each prompt
+    independence: bool = False  # also check the independence of each prompt's samples (adjacent and all pairs)
     min_rejections: int = 100  # at each proposal index < power_positions
     power_positions: int = 2
     min_reached: int = 0  # tests of proposal index power_positions - 1
     draft_cost: float | None = None  # adaptive gamma under a cost model: draft step / target step
-    auto: bool = False  # per-row proposal counts (specbatch.autogamma)
+    auto: bool = False  # per-row proposal counts (specbatch.engine.speculation)
 
     def make_drafter(self, models: TinyModels) -> Drafter:
         if self.drafter == "none":
@@ -346,13 +596,19 @@ class EngineCase:
             found = exactness_reports(seqs, exact)
             if self.independence:
                 found.update(independence_reports(seqs, exact))
+                found.update(all_pairs_reports(seqs, exact))
             out.update({f"{i}:{k}": r for k, r in found.items()})
         return out
 
+    def outputs(self, run: EngineRun) -> OutputReport:
+        """The whole-output invariants and recomputed cumulative_logprobs (:func:`output_report`)."""
+        return output_report(run, tiny_models()[self.target])
+
     def check(self, run: EngineRun) -> dict[str, DistributionReport]:
-        """Assert exactness and power; return the reports."""
+        """Assert exactness, the whole-output invariants and power; return the reports."""
         reports = self.reports(run)
         assert_reports(reports, self.name)
+        assert_outputs(self.outputs(run), self.name)
         if self.drafter != "none":
             assert_power(run.stats, self.power_positions, self.min_rejections, self.min_reached)
         return reports
@@ -384,6 +640,17 @@ CASES: dict[str, EngineCase] = {
                    power_positions=2),
         EngineCase("stops", _params(n=N, temperature=1.0, stop_token_ids=(9,)), target="eos", drafter="near",
                    power_positions=2),
+        # min_new_tokens with stop ids: EOS and both stop ids banned at positions 0-1, stops after;
+        # four positions compared, room for 8 tokens.
+        EngineCase("min_new_with_stops", _params(n=N, temperature=1.0, min_new_tokens=2, stop_token_ids=(3, 10),
+                                                 max_new_tokens=8),
+                   target="eos", drafter="near", length=4, power_positions=2),
+        # Stops inside a step that began before min_new_tokens: the draft is the target, so the
+        # first step runs positions 0-4 (banned at 0-1, EOS or the stop id likely at 2-4).
+        EngineCase("stop_in_min_step", _params(n=N, temperature=1.0, min_new_tokens=2, stop_token_ids=(10,),
+                                               max_new_tokens=8),
+                   target="eos", drafter="same", gamma=4, length=4, min_rejections=0, power_positions=4,
+                   min_reached=N // 2),
         EngineCase("refill", _params(n=1500, temperature=1.0), drafter="near",
                    prompts=(PROMPT, (1, 12, 3, 14), (1, 5, 10, 5, 10, 5)), max_batch=64, power_positions=2),
         EngineCase("coupled", _params(n=N, temperature=1.0, top_k=12), drafter="near", verification="coupled",

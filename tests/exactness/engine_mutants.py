@@ -1,9 +1,11 @@
-"""Engine and drafter mutants: one-line breakages of engine.py / drafters.py that the engine
-harness (:mod:`tests.exactness.engine_harness`) must fail.
+"""Engine and drafter mutants: one-line breakages of engine.py / drafters.py (and of the warp,
+the random numbers and the kernels' torch reference they call) that the engine harness
+(:mod:`tests.exactness.engine_harness`) must fail, in its distribution comparisons or, for
+``caught_by="outputs"``, in its whole-output checks (invariants, recomputed cumulative_logprob).
 
 Each mutant patches the real code path (a method of ``Engine``, ``ModelDrafter`` or ``KVCache``,
-or a module attribute that engine.py / drafters.py call) with a thin wrapper around the real
-function that changes one thing; the comment on each names the one line of the product code
+or a module attribute that engine.py / drafters.py / the kernels' reference call) with a thin
+wrapper around the real function that changes one thing; the comment on each names the one line of the product code
 it stands for.  Nothing copies the engine or the drafter.
 
 Use::
@@ -26,13 +28,26 @@ from unittest import mock
 
 import torch
 
-from specbatch import cache as cache_mod
-from specbatch import drafters, engine, rng
-from specbatch.autogamma import AutoGamma
-from specbatch.drafters import ModelDrafter
-from specbatch.engine import Engine
-from specbatch.sampling import History
-from specbatch.suffix import SuffixDrafter, sparse_warp
+from specbatch.models import cache as cache_mod
+from specbatch.engine.drafting import base as drafters
+from specbatch.engine import engine
+from specbatch.sampling import rng, warping as sampling
+from specbatch.engine.speculation import AutoGamma
+from specbatch.engine.drafting.model import ModelDrafter
+from specbatch.engine.engine import Engine
+from specbatch.sampling.warping import History
+from specbatch.sampling.speculative import emitted_logprobs
+from specbatch.engine.drafting.suffix import SuffixDrafter, sparse_warp
+from specbatch_kernels import ops, reference
+from specbatch.models import cache as cache_mod
+from specbatch.engine.drafting import model as model_drafting
+from specbatch.engine import engine
+from specbatch.sampling import rng
+from specbatch.engine.speculation import AutoGamma
+from specbatch.engine.drafting.model import ModelDrafter
+from specbatch.engine.engine import Engine
+from specbatch.sampling.warping import History
+from specbatch.engine.drafting.suffix import SuffixDrafter, sparse_warp
 from specbatch_kernels import ops
 
 Installer = Callable[[contextlib.ExitStack], None]
@@ -47,19 +62,20 @@ class EngineMutant:
     install: Installer
     breaks: str  # what is wrong, in one line
     n: int = 2000  # samples per prompt (half a case's own: every mutant fails by far at this size)
+    caught_by: str = "distribution"  # distribution: the case's comparisons; outputs: its whole-output checks
 
 
 def _drafter_ops(stack: contextlib.ExitStack, **replacements: Callable[..., Any]) -> None:
-    """drafters.py sees ``ops`` with some functions replaced (the rest are the real ones)."""
+    """drafting/model.py sees ``ops`` with some functions replaced (the rest are the real ones)."""
     shim = types.SimpleNamespace(**{**vars(ops), **replacements})
-    stack.enter_context(mock.patch.object(drafters, "ops", shim))
+    stack.enter_context(mock.patch.object(model_drafting, "ops", shim))
 
 
 # ---- the issue's four ------------------------------------------------------------------------
 
 
 def _draft_uniform_per_step(stack: contextlib.ExitStack) -> None:
-    # drafters.ModelDrafter.propose: ops.warp_and_sample(..., pos + i, Role.DRAFT, ...) -> (..., pos, ...)
+    # ModelDrafter.propose: ops.warp_and_sample(..., pos + i, Role.DRAFT, ...) -> (..., pos, ...)
     first: dict[str, torch.Tensor] = {}
     real_propose = ModelDrafter.propose
 
@@ -228,6 +244,96 @@ def _auto_count_peeks_at_uniforms(stack: contextlib.ExitStack) -> None:
     stack.enter_context(mock.patch.object(AutoGamma, "decide", decide))
 
 
+# ---- issue 19: stops x min_new_tokens, cumulative_logprob, the warp itself, distant samples ------
+
+
+def _ban_without_stop_ids(stack: contextlib.ExitStack) -> None:
+    # Engine._ban: ids = set(row.params.stop_token_ids) | self.eos_ids -> ids = self.eos_ids
+    # (before min_new_tokens only EOS is banned; the stop ids can be drawn there)
+    real = Engine._ban
+
+    def ban(self, rows, g):
+        shown = [types.SimpleNamespace(position=row.position, params=dataclasses.replace(row.params, stop_token_ids=()))
+                 for row in rows]
+        return real(self, shown, g)
+
+    stack.enter_context(mock.patch.object(Engine, "_ban", ban))
+
+
+def _no_stop_in_min_step(stack: contextlib.ExitStack) -> None:
+    # Engine._apply_stops: row.position + j >= row.params.min_new_tokens -> row.position >= ...
+    # (a step that began before the minimum cuts at none of its stops).  Stop ids are banned at
+    # positions before the minimum, so emptying _stop_ids for those rows is that same change.
+    real = Engine._stop_ids
+    stack.enter_context(mock.patch.object(
+        Engine, "_stop_ids", lambda self, row: set() if row.position < row.params.min_new_tokens else real(self, row)))
+
+
+def _logprob_counts_cut_tokens(stack: contextlib.ExitStack) -> None:
+    # Engine._step: row.logprob += sum(logp_rows[i][:k]) -> sum(logp_rows[i]) (the log p of tokens
+    # that a stop cut off the emitted run are counted)
+    real_verify, real_stops, real_step = engine.warp_and_verify, Engine._apply_stops, Engine._step
+    seen: dict[str, list] = {}
+
+    def warp_and_verify(*args, **kw):
+        result, logp = real_verify(*args, **kw)
+        seen["logp"] = logp.tolist()  # [R, G+1], 0 after the uncut run
+        return result, logp
+
+    def apply_stops(self, rows, result):
+        out = real_stops(self, rows, result)
+        seen["keep"] = out.num_emitted.tolist()
+        return out
+
+    def step(self, rows):
+        real_step(self, rows)
+        for row, logp, keep in zip(rows, seen["logp"], seen["keep"]):
+            row.logprob += sum(logp[keep:])
+
+    stack.enter_context(mock.patch.object(engine, "warp_and_verify", warp_and_verify))
+    stack.enter_context(mock.patch.object(Engine, "_apply_stops", apply_stops))
+    stack.enter_context(mock.patch.object(Engine, "_step", step))
+
+
+def _logprob_of_raw_logits(stack: contextlib.ExitStack) -> None:
+    # specbatch_kernels.reference.verify: emitted_logprobs(p, result) -> log softmax of the raw scores
+    # (temperature 1, no top-k / top-p / min-p: the model's distribution, not the row's warp)
+    real = reference.verify
+
+    def verify(step):
+        result, _, p = real(step)
+        return result, emitted_logprobs(step.scores.to(p.dtype).softmax(dim=-1), result), p
+
+    stack.enter_context(mock.patch.object(reference, "verify", verify))
+
+
+def _top_k_keeps_one_more(stack: contextlib.ExitStack) -> None:
+    # specbatch.sampling.warping.truncate_and_normalize: kth_index = (k - 1) -> k (top-k keeps k + 1 tokens),
+    # wherever the function is called (sampling.warp, the kernels' torch reference)
+    real = sampling.truncate_and_normalize
+
+    def truncate_and_normalize(logits, params):
+        wider = dataclasses.replace(params, top_k=torch.where(params.top_k > 0, params.top_k + 1, params.top_k))
+        return real(logits, wider)
+
+    stack.enter_context(mock.patch.object(sampling, "truncate_and_normalize", truncate_and_normalize))
+    stack.enter_context(mock.patch.object(reference, "truncate_and_normalize", truncate_and_normalize))
+
+
+SAMPLE_INDEX_BITS = 11
+
+
+def _sample_index_wraps(stack: contextlib.ExitStack) -> None:
+    # specbatch.sampling.rng.uniform: counter word sample_index -> sample_index & 0x7FF (11 bits), so samples
+    # i and i + 2048 of a prompt share every draw; adjacent samples never do
+    real = rng.uniform
+
+    def uniform(key, sample_index, position, role, lane=0):
+        return real(key, torch.as_tensor(sample_index) & ((1 << SAMPLE_INDEX_BITS) - 1), position, role, lane)
+
+    stack.enter_context(mock.patch.object(rng, "uniform", uniform))
+
+
 ENGINE_MUTANTS: dict[str, EngineMutant] = {
     m.name: m
     for m in (
@@ -253,5 +359,19 @@ ENGINE_MUTANTS: dict[str, EngineMutant] = {
                      "the suffix drafter's q is read after the cache learned the step's distributions", n=1000),
         EngineMutant("auto_count_peeks_at_uniforms", "auto_suffix", _auto_count_peeks_at_uniforms,
                      "a row's proposal count depends on its own acceptance uniform", n=4000),
+        # issue 19
+        EngineMutant("ban_without_stop_ids", "min_new_with_stops", _ban_without_stop_ids,
+                     "before min_new_tokens only EOS is banned, not the stop token ids"),
+        EngineMutant("no_stop_in_min_step", "stop_in_min_step", _no_stop_in_min_step,
+                     "a step that began before min_new_tokens cuts at none of its stops"),
+        EngineMutant("logprob_counts_cut_tokens", "min_new_with_stops", _logprob_counts_cut_tokens,
+                     "cumulative_logprob adds the log p of tokens a stop cut off the run", caught_by="outputs"),
+        EngineMutant("logprob_of_raw_logits", "plain", _logprob_of_raw_logits,
+                     "cumulative_logprob under the raw logits, not the row's warp", caught_by="outputs", n=500),
+        EngineMutant("top_k_keeps_one_more", "ngram", _top_k_keeps_one_more,
+                     "top-k keeps k + 1 tokens (in the product's warp, so only an independent oracle sees it)"),
+        EngineMutant("sample_index_wraps", "plain", _sample_index_wraps,
+                     "the sample index wraps at 2048 in the random-number counter: samples i and i + 2048 "
+                     "share every draw", n=2400),
     )
 }

@@ -3,11 +3,13 @@ emitted sequences follow the target's distribution exactly (DESIGN section 4b).
 
 The world is a Markov chain over a small vocabulary (V = 8..16 tokens).  A :class:`Scenario`
 holds a target logit table and a draft logit table, each [V, V] (row = previous token), and the
-target's and draft's :class:`~specbatch.sampling.SamplingParams`.  The next-token
-distributions are the tables' rows after warping with :func:`specbatch.sampling.warp`, so
+target's and draft's :class:`~specbatch.sampling.warping.SamplingParams`.  The next-token
+distributions are the tables' rows after warping with :func:`specbatch.sampling.warping.warp`, so
 temperature, top-k, top-p, min-p, penalties (which look at the whole history, prompt included)
 and min_new_tokens bans all go through the real code.  **p** is the warped target distribution,
-**q** the distribution the drafter sampled its proposal from.
+**q** the distribution the drafter sampled its proposal from.  The *expected* distribution
+(:meth:`Scenario.exact_probs`) is warped by the independent oracle instead
+(:mod:`tests.exactness.oracle`, transformers' logits processors), so a warping error shows.
 
 :func:`run_chain` drives R independent rows (a row = one (prompt key, sample index) pair) until
 each has emitted L tokens or stopped.  One step for the active rows:
@@ -18,14 +20,14 @@ each has emitted L tokens or stopped.  One step for the active rows:
    function of the row and position) unless the scenario fixes it;
 2. the target distributions along the proposed prefix are built: target_probs [R, G+1, V];
 3. ``verify_fn`` decides; emitted runs are cut at stops (EOS, stop token ids) and at the length
-   budget with :func:`specbatch.speculative.stop_cut` / :func:`~specbatch.speculative.cut`;
+   budget with :func:`specbatch.sampling.speculative.stop_cut` / :func:`~specbatch.sampling.speculative.cut`;
 4. emitted tokens are appended and each row's position advances by its emitted count.
 
 The empirical joint distribution of the first L symbols (token ids, or V = "stopped") is then
 compared with the exact probability of every sequence, computed by enumeration (see
 :mod:`tests.exactness.distribution`).
 
-**verify_fn**, the thing under test, has the signature of :func:`specbatch.speculative.verify`::
+**verify_fn**, the thing under test, has the signature of :func:`specbatch.sampling.speculative.verify`::
 
     verify_fn(draft_tokens [R, G] int64 (-1 where i >= num_proposed),
               num_proposed [R] int64 in 0..G,
@@ -33,10 +35,10 @@ compared with the exact probability of every sequence, computed by enumeration (
               draft_probs [R, G, V] float32 (the q each proposal was sampled from) or None (one-hot q),
               key [R] int64, sample_index [R] int64,
               position [R] int64 (completion position of the first proposal))
-        -> specbatch.speculative.VerifyResult
+        -> specbatch.sampling.speculative.VerifyResult
 
 so a kernel verifier with the same signature plugs in directly.  In scenarios with
-``draft_mode == "coupled"`` it has the signature of :func:`specbatch.speculative.verify_coupled`
+``draft_mode == "coupled"`` it has the signature of :func:`specbatch.sampling.speculative.verify_coupled`
 instead (no draft_probs argument).
 
 Typical use::
@@ -55,9 +57,9 @@ from typing import Callable
 
 import torch
 
-from specbatch import rng, speculative
-from specbatch.sampling import History, SamplingParams, WarpParams, sample_from_probs, warp
-from specbatch.stats import AcceptanceStats
+from specbatch.sampling import rng, speculative
+from specbatch.sampling.warping import History, SamplingParams, WarpParams, sample_from_probs, warp
+from specbatch.engine.stats import AcceptanceStats
 from tests.exactness.distribution import (  # noqa: F401  (re-exported: the harness API)
     DistributionMismatch,
     DistributionReport,
@@ -67,6 +69,7 @@ from tests.exactness.distribution import (  # noqa: F401  (re-exported: the harn
     histogram,
     sequence_probs,
 )
+from tests.exactness.oracle import oracle_probs
 
 VerifyFn = Callable[..., speculative.VerifyResult]
 
@@ -179,11 +182,17 @@ class Scenario:
         return float(torch.minimum(p0, q0).sum())
 
     def exact_probs(self, length: int) -> torch.Tensor:
-        """Exact probability of every sequence of ``length`` symbols: [(V+1)^length] float64."""
+        """Exact probability of every sequence of ``length`` symbols: [(V+1)^length] float64.
+
+        The warped target at each prefix comes from the independent oracle
+        (:func:`tests.exactness.oracle.oracle_probs`, transformers' processors), not from
+        specbatch's warp, which builds the p the verifier is handed (:meth:`target_probs`)."""
+        prompt = self.prompt_ids
 
         def next_probs(prefix: torch.Tensor) -> torch.Tensor:
-            t = torch.full((prefix.shape[0],), prefix.shape[1], dtype=torch.int64)
-            return self.target_probs(prefix, t)
+            m, t = prefix.shape
+            prev = prefix[:, -1] if t else prompt[-1].expand(m)  # [M]
+            return oracle_probs(self.target_logits[prev], self.target, prompt.expand(m, -1), prefix, self.stop_ids)
 
         return sequence_probs(next_probs, self.vocab_size, length, self.stop_ids)
 
@@ -225,7 +234,7 @@ class ChainResult:
 def row_keys(seed: int, prompt_ids: torch.Tensor) -> torch.Tensor:
     """Non-negative 63-bit keys of integer prompt ids under a seed, vectorized. [P] -> [P] int64.
 
-    (The engine hashes (seed, prompt id) with :func:`specbatch.rng.row_key`; any fixed injective-
+    (The engine hashes (seed, prompt id) with :func:`specbatch.sampling.rng.row_key`; any fixed injective-
     looking map serves the harness, and this one is fast for a million rows.)
     """
     zero = torch.zeros_like(prompt_ids)
@@ -400,30 +409,55 @@ def token_marginal(exact: torch.Tensor, vocab_size: int, length: int, position: 
     return exact.view(*([vocab_size + 1] * length)).sum(dim=[d for d in range(length) if d != position])
 
 
-def sample_pair_counts(result: ChainResult, vocab_size: int, position: int) -> torch.Tensor:
-    """Joint counts of the symbol at ``position`` in samples (2k, 2k+1) of the same prompt.
+def sample_pair_counts(result: ChainResult, vocab_size: int, position: int, first: int = 0, second: int = 1,
+                       samples_per_prompt: int = 2) -> torch.Tensor:
+    """Joint counts of the symbol at ``position`` in samples ``first`` and ``second`` of each prompt.
 
-    Rows must be in the default order (row id = prompt * N + sample, N even). -> [(V+1)^2].
+    Rows must be in the default order (row id = prompt * N + sample, N = samples_per_prompt).
+    The defaults, N = 2, read the pairs (2k, 2k+1) of any even N. -> [(V+1)^2].
     """
     seq = result.sequences[:, position]
     sym = torch.where(seq < 0, torch.full_like(seq, vocab_size), seq)
-    assert sym.numel() % 2 == 0
-    pairs = sym.view(-1, 2)  # [R/2, 2]
-    assert bool((result.sample_index.view(-1, 2)[:, 0] % 2 == 0).all()), "rows must be (even, odd) sample pairs"
-    return torch.bincount(pairs[:, 0] * (vocab_size + 1) + pairs[:, 1], minlength=(vocab_size + 1) ** 2)
+    n = samples_per_prompt
+    assert sym.numel() % n == 0 and 0 <= first < second < n
+    groups = sym.view(-1, n)  # [R/N, N]
+    if n == 2:
+        assert bool((result.sample_index.view(-1, 2)[:, 0] % 2 == 0).all()), "rows must be (even, odd) sample pairs"
+    else:
+        assert bool((result.sample_index.view(-1, n) == torch.arange(n)).all()), "rows must be in the default order"
+    return torch.bincount(groups[:, first] * (vocab_size + 1) + groups[:, second], minlength=(vocab_size + 1) ** 2)
+
+
+def sample_pairs(scenario: Scenario) -> list[tuple[int, int]]:
+    """Every pair (a, b), a < b, of the N sample indices of a prompt: not only adjacent ones."""
+    n = scenario.samples_per_prompt
+    return [(a, b) for a in range(n) for b in range(a + 1, n)]
+
+
+def samples_independent_reports(result: ChainResult, scenario: Scenario, length: int) -> dict[str, DistributionReport]:
+    """Comparison reports (not raising): for every pair (a, b) of sample indices of a prompt and
+    every position, the joint of (sample a's symbol, sample b's symbol) is the product of the
+    marginals."""
+    exact = scenario.exact_probs(length)
+    v = scenario.vocab_size
+    out = {}
+    for t in range(length):
+        marginal = token_marginal(exact, v, length, t)  # [V+1]
+        expected = (marginal[:, None] * marginal[None, :]).reshape(-1)
+        for a, b in sample_pairs(scenario):
+            counts = sample_pair_counts(result, v, t, a, b, scenario.samples_per_prompt)
+            out[f"pairs({a},{b})@{t}"] = compare(counts, expected)
+    return out
 
 
 def assert_samples_independent(result: ChainResult, scenario: Scenario, length: int, label: str = "") -> list[DistributionReport]:
     """N samples of one prompt are independent draws: at every position, the joint distribution of
-    (sample 2k's token, sample 2k+1's token) is the product of the marginals."""
-    exact = scenario.exact_probs(length)
-    reports = []
-    v = scenario.vocab_size
-    for t in range(length):
-        marginal = token_marginal(exact, v, length, t)  # [V+1]
-        expected = (marginal[:, None] * marginal[None, :]).reshape(-1)
-        reports.append(assert_distribution(sample_pair_counts(result, v, t), expected, label=f"{label} pairs@{t}"))
-    return reports
+    the tokens of samples a and b is the product of the marginals, for every pair a < b."""
+    reports = samples_independent_reports(result, scenario, length)
+    bad = {k: r for k, r in reports.items() if not r.ok}
+    if bad:
+        raise DistributionMismatch("; ".join(f"{label} {k}: {r}" for k, r in bad.items()))
+    return list(reports.values())
 
 
 def scenario(name: str) -> Scenario:

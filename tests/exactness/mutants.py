@@ -1,8 +1,8 @@
 """Deliberately broken verifiers and drafters: the harness must fail every one (DESIGN section 4b).
 
 A harness that cannot fail a mutant proves nothing.  Each mutant breaks exactly one thing, by
-patching one building block of :mod:`specbatch.speculative`, wrapping the reference
-:func:`~specbatch.speculative.verify` with one wrong step, or handing the harness a drafter that
+patching one building block of :mod:`specbatch.sampling.speculative`, wrapping the reference
+:func:`~specbatch.sampling.speculative.verify` with one wrong step, or handing the harness a drafter that
 lies about q.  None copies the verifier.
 
 Use::
@@ -25,8 +25,8 @@ from unittest import mock
 
 import torch
 
-from specbatch import rng, speculative
-from specbatch.sampling import sample_from_probs
+from specbatch.sampling import rng, speculative
+from specbatch.sampling.warping import sample_from_probs
 from tests.exactness import harness
 from tests.exactness.harness import Drafter, Scenario, VerifyFn
 
@@ -77,7 +77,7 @@ def _with_drafter(drafter: Drafter) -> Installer:
     return lambda stack: (speculative.verify, drafter)
 
 
-# ---- broken building blocks of specbatch.speculative ----------------------------------------
+# ---- broken building blocks of specbatch.sampling.speculative ----------------------------------------
 
 
 def _unscaled_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -167,6 +167,12 @@ def shared_randomness_verify(draft_tokens, num_proposed, target_probs, draft_pro
     return speculative.verify(draft_tokens, num_proposed, target_probs, draft_probs, key, shared, position)
 
 
+def distant_shared_randomness_verify(draft_tokens, num_proposed, target_probs, draft_probs, key, sample_index, position):
+    """Samples k and k+2 of a prompt share their acceptance, recovered and bonus uniforms
+    (sample index mod 2): adjacent samples never do."""
+    return speculative.verify(draft_tokens, num_proposed, target_probs, draft_probs, key, sample_index % 2, position)
+
+
 def _plain(verify_fn: VerifyFn) -> Installer:
     return lambda stack: (verify_fn, Drafter())
 
@@ -188,6 +194,8 @@ MUTANTS: dict[str, Mutant] = {
                "n_samples", _plain(without_replacement_verify), check="pairs"),
         Mutant("n_samples_shared_randomness", "samples 2k and 2k+1 share their verification uniforms",
                "n_samples", _plain(shared_randomness_verify), check="pairs"),
+        Mutant("n_samples_distant_shared_randomness", "samples k and k+2 share their verification uniforms",
+               "n_samples", _plain(distant_shared_randomness_verify), check="pairs"),
         Mutant("bonus_from_q", "bonus token drawn from q instead of p after a full acceptance",
                "same_temperature", _plain(bonus_from_q_verify)),
         Mutant("residual_from_p", "recovered token drawn from p instead of norm(max(p - q, 0))",
@@ -198,15 +206,11 @@ MUTANTS: dict[str, Mutant] = {
 
 def mutant_reports(result: harness.ChainResult, sc: Scenario, check: str, length: int = 4) -> list[harness.DistributionReport]:
     """Comparison reports (not raising) of a run: the joint sequence distribution, plus for
-    check == "pairs" the independence of samples (2k, 2k+1) at every position."""
+    check == "pairs" the independence of every pair of samples of a prompt at every position."""
     exact = sc.exact_probs(length)
     reports = [harness.compare(result.counts, exact)]
     if check == "pairs":
-        v = sc.vocab_size
-        for t in range(length):
-            marginal = harness.token_marginal(exact, v, length, t)  # [V+1]
-            expected = (marginal[:, None] * marginal[None, :]).reshape(-1)
-            reports.append(harness.compare(harness.sample_pair_counts(result, v, t), expected))
+        reports.extend(harness.samples_independent_reports(result, sc, length).values())
     return reports
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from specbatch.sampling import SamplingParams
+from specbatch.sampling.warping import SamplingParams
 from tests.exactness.harness import Scenario
 
 VOCAB = 8

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from specbatch import rng, speculative
-from specbatch.sampling import sample_from_probs
+from specbatch.sampling import rng, speculative
+from specbatch.sampling.warping import sample_from_probs
 
 
 def t(values, dtype=torch.int64):

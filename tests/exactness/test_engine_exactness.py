@@ -14,8 +14,8 @@ from unittest import mock
 import pytest
 import torch
 
-from specbatch.drafters import NoDrafter
-from specbatch.sampling import SamplingParams
+from specbatch.engine.drafting.none import NoDrafter
+from specbatch.sampling.warping import SamplingParams
 from specbatch_kernels import verify as kverify
 from specbatch_kernels import warp as kwarp
 from tests.exactness import engine_harness as eh
@@ -46,6 +46,43 @@ def test_the_harness_rejects_a_wrong_expectation():
         eh.assert_reports(eh.exactness_reports(run.sequences(0, case.length), wrong))
 
 
+def test_whole_output_checks_catch_each_broken_invariant():
+    """output_report on a correct run is clean; each hand-broken output is named."""
+    case = eh.CASES["min_new_with_stops"]
+    run = case.run(n=200)
+    assert eh.output_report(run, eh.tiny_models()[case.target]).ok
+    o = run.outputs
+    eos_row = next(x for x in o if x.finish_reason == "eos")
+    stop_row = next(x for x in o if x.finish_reason == "stop")
+    o[0] = dataclasses.replace(o[0], token_ids=[4] * 9, finish_reason="length")  # longer than max_new_tokens
+    o[1] = dataclasses.replace(eos_row, token_ids=eos_row.token_ids + [4])  # a token after EOS
+    o[2] = dataclasses.replace(stop_row, finish_reason="eos", stop_reason=None)  # a stop id reported as EOS
+    o[3] = dataclasses.replace(o[3], token_ids=[eh.EOS_ID], finish_reason="eos")  # EOS before min_new_tokens
+    o[4] = dataclasses.replace(o[4], cumulative_logprob=o[4].cumulative_logprob - 0.5)
+    report = eh.output_report(run, eh.tiny_models()[case.target], logprob_rows=len(o))
+    assert set(report.violations) == {
+        "length outside 1..max_new_tokens=8", "tokens after an emitted stop", "EOS / stop id before min_new_tokens=2",
+        "finish_reason / stop_reason inconsistent with the tokens", "finish_reason length before max_new_tokens"}, \
+        str(report)
+    assert report.logprob_bad >= 1 and not report.ok  # o[4], and the rows whose tokens were changed
+
+
+def test_all_pairs_statistics_pass_independent_draws_and_catch_distant_copies():
+    g = torch.Generator().manual_seed(5)
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05], dtype=torch.float64)
+    draws = torch.multinomial(p, 3000, replacement=True, generator=g)  # [N]
+    clean = eh.collision_reports(draws[:, None], [p], [""])
+    assert all(r.ok for r in clean.values()), {k: str(r) for k, r in clean.items()}
+    copied = draws.clone()
+    copied[1500:1800] = draws[:300]  # samples i and i + 1500 equal for 300 pairs: 10% of the rows
+    reports = eh.collision_reports(copied[:, None], [p], [""])
+    assert reports["pairs_all"].ok  # diluted over 4.5M pairs ...
+    assert reports["pairs_lag"].p_value < 1e-12 and "lag 1500" in str(reports["pairs_lag"])  # ... not at its lag
+    spread = draws.clone()
+    spread[::2] = 0  # half the samples the same symbol: the all-pairs count sees it
+    assert eh.collision_reports(spread[:, None], [p], [""])["pairs_all"].p_value < 1e-12
+
+
 def test_exact_probs_follow_the_contract():
     model = eh.tiny_models()["eos"]
     v1 = eh.VOCAB + 1
@@ -69,6 +106,7 @@ def test_coupled_verification_equals_plain_coupled_sampling(drafter):
     plain = dataclasses.replace(case, drafter="none").run()
     assert spec.stats.tested > spec.stats.accepted > 0
     assert [o.token_ids for o in spec.outputs] == [o.token_ids for o in plain.outputs]
+    eh.assert_outputs(case.outputs(spec), "coupled_identity")
 
 
 def _triton_case(name: str, n: int) -> tuple[eh.EngineCase, eh.EngineRun, dict[str, int]]:
@@ -99,6 +137,7 @@ def test_triton_backend_gives_the_reference_tokens(name):
     reference = dataclasses.replace(case, backend="torch").run()
     assert [o.token_ids for o in run.outputs] == [o.token_ids for o in reference.outputs]
     eh.assert_reports(case.reports(run), case.name)
+    eh.assert_outputs(case.outputs(run), case.name)  # the kernels' own log p, against the oracle
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import contextlib
 import pytest
 import torch
 
-from specbatch import speculative
+from specbatch.sampling import speculative
 from tests.exactness import harness
 from tests.exactness.mutants import MUTANTS, mutant_reports
 from tests.exactness.scenarios import SCENARIOS
@@ -37,7 +37,7 @@ def test_mutant_fails_the_harness(name):
 
 
 def test_patches_are_undone():
-    """Installing a mutant leaves specbatch.speculative intact afterwards."""
+    """Installing a mutant leaves specbatch.sampling.speculative intact afterwards."""
     names = ("rng", "sample_from_probs", "residual", "acceptance_test", "first_rejection", "verify")
     before = [getattr(speculative, n) for n in names]
     for mutant in MUTANTS.values():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specbatch import rng, speculative
+from specbatch.sampling import rng, speculative
 from tests.exactness import harness
 from tests.exactness.scenarios import SCENARIOS
 

@@ -1,0 +1,1 @@
+"""Drafters: anything that proposes tokens cheaply for the target to verify (one module per kind)."""
