@@ -24,12 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import PROMPTS, table  # noqa: E402
-
-# bench/kernels.py would shadow PyPI's kernels package, which transformers' generate imports.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 from specbatch.engine.engine import Engine, EngineConfig  # noqa: E402
 from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402

@@ -128,3 +128,13 @@ def test_bfloat16_logits_follow_the_float32_ones(pair):
     with torch.no_grad():
         want = ref(input_ids=tokens).logits[0]
     assert (got - want).abs().max() < 0.1 * want.abs().max()
+
+
+def test_a_model_whose_layers_bypass_our_attention_is_refused_at_its_first_call(pair):
+    """Every layer must attend through the slot cache: one that does not would read no history."""
+    model, _ = pair
+    path = model.hf.name_or_path
+    bypassed = load_model(path, dtype="float32", backend="transformers")
+    bypassed.hf.config._attn_implementation = "eager"  # as if the model's code ignored the interface
+    with pytest.raises(RuntimeError, match=f"{model.config.architecture}: 0 of 3 layers called the specbatch attention"):
+        bypassed(torch.tensor([[3, 4]]), bypassed.new_cache(1, 4), torch.tensor([0]), torch.tensor([2]))
