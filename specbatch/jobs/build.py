@@ -81,7 +81,7 @@ def build_engine(spec: JobSpec, measure_cost: bool = True) -> LoadedEngine:
 
     device = device_for(spec)
     target_spec, draft_spec, spec_cfg = spec.models.target, spec.models.draft, spec.speculative
-    target = load_model(target_spec.path, dtype=target_spec.dtype, device=device)
+    target = load_model(target_spec.path, dtype=target_spec.dtype, device=device, backend=target_spec.backend)
     if target_spec.compile:
         compile_steps(target)
     tokenizer = load_tokenizer(target_spec.path)
@@ -91,6 +91,7 @@ def build_engine(spec: JobSpec, measure_cost: bool = True) -> LoadedEngine:
         tokenizer,
         path=draft_spec.path,
         dtype=draft_spec.dtype or target_spec.dtype,
+        backend=draft_spec.backend,
         min_n=draft_spec.min_n,
         max_n=draft_spec.max_n,
         draft_temperature=spec_cfg.draft_temperature,
@@ -126,6 +127,7 @@ def build_engine(spec: JobSpec, measure_cost: bool = True) -> LoadedEngine:
         "target": target_spec.path,
         "dtype": target_spec.dtype,
         "compiled": target_spec.compile,
+        "backend": type(target).__name__,
         "draft": draft_spec.kind if draft_spec.kind != "model" else f"model:{draft_spec.path}",
         "num_draft_tokens": "auto" if auto and gamma else gamma,
     }

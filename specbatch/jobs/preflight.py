@@ -212,23 +212,28 @@ def check_models(spec: JobSpec, elsewhere: bool = False) -> Any | None:
 
     elsewhere: a path that is not here may exist on the cluster's nodes, so it is not an error.
     """
-    target = _check_model("models.target.path", spec.models.target.path, elsewhere)
+    target = _check_model("models.target.path", spec.models.target.path, elsewhere, spec.models.target.backend)
     if spec.models.draft.kind == "model":
-        _check_model("models.draft.path", spec.models.draft.path, elsewhere)
+        _check_model("models.draft.path", spec.models.draft.path, elsewhere, spec.models.draft.backend)
+    from specbatch.models.config import SUPPORTED_ARCHITECTURES
+
+    native = spec.models.target.backend != "transformers" and getattr(target, "architecture", None) in SUPPORTED_ARCHITECTURES
+    if target is not None and spec.models.target.compile and not native:
+        raise SpecError(f"models.target.compile: only the native backend compiles; {target.architecture} runs on transformers")
     if target is not None:
         _check_against_target(spec, target)
     return target
 
 
-def _check_model(field: str, text: str, elsewhere: bool) -> Any | None:
+def _check_model(field: str, text: str, elsewhere: bool, backend: str = "auto") -> Any | None:
     from specbatch.models.registry import REGISTRY, cache_root, is_hub_id
 
     path = pathlib.Path(text).expanduser()
     if path.is_dir():
-        return _check_checkpoint(field, text, path)
+        return _check_checkpoint(field, text, path, backend)
     if text in REGISTRY:
         pulled = cache_root() / "models" / text
-        return _check_checkpoint(field, text, pulled) if pulled.is_dir() else None  # else the actors pull it
+        return _check_checkpoint(field, text, pulled, backend) if pulled.is_dir() else None  # else the actors pull it
     if path.exists():
         raise SpecError(f"{field}: {text}: expected a checkpoint directory, found a file")
     if elsewhere:
@@ -241,8 +246,10 @@ def _check_model(field: str, text: str, elsewhere: bool) -> Any | None:
     )
 
 
-def _check_checkpoint(field: str, text: str, directory: pathlib.Path) -> Any:
-    """config.json that parses, safetensors weights (all shards of an index), tokenizer files."""
+def _check_checkpoint(field: str, text: str, directory: pathlib.Path, backend: str = "auto") -> Any:
+    """config.json that parses (for the backend that will run it), safetensors weights (all shards
+    of an index), tokenizer files."""
+    from specbatch.models.backends import choose_backend
     from specbatch.models.checkpoint import INDEX_FILE, SINGLE_FILE, weight_files
     from specbatch.models.config import parse_config
     from specbatch.models.errors import CheckpointError
@@ -251,7 +258,12 @@ def _check_checkpoint(field: str, text: str, directory: pathlib.Path) -> Any:
     if not (directory / "config.json").is_file():
         raise SpecError(f"{field}: {text}: not a checkpoint directory (no config.json)")
     try:
-        config = parse_config(directory)
+        if choose_backend(directory, backend) == "transformers":
+            from specbatch.models.hf_backend import transformers_config
+
+            config = transformers_config(directory)
+        else:
+            config = parse_config(directory)
         if not (directory / SINGLE_FILE).is_file() and not (directory / INDEX_FILE).is_file():
             pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
             found = f"; found {', '.join(pickled)}, which is never unpickled" if pickled else ""

@@ -123,6 +123,13 @@ class OutputSpec(BaseModel):
 
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+Backend = Literal["auto", "native", "transformers"]
+BACKEND_DESCRIPTION = (
+    "Which code runs the model's forward: 'native' (specbatch's own, fastest; Llama, Mistral, Qwen2, Qwen3), "
+    "'transformers' (the checkpoint's own transformers class with specbatch's attention over the slot cache; any "
+    "decoder-only architecture whose transformers code supports the attention interface) or 'auto' (native for "
+    "the Llama family, transformers otherwise)."
+)
 
 
 class TargetSpec(BaseModel):
@@ -132,6 +139,7 @@ class TargetSpec(BaseModel):
 
     path: str = Field(description="A local Hugging Face checkpoint directory, or a model name known to `specbatch models`.")
     dtype: Dtype = Field("bfloat16", description="Weight and activation dtype: float32, bfloat16 or float16.")
+    backend: Backend = Field("auto", description=BACKEND_DESCRIPTION)
     max_model_len: int | None = Field(
         None, gt=0, description="Longest prompt + completion a row may reach, in tokens; null: the model's own limit."
     )
@@ -160,6 +168,7 @@ class DraftSpec(BaseModel):
     )
     path: str | None = Field(None, description="kind 'model' only: the draft checkpoint (like models.target.path).")
     dtype: Dtype | None = Field(None, description="kind 'model' only: the draft's dtype; null: the target's.")
+    backend: Backend = Field("auto", description="kind 'model' only: like models.target.backend, for the draft.")
     min_n: int = Field(1, ge=1, description="kinds 'ngram' and 'suffix': shortest suffix to match.")
     max_n: int = Field(3, ge=1, description="kinds 'ngram' and 'suffix': longest suffix to match (tried first).")
     top_m: int = Field(8, ge=1, le=1024, description="kind 'suffix' only: tokens kept per cached distribution (renormalized).")
@@ -186,6 +195,8 @@ class DraftSpec(BaseModel):
             for name in ("path", "dtype"):
                 if name in given and getattr(self, name) is not None:
                     raise ValueError(f"{name}: only for kind 'model', not {self.kind!r}")
+            if "backend" in given and self.backend != "auto":
+                raise ValueError(f"backend: only for kind 'model', not {self.kind!r}")
         if self.kind not in ("ngram", "suffix"):
             for name in ("min_n", "max_n"):
                 if name in given and getattr(self, name) != DraftSpec.model_fields[name].default:
@@ -420,6 +431,9 @@ class JobSpec(BaseModel):
         batched; the shard plan is persisted separately in __specbatch__/plan.json).
         """
         d = self.model_dump(mode="json", exclude={"name", "output", "resources"})
+        for role in ("target", "draft"):  # the default backend keeps the fingerprints of specs written before it
+            if d["models"][role].get("backend") == "auto":
+                del d["models"][role]["backend"]
         canonical = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -1,12 +1,13 @@
-"""Native Llama-family models loaded from Hugging Face checkpoints.
+"""Models loaded from Hugging Face checkpoints: the native Llama-family forward, and the
+transformers backend for every other decoder (``specbatch.models.backends``).
 
 Public API (imported lazily, so ``python -m specbatch.models.pull`` stays fast)::
 
-    load_model(path_or_name, dtype="float32", device="cpu") -> LlamaModel
+    load_model(path_or_name, dtype="float32", device="cpu", backend="auto") -> LlamaModel | TransformersModel
     load_tokenizer(path_or_name) -> transformers tokenizer
     resolve_model_path(path_or_name) -> pathlib.Path
     pull_model(name) -> pathlib.Path
-    ModelConfig, CheckpointError, SUPPORTED_ARCHITECTURES, LlamaModel
+    ModelConfig, CheckpointError, SUPPORTED_ARCHITECTURES, LlamaModel, TransformersModel
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ _EXPORTS = {
     "CheckpointError": "specbatch.models.errors",
     "ModelConfig": "specbatch.models.config",
     "LlamaModel": "specbatch.models.llama",
+    "TransformersModel": "specbatch.models.hf_backend",
     "load_model": "specbatch.models.loader",
     "load_tokenizer": "specbatch.models.loader",
     "pull_model": "specbatch.models.registry",

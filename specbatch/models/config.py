@@ -28,7 +28,12 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of one Llama-family decoder, plus the dtype it was loaded in."""
+    """Architecture of one Llama-family decoder, plus the dtype it was loaded in.
+
+    The transformers backend describes its models with it too (``hf_backend.hf_model_config``):
+    there the engine's fields (vocabulary, EOS ids, KV shape, context, sliding window) are real
+    and those only the native forward reads (RoPE, biases, q/k norm) are left at neutral values.
+    """
 
     architecture: str
     vocab_size: int

@@ -270,7 +270,11 @@ class _Plan:
         self.unorder = torch.argsort(order) if self.order is not None else None  # [R]
         # Tensors the layers read are kept free of size-1 broadcast dims (added where used), so
         # that a compiled step with symbolic sizes sees no dim that is 1 by construction.
-        self.cos, self.signed_sin = rope_cos_sin(positions, model.inv_freq, model.dtype)  # [R, W, hd]
+        self.positions = positions  # [R, W] logical
+        # RoPE tables for the native layers; a model that applies its own rotary (the
+        # transformers backend) has no inv_freq.
+        if getattr(model, "inv_freq", None) is not None:
+            self.cos, self.signed_sin = rope_cos_sin(positions, model.inv_freq, model.dtype)  # [R, W, hd]
 
         if all_valid:
             self.write_valid = None

@@ -1,4 +1,5 @@
-"""load_model / load_tokenizer: a checkpoint directory (or registered name) -> native model, tokenizer."""
+"""load_model / load_tokenizer: a checkpoint directory (or registered name) -> model (native or
+transformers backend, see ``specbatch.models.backends``), tokenizer."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pathlib
 
 import torch
 
+from specbatch.models.backends import choose_backend
 from specbatch.models.checkpoint import load_weights
 from specbatch.models.config import parse_config
 from specbatch.models.errors import CheckpointError
@@ -25,10 +27,15 @@ def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(path_or_name: str | pathlib.Path, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu") -> LlamaModel:
-    """The native model of a checkpoint directory, registered name or hub id, in eval mode."""
+               device: str | torch.device = "cpu", backend: str = "auto"):
+    """The model of a checkpoint directory, registered name or hub id, in eval mode: a native
+    LlamaModel or a TransformersModel, as ``backend`` (auto | native | transformers) chooses."""
     directory = resolve_model_path(path_or_name)
     dtype = as_dtype(dtype)
+    if choose_backend(directory, backend) == "transformers":
+        from specbatch.models.hf_backend import load_transformers_model
+
+        return load_transformers_model(directory, dtype, device)
     config = parse_config(directory).with_dtype(dtype)
     weights = load_weights(directory, config, dtype, device)
     return LlamaModel(config, weights)

