@@ -291,9 +291,9 @@ class SpeculativeSpec(BaseModel):
     @field_validator("num_draft_tokens", mode="before")
     @classmethod
     def _num_draft_tokens_value(cls, v: Any) -> Any:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 64):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= limits.MAX_DRAFT_TOKENS):
             return v
-        raise ValueError(f"must be 'auto' or an integer in 0..64, got {v!r}")
+        raise ValueError(f"must be 'auto' or an integer in 0..{limits.MAX_DRAFT_TOKENS}, got {v!r}")
 
 
 class ResourcesSpec(BaseModel):

@@ -63,11 +63,18 @@ class ModelDrafter:
     def release(self, slots: Sequence[int]) -> None:
         self.cache.reset(list(slots))
 
+    @property
+    def draft_model(self) -> Any:
+        return self.model
+
     def confidence(self, rows: Sequence[Row], limits: Sequence[int]) -> list[list[float]] | None:
         return None  # q is known only after drafting
 
     def observe(self, rows: Sequence[Row], logits: torch.Tensor, num_emitted: torch.Tensor, params: WarpParams) -> None:
         pass
+
+    def stats(self) -> dict[str, Any] | None:
+        return None
 
     def _warp_params(self, rows: Sequence[Row]) -> WarpParams:
         def temp(row: Row) -> float:
