@@ -13,7 +13,7 @@ import pytest
 
 from specbatch.engine.speculation import MIN_MEASURED, AutoGamma
 from specbatch.engine.engine import Engine, EngineConfig
-from specbatch.engine.request import Request
+from specbatch.engine.request import DraftCounts, Request
 from specbatch.engine.rows import Row
 from specbatch.sampling.warping import SamplingParams
 from specbatch.jobs.spec import SpeculativeSpec
@@ -26,7 +26,8 @@ PARAMS = SamplingParams(max_new_tokens=3, temperature=0.9, top_k=12, seed=5)
 
 def _rows(k, tested=0, accepted=0):
     req = Request("r", [1, 2, 3], SamplingParams(n=k))
-    return [Row(request=req, sample_index=i, slot=i, key=1, tokens=[1, 2, 3], num_prompt=3, tested=tested, accepted=accepted)
+    return [Row(request=req, sample_index=i, slot=i, key=1, tokens=[1, 2, 3], num_prompt=3,
+                counts=DraftCounts(draft_tested=tested, draft_accepted=accepted))
             for i in range(k)]
 
 

@@ -299,14 +299,11 @@ class Engine:
             k = emitted[i]
             row.tokens.extend(tokens[i][:k])
             row.logprob += sum(logp_rows[i][:k])
-            row.steps += 1
             if row.finish_reason is None and (row.position >= row.params.max_new_tokens or len(row.tokens) > self.max_len):
                 row.finish_reason = "length"
         nprop, ntest, nacc = result.num_proposed.tolist(), result.num_tested.tolist(), result.num_accepted.tolist()
         for i, row in enumerate(rows):
-            row.proposed += nprop[i]
-            row.tested += ntest[i]
-            row.accepted += nacc[i]
+            row.counts.add_step(nprop[i], ntest[i], nacc[i])
         self.cache.set_lengths(slots.tolist(), [len(row.tokens) - 1 for row in rows])
         self.drafter.commit(rows, result.num_proposed, result.num_accepted)
         self.stats.add_step(result.num_proposed, result.num_tested, result.num_accepted, result.num_emitted)
@@ -405,10 +402,7 @@ class Engine:
             stop_reason=row.stop_reason,
             cumulative_logprob=float(row.logprob),
             num_prompt_tokens=row.num_prompt,
-            draft_proposed=row.proposed,
-            draft_tested=row.tested,
-            draft_accepted=row.accepted,
-            target_passes=row.steps,
+            counts=row.counts,
         )
 
     def _error_output(self, req: Request, sample_index: int, message: str) -> SampleOutput:

@@ -9,9 +9,9 @@ Length invariants (DESIGN section 8), with n = len(tokens) the committed sequenc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from specbatch.engine.request import Request
+from specbatch.engine.request import DraftCounts, Request
 from specbatch.sampling.warping import SamplingParams
 
 
@@ -24,10 +24,7 @@ class Row:
     tokens: list[int]  # committed sequence: prompt + completion so far
     num_prompt: int
     logprob: float = 0.0
-    proposed: int = 0
-    tested: int = 0
-    accepted: int = 0
-    steps: int = 0
+    counts: DraftCounts = field(default_factory=DraftCounts)
     finish_reason: str | None = None
     stop_reason: str | None = None
 

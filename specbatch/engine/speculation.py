@@ -111,7 +111,7 @@ class AutoGamma:
 
     def row_factor(self, row: Row) -> float:
         alpha = self.job_alpha()
-        row_alpha = (row.accepted + ROW_PRIOR_TESTS * alpha) / (row.tested + ROW_PRIOR_TESTS)
+        row_alpha = (row.counts.draft_accepted + ROW_PRIOR_TESTS * alpha) / (row.counts.draft_tested + ROW_PRIOR_TESTS)
         return min(2.0, max(0.25, row_alpha / max(alpha, 1e-6)))
 
     def _modelled_cost(self, batch: int, width: int) -> float:
