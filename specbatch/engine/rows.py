@@ -1,6 +1,6 @@
 """A live row: one (prompt, sample) occupying a cache slot inside the engine.
 
-Length invariants (DESIGN section 8), with n = len(tokens) the committed sequence
+Length invariants (docs/design.md section 8), with n = len(tokens) the committed sequence
 (prompt + completion so far):
 * the target cache holds n - 1 tokens: the last committed token is fed at the next step;
 * a model drafter's cache holds n - 1 or n - 2 tokens (n - 2 after a fully accepted step, since

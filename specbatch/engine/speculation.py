@@ -43,7 +43,7 @@ Each step, before any proposal is drawn, every live row gets its own count g_r i
 
 A batch so mixes speculating rows and plain rows (g_r = 0).  Exactness: g_r depends only on
 the row's committed tokens, the cache and earlier steps' outcomes, never on this step's random
-numbers (DESIGN section 4: the verifier handles ragged proposals).
+numbers (docs/design.md section 4: the verifier handles ragged proposals).
 
 Rules counted per row-step (stats.json, through the engine's gamma_reason and summary):
 ``speculate`` (g_r > 0, the row's own choice), ``width`` (g_r cut to the step's width),

@@ -6,7 +6,7 @@ unknown keys are rejected with a did-you-mean, values are never coerced across t
 is an error, not 4), and every error is one line naming the field path, e.g.
 ``sampling.top_p: Input should be less than or equal to 1, got 1.5``.
 
-Terms (DESIGN section 3): the *target* model's distribution is what the output follows exactly;
+Terms (docs/design.md section 3): the *target* model's distribution is what the output follows exactly;
 the *draft* (drafter) proposes ``num_draft_tokens`` tokens per step, cheaply. A *sweep* runs every
 prompt at every point of a grid of sampling values (N samples per point); the swept keys become
 output columns. The *fingerprint* is a hash of everything that determines the output rows, used
@@ -207,7 +207,7 @@ class ModelsSpec(BaseModel):
 
 
 class SamplingSpec(BaseModel):
-    """How each sample is drawn from the target (DESIGN section 4: warping order is fixed)."""
+    """How each sample is drawn from the target (docs/design.md section 4: warping order is fixed)."""
 
     model_config = _CONFIG
 

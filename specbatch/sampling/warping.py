@@ -1,4 +1,4 @@
-"""Warping: logits -> the distribution a row actually samples from (DESIGN section 4).
+"""Warping: logits -> the distribution a row actually samples from (docs/design.md section 4).
 
 Terms: *warping* turns a row's raw logits into its sampling distribution; the *warped* target
 distribution is **p**, the warped draft distribution (what the drafter sampled from) is **q**.

@@ -117,7 +117,7 @@ def exact_probs(model: Any, prompt: Sequence[int], params: SamplingParams, lengt
                 eos_ids: Sequence[int] = (EOS_ID,)) -> torch.Tensor:
     """Exact distribution of the first ``length`` completion symbols under plain sampling.
 
-    The DESIGN section 4 contract, from the model's logits after prompt + prefix: penalties with
+    The docs/design.md section 4 contract, from the model's logits after prompt + prefix: penalties with
     history (prompt, prefix), EOS and stop token ids banned while the prefix is shorter than
     min_new_tokens, then temperature / top-k / top-p / min-p; a prefix ending in a stop token id
     (or EOS unless ignore_eos) is stopped.  -> [(V + 1)^length] float64.

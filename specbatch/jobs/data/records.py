@@ -28,7 +28,7 @@ def _column(arrow_type: pa.DataType | None, nullable: bool = True) -> Any:
 
 @dataclass
 class OutputRecord:
-    """One output row: one (prompt, sample) (DESIGN section 6). The field order is the column order.
+    """One output row: one (prompt, sample) (docs/design.md section 6). The field order is the column order.
 
     ``extra`` holds the row's other columns by name: the passed-through input columns
     (``input.keep_columns``), then the sweep keys of its sweep point.
@@ -88,7 +88,7 @@ CHAT_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]
 
 
 def output_schema(spec: JobSpec, info: InputInfo | None = None) -> pa.Schema:
-    """The explicit Arrow schema of every output shard (DESIGN section 6), in this column order:
+    """The explicit Arrow schema of every output shard (docs/design.md section 6), in this column order:
     the fixed columns (:class:`OutputRecord`), then the passed-through input columns (their input
     types), then sweep keys."""
     info = info or _layout(spec)
