@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from specbatch.engine.request import Request, SampleOutput
+from specbatch.engine.request import DraftCounts, Request, SampleOutput
 from specbatch.engine.stats import AcceptanceStats
 from specbatch.jobs.build import LoadedEngine
 
@@ -97,10 +97,7 @@ class FakeEngine:
             stop_reason=None,
             cumulative_logprob=-0.25 * length,
             num_prompt_tokens=len(request.prompt_token_ids),
-            draft_proposed=proposed,
-            draft_tested=tested,
-            draft_accepted=accepted,
-            target_passes=steps,
+            counts=DraftCounts(proposed, tested, accepted, steps),
         )
 
     def generate(self, requests: list[Request]) -> list[SampleOutput]:
@@ -114,12 +111,12 @@ class FakeEngine:
                 self._maybe_die()
                 out = self.sample(request, index)
                 self.stats.add_step(
-                    torch.tensor([out.draft_proposed]), torch.tensor([out.draft_tested]),
-                    torch.tensor([out.draft_accepted]), torch.tensor([out.num_tokens]),
+                    torch.tensor([out.counts.draft_proposed]), torch.tensor([out.counts.draft_tested]),
+                    torch.tensor([out.counts.draft_accepted]), torch.tensor([out.num_tokens]),
                 )
-                self.stats.steps += out.target_passes - 1  # add_step counted one row-step
-                self.rows_by_proposals[(1, GAMMA)] += out.target_passes
-                self.steps_by_shape[(1, GAMMA)] += out.target_passes
+                self.stats.steps += out.counts.target_passes - 1  # add_step counted one row-step
+                self.rows_by_proposals[(1, GAMMA)] += out.counts.target_passes
+                self.steps_by_shape[(1, GAMMA)] += out.counts.target_passes
                 outputs.append(out)
             if self.delay_s:
                 time.sleep(self.delay_s)

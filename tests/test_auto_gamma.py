@@ -13,7 +13,7 @@ import pytest
 
 from specbatch.engine.speculation import MIN_MEASURED, AutoGamma
 from specbatch.engine.engine import Engine, EngineConfig
-from specbatch.engine.request import Request
+from specbatch.engine.request import DraftCounts, Request
 from specbatch.engine.rows import Row
 from specbatch.sampling.warping import SamplingParams
 from specbatch.jobs.spec import SpeculativeSpec
@@ -26,7 +26,8 @@ PARAMS = SamplingParams(max_new_tokens=3, temperature=0.9, top_k=12, seed=5)
 
 def _rows(k, tested=0, accepted=0):
     req = Request("r", [1, 2, 3], SamplingParams(n=k))
-    return [Row(request=req, sample_index=i, slot=i, key=1, tokens=[1, 2, 3], num_prompt=3, capacity=64, tested=tested, accepted=accepted)
+    return [Row(request=req, sample_index=i, slot=i, key=1, tokens=[1, 2, 3], num_prompt=3, capacity=64,
+                counts=DraftCounts(draft_tested=tested, draft_accepted=accepted))
             for i in range(k)]
 
 
@@ -134,7 +135,7 @@ def test_auto_mixes_counts_and_reports_them(target, tokenizer):
     uniforms, are cases of the engine harness: auto_suffix, auto_count_peeks_at_uniforms.)"""
     eng = _auto_engine(target, tokenizer, SuffixDrafter(V, top_m=4, max_n=2, max_entries=16))
     eng.generate([Request("p0", list(PROMPT), dataclasses.replace(PARAMS, n=600))])
-    rules = eng.auto.rows_by_rule
+    rules = eng.policy.auto.rows_by_rule
     assert sum(n for (g, _), n in rules.items() if g == 0) > 10 and sum(n for (g, _), n in rules.items() if g > 0) > 100
     summary = eng.drafting_summary()
     assert eng.gamma_reason.startswith("auto: per row") and summary["auto_gamma"]["rows_by_proposals_and_rule"]
@@ -158,9 +159,9 @@ def test_a_job_spec_with_suffix_and_auto_builds_that_engine(ckpt, tmp_path):
     eng = loaded.engine
     assert loaded.description["draft"] == "suffix" and loaded.description["num_draft_tokens"] == "auto"
     assert isinstance(eng.drafter, SuffixDrafter) and eng.drafter.top_m == 4 and eng.drafter.scope == "shard"
-    assert eng.auto is not None and eng.cost_model is not None and (4, eng.gamma + 1) in eng.cost_model.target
+    assert eng.policy.kind == "auto" and eng.cost_model is not None and (4, eng.gamma + 1) in eng.cost_model.target
     outs = eng.generate([Request("x", loaded.encode("a b c a b c"), spec.sampling.to_params())])
-    assert len(outs) == 4 and sum(eng.auto.rows_by_rule.values()) == eng.stats.steps
+    assert len(outs) == 4 and sum(eng.policy.auto.rows_by_rule.values()) == eng.stats.steps
     summary = eng.drafting_summary()
     assert eng.gamma_reason.startswith("auto: per row") and summary["drafter"]["max_entries"] == 100
 
@@ -192,7 +193,7 @@ def test_the_demo_speedup_measures_plain_sampling_on_the_jobs_loaded_target(ckpt
     assert len(built) == 1  # one load: plain sampling reuses the job's target
     job_engine = built[0].engine
     plain = built[0].plain()
-    assert plain.target is job_engine.target and plain.gamma == 0 and plain.cost_model is None and plain.auto is None
+    assert plain.target is job_engine.target and plain.gamma == 0 and plain.cost_model is None and plain.policy.kind == "off"
     assert speedup.prompts == 2 and speedup.samples == 2 and speedup.drafter == "suffix (num_draft_tokens auto)"
     assert speedup.drafter_tokens_per_s > 0 and speedup.plain_tokens_per_s > 0
     assert job_engine.stats.steps > 0

@@ -135,8 +135,8 @@ def test_stops_and_finish_reasons(target, tokenizer):
             assert o.token_ids[-1] == EOS_ID and EOS_ID not in o.token_ids[:-1]
         else:
             assert len(o.token_ids) == 20
-        assert o.num_tokens == len(o.token_ids) and o.target_passes >= 1
-        assert o.draft_accepted <= o.draft_tested <= o.draft_proposed
+        assert o.num_tokens == len(o.token_ids) and o.counts.target_passes >= 1
+        assert o.counts.draft_accepted <= o.counts.draft_tested <= o.counts.draft_proposed
     # A stop token id: take a token that sample 0 emits, and stop on it.
     free = eng.generate([Request("x", PROMPT, dataclasses.replace(base, n=1, ignore_eos=True))])[0]
     stop_tok = free.token_ids[3]

@@ -156,12 +156,7 @@ def measure_tv(
     position = torch.zeros(rows, dtype=torch.int64)
     qs = q.to(torch.float32)[None, :].expand(rows, v).contiguous()  # [rows, V]
     draft = sample_from_probs(qs, rng.uniform(key, sample_index, position, rng.Role.DRAFT))  # [rows]
-    ones = torch.ones(rows, dtype=torch.float32)
-    warp = WarpParams(
-        temperature=ones * temperature, top_k=torch.zeros(rows, dtype=torch.int64), top_p=ones.clone(),
-        min_p=torch.zeros(rows), repetition_penalty=ones.clone(), presence_penalty=torch.zeros(rows),
-        frequency_penalty=torch.zeros(rows),
-    )
+    warp = WarpParams.neutral(rows, temperature=temperature)
     target = logits.to(torch.float32)[None, None, :].expand(rows, 2, v).contiguous()  # [rows, 2, V]
     result, _ = ops.verify(
         target, draft[:, None], torch.ones(rows, dtype=torch.int64), qs[:, None, :].contiguous(), warp,

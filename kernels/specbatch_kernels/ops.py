@@ -27,7 +27,7 @@ import os
 import torch
 
 from specbatch.sampling import rng
-from specbatch.sampling.warping import History, WarpParams, apply_bias_and_penalties
+from specbatch.sampling.warping import WARP_DTYPES, History, WarpParams, apply_bias_and_penalties
 from specbatch.sampling.speculative import VerifyResult
 from specbatch_kernels import reference
 from specbatch_kernels.reference import SampleRows, VerifyStep
@@ -124,21 +124,12 @@ def _params(warp: WarpParams, rows: int, per_row: int, device: torch.device) -> 
     else:
         raise ValueError(f"warp has {n} rows, expected {rows} (per row) or {rows * per_row} (per position)")
 
-    def col(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
-        if t.dtype != dtype:
-            raise ValueError(f"warp.{name} must be {dtype}, got {t.dtype}")
+    def col(name: str, t: torch.Tensor) -> torch.Tensor:
+        if t.dtype != WARP_DTYPES[name]:
+            raise ValueError(f"warp.{name} must be {WARP_DTYPES[name]}, got {t.dtype}")
         return t.to(device).contiguous()
 
-    return WarpParams(
-        temperature=col(out.temperature, torch.float32, "temperature"),
-        top_k=col(out.top_k, torch.int64, "top_k"),
-        top_p=col(out.top_p, torch.float32, "top_p"),
-        min_p=col(out.min_p, torch.float32, "min_p"),
-        repetition_penalty=out.repetition_penalty.to(device),
-        presence_penalty=out.presence_penalty.to(device),
-        frequency_penalty=out.frequency_penalty.to(device),
-        logit_bias=out.logit_bias,
-    )
+    return out.map(col)
 
 
 def _adjusted(flat: torch.Tensor, params: WarpParams, history: History | None, ban: torch.Tensor | None) -> torch.Tensor:
@@ -279,16 +270,7 @@ def verify_probs(
     log p as logits at temperature 1 is an exact input: softmax(log p) = p, zeros stay zero.
     """
     r, g1, _ = target_probs.shape
-    ones = torch.ones(r, dtype=torch.float32, device=target_probs.device)
-    warp = WarpParams(
-        temperature=ones,
-        top_k=torch.zeros(r, dtype=torch.int64, device=target_probs.device),
-        top_p=ones.clone(),
-        min_p=torch.zeros_like(ones),
-        repetition_penalty=ones.clone(),
-        presence_penalty=torch.zeros_like(ones),
-        frequency_penalty=torch.zeros_like(ones),
-    )
+    warp = WarpParams.neutral(r, target_probs.device)
     logits = target_probs.to(torch.float32).log().contiguous()  # [R, G+1, V]
     result, _ = verify(logits, draft_tokens.clamp(min=0), num_proposed, draft_probs, warp, key, sample_index, position)
     return result

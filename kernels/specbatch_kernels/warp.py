@@ -1,7 +1,7 @@
 """Fused warping and sampling of rows of logits, without sorting (Triton).
 
 The torch reference is ``specbatch.sampling.warping.truncate_and_normalize`` + ``sample_from_probs``
-(DESIGN section 4); ``specbatch_kernels.reference.warp_and_sample`` packages it the way the
+(docs/design.md section 4); ``specbatch_kernels.reference.warp_and_sample`` packages it the way the
 kernel is called.  Logit bias, penalties and bans are sparse and applied in torch before the kernel.
 
 Terms.  A row's *scores* are its float32 logits divided by the temperature (greedy rows keep
@@ -11,7 +11,7 @@ sum of kept weights.  A token is kept iff ``s >= thr`` (one threshold that combi
 top-p, ties at the threshold kept) and ``w >= min_p`` (min-p relative to the largest
 probability, which is ``exp(0) / Z``).  Greedy rows are one-hot at the first argmax.
 
-The top-p tie contract (DESIGN section 4, ``specbatch.sampling.warping.crossing_score``): sorted
+The top-p tie contract (docs/design.md section 4, ``specbatch.sampling.warping.crossing_score``): sorted
 descending, the *crossing token* is the first whose cumulative mass reaches top_p; every token
 whose score is >= the crossing token's is kept, so all tokens tied with it are kept, whatever
 order a sort would give them.  Scores, not probabilities, are compared (exp is monotone; two

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from specbatch.engine.stats import CostModel
+
+if TYPE_CHECKING:
+    from specbatch.engine.drafting.base import Drafter
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int = 3) -> float:
@@ -48,7 +51,7 @@ def time_forward(model: Any, batch: int, width: int, context: int = 32) -> float
         return _median_seconds(run)
 
 
-def measure_cost_model(target: Any, drafter: Any, max_batch: int, gamma: int) -> CostModel:
+def measure_cost_model(target: Any, drafter: Drafter, max_batch: int, gamma: int) -> CostModel:
     """Target forwards at every width 1..gamma+1 for batch 1 and max_batch; a draft step likewise."""
     batches = sorted({1, max_batch})
     widths = range(1, gamma + 2)
@@ -56,7 +59,6 @@ def measure_cost_model(target: Any, drafter: Any, max_batch: int, gamma: int) ->
     for b in batches:
         for w in widths:
             cost.target[(b, w)] = time_forward(target, b, w)
-        draft_model = getattr(drafter, "model", None)
-        if draft_model is not None and gamma > 0:
-            cost.draft[b] = time_forward(draft_model, b, 1)
+        if drafter.draft_model is not None and gamma > 0:
+            cost.draft[b] = time_forward(drafter.draft_model, b, 1)
     return cost

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from specbatch.sampling import rng
-from specbatch.engine.speculation import AutoGamma
+from specbatch.engine.speculation import SpeculationPolicy, choose_policy
 from specbatch.models.cache import CacheLayout
 from specbatch.engine.drafting.base import Drafter
 from specbatch.engine.drafting.none import NoDrafter
@@ -40,7 +40,7 @@ from specbatch.engine.rows import Row
 from specbatch.engine.slots import SlotState
 from specbatch.sampling.warping import WarpParams
 from specbatch.sampling.speculative import VerifyResult, stop_cut
-from specbatch.engine.stats import AcceptanceStats, CostModel, expected_speedup, expected_speedup_of_steps
+from specbatch.engine.stats import AcceptanceStats, CostModel, expected_speedup_of_steps
 from specbatch.engine.tokenization import StopStringMatcher, StopWindow
 from specbatch.engine.verification import warp_and_verify
 
@@ -52,7 +52,8 @@ class EngineConfig:
     """Engine settings (a job spec's `resources` and `speculative` blocks map onto these)."""
 
     max_batch_size: int = 32  # rows in flight at once
-    num_draft_tokens: int = 4  # gamma: proposals per row per step (upper bound when adaptive)
+    # Speculation, for an engine given no policy (specbatch.engine.speculation.choose_policy):
+    num_draft_tokens: int = 4  # gamma: proposals per row per step (upper bound when adaptive or auto)
     verification: str = "rejection"  # rejection | coupled
     max_model_len: int | None = None  # prompt + completion tokens per row; None: the model's limit
     kv_cache_bytes: int | None = None  # KV budget; None: default_kv_budget (capped by device memory)
@@ -117,7 +118,10 @@ def _is_oom(exc: BaseException) -> bool:
 class Engine:
     """Generates SampleOutputs for Requests on one device."""
 
-    def __init__(self, target: Any, tokenizer: Any, drafter: Drafter | None = None, config: EngineConfig | None = None):
+    def __init__(self, target: Any, tokenizer: Any, drafter: Drafter | None = None, config: EngineConfig | None = None,
+                 policy: SpeculationPolicy | None = None):
+        """policy: the speculation policy (specbatch.jobs.build chooses it from the spec); None:
+        the one config's num_draft_tokens, adaptive_gamma and auto_gamma name (choose_policy)."""
         from specbatch.models.cache import plan_cache, plan_shared_cache
 
         self.target = target
@@ -130,8 +134,9 @@ class Engine:
         self.eos_ids = set(int(t) for t in (cfg.eos_token_ids or []))
         if getattr(tokenizer, "eos_token_id", None) is not None:
             self.eos_ids.add(int(tokenizer.eos_token_id))
-        self.gamma = self.config.num_draft_tokens if not isinstance(self.drafter, NoDrafter) else 0
-        self.gamma_reason = "fixed by speculative.num_draft_tokens" if self.gamma else "no drafter"
+        self.policy: SpeculationPolicy = policy or choose_policy(
+            self.config.num_draft_tokens, adaptive=self.config.adaptive_gamma, auto=self.config.auto_gamma,
+            drafting=self.drafter.kind != "none")
         self.max_batch = self.config.max_batch_size
         # Unshared layout: one extra slot holds the prompt being fanned out (its prefix).
         budget = self.config.kv_cache_bytes or default_kv_budget(cfg, self.max_batch + 1, self.device)
@@ -160,13 +165,18 @@ class Engine:
             from specbatch.engine.costmodel import measure_cost_model
 
             self.cost_model = measure_cost_model(self.target, self.drafter, self.max_batch, self.gamma)
-        self.steps_since_adapt = 0
-        self.auto: AutoGamma | None = None
-        if self.config.auto_gamma and self.gamma > 0:
-            self.auto = AutoGamma(self.gamma, self.cost_model, getattr(self.drafter, "model", None) is not None)
-            self.gamma_reason = self.auto.reason()
+        self.policy.start(self.cost_model, self.drafter.draft_model is not None)
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def gamma(self) -> int:
+        """The most proposals a row may make per step now (the policy's)."""
+        return self.policy.gamma
+
+    @property
+    def gamma_reason(self) -> str:
+        return self.policy.reason
 
     def reset_stats(self) -> None:
         """Start counting acceptance and step shapes afresh."""
@@ -332,9 +342,7 @@ class Engine:
         coupled = self.config.verification == "coupled"
         state = self.slot_state
         batch = state.batch(rows)
-        limits = self._max_proposals(rows)
-        if self.auto is not None:
-            limits = self._auto_proposals(rows, limits)
+        limits = self.policy.proposals(rows, self._max_proposals(rows), self.drafter)
         proposal = self.drafter.propose(rows, limits, coupled)
         g = proposal.tokens.shape[1]
         counts = proposal.num_proposed.tolist()
@@ -377,8 +385,7 @@ class Engine:
         logp_rows = packed[:, w + 4 :].view(np.float64).tolist()
         if batch.stop_rows and self._stop_strings(rows, batch.stop_rows, tokens, keep_list):
             keep = torch.tensor(keep_list, dtype=torch.int64, device=dev)
-        if self.auto is not None:  # result's tensors were read on the host: the time is complete
-            self.auto.record_verify_time(r * (g + 1), time.perf_counter() - verify_start)
+        verify_seconds = time.perf_counter() - verify_start  # the result was read on the host: the time is complete
 
         # Commit: extend rows, advance the slots' state, roll caches back to the accepted prefix.
         kept = np.asarray(keep_list, dtype=np.int64)  # [R]
@@ -389,10 +396,7 @@ class Engine:
             k = keep_list[i]
             row.tokens += tokens[i][:k]
             row.logprob += sum(logp_rows[i][:k])
-            row.steps += 1
-            row.proposed += counts[i]
-            row.tested += tested_list[i]
-            row.accepted += accepted_list[i]
+            row.counts.add_step(counts[i], tested_list[i], accepted_list[i])
             if row.finish_reason is None:
                 if stopped[i]:
                     last = tokens[i][k - 1]
@@ -409,28 +413,15 @@ class Engine:
         num_proposed_host = proposal.num_proposed if proposal.num_proposed.device.type == "cpu" else torch.tensor(counts)
         committed = VerifyResult(tokens=emitted, num_emitted=num_emitted, num_tested=torch.from_numpy(tested),
                                  num_accepted=torch.from_numpy(accepted), num_proposed=num_proposed_host)
+        self.policy.verified(r * (g + 1), verify_seconds, committed)
         self.drafter.commit(rows, committed.num_proposed, committed.num_accepted)
         self.stats.add_step(committed.num_proposed, committed.num_tested, committed.num_accepted, committed.num_emitted)
         self._after_verification(rows, logits, committed, batch.params)
-        if self.auto is not None:
-            self.auto.record_step_time(r, g + 1, time.perf_counter() - step_start)
-        self._maybe_adapt_gamma(r)
-
-    def _auto_proposals(self, rows: list[Row], limits: torch.Tensor) -> torch.Tensor:
-        """num_draft_tokens auto: each row's count, decided before any proposal is drawn."""
-        lims = limits.tolist()
-        conf = self.drafter.confidence(rows, lims)
-        if conf is None:  # the drafter cannot say before drawing: the rows' records decide
-            conf = [[1.0] * lim for lim in lims]
-        return torch.tensor(self.auto.decide(rows, lims, conf), dtype=torch.int64)
+        self.policy.stepped(r, g + 1, time.perf_counter() - step_start, self.stats, self.cost_model)
 
     def _after_verification(self, rows: list[Row], logits: torch.Tensor, result: VerifyResult, params: WarpParams) -> None:
-        """Rows are committed: the drafter may learn from the target's logits (suffix drafter);
-        auto proposal counts learn the step's acceptance."""
+        """Rows are committed: the drafter may learn from the target's logits (suffix drafter)."""
         self.drafter.observe(rows, logits, result.num_emitted, params)
-        if self.auto is not None:
-            self.auto.record(result.num_tested.tolist(), result.num_accepted.tolist())
-            self.gamma_reason = self.auto.reason()
 
     def _stop_strings(self, rows: list[Row], which: list[int], tokens: list[list[int]], keep: list[int]) -> bool:
         """Stop strings of rows `which` (those that have any), matched on the text the step's kept
@@ -454,26 +445,6 @@ class Engine:
             m = self._matchers[stops] = StopStringMatcher(self.tokenizer, stops)
         return m
 
-    # ------------------------------------------------------------------ adaptive gamma
-
-    def _maybe_adapt_gamma(self, batch: int) -> None:
-        if not self.config.adaptive_gamma or self.auto is not None or self.cost_model is None or isinstance(self.drafter, NoDrafter):
-            return
-        self.steps_since_adapt += 1
-        if self.steps_since_adapt < 16 or self.stats.tested < 64:
-            return
-        self.steps_since_adapt = 0
-        alpha = self.stats.acceptance_rate or 0.0
-        speedups = {g: expected_speedup(alpha, g, self.cost_model, batch) for g in range(self.config.num_draft_tokens + 1)}
-        best = max(speedups, key=speedups.get)  # gamma 0 (plain sampling) has speedup 1 by definition
-        if best != self.gamma:
-            verdict = "speculation measured to lose: plain sampling" if best == 0 else f"gamma={best}"
-            self.gamma_reason = (
-                f"adaptive: alpha={alpha:.3f} at batch {batch} gives expected speedup "
-                f"{speedups[best]:.2f}x -> {verdict}"
-            )
-            self.gamma = best
-
     # ------------------------------------------------------------------ outputs
 
     def _output(self, row: Row) -> SampleOutput:
@@ -489,10 +460,7 @@ class Engine:
             stop_reason=row.stop_reason,
             cumulative_logprob=float(row.logprob),
             num_prompt_tokens=row.num_prompt,
-            draft_proposed=row.proposed,
-            draft_tested=row.tested,
-            draft_accepted=row.accepted,
-            target_passes=row.steps,
+            counts=row.counts,
         )
 
     def _error_output(self, req: Request, sample_index: int, message: str) -> SampleOutput:
@@ -505,14 +473,12 @@ class Engine:
         )
 
     def drafting_summary(self) -> dict[str, Any]:
-        """auto_gamma (per-row counts by rule) and drafter (e.g. suffix cache) facts, when present.
-        (stats.json carries the auto summary in gamma.why, from gamma_reason.)"""
-        out: dict[str, Any] = {}
-        if self.auto is not None:
-            out["auto_gamma"] = self.auto.summary()
-        drafter_stats = getattr(self.drafter, "stats", None)
-        if callable(drafter_stats):
-            out["drafter"] = drafter_stats()
+        """The policy's facts (auto: per-row counts by rule) and the drafter's (e.g. suffix cache),
+        when they have any. (stats.json carries the policy's reason in gamma.why.)"""
+        out: dict[str, Any] = dict(self.policy.summary() or {})
+        drafter_stats = self.drafter.stats()
+        if drafter_stats is not None:
+            out["drafter"] = drafter_stats
         return out
 
 

@@ -6,7 +6,8 @@ The engine knows nothing of Ray, Parquet or job specs: a caller turns its rows i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable
 
 from specbatch.sampling.warping import SamplingParams
 
@@ -43,6 +44,48 @@ class Request:
 
 
 @dataclass
+class DraftCounts:
+    """The four drafting counters of a sample (a row while it runs; summed over a shard in its
+    manifest). The field names are the output's column names.
+
+    draft_proposed >= draft_tested >= draft_accepted: proposals made, proposals that reached the
+    acceptance test (a rejection ends a step's tests), proposals accepted; target_passes: target
+    forward passes (steps) the sample took part in.
+    """
+
+    draft_proposed: int = 0
+    draft_tested: int = 0
+    draft_accepted: int = 0
+    target_passes: int = 0
+
+    def add_step(self, proposed: int, tested: int, accepted: int) -> None:
+        """One verification step of this row."""
+        self.draft_proposed += proposed
+        self.draft_tested += tested
+        self.draft_accepted += accepted
+        self.target_passes += 1
+
+    def columns(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, obj: Any) -> "DraftCounts":
+        """The counters of anything that carries them as attributes of these names (an OutputRecord)."""
+        return cls(**{name: getattr(obj, name) for name in DRAFT_COUNTERS})
+
+    @classmethod
+    def total(cls, counts: Iterable["DraftCounts"]) -> "DraftCounts":
+        out = cls()
+        for c in counts:
+            for name in DRAFT_COUNTERS:
+                setattr(out, name, getattr(out, name) + getattr(c, name))
+        return out
+
+
+DRAFT_COUNTERS: tuple[str, ...] = tuple(f.name for f in fields(DraftCounts))
+
+
+@dataclass
 class SampleOutput:
     """One finished (prompt, sample)."""
 
@@ -54,10 +97,7 @@ class SampleOutput:
     stop_reason: str | None = None  # matched stop string or stop token id (as text), else None
     cumulative_logprob: float = 0.0  # sum of log p(token) under the warped target distribution
     num_prompt_tokens: int = 0
-    draft_proposed: int = 0
-    draft_tested: int = 0
-    draft_accepted: int = 0
-    target_passes: int = 0
+    counts: DraftCounts = field(default_factory=DraftCounts)
     error: str | None = None
 
     @property

@@ -1,6 +1,6 @@
 """A live row: one (prompt, sample) occupying a cache slot inside the engine.
 
-Length invariants (DESIGN section 8), with n = len(tokens) the committed sequence
+Length invariants (docs/design.md section 8), with n = len(tokens) the committed sequence
 (prompt + completion so far):
 * the target cache holds n - 1 tokens: the last committed token is fed at the next step;
 * a model drafter's cache holds n - 1 or n - 2 tokens (n - 2 after a fully accepted step, since
@@ -9,9 +9,9 @@ Length invariants (DESIGN section 8), with n = len(tokens) the committed sequenc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from specbatch.engine.request import Request
+from specbatch.engine.request import DraftCounts, Request
 from specbatch.engine.tokenization import StopWindow
 from specbatch.sampling.warping import SamplingParams
 
@@ -27,10 +27,7 @@ class Row:
     capacity: int  # the most tokens the row's cache slot holds (prompt + completion)
     prompt_slot: int | None = None  # the prompt slot it reads its prompt from (shared prompt KV)
     logprob: float = 0.0
-    proposed: int = 0
-    tested: int = 0
-    accepted: int = 0
-    steps: int = 0
+    counts: DraftCounts = field(default_factory=DraftCounts)
     finish_reason: str | None = None
     stop_reason: str | None = None
     stop_window: StopWindow | None = None  # decoded text around the last tokens, for stop strings

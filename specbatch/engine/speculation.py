@@ -1,4 +1,19 @@
-"""Per-row proposal counts (``speculative.num_draft_tokens: auto``), chosen every step.
+"""The speculation policy: how many tokens each row may propose, step by step.
+
+One policy object per engine, chosen once at the seam (:func:`choose_policy`, called by
+``specbatch.jobs.build``) from the spec's ``speculative`` block; the engine calls it every step the
+same way, whatever its kind:
+
+* ``off``      - no proposals (no drafter, or num_draft_tokens 0): plain sampling;
+* ``fixed``    - gamma = num_draft_tokens every step;
+* ``adaptive`` - gamma re-chosen in 0..num_draft_tokens every 16 steps from the measured
+  acceptance rate and the cost model (``speculative.adaptive_gamma``);
+* ``auto``     - per-row counts every step (``num_draft_tokens: auto``, :class:`AutoGamma` below).
+
+Every policy's counts depend only on committed tokens and earlier steps' outcomes, never on
+this step's random numbers: exactness does not depend on the policy (docs/design.md, 4).
+
+Per-row proposal counts (``speculative.num_draft_tokens: auto``), chosen every step.
 
 Each step, before any proposal is drawn, every live row gets its own count g_r in
 0..limit_r (limit_r: the usual cut by max_new_tokens and the cache):
@@ -28,7 +43,7 @@ Each step, before any proposal is drawn, every live row gets its own count g_r i
 
 A batch so mixes speculating rows and plain rows (g_r = 0).  Exactness: g_r depends only on
 the row's committed tokens, the cache and earlier steps' outcomes, never on this step's random
-numbers (DESIGN section 4: the verifier handles ragged proposals).
+numbers (docs/design.md section 4: the verifier handles ragged proposals).
 
 Rules counted per row-step (stats.json, through the engine's gamma_reason and summary):
 ``speculate`` (g_r > 0, the row's own choice), ``width`` (g_r cut to the step's width),
@@ -39,10 +54,16 @@ Rules counted per row-step (stats.json, through the engine's gamma_reason and su
 from __future__ import annotations
 
 import collections
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+import torch
 
 from specbatch.engine.rows import Row
-from specbatch.engine.stats import CostModel
+from specbatch.engine.stats import AcceptanceStats, CostModel, expected_speedup
+
+if TYPE_CHECKING:
+    from specbatch.engine.drafting.base import Drafter
+    from specbatch.sampling.speculative import VerifyResult
 
 AUTO_MAX_DRAFT_TOKENS = 6  # the upper bound of a row's count under num_draft_tokens: auto
 BINS = 10
@@ -90,7 +111,7 @@ class AutoGamma:
 
     def row_factor(self, row: Row) -> float:
         alpha = self.job_alpha()
-        row_alpha = (row.accepted + ROW_PRIOR_TESTS * alpha) / (row.tested + ROW_PRIOR_TESTS)
+        row_alpha = (row.counts.draft_accepted + ROW_PRIOR_TESTS * alpha) / (row.counts.draft_tested + ROW_PRIOR_TESTS)
         return min(2.0, max(0.25, row_alpha / max(alpha, 1e-6)))
 
     def _modelled_cost(self, batch: int, width: int) -> float:
@@ -196,3 +217,128 @@ class AutoGamma:
             rules = ", ".join(f"{rule} {n}" for rule, n in by_count[g].most_common())
             parts.append(f"{g}: {sum(by_count[g].values())} ({rules})")
         return f"auto: per row each step (0..{self.max_gamma}); row-steps by proposals {'; '.join(parts)}"
+
+
+# ---------------------------------------------------------------------- the policies
+
+
+class SpeculationPolicy(Protocol):
+    """What the engine asks of its speculation policy, every step, whatever the kind."""
+
+    kind: str  # off | fixed | adaptive | auto
+    gamma: int  # the most proposals a row may make this step (the engine cuts it per row)
+    reason: str  # one line for stats.json: why gamma is what it is
+
+    def start(self, cost_model: CostModel | None, draft_has_cost: bool) -> None:
+        """Once, when the engine is built (after measuring its cost model, if it does)."""
+
+    def proposals(self, rows: Sequence[Row], limits: torch.Tensor, drafter: Drafter) -> torch.Tensor:
+        """Per row, the proposals to ask the drafter for: at most limits[r] (gamma cut by budget and cache)."""
+
+    def verified(self, positions: int, seconds: float, result: VerifyResult) -> None:
+        """The step warped and verified `positions` row-positions in `seconds` with this outcome."""
+
+    def stepped(self, batch: int, width: int, seconds: float, stats: AcceptanceStats, cost_model: CostModel | None) -> None:
+        """A whole step of `batch` rows at `width` took `seconds`; stats: the engine's running totals."""
+
+    def summary(self) -> dict[str, Any] | None:
+        """Facts for stats.json beyond ``reason`` (None: nothing more)."""
+
+
+class FixedPolicy:
+    """gamma = num_draft_tokens every step (``off``: 0, no drafter or none asked for)."""
+
+    def __init__(self, gamma: int):
+        self.gamma = gamma
+        self.kind = "fixed" if gamma else "off"
+        self.reason = "fixed by speculative.num_draft_tokens" if gamma else "no drafter"
+
+    def start(self, cost_model: CostModel | None, draft_has_cost: bool) -> None:
+        pass
+
+    def proposals(self, rows: Sequence[Row], limits: torch.Tensor, drafter: Drafter) -> torch.Tensor:
+        return limits
+
+    def verified(self, positions: int, seconds: float, result: VerifyResult) -> None:
+        pass
+
+    def stepped(self, batch: int, width: int, seconds: float, stats: AcceptanceStats, cost_model: CostModel | None) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any] | None:
+        return None
+
+
+ADAPT_EVERY_STEPS = 16  # adaptive: steps between two choices of gamma
+ADAPT_MIN_TESTED = 64  # adaptive: proposals tested before the first choice
+
+
+class AdaptivePolicy(FixedPolicy):
+    """gamma in 0..num_draft_tokens, re-chosen from the measured alpha and the cost model."""
+
+    def __init__(self, max_gamma: int):
+        super().__init__(max_gamma)
+        self.kind = "adaptive"
+        self.max_gamma = max_gamma
+        self.steps_since_adapt = 0
+
+    def stepped(self, batch: int, width: int, seconds: float, stats: AcceptanceStats, cost_model: CostModel | None) -> None:
+        if cost_model is None:
+            return
+        self.steps_since_adapt += 1
+        if self.steps_since_adapt < ADAPT_EVERY_STEPS or stats.tested < ADAPT_MIN_TESTED:
+            return
+        self.steps_since_adapt = 0
+        alpha = stats.acceptance_rate or 0.0
+        speedups = {g: expected_speedup(alpha, g, cost_model, batch) for g in range(self.max_gamma + 1)}
+        best = max(speedups, key=speedups.get)  # gamma 0 (plain sampling) has speedup 1 by definition
+        if best != self.gamma:
+            verdict = "speculation measured to lose: plain sampling" if best == 0 else f"gamma={best}"
+            self.reason = f"adaptive: alpha={alpha:.3f} at batch {batch} gives expected speedup {speedups[best]:.2f}x -> {verdict}"
+            self.gamma = best
+
+
+class AutoPolicy(FixedPolicy):
+    """Per-row counts every step, up to num_draft_tokens (:class:`AutoGamma`)."""
+
+    def __init__(self, max_gamma: int):
+        super().__init__(max_gamma)
+        self.kind = "auto"
+        self.auto: AutoGamma | None = None
+
+    def start(self, cost_model: CostModel | None, draft_has_cost: bool) -> None:
+        self.auto = AutoGamma(self.gamma, cost_model, draft_has_cost)
+        self.reason = self.auto.reason()
+
+    def proposals(self, rows: Sequence[Row], limits: torch.Tensor, drafter: Drafter) -> torch.Tensor:
+        """Each row's count, decided before any proposal is drawn."""
+        lims = limits.tolist()
+        conf = drafter.confidence(rows, lims)
+        if conf is None:  # the drafter cannot say before drawing: the rows' records decide
+            conf = [[1.0] * lim for lim in lims]
+        return torch.tensor(self.auto.decide(rows, lims, conf), dtype=torch.int64)
+
+    def verified(self, positions: int, seconds: float, result: VerifyResult) -> None:
+        self.auto.record_verify_time(positions, seconds)
+        self.auto.record(result.num_tested.tolist(), result.num_accepted.tolist())
+        self.reason = self.auto.reason()
+
+    def stepped(self, batch: int, width: int, seconds: float, stats: AcceptanceStats, cost_model: CostModel | None) -> None:
+        self.auto.record_step_time(batch, width, seconds)
+
+    def summary(self) -> dict[str, Any] | None:
+        return {"auto_gamma": self.auto.summary()}
+
+
+def choose_policy(num_draft_tokens: int, *, adaptive: bool = False, auto: bool = False,
+                  drafting: bool = True) -> SpeculationPolicy:
+    """The one place that decides the kind: off without a drafter or proposals, else auto,
+    adaptive or fixed. num_draft_tokens: the bound (auto: the spec's gamma, AUTO_MAX_DRAFT_TOKENS)."""
+    gamma = num_draft_tokens if drafting else 0
+    if gamma == 0:
+        return FixedPolicy(0)
+    if auto:
+        return AutoPolicy(gamma)
+    if adaptive:
+        return AdaptivePolicy(gamma)
+    return FixedPolicy(gamma)

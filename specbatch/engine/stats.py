@@ -1,4 +1,4 @@
-"""Acceptance statistics (DESIGN section 3): counters that merge across rows, shards and actors.
+"""Acceptance statistics (docs/design.md section 3): counters that merge across rows, shards and actors.
 
 Terms: per step and row, *proposed* draft tokens were offered, *tested* reached the acceptance
 test, *accepted* were kept; every step emits accepted + 1 tokens (fewer when a stop cuts it).

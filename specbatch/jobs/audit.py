@@ -4,7 +4,7 @@
 verification, sampling settings; adaptive gamma off so every step drafts the job's full gamma),
 takes the first few prompts of the job's input and, for each prompt and each *forced prefix*,
 draws many samples through the engine and compares the tokens it emits with the exact warped
-target distribution p (DESIGN section 4).
+target distribution p (docs/design.md section 4).
 
 Terms:
 * *forced prefix*: the first L completion tokens, fixed (``Request.forced_prefix``), so that the
@@ -216,7 +216,7 @@ class _Rules:
         return position >= params.min_new_tokens and token in self.stop_ids(params)
 
     def ban(self, params: SamplingParams, position: int, rows: int) -> torch.Tensor | None:
-        """[rows, V] bool: EOS and stop ids masked before min_new_tokens (DESIGN 4, step 2)."""
+        """[rows, V] bool: EOS and stop ids masked before min_new_tokens (docs/design.md section 4.1, step 2)."""
         if position >= params.min_new_tokens:
             return None
         ban = torch.zeros(rows, self.vocab_size, dtype=torch.bool)

@@ -75,6 +75,7 @@ def build_engine(spec: JobSpec, measure_cost: bool = True) -> LoadedEngine:
     """
     from specbatch.engine.drafting.factory import build_drafter
     from specbatch.engine.engine import Engine, EngineConfig
+    from specbatch.engine.speculation import choose_policy
     from specbatch.models import load_model, load_tokenizer
     from specbatch.models.compile import compile_steps
     from specbatch.engine.tokenization import encode_prompt
@@ -104,19 +105,18 @@ def build_engine(spec: JobSpec, measure_cost: bool = True) -> LoadedEngine:
     )
     gamma, auto = spec.gamma, spec.auto_gamma
     points = [params for _, params in spec.sweep_points()]
+    # The speculation policy is chosen here, once: off, fixed, adaptive or auto.
+    policy = choose_policy(gamma, adaptive=spec_cfg.adaptive_gamma, auto=auto, drafting=draft_spec.kind != "none")
     config = EngineConfig(
         max_batch_size=spec.resources.max_batch_size,
-        num_draft_tokens=gamma,
         verification=spec_cfg.verification,
-        adaptive_gamma=spec_cfg.adaptive_gamma,
-        auto_gamma=auto,
         max_model_len=target_spec.max_model_len,
         measure_cost=measure_cost,
         # the KV plan: prompts held once for their samples, row slots sized for the completions
         samples_per_prompt=max(p.n for p in points),
         max_new_tokens=max(p.max_new_tokens for p in points),
     )
-    engine = Engine(target, tokenizer, drafter, config)
+    engine = Engine(target, tokenizer, drafter, config, policy=policy)
     chat_template = spec.input.chat_template
 
     def encode(prompt: Any) -> list[int]:
@@ -133,8 +133,7 @@ def build_engine(spec: JobSpec, measure_cost: bool = True) -> LoadedEngine:
     }
 
     def plain() -> EngineLike:
-        return Engine(target, tokenizer, None, dataclasses.replace(config, num_draft_tokens=0, adaptive_gamma=False,
-                                                                  auto_gamma=False, measure_cost=False))
+        return Engine(target, tokenizer, None, dataclasses.replace(config, measure_cost=False), policy=choose_policy(0))
 
     return LoadedEngine(engine=engine, encode=encode, description=description, plain=plain)
 

@@ -7,7 +7,7 @@ actor's label:
 * ``specbatch_samples``: finished (prompt, sample) rows, ``specbatch_sample_errors`` of which
   carry an error;
 * ``specbatch_draft_proposed`` / ``specbatch_draft_tested`` / ``specbatch_draft_accepted``:
-  draft tokens offered, reaching the acceptance test, and kept (DESIGN section 3), so that
+  draft tokens offered, reaching the acceptance test, and kept (docs/design.md section 3), so that
   acceptance rate = rate(accepted) / rate(tested) in a dashboard;
 * ``specbatch_target_passes``: target forward passes summed over rows.
 

@@ -1,7 +1,7 @@
 """stats.json: what a job produced and how well speculation worked; its summary and plots.
 
 Built by the driver from the shard manifests (every committed shard, this run's and earlier
-runs'), so a resumed job reports the whole output. Terms as in DESIGN section 3:
+runs'), so a resumed job reports the whole output. Terms as in docs/design.md section 3:
 acceptance rate alpha = accepted / tested, proposal efficiency = accepted / proposed, mean
 accepted length = tokens emitted per target forward pass, acceptance per position i =
 accepted at i / tested at i, expected speedup = E[tokens per step] / relative step cost from
@@ -179,7 +179,7 @@ def build_stats(
     gamma: Mapping[str, Any] | None = None,
     failed: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """stats.json's content (DESIGN section 6) from every committed shard's manifest."""
+    """stats.json's content (docs/design.md section 6) from every committed shard's manifest."""
     infos = [manifests[name] for name in sorted(manifests)]
     acceptance = AcceptanceStats()
     reasons: dict[str, int] = {}

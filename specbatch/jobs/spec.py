@@ -6,7 +6,7 @@ unknown keys are rejected with a did-you-mean, values are never coerced across t
 is an error, not 4), and every error is one line naming the field path, e.g.
 ``sampling.top_p: Input should be less than or equal to 1, got 1.5``.
 
-Terms (DESIGN section 3): the *target* model's distribution is what the output follows exactly;
+Terms (docs/design.md section 3): the *target* model's distribution is what the output follows exactly;
 the *draft* (drafter) proposes ``num_draft_tokens`` tokens per step, cheaply. A *sweep* runs every
 prompt at every point of a grid of sampling values (N samples per point); the swept keys become
 output columns. The *fingerprint* is a hash of everything that determines the output rows, used
@@ -218,7 +218,7 @@ class ModelsSpec(BaseModel):
 
 
 class SamplingSpec(BaseModel):
-    """How each sample is drawn from the target (DESIGN section 4: warping order is fixed)."""
+    """How each sample is drawn from the target (docs/design.md section 4: warping order is fixed)."""
 
     model_config = _CONFIG
 
@@ -302,9 +302,9 @@ class SpeculativeSpec(BaseModel):
     @field_validator("num_draft_tokens", mode="before")
     @classmethod
     def _num_draft_tokens_value(cls, v: Any) -> Any:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 64):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= limits.MAX_DRAFT_TOKENS):
             return v
-        raise ValueError(f"must be 'auto' or an integer in 0..64, got {v!r}")
+        raise ValueError(f"must be 'auto' or an integer in 0..{limits.MAX_DRAFT_TOKENS}, got {v!r}")
 
 
 class ResourcesSpec(BaseModel):

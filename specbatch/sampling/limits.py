@@ -51,6 +51,7 @@ MAX_SWEEP_POINTS = 10_000  # points in the whole sweep grid
 MAX_ACTORS = 10_000  # resources.actors
 MAX_CPUS_PER_ACTOR = 1_024  # resources.cpus_per_actor
 MAX_YAML_ALIAS_NODES = 10_000  # YAML nodes a spec may gain by expanding aliases
+MAX_DRAFT_TOKENS = 64  # speculative.num_draft_tokens (proposals per row per step)
 
 SAMPLING: dict[str, Bounds] = {
     "n": Bounds(ge=1, le=MAX_SAMPLES),

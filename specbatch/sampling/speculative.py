@@ -1,4 +1,4 @@
-"""Reference verifier for exact speculative sampling, in pure torch (DESIGN section 4).
+"""Reference verifier for exact speculative sampling, in pure torch (docs/design.md section 4).
 
 One *step* of one row: the drafter offered ``proposed`` tokens x_0 .. x_{proposed-1}, sampled
 from q_0 .. q_{proposed-1}; the target scored the same prefix, giving p_0 .. p_{proposed}

@@ -1,4 +1,4 @@
-"""Warping: logits -> the distribution a row actually samples from (DESIGN section 4).
+"""Warping: logits -> the distribution a row actually samples from (docs/design.md section 4).
 
 Terms: *warping* turns a row's raw logits into its sampling distribution; the *warped* target
 distribution is **p**, the warped draft distribution (what the drafter sampled from) is **q**.
@@ -30,8 +30,8 @@ Every parameter is per row, so one call warps a mixed batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -74,35 +74,57 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
+def _setting(dtype: torch.dtype, off: float) -> Any:
+    """A per-row warp setting: its tensor dtype and the value that leaves the logits unchanged."""
+    return field(metadata={"dtype": dtype, "off": off})
+
+
 @dataclass
 class WarpParams:
-    """Per-row warping parameters as tensors, M rows (one row per (sequence, position))."""
+    """Per-row warping parameters as tensors, M rows (one row per (sequence, position)).
 
-    temperature: torch.Tensor  # [M] float32, 0 = greedy
-    top_k: torch.Tensor  # [M] int64, 0 = off
-    top_p: torch.Tensor  # [M] float32, 1 = off
-    min_p: torch.Tensor  # [M] float32, 0 = off
-    repetition_penalty: torch.Tensor  # [M] float32, 1 = off
-    presence_penalty: torch.Tensor  # [M] float32, 0 = off
-    frequency_penalty: torch.Tensor  # [M] float32, 0 = off
+    The seven settings below are the one list of warp settings: from_params, neutral, index and
+    map (and through them the kernels' host wrapper) go over :data:`WARP_FIELDS`.
+    """
+
+    temperature: torch.Tensor = _setting(torch.float32, 1.0)  # [M] float32, 0 = greedy
+    top_k: torch.Tensor = _setting(torch.int64, 0)  # [M] int64, 0 = off
+    top_p: torch.Tensor = _setting(torch.float32, 1.0)  # [M] float32, 1 = off
+    min_p: torch.Tensor = _setting(torch.float32, 0.0)  # [M] float32, 0 = off
+    repetition_penalty: torch.Tensor = _setting(torch.float32, 1.0)  # [M] float32, 1 = off
+    presence_penalty: torch.Tensor = _setting(torch.float32, 0.0)  # [M] float32, 0 = off
+    frequency_penalty: torch.Tensor = _setting(torch.float32, 0.0)  # [M] float32, 0 = off
     logit_bias: list[dict[int, float]] | None = None  # per row, None when no row has one
 
     @staticmethod
     def from_params(params: Sequence[SamplingParams], device: torch.device | str = "cpu") -> "WarpParams":
-        def col(name: str, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
-
+        """One row per request's SamplingParams (each setting is a SamplingParams field of the same name)."""
         biases = [dict(p.logit_bias) for p in params]
         return WarpParams(
-            temperature=col("temperature", torch.float32),
-            top_k=col("top_k", torch.int64),
-            top_p=col("top_p", torch.float32),
-            min_p=col("min_p", torch.float32),
-            repetition_penalty=col("repetition_penalty", torch.float32),
-            presence_penalty=col("presence_penalty", torch.float32),
-            frequency_penalty=col("frequency_penalty", torch.float32),
+            **{name: torch.tensor([getattr(p, name) for p in params], dtype=WARP_DTYPES[name], device=device)
+               for name in WARP_FIELDS},
             logit_bias=biases if any(biases) else None,
         )
+
+    @staticmethod
+    def neutral(rows: int, device: torch.device | str = "cpu", **settings: Any) -> "WarpParams":
+        """`rows` rows that leave the logits unchanged, except for `settings` (name -> a number or an [M] tensor)."""
+        unknown = set(settings) - set(WARP_FIELDS)
+        if unknown:
+            raise TypeError(f"not a warp setting: {sorted(unknown)}")
+
+        def column(name: str) -> torch.Tensor:
+            value = settings.get(name, WARP_OFF[name])
+            if isinstance(value, torch.Tensor):
+                return value.to(dtype=WARP_DTYPES[name], device=device)
+            return torch.full((rows,), value, dtype=WARP_DTYPES[name], device=device)
+
+        return WarpParams(**{name: column(name) for name in WARP_FIELDS})
+
+    def map(self, fn: Callable[[str, torch.Tensor], torch.Tensor], logit_bias: Any = ...) -> "WarpParams":
+        """fn(name, tensor) applied to each setting; logit_bias kept unless given."""
+        return WarpParams(**{name: fn(name, getattr(self, name)) for name in WARP_FIELDS},
+                          logit_bias=self.logit_bias if logit_bias is ... else logit_bias)
 
     def __len__(self) -> int:
         return self.temperature.shape[0]
@@ -112,16 +134,7 @@ class WarpParams:
         bias = None
         if self.logit_bias is not None:
             bias = [self.logit_bias[i] for i in idx.tolist()]
-        return WarpParams(
-            temperature=self.temperature[idx],
-            top_k=self.top_k[idx],
-            top_p=self.top_p[idx],
-            min_p=self.min_p[idx],
-            repetition_penalty=self.repetition_penalty[idx],
-            presence_penalty=self.presence_penalty[idx],
-            frequency_penalty=self.frequency_penalty[idx],
-            logit_bias=bias,
-        )
+        return self.map(lambda _, t: t[idx], logit_bias=bias)
 
     @property
     def any_penalty(self) -> bool:
@@ -130,6 +143,12 @@ class WarpParams:
             or (self.presence_penalty != 0).any()
             or (self.frequency_penalty != 0).any()
         )
+
+
+_SETTINGS = [f for f in fields(WarpParams) if "dtype" in f.metadata]
+WARP_FIELDS: tuple[str, ...] = tuple(f.name for f in _SETTINGS)  # the seven warp settings, in order
+WARP_DTYPES: dict[str, torch.dtype] = {f.name: f.metadata["dtype"] for f in _SETTINGS}
+WARP_OFF: dict[str, float] = {f.name: f.metadata["off"] for f in _SETTINGS}
 
 
 @dataclass

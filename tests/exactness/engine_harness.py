@@ -142,7 +142,7 @@ def exact_probs(model: Any, prompt: Sequence[int], params: SamplingParams, lengt
                 eos_ids: Sequence[int] = (EOS_ID,)) -> torch.Tensor:
     """Exact distribution of the first ``length`` completion symbols under plain sampling.
 
-    The DESIGN section 4 contract, from the model's logits after prompt + prefix: penalties with
+    The docs/design.md section 4 contract, from the model's logits after prompt + prefix: penalties with
     history (prompt, prefix), EOS and stop token ids banned while the prefix is shorter than
     min_new_tokens, then temperature / top-k / top-p / min-p, all by the independent oracle
     (:func:`tests.exactness.oracle.oracle_probs`, transformers' processors), never by

@@ -1,5 +1,5 @@
 """Exactness harness: run a verifier inside a minimal speculative step loop and check that the
-emitted sequences follow the target's distribution exactly (DESIGN section 4b).
+emitted sequences follow the target's distribution exactly (docs/design.md section 4b).
 
 The world is a Markov chain over a small vocabulary (V = 8..16 tokens).  A :class:`Scenario`
 holds a target logit table and a draft logit table, each [V, V] (row = previous token), and the

@@ -1,4 +1,4 @@
-"""Deliberately broken verifiers and drafters: the harness must fail every one (DESIGN section 4b).
+"""Deliberately broken verifiers and drafters: the harness must fail every one (docs/design.md section 4b).
 
 A harness that cannot fail a mutant proves nothing.  Each mutant breaks exactly one thing, by
 patching one building block of :mod:`specbatch.sampling.speculative`, wrapping the reference

@@ -1,4 +1,4 @@
-"""Every mutant fails the exactness harness, by a wide margin (DESIGN section 4b).
+"""Every mutant fails the exactness harness, by a wide margin (docs/design.md section 4b).
 
 The margin matters: with fixed seeds the outcome is deterministic, and a mutant that failed only
 barely would be one seed away from slipping through.  Each must miss the chi-square threshold by

@@ -1,4 +1,4 @@
-"""The reference verifier passes the exactness harness in every scenario (DESIGN section 4b).
+"""The reference verifier passes the exactness harness in every scenario (docs/design.md section 4b).
 
 Each test runs ~10^5 independent rows for L = 4 tokens through speculative steps and compares the
 joint distribution of the emitted sequences with the exact Markov-chain probabilities.

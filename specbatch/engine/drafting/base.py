@@ -28,7 +28,7 @@ noise the verifier uses.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -45,8 +45,11 @@ class Proposal:
 
 
 class Drafter(Protocol):
-    kind: str
-    deterministic: bool
+    """Everything the engine (and its cost model and speculation policy) uses of a drafter."""
+
+    kind: str  # none | ngram | model | suffix
+    deterministic: bool  # one-hot q (no q tensor)
+    draft_model: Any | None  # the model it runs per proposed token (its step cost is measured), or None
 
     def attach(self, layout: CacheLayout) -> None:
         """Allocate per-slot state laid out like the target's cache (called once by the engine)."""
@@ -74,6 +77,9 @@ class Drafter(Protocol):
         """After a step is committed: the target's logits [R, G+1, V] over [last token, proposals],
         each row's emitted count and its warp settings, for a drafter that learns from them."""
 
+    def stats(self) -> dict[str, Any] | None:
+        """Facts for stats.json (e.g. the suffix cache's), or None."""
+
 
 def _empty_proposal(rows: int, vocab: int | None, device: torch.device | str = "cpu") -> Proposal:
     return Proposal(
@@ -87,6 +93,7 @@ class _StatelessDrafter:
     """Base for drafters that keep no per-slot state."""
 
     deterministic = True
+    draft_model = None
 
     def attach(self, layout: CacheLayout) -> None:
         pass
@@ -108,3 +115,6 @@ class _StatelessDrafter:
 
     def observe(self, rows: Sequence[Row], logits: torch.Tensor, num_emitted: torch.Tensor, params: WarpParams) -> None:
         pass
+
+    def stats(self) -> dict[str, Any] | None:
+        return None

@@ -64,26 +64,26 @@ class ModelDrafter:
     def release(self, slots: Sequence[int]) -> None:
         self.cache.reset(list(slots))
 
+    @property
+    def draft_model(self) -> Any:
+        return self.model
+
     def confidence(self, rows: Sequence[Row], limits: Sequence[int]) -> list[list[float]] | None:
         return None  # q is known only after drafting
 
     def observe(self, rows: Sequence[Row], logits: torch.Tensor, num_emitted: torch.Tensor, params: WarpParams) -> None:
         pass
 
+    def stats(self) -> dict[str, Any] | None:
+        return None
+
     def _warp_params(self, rows: Sequence[Row]) -> WarpParams:
         def temp(row: Row) -> float:
             return row.params.temperature if self.draft_temperature is None else self.draft_temperature
 
-        n = len(rows)
-        dev = self.device
-        return WarpParams(
-            temperature=torch.tensor([temp(r) for r in rows], dtype=torch.float32, device=dev),
-            top_k=torch.full((n,), self.draft_top_k, dtype=torch.int64, device=dev),
-            top_p=torch.full((n,), self.draft_top_p, dtype=torch.float32, device=dev),
-            min_p=torch.full((n,), self.draft_min_p, dtype=torch.float32, device=dev),
-            repetition_penalty=torch.ones(n, dtype=torch.float32, device=dev),
-            presence_penalty=torch.zeros(n, dtype=torch.float32, device=dev),
-            frequency_penalty=torch.zeros(n, dtype=torch.float32, device=dev),
+        return WarpParams.neutral(
+            len(rows), self.device, temperature=torch.tensor([temp(r) for r in rows]),
+            top_k=self.draft_top_k, top_p=self.draft_top_p, min_p=self.draft_min_p,
         )
 
     def _to_target_width(self, logits: torch.Tensor) -> torch.Tensor:

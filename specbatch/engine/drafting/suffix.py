@@ -11,7 +11,7 @@ time and walk the same text, so each sample drafts from what its siblings' verif
 the cache (scope ``request``); scope ``shard`` shares one cache across the prompts of a shard,
 keyed also by the warping settings.
 
-Exactness (DESIGN section 4) only needs q to be exactly what each proposal was drawn from: the
+Exactness (docs/design.md section 4) only needs q to be exactly what each proposal was drawn from: the
 cached q is an approximation of p (context beyond the suffix, penalties, bias and bans are
 ignored) and never needs to be right.  Entries are immutable tuples and the proposal's dense q
 is filled from the entry at propose time, so a later cache update cannot change a q already

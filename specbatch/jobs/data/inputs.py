@@ -1,6 +1,6 @@
 """The prompt dataset: finding its Parquet files, checking them, reading a shard's rows.
 
-Terms (DESIGN section 6): the **stable row order** is the input files sorted by path, then their
+Terms (docs/design.md section 6): the **stable row order** is the input files sorted by path, then their
 row groups, then rows. A prompt's *row index* is its position in that order; it is the prompt's
 id when the input has no id column.
 """

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from specbatch.jobs.data.inputs import InputInfo, _layout
 from specbatch.jobs.data.location import InputError, _one_line
-from specbatch.engine.request import FINISH_REASONS, SampleOutput
+from specbatch.engine.request import DRAFT_COUNTERS, FINISH_REASONS, DraftCounts, SampleOutput
 from specbatch.jobs.spec import OUTPUT_COLUMNS
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ def _column(arrow_type: pa.DataType | None, nullable: bool = True) -> Any:
 
 @dataclass
 class OutputRecord:
-    """One output row: one (prompt, sample) (DESIGN section 6). The field order is the column order.
+    """One output row: one (prompt, sample) (docs/design.md section 6). The field order is the column order.
 
     ``extra`` holds the row's other columns by name: the passed-through input columns
     (``input.keep_columns``), then the sweep keys of its sweep point.
@@ -64,8 +64,7 @@ class OutputRecord:
             id=row_id, sample_index=out.sample_index, prompt=prompt, completion=out.text,
             completion_token_ids=list(out.token_ids), num_prompt_tokens=out.num_prompt_tokens,
             num_tokens=out.num_tokens, finish_reason=out.finish_reason, stop_reason=out.stop_reason,
-            cumulative_logprob=float(out.cumulative_logprob), draft_proposed=out.draft_proposed,
-            draft_tested=out.draft_tested, draft_accepted=out.draft_accepted, target_passes=out.target_passes,
+            cumulative_logprob=float(out.cumulative_logprob), **out.counts.columns(),
             error=None if out.error is None else _one_line(out.error), extra=extra,
         )
 
@@ -75,19 +74,21 @@ class OutputRecord:
         return cls(
             id=row_id, sample_index=sample_index, prompt=prompt, completion="", completion_token_ids=[],
             num_prompt_tokens=0, num_tokens=0, finish_reason="error", stop_reason=None, cumulative_logprob=0.0,
-            draft_proposed=0, draft_tested=0, draft_accepted=0, target_passes=0, error=_one_line(error), extra=extra,
+            **DraftCounts().columns(), error=_one_line(error), extra=extra,
         )
 
 
 _FIXED = tuple(f for f in dataclasses.fields(OutputRecord) if "arrow" in f.metadata)
 if tuple(f.name for f in _FIXED) != OUTPUT_COLUMNS:  # before pass-through and sweep columns
     raise AssertionError(f"OutputRecord's columns {[f.name for f in _FIXED]} differ from spec.OUTPUT_COLUMNS {OUTPUT_COLUMNS}")
+if not set(DRAFT_COUNTERS) <= set(OUTPUT_COLUMNS):  # the counters are flat columns of the file
+    raise AssertionError(f"OutputRecord lacks the draft counters {DRAFT_COUNTERS}")
 _SWEEP_TYPES = {float: pa.float64(), int: pa.int64(), bool: pa.bool_()}
 CHAT_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
 def output_schema(spec: JobSpec, info: InputInfo | None = None) -> pa.Schema:
-    """The explicit Arrow schema of every output shard (DESIGN section 6), in this column order:
+    """The explicit Arrow schema of every output shard (docs/design.md section 6), in this column order:
     the fixed columns (:class:`OutputRecord`), then the passed-through input columns (their input
     types), then sweep keys."""
     info = info or _layout(spec)
@@ -187,8 +188,7 @@ class ShardManifest:
         return cls(
             shard=shard.name, start=shard.start, stop=shard.stop, rows=rows, samples=len(records),
             tokens=sum(r.num_tokens for r in records), prompt_tokens=sum(r.num_prompt_tokens for r in records),
-            draft_proposed=sum(r.draft_proposed for r in records), draft_tested=sum(r.draft_tested for r in records),
-            draft_accepted=sum(r.draft_accepted for r in records), target_passes=sum(r.target_passes for r in records),
+            **DraftCounts.total(DraftCounts.of(r) for r in records).columns(),
             finish_reasons=reasons, errors=len(errors), error_ids=sorted({str(r.id) for r in errors})[:20],
             first_error=errors[0].error if errors else None, path=written.path, file_bytes=written.size,
             file_sha256=written.sha256, **fields,
@@ -212,3 +212,7 @@ class ShardManifest:
             raise ManifestError(_one_line(e)) from None
         m.file = m.file or m.shard + ".parquet"
         return m
+
+
+if not set(DRAFT_COUNTERS) <= {f.name for f in dataclasses.fields(ShardManifest)}:  # flat keys of the manifest
+    raise AssertionError(f"ShardManifest lacks the draft counters {DRAFT_COUNTERS}")
