@@ -82,6 +82,13 @@ class KVCache:
         self.prefix_of = torch.zeros(num_slots, dtype=torch.int64, device=device)  # [S] prompt slot (0-based in the pool)
         self.prefix_len = torch.zeros(num_slots, dtype=torch.int64, device=device)  # [S] tokens read from it
 
+    @classmethod
+    def for_model(cls, config, dtype: torch.dtype, device: torch.device | str, num_slots: int, max_len: int,
+                  prompt_slots: int = 0, prompt_len: int = 0) -> "KVCache":
+        """An empty cache shaped for a model's ``config`` (layers, K/V heads, head size)."""
+        return cls(config.num_hidden_layers, num_slots, max_len, config.num_key_value_heads, config.head_dim,
+                   dtype=dtype, device=device, prompt_slots=prompt_slots, prompt_len=prompt_len)
+
     @property
     def layout(self) -> CacheLayout:
         return CacheLayout(self.num_slots, self.max_len, self.prompt_slots, self.prompt_len)

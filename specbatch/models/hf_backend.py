@@ -233,9 +233,7 @@ class TransformersModel(nn.Module):
 
     def new_cache(self, num_slots: int, max_len: int, prompt_slots: int = 0, prompt_len: int = 0) -> KVCache:
         """An empty KV cache for this model, in its dtype and on its device."""
-        c = self.config
-        return KVCache(c.num_hidden_layers, num_slots, max_len, c.num_key_value_heads, c.head_dim,
-                       dtype=self.dtype, device=self.device, prompt_slots=prompt_slots, prompt_len=prompt_len)
+        return KVCache.for_model(self.config, self.dtype, self.device, num_slots, max_len, prompt_slots, prompt_len)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor, num_tokens: torch.Tensor,
