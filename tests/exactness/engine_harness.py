@@ -91,20 +91,26 @@ class TinyModels:
 
 
 @functools.lru_cache(maxsize=1)
-def tiny_models() -> TinyModels:
-    """Build (once per process) and load the harness's checkpoints."""
+def tiny_checkpoints() -> dict[str, pathlib.Path]:
+    """Write (once per process) the harness's checkpoints: name -> directory."""
     root = pathlib.Path(tempfile.mkdtemp(prefix="specbatch-engine-harness-"))
     atexit.register(shutil.rmtree, root, True)
     shape = dict(vocab_size=VOCAB, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
     target = tiny.make_tiny_checkpoint(root / "target", tie_word_embeddings=True, seed=0, **shape)
-    paths = {
+    return {
         "target": target,
         "near": tiny.perturbed_copy(target, root / "near", noise=0.25, seed=1),
         "far": tiny.make_tiny_checkpoint(root / "far", seed=1, tokenizer_size=VOCAB, **{**shape, "vocab_size": 20}),
         "eos": tiny.boost_token_logit(tiny.perturbed_copy(target, root / "eos", noise=0.0), EOS_ID, boost=2.0),
     }
-    models = {name: load_model(path, dtype="float32") for name, path in paths.items()}
-    return TinyModels(models=models, tokenizer=load_tokenizer(target))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_models(device: str = "cpu") -> TinyModels:
+    """Load (once per process and device) the harness's checkpoints, in float32 on ``device``."""
+    paths = tiny_checkpoints()
+    models = {name: load_model(path, dtype="float32", device=device) for name, path in paths.items()}
+    return TinyModels(models=models, tokenizer=load_tokenizer(paths["target"]))
 
 
 # ---------------------------------------------------------------------------- exact distribution
@@ -305,6 +311,7 @@ class EngineCase:
     min_reached: int = 0  # tests of proposal index power_positions - 1
     draft_cost: float | None = None  # adaptive gamma under a cost model: draft step / target step
     auto: bool = False  # per-row proposal counts (specbatch.autogamma)
+    device: str = "cpu"  # where the engine runs (the exact distribution is always enumerated on CPU)
 
     def make_drafter(self, models: TinyModels) -> Drafter:
         if self.drafter == "none":
@@ -312,7 +319,7 @@ class EngineCase:
         if self.drafter == "ngram":
             return NgramDrafter(**self.draft)
         if self.drafter == "suffix":
-            return SuffixDrafter(VOCAB, **self.draft)
+            return SuffixDrafter(VOCAB, **self.draft, device=self.device)
         model = models[self.target if self.drafter == "same" else self.drafter]
         return ModelDrafter(model, VOCAB, **self.draft)
 
@@ -329,7 +336,7 @@ class EngineCase:
                          draft={b: self.draft_cost for b in batches})
 
     def run(self, n: int | None = None) -> EngineRun:
-        models = tiny_models()
+        models = tiny_models(self.device)
         with verification_backend(self.backend):
             return run_engine(models[self.target], models.tokenizer, self.make_drafter(models), self.requests(n),
                               gamma=self.gamma, max_batch=self.max_batch, verification=self.verification,
