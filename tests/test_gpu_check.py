@@ -9,6 +9,7 @@ every parity and exactness check passed, and a step time for every batch and wid
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -17,6 +18,11 @@ import sys
 import textwrap
 
 import pytest
+import torch
+
+from specbatch_kernels import reference
+from specbatch_kernels.reference import VerifyStep
+from tests.kernel_support import keep_backend_choice
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -96,3 +102,47 @@ def test_gpu_check_smoke_runs_without_ray_pydantic_or_scipy(tmp_path):
     assert all("transformers_ms_per_token" in s for s in steps if s["width"] == 1)
     tv = [c for c in sections["fused"] if c["case"].startswith("approximate TV")]
     assert len(tv) == 3 and all(c["ok"] is True for c in tv)
+
+
+def _gpu_check_module(monkeypatch):
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parity_checks_catch_a_kernel_that_differs_away_from_a_boundary(monkeypatch):
+    """The kernel checks have teeth: a 'kernel' equal to the reference passes, one that changes a
+    token (or a kept set) fails, and the classification of differing rows runs (under 1 s)."""
+    gc = _gpu_check_module(monkeypatch)
+    keep_backend_choice(monkeypatch)
+    cpu = torch.device("cpu")
+
+    def verify_as_reference(corrupt):
+        def verify(scores, draft_tokens, num_proposed, draft_probs, warp, key, sample_index, position, **kw):
+            result, logprobs, _ = reference.verify(VerifyStep(scores, draft_tokens, num_proposed, draft_probs, warp,
+                                                              key, sample_index, position))
+            if corrupt:
+                result.tokens[0, 0] = (result.tokens[0, 0] + 1) % scores.shape[-1]
+            return result, logprobs
+        return verify
+
+    monkeypatch.setattr(gc.ops, "verify", verify_as_reference(False))
+    assert gc.check_verify_parity(50, 8, 3, torch.float32, False, cpu).ok is True
+    monkeypatch.setattr(gc.ops, "verify", verify_as_reference(True))
+    failed = gc.check_verify_parity(50, 8, 3, torch.float32, False, cpu)
+    assert failed.ok is False and failed.figures["differ"] == 1 and failed.figures["bad"] == 1
+
+    real_warp = gc.ops.warp_and_sample
+
+    def sample_dropping_a_token(logits, warp, key, sample_index, position, **kw):
+        gc.ops.force_backend("torch")
+        tokens, probs = real_warp(logits, warp, key, sample_index, position, return_probs=True)
+        kept = (probs[1] > 0).nonzero().squeeze(1)
+        probs[1, kept[-1]] = 0.0  # row 1 keeps one token fewer than the reference
+        return tokens, probs
+
+    monkeypatch.setattr(gc.ops, "warp_and_sample", sample_dropping_a_token)
+    dropped = gc.check_sample_parity(40, 6, torch.float32, cpu)
+    assert dropped.ok is False and dropped.figures["bad"] >= 1
