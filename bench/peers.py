@@ -51,6 +51,9 @@ sys.path[:] = [str(REPO)] + [p for p in sys.path if pathlib.Path(p or ".").resol
 from bench.common import median_time, table  # noqa: E402
 from bench.inside_job import job_rate, with_prompts  # noqa: E402
 from bench.peers_workload import parse_results  # noqa: E402
+
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != BENCH]  # peers_workload put it back
+
 from specbatch.drafters import NgramDrafter  # noqa: E402
 from specbatch.engine import Engine, EngineConfig  # noqa: E402
 from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
