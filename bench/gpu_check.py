@@ -309,12 +309,13 @@ def kernel_checks(profile: Profile, device: torch.device) -> list[Check]:
 
 def exactness_checks(profile: Profile, device: torch.device) -> list[Check]:
     """The engine harness's cases on `device` with the kernels' backend there, fewer samples each."""
-    backend = "triton"  # compiled on a GPU; interpreted on CPU for the smoke run
+    # The kernels compiled on a GPU; the reference on CPU (the kernels section interprets the kernels).
+    backend = "triton" if device.type == "cuda" else "torch"
     out = []
     for name in profile.exact_cases:
         base = eh.CASES[name]
         n = max(50, round(base.params.n * profile.exact_fraction))
-        case = dataclasses.replace(base, device=str(device), backend=backend if device.type == "cuda" else "torch",
+        case = dataclasses.replace(base, device=str(device), backend=backend,
                                    params=dataclasses.replace(base.params, n=n))
         start = time.perf_counter()
         run = case.run()
@@ -465,6 +466,9 @@ def step_checks(profile: Profile, device: torch.device) -> list[Check]:
     for width in profile.widths:
         for batch in profile.batches:
             steps = engine_step_seconds(target, draft, batch, width, profile)
+            if not steps:
+                out.append(Check("steps", f"batch {batch} width {width}", "no step ran all rows at full width", False))
+                continue
             step = statistics.median(steps)
             forward = time_forward(target, batch, width, context=context)
             bound = forward_bound(target, batch, width, context, bandwidth, flops)

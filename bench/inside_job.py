@@ -29,7 +29,6 @@ import tempfile
 import time
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import yaml
