@@ -1,5 +1,5 @@
 """``bench/gpu_check.py --smoke``: the GPU validation script runs end to end on CPU, in an
-interpreter that lacks what a bare GPU node lacks (about 40 s on 2 cores).
+interpreter that lacks what a bare GPU node lacks (15-40 s on 2 shared cores; the other test under 1 s).
 
 The subprocess refuses Ray, pydantic, scipy, pytest and psutil outright, and yaml to the
 repository's own code (transformers' hub client imports yaml, so it is installed wherever
