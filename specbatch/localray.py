@@ -18,7 +18,7 @@ does not do on its own for a Ray started by ``ray.init()`` on Linux:
 
 Besides, Ray starts its workers at nice 15 (``worker_niceness``) so that its own processes stay
 responsive on a shared node.  On the machine a local Ray owns, that lets the GCS, the raylet, the
-agents and the driver's polling preempt the actor at every tick: a 2-thread CPU actor then loses
+agents and the driver's polling preempt the actor whenever they run: a 2-thread CPU actor then loses
 one of its threads for a moment each time, and the other waits for it at every parallel region.
 The local Ray runs its workers at nice 0 (``RAY_worker_niceness``, unless the environment sets it).
 
