@@ -105,9 +105,13 @@ def tiny_checkpoints() -> dict[str, pathlib.Path]:
     }
 
 
-@functools.lru_cache(maxsize=None)
 def tiny_models(device: str = "cpu") -> TinyModels:
     """Load (once per process and device) the harness's checkpoints, in float32 on ``device``."""
+    return _loaded(str(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded(device: str) -> TinyModels:
     paths = tiny_checkpoints()
     models = {name: load_model(path, dtype="float32", device=device) for name, path in paths.items()}
     return TinyModels(models=models, tokenizer=load_tokenizer(paths["target"]))
