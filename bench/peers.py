@@ -11,6 +11,10 @@ only generated tokens counted.  Systems run one after another, never at once:
   per-engine throughput, no Ray): plain (drafter none), ngram, suffix and
   ``num_draft_tokens: auto`` (on the suffix drafter, or ngram without it); a config this specbatch
   does not accept is printed as skipped with its spec error;
+- specbatch's job: the plain config's spec run through ``python -m specbatch run`` in a subprocess
+  (bench/inside_job.py: a local Ray, one actor); its rate is tokens per busy actor-second from
+  stats.json, what the engine gets inside a user's job (its note: the whole command's rate,
+  Ray start and model load included); it does not count as "specbatch best";
 - transformers ``generate`` in a subprocess of our venv (bench/peers_hf_runner.py);
 - the vLLM CPU build offline in its own venv (bench/peers_vllm_runner.py), one subprocess per
   config: plain, its n-gram speculation, its suffix decoding.  ``--setup-peers`` creates that venv
@@ -38,9 +42,17 @@ import pandas as pd
 import torch
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import median_time, table  # noqa: E402
-from peers_workload import parse_results  # noqa: E402
+BENCH = pathlib.Path(__file__).resolve().parent
+REPO = BENCH.parent
+# This checkout's specbatch (not an installed one), and bench/ off the path: a module there must
+# never shadow an installed package (tests/test_environment.py checks the folder too).
+sys.path[:] = [str(REPO)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() not in (BENCH, REPO)]
+
+from bench.common import median_time, table  # noqa: E402
+from bench.inside_job import job_rate, with_prompts  # noqa: E402
+from bench.peers_workload import parse_results  # noqa: E402
+
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != BENCH]  # peers_workload put it back
 
 from specbatch.engine.drafting.ngram import NgramDrafter  # noqa: E402
 from specbatch.engine.engine import Engine, EngineConfig  # noqa: E402
@@ -50,8 +62,6 @@ from specbatch.jobs.spec import SpecError, spec_from_dict  # noqa: E402
 from specbatch.engine.tokenization import encode_prompt  # noqa: E402
 from specbatch.jobs.build import build_engine  # noqa: E402
 
-BENCH = pathlib.Path(__file__).resolve().parent
-REPO = BENCH.parent
 DEMO_SPEC = REPO / "jobs" / "demo.yaml"
 VLLM_VENV = BENCH / ".venvs" / "vllm"
 # torch first: pip must never pull a CUDA build; arctic-inference is vLLM's suffix decoding.
@@ -74,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ns", default="1,8,16", help="samples per prompt (drop 16 to save time)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--peers", default="specbatch,transformers,vllm")
+    ap.add_argument("--peers", default="specbatch,job,transformers,vllm")
     ap.add_argument("--specbatch", default=",".join(SPECBATCH_CONFIGS), help="specbatch configs")
     ap.add_argument("--vllm", default=",".join(VLLM_CONFIGS), help="vLLM configs")
     ap.add_argument("--vllm-compile", action="store_true",
@@ -119,6 +129,11 @@ def make_workload(args: argparse.Namespace, demo: dict[str, Any]) -> dict[str, A
 
 def specbatch_spec(demo: dict[str, Any], w: dict[str, Any], config: str, n: int, auto_kind: str):
     """The demo job spec for one config at one N (raises SpecError where specbatch refuses it)."""
+    return spec_from_dict(specbatch_spec_data(demo, w, config, n, auto_kind))
+
+
+def specbatch_spec_data(demo: dict[str, Any], w: dict[str, Any], config: str, n: int, auto_kind: str) -> dict[str, Any]:
+    """The demo job spec for one config at one N, as the dict a YAML file would hold."""
     data = json.loads(json.dumps(demo))
     data["models"] = {"target": {"path": w["model"], "dtype": w["dtype"]}, "draft": {
         "plain": {"kind": "none"}, "ngram": {"kind": "ngram", "min_n": 1, "max_n": 3},
@@ -128,7 +143,7 @@ def specbatch_spec(demo: dict[str, Any], w: dict[str, Any], config: str, n: int,
     data["sampling"].update(n=n, max_new_tokens=w["max_tokens"], min_new_tokens=0, ignore_eos=True,
                             temperature=w["temperature"], top_p=w["top_p"], seed=w["seed"])
     data["resources"].update(actors=1, gpus_per_actor=0, cpus_per_actor=w["threads"], max_batch_size=n)
-    return spec_from_dict(data)
+    return data
 
 
 def specbatch_engine(spec: Any, target: Any, tok: Any) -> Any:
@@ -176,6 +191,29 @@ def run_specbatch(w: dict[str, Any], demo: dict[str, Any], configs: list[str]) -
             print(f"  {peer} N={n}: {tokens / seconds:.1f} tok/s ({note})", flush=True)
             del engine
             gc.collect()
+    return results
+
+
+def run_job(w: dict[str, Any], demo: dict[str, Any], timeout: int) -> list[dict[str, Any]]:
+    """The plain config's spec through ``specbatch run`` (a subprocess each time), median of the repeats."""
+    peer = "specbatch job"
+    results: list[dict[str, Any]] = []
+    for n in w["ns"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = specbatch_spec_data(demo, w, "plain", n, "ngram")
+            data["input"]["path"] = str(REPO / data["input"]["path"])
+            data = with_prompts(data, len(w["prompts"]), pathlib.Path(tmp))
+            try:
+                runs = [job_rate(data, pathlib.Path(tmp), timeout=timeout) for _ in range(w["repeats"])]
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                results.append({"peer": peer, "skipped": str(e)[:300]})
+                break
+        busy = sorted(runs, key=lambda r: r["tokens_per_actor_s"])[len(runs) // 2]  # the median run
+        whole = sorted(r["tokens_this_run"] / r["process_s"] for r in runs)[len(runs) // 2]
+        note = f"specbatch run, plain: per busy actor-second; whole command {whole:.1f} tok/s"
+        results.append({"peer": peer, "n": n, "tokens": busy["tokens_this_run"], "seconds": busy["actor_busy_s"],
+                        "note": note})
+        print(f"  {peer} N={n}: {busy['tokens_per_actor_s']:.1f} tok/s ({note})", flush=True)
     return results
 
 
@@ -239,6 +277,12 @@ def vllm_unavailable(setup: bool) -> str | None:
 
 # ---- the table -------------------------------------------------------------------------------
 
+def specbatch_best(rate: dict[tuple[str, int], float], n: int) -> float | None:
+    """specbatch's best engine config at N (the job row runs the plain one: it is not a config)."""
+    return max((v for (p, m), v in rate.items() if p.startswith("specbatch") and p != "specbatch job" and m == n),
+               default=None)
+
+
 def report(results: list[dict[str, Any]], ns: list[int]) -> str:
     measured = [r for r in results if "n" in r]
     rate = {(r["peer"], r["n"]): r["tokens"] / r["seconds"] for r in measured}
@@ -246,7 +290,7 @@ def report(results: list[dict[str, Any]], ns: list[int]) -> str:
     for r in measured:
         tps, n = rate[(r["peer"], r["n"])], r["n"]
         plain = rate.get(("specbatch plain", n))
-        best = max((v for (p, m), v in rate.items() if p.startswith("specbatch") and m == n), default=None)
+        best = specbatch_best(rate, n)
         rows.append([r["peer"], n, tps, f"{tps / plain:.2f}" if plain else "-",
                      f"{best / tps:.2f}" if best else "-", r.get("note", "")])
     rows.sort(key=lambda row: (row[1], not row[0].startswith("specbatch")))
@@ -255,7 +299,7 @@ def report(results: list[dict[str, Any]], ns: list[int]) -> str:
     for n in ns:
         if n < 8:
             continue
-        best = max((v for (p, m), v in rate.items() if p.startswith("specbatch") and m == n), default=None)
+        best = specbatch_best(rate, n)
         for family, goal in (("vllm", 1.5), ("transformers", 2.0)):
             peer_best = max((v for (p, m), v in rate.items() if p.startswith(family) and m == n), default=None)
             if best and peer_best:
@@ -279,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
         workload.write_text(json.dumps(w))
         if "specbatch" in peers:
             results += run_specbatch(w, demo, args.specbatch.split(","))
+        if "job" in peers:
+            results += run_job(w, demo, args.peer_timeout)
         if "transformers" in peers:
             results += run_runner(sys.executable, "peers_hf_runner.py", [str(workload)], args.peer_timeout,
                                   "transformers", args.threads)

@@ -116,6 +116,7 @@ def test_normal_run_writes_every_sample_once_with_the_declared_schema(reference)
     assert stats["acceptance"]["tested"] == int(frame["draft_tested"].sum())
     assert 0 < stats["acceptance_rate"] <= 1
     assert len(stats["actors"]) == 1 and stats["actors"][0]["samples"] == NUM_PROMPTS * 3
+    assert stats["actors"][0]["nice"] == 0  # the local Ray runs its workers at the priority of the run
 
 
 def _read_with(reader: str, out: str, tmp_path: pathlib.Path) -> list[tuple]:

@@ -16,6 +16,12 @@ does not do on its own for a Ray started by ``ray.init()`` on Linux:
   processes every second while the driver lives, and when the session ends (the driver closes
   the reaper's stdin after ``ray.shutdown()``, or dies) kills whatever of them is left.
 
+Besides, Ray starts its workers at nice 15 (``worker_niceness``) so that its own processes stay
+responsive on a shared node.  On the machine a local Ray owns, that lets the GCS, the raylet, the
+agents and the driver's polling preempt the actor whenever they run: a 2-thread CPU actor then loses
+one of its threads for a moment each time, and the other waits for it at every parallel region.
+The local Ray runs its workers at nice 0 (``RAY_worker_niceness``, unless the environment sets it).
+
 The session's processes are found by a **marker**, an environment variable
 (``SPECBATCH_LOCAL_RAY=<id>``) set only while ``ray.init`` starts the GCS, the raylet and
 their helpers, which inherit it (and pass it on to the workers the raylet starts), together
@@ -38,6 +44,8 @@ from typing import Any, Iterator
 import psutil
 
 MARKER = "SPECBATCH_LOCAL_RAY"
+NICENESS = "RAY_worker_niceness"  # read by the raylet when it starts: the workers' nice value
+WORKER_NICENESS = "0"  # the actor is the job: it runs at the priority of the command that started it
 LOOPBACK = "127.0.0.1"
 _SWEEP_ROUNDS = 50  # bounded: a sweep ends after this many rounds even if processes keep appearing
 
@@ -84,7 +92,9 @@ def start(**init_kwargs: Any) -> LocalRay:
         # without the constant reads the environment alone.)
         constant = (_attribute(ray_constants, "ENABLE_RAY_CLUSTER", False)
                     if hasattr(ray_constants, "ENABLE_RAY_CLUSTER") else contextlib.nullcontext())
-        with _environment({MARKER: session, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}), constant:
+        settings = {MARKER: session, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                    NICENESS: os.environ.get(NICENESS, WORKER_NICENESS)}
+        with _environment(settings), constant:
             ray.init(address="local", _node_ip_address=LOOPBACK, **{"dashboard_host": LOOPBACK, **init_kwargs})
     except BaseException:
         LocalRay(session, reaper).stop()

@@ -209,6 +209,7 @@ class GenerationActor:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "threads": self.threads,
+            "nice": os.getpriority(os.PRIO_PROCESS, 0),  # Ray's default for workers is 15
             "load_s": self.load_s,
             **self.runner.loaded.description,
         }

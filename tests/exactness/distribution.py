@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
-from scipy import stats as scipy_stats
 
 
 class DistributionMismatch(AssertionError):
@@ -56,6 +55,14 @@ class DistributionReport:
             f"n={self.n} chi2={self.chi2:.1f} dof={self.dof} p={self.p_value:.3g} (min {self.p_threshold:g}) "
             f"tv={self.tv:.4g} (max {self.tv_threshold:.4g}) impossible={self.impossible}"
         )
+
+
+def chi2_sf(statistic: float, dof: int) -> float:
+    """P(X >= statistic) for X chi-square with ``dof`` degrees of freedom: the regularized upper
+    incomplete gamma function Q(dof / 2, statistic / 2), from torch (no scipy needed, so the
+    harness also runs where only torch is installed, e.g. ``bench/gpu_check.py`` on a GPU node)."""
+    a = torch.tensor(dof / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(a, torch.tensor(statistic / 2, dtype=torch.float64)))
 
 
 def tv_threshold(expected: torch.Tensor, n: int, delta: float = 1e-6) -> float:
@@ -103,7 +110,7 @@ def compare(
     o_t, e_t = torch.tensor(obs, dtype=torch.float64), torch.tensor(exp, dtype=torch.float64)
     chi2 = float(((o_t - e_t) ** 2 / e_t).sum())
     dof = len(exp) - 1
-    p_value = float(scipy_stats.chi2.sf(chi2, dof)) if dof > 0 else 1.0
+    p_value = chi2_sf(chi2, dof) if dof > 0 else 1.0
     return DistributionReport(
         n=n,
         chi2=chi2,

@@ -69,7 +69,6 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from scipy import stats as scipy_stats
 
 from specbatch.engine.drafting.base import Drafter
 from specbatch.engine.drafting.model import ModelDrafter
@@ -119,20 +118,30 @@ class TinyModels:
 
 
 @functools.lru_cache(maxsize=1)
-def tiny_models() -> TinyModels:
-    """Build (once per process) and load the harness's checkpoints."""
+def tiny_checkpoints() -> dict[str, pathlib.Path]:
+    """Write (once per process) the harness's checkpoints: name -> directory."""
     root = pathlib.Path(tempfile.mkdtemp(prefix="specbatch-engine-harness-"))
     atexit.register(shutil.rmtree, root, True)
     shape = dict(vocab_size=VOCAB, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
     target = tiny.make_tiny_checkpoint(root / "target", tie_word_embeddings=True, seed=0, **shape)
-    paths = {
+    return {
         "target": target,
         "near": tiny.perturbed_copy(target, root / "near", noise=0.25, seed=1),
         "far": tiny.make_tiny_checkpoint(root / "far", seed=1, tokenizer_size=VOCAB, **{**shape, "vocab_size": 20}),
         "eos": tiny.boost_token_logit(tiny.perturbed_copy(target, root / "eos", noise=0.0), EOS_ID, boost=2.0),
     }
-    models = {name: load_model(path, dtype="float32") for name, path in paths.items()}
-    return TinyModels(models=models, tokenizer=load_tokenizer(target))
+
+
+def tiny_models(device: str = "cpu") -> TinyModels:
+    """Load (once per process and device) the harness's checkpoints, in float32 on ``device``."""
+    return _loaded(str(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded(device: str) -> TinyModels:
+    paths = tiny_checkpoints()
+    models = {name: load_model(path, dtype="float32", device=device) for name, path in paths.items()}
+    return TinyModels(models=models, tokenizer=load_tokenizer(paths["target"]))
 
 
 # ---------------------------------------------------------------------------- exact distribution
@@ -326,9 +335,24 @@ class PairReport(DistributionReport):
         return f"{super().__str__()} {self.detail}".rstrip()
 
 
+def _binomial_tails(hits: np.ndarray, trials: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray]:
+    """(P(X >= hits), P(X <= hits)) for X ~ Binomial(trials, p), elementwise: exact sums of the
+    probability mass in float64 (torch only: the harness also runs where scipy is absent)."""
+    k = torch.arange(int(trials.max()) + 1, dtype=torch.float64)  # [K]
+    n = torch.from_numpy(trials).to(torch.float64)[:, None]  # [L, 1]
+    log_pmf = (torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma((n - k).clamp(min=0) + 1)
+               + k * math.log(p) + (n - k) * math.log1p(-p))
+    pmf = torch.where(k <= n, log_pmf.exp(), torch.zeros(()))  # [L, K]
+    at_most = pmf.cumsum(1)  # P(X <= k)
+    at_least = pmf.flip(1).cumsum(1).flip(1)  # P(X >= k), summed from the tail for precision
+    h = torch.from_numpy(hits)[:, None]
+    return at_least.gather(1, h).squeeze(1).numpy(), at_most.gather(1, h).squeeze(1).numpy()
+
+
 def _pair_report(n: int, p_value: float, detail: str) -> PairReport:
     p_value = min(1.0, max(p_value, 0.0))
-    chi2 = float(scipy_stats.chi2.isf(p_value, 1)) if p_value > 0 else float("inf")
+    # the chi-square (1 dof) whose tail is p_value: the square of the normal quantile at p / 2
+    chi2 = float(torch.special.ndtri(torch.tensor(p_value / 2, dtype=torch.float64)) ** 2) if p_value > 0 else float("inf")
     return PairReport(n=n, chi2=chi2, dof=1, p_value=p_value, tv=0.0, tv_threshold=1.0, impossible=0,
                       p_threshold=1e-4, detail=detail)
 
@@ -371,11 +395,10 @@ def collision_reports(symbols: torch.Tensor, probs: Sequence[torch.Tensor], labe
         equal = float((counts * (counts - 1) / 2).sum())
         var = pairs * (s2 - s2**2) + n * (n - 1) * (n - 2) * max(s3 - s2**2, 0.0)
         z = (equal - pairs * s2) / math.sqrt(var)
-        out[f"pairs_all{label}"] = _pair_report(int(pairs), float(scipy_stats.norm.sf(abs(z)) * 2),
+        out[f"pairs_all{label}"] = _pair_report(int(pairs), math.erfc(abs(z) / math.sqrt(2)),
                                                 f"(equal pairs {equal:.0f}, expected {pairs * s2:.0f}, z {z:+.1f})")
         h = hits[lags, col]
-        upper = scipy_stats.binom.sf(h - 1, tried[lags], s2)  # P(X >= h)
-        lower = scipy_stats.binom.cdf(h, tried[lags], s2)  # P(X <= h)
+        upper, lower = _binomial_tails(h, tried[lags], s2)  # P(X >= h), P(X <= h)
         p_lag = np.minimum(1.0, 2 * np.minimum(upper, lower))
         d = int(lags[int(np.argmin(p_lag))])
         out[f"pairs_lag{label}"] = _pair_report(
@@ -556,6 +579,7 @@ class EngineCase:
     min_reached: int = 0  # tests of proposal index power_positions - 1
     draft_cost: float | None = None  # adaptive gamma under a cost model: draft step / target step
     auto: bool = False  # per-row proposal counts (specbatch.engine.speculation)
+    device: str = "cpu"  # where the engine runs (the exact distribution is always enumerated on CPU)
 
     def make_drafter(self, models: TinyModels) -> Drafter:
         if self.drafter == "none":
@@ -563,7 +587,7 @@ class EngineCase:
         if self.drafter == "ngram":
             return NgramDrafter(**self.draft)
         if self.drafter == "suffix":
-            return SuffixDrafter(VOCAB, **self.draft)
+            return SuffixDrafter(VOCAB, **self.draft, device=self.device)
         model = models[self.target if self.drafter == "same" else self.drafter]
         return ModelDrafter(model, VOCAB, **self.draft)
 
@@ -580,7 +604,7 @@ class EngineCase:
                          draft={b: self.draft_cost for b in batches})
 
     def run(self, n: int | None = None) -> EngineRun:
-        models = tiny_models()
+        models = tiny_models(self.device)
         with verification_backend(self.backend):
             return run_engine(models[self.target], models.tokenizer, self.make_drafter(models), self.requests(n),
                               gamma=self.gamma, max_batch=self.max_batch, verification=self.verification,

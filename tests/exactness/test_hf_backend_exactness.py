@@ -30,8 +30,9 @@ ARCHS = ("gemma3", "phi3")
 
 
 @functools.lru_cache(maxsize=None)
-def hf_models(arch: str) -> eh.TinyModels:
-    """The target and a near draft of one architecture, loaded through the transformers backend."""
+def hf_models(arch: str, device: str = "cpu") -> eh.TinyModels:
+    """The target and a near draft of one architecture, loaded through the transformers backend
+    on ``device`` (the harness's ``tiny_models(device)``)."""
     root = pathlib.Path(tempfile.mkdtemp(prefix=f"specbatch-hf-harness-{arch}-"))
     atexit.register(shutil.rmtree, root, True)
     shape = dict(vocab_size=eh.VOCAB, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1)
@@ -39,7 +40,7 @@ def hf_models(arch: str) -> eh.TinyModels:
         shape["head_dim"] = 8
     target = make_tiny_hf_checkpoint(root / "target", arch, tie_word_embeddings=True, seed=0, **shape)
     paths = {"target": target, "near": tiny.perturbed_copy(target, root / "near", noise=0.25, seed=1)}
-    models = {name: load_model(path, dtype="float32") for name, path in paths.items()}
+    models = {name: load_model(path, dtype="float32", device=device) for name, path in paths.items()}
     assert all(isinstance(m, TransformersModel) for m in models.values())
     return eh.TinyModels(models=models, tokenizer=load_tokenizer(target))
 
@@ -53,7 +54,7 @@ class HFCase(eh.EngineCase):
     arch: str = "gemma3"
 
     def models(self):
-        return mock.patch.object(eh, "tiny_models", lambda: hf_models(self.arch))
+        return mock.patch.object(eh, "tiny_models", lambda device="cpu": hf_models(self.arch, device))
 
 
 N = 2000
