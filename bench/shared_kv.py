@@ -5,23 +5,26 @@ or each hold and read a full copy (unshared). Side by side, in one run, on the d
 
 * decode rate at N samples, plain sampling, with a short (~40-token) and a long (~1500-token)
   prompt: N (T2 - T1) / (t(T2) - t(T1)) for runs of T1 and T2 new tokens, so the prefill and
-  admission cancel; median of 3; the long/short ratio says what a long prompt costs per token;
+  admission cancel; medians of alternated runs; the long/short ratio says what a long prompt
+  costs per token;
 * rows that fit one fixed KV budget with that long prompt and completions of T2 tokens, as
   each layout's planner lays the cache out.
 
-    .venv/bin/python bench/shared_kv.py [--n 16] [--threads 2] [--long 1500] [--tokens 16,48]
+    .venv/bin/python bench/shared_kv.py [--n 16] [--threads 2] [--long 1500] [--tokens 8,40] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import median_time, table  # noqa: E402
+from common import table  # noqa: E402
 
 from specbatch.models.cache import plan_cache, plan_shared_cache  # noqa: E402
 from specbatch.engine.engine import Engine, EngineConfig  # noqa: E402
@@ -49,9 +52,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--long", type=int, default=1500)
-    ap.add_argument("--tokens", default="16,48", help="T1,T2: the two run lengths whose difference is timed")
+    ap.add_argument("--tokens", default="8,40", help="T1,T2: the two run lengths whose difference is timed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget-mib", type=int, default=1024, help="KV budget for the rows-per-budget rows")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t1, t2 = (int(x) for x in args.tokens.split(","))
@@ -68,20 +72,31 @@ def main() -> None:
 
     def seconds(eng: Engine, ids: list[int], tokens: int) -> float:
         params = SamplingParams(n=args.n, max_new_tokens=tokens, temperature=0.8, ignore_eos=True, seed=1)
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            return median_time(lambda: eng.generate([Request("p", ids, params)]))[0]
+            eng.generate([Request("p", ids, params)])
+        return time.perf_counter() - t0
 
-    rates: dict[tuple[str, str], float] = {}
-    for layout in ("unshared", "shared"):
-        eng = engine(layout == "shared")
-        for name, ids in prompts.items():
-            rates[(layout, name)] = args.n * (t2 - t1) / (seconds(eng, ids, t2) - seconds(eng, ids, t1))
+    # Alternated runs (layout, prompt, length) so that a noisy machine slows every cell alike;
+    # one untimed warm-up round first, then the median of `repeats` rounds per cell.
+    engines = {layout: engine(layout == "shared") for layout in ("unshared", "shared")}
+    cells = [(layout, name, tokens) for layout in engines for name in prompts for tokens in (t1, t2)]
+    times: dict[tuple[str, str, int], list[float]] = {cell: [] for cell in cells}
+    for round_ in range(args.repeats + 1):
+        for layout, name, tokens in cells:
+            took = seconds(engines[layout], prompts[name], tokens)
+            if round_:
+                times[(layout, name, tokens)].append(took)
+    median = {cell: statistics.median(v) for cell, v in times.items()}
+    rates = {(layout, name): args.n * (t2 - t1) / (median[(layout, name, t2)] - median[(layout, name, t1)])
+             for layout in engines for name in prompts}
     rows = []
     for layout in ("unshared", "shared"):
         short, long = rates[(layout, "short")], rates[(layout, "long")]
         rows.append([layout, len(prompts["short"]), short, len(prompts["long"]), long, long / short,
                      rates[(layout, "long")] / rates[("unshared", "long")]])
-    print(f"decode rate, N={args.n}, plain, T={t1}->{t2} new tokens, {args.threads} threads, {args.dtype}, median of 3")
+    print(f"decode rate, N={args.n}, plain, T={t1}->{t2} new tokens, {args.threads} threads, {args.dtype}, "
+          f"median of {args.repeats} alternated runs")
     print(table(["layout", "short prompt", "tok/s", "long prompt", "tok/s", "long / short", "long vs unshared"], rows))
 
     cfg = model.config
