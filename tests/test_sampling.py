@@ -1,16 +1,17 @@
 """Warping and sampling (specbatch.sampling.warping) against transformers' logits processors.
 
-The oracle applies, per parameter combination, in float32 and in this order:
-SequenceBiasLogitsProcessor (single-token sequences = logit_bias), RepetitionPenaltyLogitsProcessor
-(over prompt + completion), presence / frequency penalties (no transformers processor: a plain
-loop implementing OpenAI's definition over completion tokens only), MinNewTokensLengthLogitsProcessor
-(EOS and stop ids), then either greedy (one-hot argmax, lowest id on ties) or
-TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper and a softmax.
+The oracle is the exactness harness's (tests/exactness/oracle.py), per parameter combination, in
+float32 and in this order: SequenceBiasLogitsProcessor (single-token sequences = logit_bias),
+RepetitionPenaltyLogitsProcessor (over prompt + completion), presence / frequency penalties (no
+transformers processor: OpenAI's definition over completion tokens only),
+MinNewTokensLengthLogitsProcessor (EOS and stop ids), then either greedy (one-hot argmax, lowest
+id on ties) or TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper and
+a softmax.
 Our side warps every combination in ONE mixed batch with per-row parameters.
 
 One deliberate deviation (the top-p tie contract, ``specbatch.sampling.warping.crossing_score``):
 TopPLogitsWarper keeps a sort-dependent part of a group of tokens tied with the crossing token,
-we keep all of it.  So the oracle is :func:`tie_aware_top_p`: TopPLogitsWarper, then every token
+we keep all of it.  So the oracle's top-p is ``tie_aware_top_p``: TopPLogitsWarper, then every token
 whose score equals the smallest score it kept (the crossing token's) is restored.  Where no tie
 sits at the crossing that changes nothing, and transformers is compared unchanged.
 """
@@ -18,21 +19,13 @@ sits at the crossing that changes nothing, and transformers is compared unchange
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 
 import pytest
 import torch
-from transformers import (
-    MinNewTokensLengthLogitsProcessor,
-    MinPLogitsWarper,
-    RepetitionPenaltyLogitsProcessor,
-    SequenceBiasLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import TopPLogitsWarper
 
 from specbatch.sampling.warping import TOP_P_PREFIXES, History, SamplingParams, WarpParams, sample_from_probs, warp
+from tests.exactness.oracle import oracle_probs as exactness_oracle
 
 # Many tiny operations: one torch thread avoids synchronization overhead (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,47 +57,10 @@ PENALTY_GRID = list(
 )
 
 
-def tie_aware_top_p(ids: torch.Tensor, scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """transformers' TopPLogitsWarper, then the tokens tied with its crossing token restored.
-
-    It keeps the tokens from the crossing one upwards in an ascending sort, so the smallest score
-    it keeps is the crossing token's; our contract keeps every score >= that one. [B, V] -> [B, V].
-    """
-    kept = TopPLogitsWarper(top_p)(ids, scores)
-    crossing = kept.masked_fill(kept == float("-inf"), float("inf")).amin(dim=-1, keepdim=True)  # [B, 1]
-    return torch.where(scores >= crossing, scores, kept)
-
-
 def oracle_probs(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    """transformers' processors on a batch sharing one parameter set.
-
-    logits: [B, V] float32; prompt: [B, P]; output: [B, O] (completion so far) -> probs [B, V].
-    """
-    ids = torch.cat([prompt, output], dim=1)  # [B, P+O]
-    scores = logits.to(torch.float32).clone()
-    if params.logit_bias:
-        bias = SequenceBiasLogitsProcessor([[[tok], float(b)] for tok, b in params.logit_bias.items()])
-        scores = bias(ids, scores)
-    scores = RepetitionPenaltyLogitsProcessor(float(params.repetition_penalty))(ids, scores)
-    presence = torch.tensor(params.presence_penalty, dtype=torch.float32)
-    frequency = torch.tensor(params.frequency_penalty, dtype=torch.float32)
-    for b in range(scores.shape[0]):  # OpenAI: logit - count * frequency - (count > 0) * presence
-        for tok, count in Counter(output[b].tolist()).items():
-            scores[b, tok] = scores[b, tok] - frequency * count
-            scores[b, tok] = scores[b, tok] - presence
-    stops = [EOS, *STOP_IDS]
-    scores = MinNewTokensLengthLogitsProcessor(prompt.shape[1], params.min_new_tokens, stops)(ids, scores)
-    if params.temperature == 0:
-        first_max = (scores == scores.max(dim=-1, keepdim=True).values).to(torch.int64).argmax(dim=-1)
-        return torch.nn.functional.one_hot(first_max, scores.shape[-1]).to(torch.float32)
-    scores = TemperatureLogitsWarper(float(params.temperature))(ids, scores)
-    if params.top_k > 0:
-        scores = TopKLogitsWarper(int(params.top_k))(ids, scores)
-    if params.top_p < 1:
-        scores = tie_aware_top_p(ids, scores, float(params.top_p))
-    if params.min_p > 0:
-        scores = MinPLogitsWarper(float(params.min_p))(ids, scores)
-    return scores.softmax(dim=-1)
+    """The harness's oracle (tests/exactness/oracle.py) with this module's EOS and stop ids banned
+    before min_new_tokens. logits: [B, V]; prompt: [B, P]; output: [B, O] -> probs [B, V]."""
+    return exactness_oracle(logits, params, prompt, output, ban_ids=(EOS, *STOP_IDS))
 
 
 def random_logits(rows: int, generator: torch.Generator) -> torch.Tensor:
