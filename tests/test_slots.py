@@ -10,7 +10,6 @@ window carried across steps must find what the whole-completion scan finds.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 from specbatch.engine.drafting.model import ModelDrafter
 from specbatch.engine.engine import Engine, EngineConfig
 from specbatch.engine.request import Request
+from specbatch.engine.rows import Row
 from specbatch.engine.slots import SlotState
 from specbatch.engine.tokenization import StopStringMatcher, StopWindow
 from specbatch.models import load_model, load_tokenizer
@@ -112,7 +112,8 @@ def test_sparse_penalties_equal_the_dense_reference(models):
     for i, p in enumerate(params):
         prompt = torch.randint(3, v, (5 + i,)).tolist()
         completion = torch.randint(3, v, (i,)).tolist()
-        rows.append(_Row(Request(f"r{i}", prompt, p), i, 7 - i, prompt + completion, len(prompt)))
+        rows.append(Row(request=Request(f"r{i}", prompt, p), sample_index=i, slot=7 - i, key=3,
+                        tokens=prompt + completion, num_prompt=len(prompt), capacity=len(prompt) + len(completion)))
     for row in rows:
         state.admit([row])
     batch = state.batch(rows)
@@ -132,30 +133,6 @@ def test_sparse_penalties_equal_the_dense_reference(models):
             if row.position + j < row.params.min_new_tokens:
                 want[EOS_ID] = float("-inf")
             assert torch.equal(ours[i, j], want), (i, j)
-
-
-@dataclasses.dataclass
-class _Row:
-    """The fields of specbatch.rows.Row that the slot state reads."""
-
-    request: Request
-    sample_index: int
-    slot: int
-    tokens: list[int]
-    num_prompt: int
-    key: int = 3
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.request.params
-
-    @property
-    def position(self) -> int:
-        return len(self.tokens) - self.num_prompt
-
-    @property
-    def completion(self) -> list[int]:
-        return self.tokens[self.num_prompt :]
 
 
 @pytest.mark.parametrize("stops", [["c d"], ["e", "b c d e f"], ["a b"]])
