@@ -79,8 +79,10 @@ class KVCache:
         self.pk: list[torch.Tensor] = [torch.zeros(pshape, dtype=dtype, device=device) for _ in range(num_layers)] if prompt_slots else []
         self.pv: list[torch.Tensor] = [torch.zeros(pshape, dtype=dtype, device=device) for _ in range(num_layers)] if prompt_slots else []
         self.lengths = torch.zeros(num_slots + prompt_slots, dtype=torch.int64, device=device)  # [S + P] logical
-        self.prefix_of = torch.zeros(num_slots, dtype=torch.int64, device=device)  # [S] prompt slot (0-based in the pool)
-        self.prefix_len = torch.zeros(num_slots, dtype=torch.int64, device=device)  # [S] tokens read from it
+        # Per slot (prompt slots and unshared caches keep 0): the prompt slot a row reads, 0-based in
+        # the pool, and how many tokens it reads there.
+        self.prefix_of = torch.zeros(num_slots + prompt_slots, dtype=torch.int64, device=device)  # [S + P]
+        self.prefix_len = torch.zeros(num_slots + prompt_slots, dtype=torch.int64, device=device)  # [S + P]
 
     @classmethod
     def for_model(cls, config, dtype: torch.dtype, device: torch.device | str, num_slots: int, max_len: int,
@@ -147,8 +149,7 @@ class KVCache:
         row slots lose their prompt link."""
         slots = self._index(slots)
         self.lengths[slots] = 0
-        rows = slots[slots < self.num_slots]
-        self.prefix_len[rows] = 0
+        self.prefix_len[slots] = 0
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v + self.pk + self.pv)

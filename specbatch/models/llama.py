@@ -214,6 +214,8 @@ class _Plan:
         device = slots.device
         R = slots.shape[0]
         starts = cache.lengths[slots]  # [R] logical
+        prefix_len = cache.prefix_len[slots]  # [R] tokens read from a linked prompt slot (0: none)
+        own = starts - prefix_len  # [R] tokens before this call in the region the call writes
         offsets = torch.arange(W, device=device)
         positions = starts[:, None] + offsets  # [R, W] logical (RoPE)
         valid = offsets < num_tokens[:, None]  # [R, W]
@@ -230,8 +232,11 @@ class _Plan:
             sorted_slots[-1] if R else zero,
             starts.min() if R else zero,
             num_tokens.min() if R else zero,
+            (own + num_tokens).max() if R else zero,
+            own.min() if R else zero,
+            prefix_len.max() if R else zero,
         ]).tolist()
-        all_valid, contiguous, in_order, lo, hi, min_start, min_tokens = facts
+        all_valid, contiguous, in_order, lo, hi, min_start, min_tokens, kv_len, min_own, longest_prefix = facts
         if min_tokens < 0 or min_start < 0:
             raise ValueError("num_tokens and cache lengths must be >= 0")
         if cache.shared and R and lo >= cache.num_slots:  # a prompt slot being prefilled
@@ -242,17 +247,10 @@ class _Plan:
             raise ValueError(f"slot {hi} is not a row slot of a cache with {cache.num_slots}")
         else:
             self.pool, base, capacity = "rows", 0, cache.max_len
+        global_slots = slots
         slots = slots - base if base else slots
         lo -= base
-        own = starts  # [R] tokens before this call in the region the call writes
-        linked = self.pool == "rows" and cache.shared
-        if linked:
-            prefix_len = cache.prefix_len[slots]  # [R]
-            own = starts - prefix_len
         own_positions = own[:, None] + offsets  # [R, W] indices into the written region
-        own_facts = torch.stack([(own + num_tokens).max() if R else zero, own.min() if R else zero,
-                                 prefix_len.max() if linked and R else zero]).tolist()
-        kv_len, min_own, longest_prefix = own_facts
         if min_own < 0:
             raise ValueError("a row was rolled back into its shared prompt")
         if kv_len > capacity:
@@ -294,7 +292,8 @@ class _Plan:
             self.sliding_mask = self._mask(causal & (key_pos > own_positions[:, :, None] - window), padding, additive)
         self.prefix = None
         if longest_prefix > 0:
-            self.prefix = _PrefixPlan(cache, slots, positions, padding, longest_prefix, window, self._mask, self.order)
+            self.prefix = _PrefixPlan(cache, global_slots, prefix_len, positions, padding, longest_prefix, window,
+                                      self._mask, self.order)
 
     def _mask(self, allowed: torch.Tensor, padding: torch.Tensor | None, additive: bool) -> torch.Tensor:
         """The attention mask in the row order attention runs in (slot order when permuted)."""
@@ -318,9 +317,9 @@ class _PrefixPlan:
     keys within the window of each query's logical position.
     """
 
-    def __init__(self, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor, padding: torch.Tensor | None,
-                 longest_prefix: int, window: int | None, mask, order: torch.Tensor | None) -> None:
-        prefix_len = cache.prefix_len[slots]  # [R]
+    def __init__(self, cache: KVCache, slots: torch.Tensor, prefix_len: torch.Tensor, positions: torch.Tensor,
+                 padding: torch.Tensor | None, longest_prefix: int, window: int | None, mask,
+                 order: torch.Tensor | None) -> None:
         groups, group = torch.unique(cache.prefix_of[slots], return_inverse=True)  # [G], [R]
         counts = torch.bincount(group)  # [G]
         by_group = torch.argsort(group, stable=True)  # [R]
