@@ -70,7 +70,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_spec(spec: Any, args: argparse.Namespace) -> int:
+def _run_spec(spec: JobSpec, args: argparse.Namespace) -> int:
     from specbatch.jobs import report
     from specbatch.jobs.data import OutputIOError
     from specbatch.jobs.driver import ClusterError, RunError, run_job

@@ -33,13 +33,9 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from specbatch.jobs import localray, storage
-from specbatch.jobs import signals
-from specbatch.jobs.preflight import preflight
+from specbatch.jobs import localray, signals, storage
 from specbatch.jobs.build import ENGINE_FACTORY
-from specbatch.jobs import localray, storage
 from specbatch.jobs.preflight import preflight
-from specbatch.jobs.build import ENGINE_FACTORY
 
 if TYPE_CHECKING:
     from specbatch.jobs.spec import JobSpec

@@ -1,10 +1,10 @@
-"""Engine and drafter mutants: one-line breakages of engine.py / drafters.py (and of the warp,
+"""Engine and drafter mutants: one-line breakages of engine.py / engine/drafting/ (and of the warp,
 the random numbers and the kernels' torch reference they call) that the engine harness
 (:mod:`tests.exactness.engine_harness`) must fail, in its distribution comparisons or, for
 ``caught_by="outputs"``, in its whole-output checks (invariants, recomputed cumulative_logprob).
 
 Each mutant patches the real code path (a method of ``Engine``, ``SlotState``, ``ModelDrafter`` or
-``KVCache``, or a module attribute that engine.py / drafters.py / the kernels' reference call) with a
+``KVCache``, or a module attribute that engine.py / engine/drafting/ / the kernels' reference call) with a
 thin wrapper around the real function that changes one thing; the comment on each names the one line
 of the product code
 it stands for.  Nothing copies the engine or the drafter.
@@ -29,28 +29,18 @@ from unittest import mock
 
 import torch
 
-from specbatch.models import cache as cache_mod
-from specbatch.engine.drafting import base as drafters
 from specbatch.engine import engine
-from specbatch.sampling import rng, warping as sampling
-from specbatch.engine.speculation import AutoGamma
-from specbatch.engine.drafting.model import ModelDrafter
-from specbatch.engine.engine import Engine
-from specbatch.sampling.warping import History
-from specbatch.sampling.speculative import emitted_logprobs
-from specbatch.engine.drafting.suffix import SuffixDrafter, sparse_warp
-from specbatch.engine.slots import SlotState
-from specbatch_kernels import ops, reference
-from specbatch.models import cache as cache_mod
 from specbatch.engine.drafting import model as model_drafting
-from specbatch.engine import engine
-from specbatch.sampling import rng
-from specbatch.engine.speculation import AutoGamma
 from specbatch.engine.drafting.model import ModelDrafter
-from specbatch.engine.engine import Engine
-from specbatch.sampling.warping import History
 from specbatch.engine.drafting.suffix import SuffixDrafter, sparse_warp
-from specbatch_kernels import ops
+from specbatch.engine.engine import Engine
+from specbatch.engine.slots import SlotState
+from specbatch.engine.speculation import AutoGamma
+from specbatch.models import cache as cache_mod
+from specbatch.sampling import rng
+from specbatch.sampling import warping as sampling
+from specbatch.sampling.speculative import emitted_logprobs
+from specbatch_kernels import ops, reference
 
 Installer = Callable[[contextlib.ExitStack], None]
 

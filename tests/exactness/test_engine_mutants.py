@@ -14,24 +14,18 @@ import contextlib
 import pytest
 import torch
 
-from specbatch.models import cache
-from specbatch.engine.drafting import base as drafters
 from specbatch.engine import engine
-from specbatch.sampling import rng, warping as sampling
-from specbatch.engine.speculation import AutoGamma
-from specbatch.engine.drafting.model import ModelDrafter
-from specbatch.engine.engine import Engine
-from specbatch.sampling.warping import WarpParams
-from specbatch.engine.drafting.suffix import SuffixDrafter
-from specbatch.engine.slots import SlotState
-from specbatch_kernels import reference
-from specbatch.models import cache
 from specbatch.engine.drafting import model as model_drafting
-from specbatch.engine import engine
 from specbatch.engine.drafting.model import ModelDrafter
-from specbatch.engine.speculation import AutoGamma
-from specbatch.engine.engine import Engine
 from specbatch.engine.drafting.suffix import SuffixDrafter
+from specbatch.engine.engine import Engine
+from specbatch.engine.slots import SlotState
+from specbatch.engine.speculation import AutoGamma
+from specbatch.models import cache
+from specbatch.sampling import rng
+from specbatch.sampling import warping as sampling
+from specbatch.sampling.warping import WarpParams
+from specbatch_kernels import reference
 from tests.exactness import engine_harness as eh
 from tests.exactness.distribution import DistributionMismatch, sequence_probs
 from tests.exactness.engine_mutants import ENGINE_MUTANTS
