@@ -20,14 +20,14 @@ from __future__ import annotations
 import torch
 
 
-def shared_prefix_attention(q: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor, own_bias: torch.Tensor,
-                            prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_bias: torch.Tensor,
+def shared_prefix_attention(q: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor,
+                            prefix_k: torch.Tensor, prefix_v: torch.Tensor, bias: torch.Tensor,
                             group: torch.Tensor, rank: torch.Tensor, rows_per_group: int,
                             scaling: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention of ``q [R, W, nh, hd]`` over ``prefix_k/v [G, kvh, Lp, hd]`` (row r reads group
     ``group[r]``, as the ``rank[r]``-th of at most ``rows_per_group`` rows of it) then its own
-    ``own_k/v [R, kvh, Lo, hd]``; biases ``[R, W, Lp]`` and ``[R, W, Lo]`` are 0 (attend) or
-    -inf. Scores and softmax in float32, like ``llama._matmul_attention``. -> ``[R, W, nh, hd]``.
+    ``own_k/v [R, kvh, Lo, hd]``; ``bias [R, W, Lp + Lo]`` (the prompt's keys first) is 0 (attend)
+    or -inf. Scores and softmax in float32, like ``llama._matmul_attention``. -> ``[R, W, nh, hd]``.
 
     ``scaling`` multiplies the scores (default ``hd ** -0.5``); ``softcap`` c, when given, caps
     the scaled scores to ``c * tanh(s / c)`` before the mask (Gemma 2's attention soft-capping).
@@ -46,7 +46,7 @@ def shared_prefix_attention(q: torch.Tensor, own_k: torch.Tensor, own_v: torch.T
     prefix_scores = torch.matmul(q_groups, prefix_k.transpose(-1, -2))  # [G, kvh, Rg g W, Lp]
     prefix_scores = prefix_scores.view(G, kvh, Rg, g, W, Lp).permute(0, 2, 1, 3, 4, 5)[group, rank]  # [R, kvh, g, W, Lp]
 
-    bias = torch.cat([prefix_bias, own_bias], dim=-1)[:, None, None]  # [R, 1, 1, W, Lp + Lo]
+    bias = bias[:, None, None]  # [R, 1, 1, W, Lp + Lo]
     scores = torch.cat([prefix_scores, own_scores], dim=-1)
     scale = hd**-0.5 if scaling is None else scaling
     if softcap is not None:

@@ -141,12 +141,12 @@ def specbatch_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     if plan.prefix is not None:
         pre = plan.prefix
         prefix_k, prefix_v = pre.keys(layer), pre.values(layer)  # [G, kvh, Lp, hd]
-        prefix_mask = pre.sliding_mask if sliding else pre.mask  # [R, W, Lp]
+        mask = pre.sliding_mask if sliding else pre.mask  # [R, W, Lp + Lo]
         if plan.float32_attention:
             q32, keys, values, prefix_k, prefix_v = (t.float() for t in (q, keys, values, prefix_k, prefix_v))
         else:
             q32 = q
-        out = shared_prefix_attention(q32, keys, values, mask, prefix_k, prefix_v, prefix_mask, pre.group, pre.rank,
+        out = shared_prefix_attention(q32, keys, values, prefix_k, prefix_v, mask, pre.group, pre.rank,
                                       pre.rows_per_group, scaling=scaling, softcap=softcap).to(q.dtype)
     else:
         out = _attend(q, keys, values, mask, scaling, softcap, plan.float32_attention)

@@ -155,10 +155,10 @@ class DecoderLayer(nn.Module):
         if plan.prefix is not None:  # shared prompt KV: the linked prompt slots, then the own tokens
             pre = plan.prefix
             prefix_k, prefix_v = pre.keys(self.index), pre.values(self.index)  # [G, kvh, Lp, hd]
-            prefix_mask = pre.sliding_mask if self.sliding else pre.mask  # [R, W, Lp]
+            mask = pre.sliding_mask if self.sliding else pre.mask  # [R, W, Lp + Lo]
             if plan.float32_attention:
                 q, keys, values, prefix_k, prefix_v = (t.float() for t in (q, keys, values, prefix_k, prefix_v))
-            out = shared_prefix_attention(q, keys, values, mask, prefix_k, prefix_v, prefix_mask,
+            out = shared_prefix_attention(q, keys, values, prefix_k, prefix_v, mask,
                                           pre.group, pre.rank, pre.rows_per_group).to(x.dtype)
         elif W <= MATMUL_ATTENTION_MAX_WIDTH:
             if plan.float32_attention:
@@ -293,7 +293,7 @@ class _Plan:
         self.prefix = None
         if longest_prefix > 0:
             self.prefix = _PrefixPlan(cache, global_slots, prefix_len, positions, padding, longest_prefix, window,
-                                      self._mask, self.order)
+                                      self._mask, self.order, self.mask, self.sliding_mask)
 
     def _mask(self, allowed: torch.Tensor, padding: torch.Tensor | None, additive: bool) -> torch.Tensor:
         """The attention mask in the row order attention runs in (slot order when permuted)."""
@@ -312,14 +312,16 @@ class _PrefixPlan:
 
     Rows linked to one prompt slot form a *group*; ``group [R]`` is each row's group (in the
     row order attention runs in), ``rank [R]`` its place within the group, ``rows_per_group``
-    the largest group. The masks ``[R, W, Lp]`` allow key j of row r where j < prefix_len[r]
-    (every prompt position precedes the row's queries) and, on sliding-window layers, only the
-    keys within the window of each query's logical position.
+    the largest group. The prompt part of the masks allows key j of row r where j <
+    prefix_len[r] (every prompt position precedes the row's queries) and, on sliding-window
+    layers, only the keys within the window of each query's logical position; ``mask`` and
+    ``sliding_mask`` ``[R, W, Lp + Lo]`` are that part followed by the call's own-token mask,
+    joined once per forward for every layer's attention.
     """
 
     def __init__(self, cache: KVCache, slots: torch.Tensor, prefix_len: torch.Tensor, positions: torch.Tensor,
                  padding: torch.Tensor | None, longest_prefix: int, window: int | None, mask,
-                 order: torch.Tensor | None) -> None:
+                 order: torch.Tensor | None, own_mask: torch.Tensor, own_sliding_mask: torch.Tensor | None) -> None:
         groups, group = torch.unique(cache.prefix_of[slots], return_inverse=True)  # [G], [R]
         counts = torch.bincount(group)  # [G]
         by_group = torch.argsort(group, stable=True)  # [R]
@@ -330,10 +332,11 @@ class _PrefixPlan:
         self.cache, self.groups, self.length = cache, groups, longest_prefix
         key_pos = torch.arange(longest_prefix, device=slots.device)  # [Lp]
         allowed = (key_pos < prefix_len[:, None]).unsqueeze(1).expand(-1, positions.shape[1], -1)  # [R, W, Lp]
-        self.mask = mask(allowed, padding, True)
+        self.mask = torch.cat([mask(allowed, padding, True), own_mask], dim=-1)  # [R, W, Lp + Lo]
         self.sliding_mask = None
         if window is not None:
-            self.sliding_mask = mask(allowed & (key_pos > positions[:, :, None] - window), padding, True)
+            sliding = mask(allowed & (key_pos > positions[:, :, None] - window), padding, True)
+            self.sliding_mask = torch.cat([sliding, own_sliding_mask], dim=-1)  # [R, W, Lp + Lo]
         # In the row order attention runs in (the masks were permuted by `mask` already).
         self.group, self.rank = (group, rank) if order is None else (group[order], rank[order])
 
