@@ -33,11 +33,10 @@ step() {  # step NAME CMD...: run CMD with its output appended to the log
     "$@" >>"$log" 2>&1 || fail "$name"
 }
 
+mkdir -p "$venv" && : >"$log"
 if [ ! -x "$venv/bin/python" ]; then
-    mkdir -p "$venv" && : >"$log"
     "$py" -m venv "$venv" >>"$log" 2>&1 || fail "creating the virtual environment $venv with $py"
 fi
-: >"$log"
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check)
 step "upgrading pip" "${pip[@]}" --upgrade pip
 # torch first and alone: a bare `torch` requirement can pull a multi-GB CUDA build.
