@@ -117,6 +117,23 @@ def test_replan_refuses_a_changed_input(tmp_path):
         plan_shards(make_spec(inp, tmp_path / "out"))
 
 
+@pytest.mark.parametrize("how", ["truncated", "deleted"])
+def test_a_shard_check_on_an_input_caught_half_rewritten_says_it_changed(tmp_path, how):
+    """An actor that reads the input while it is being rewritten in place (a few bytes written,
+    or the file gone for a moment) refuses the shard as a changed input, not as a bad file."""
+    inp = make_parquet(tmp_path / "in.parquet", n=40, row_group_size=5)
+    spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=10")
+    shards = plan_shards(spec)
+    plan = data.read_plan(spec)
+    data.check_shard_input(spec, shards[0], plan)  # unchanged: nothing to say
+    if how == "truncated":
+        pathlib.Path(inp).write_bytes(b"PAR1")
+    else:
+        os.remove(inp)
+    with pytest.raises(InputError, match=rf"^input\.path: {inp} changed since .*plan\.json was planned \(it no longer reads: "):
+        data.check_shard_input(spec, shards[1], plan)
+
+
 def test_split_and_pending_shards_cover_uncommitted_rows_once(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=20)
     spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=10")

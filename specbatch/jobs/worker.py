@@ -143,10 +143,16 @@ class ShardRunner:
             started = time.time()
             before = _snapshot(self.loaded.engine.stats)
             shapes_before = self.step_shapes()
-            # The input files are those the plan was made from (InputError if one changed since).
+            # The input files are those the plan was made from (InputError if one changed since),
+            # before the read and after it: a file rewritten while it was read is caught either way.
             self.plan = self.plan or data.read_plan(self.spec)
             data.check_shard_input(self.spec, shard, self.plan)
-            rows = data.read_rows(self.spec, shard)
+            try:
+                rows = data.read_rows(self.spec, shard)
+            except data.InputError:
+                data.check_shard_input(self.spec, shard, self.plan)  # the read failed because the file changed
+                raise
+            data.check_shard_input(self.spec, shard, self.plan)
             records = self.records(rows)
             written = data.write_shard(self.spec, shard, records)
             stats = stats_delta(self.loaded.engine.stats, before)

@@ -145,14 +145,30 @@ def check_shard_input(spec: JobSpec, shard: Shard, plan: dict[str, Any] | None, 
     `plan` is :func:`read_plan`'s (None: nothing recorded, nothing to compare)."""
     if plan is None:
         return
-    info = info or _layout(spec)
+    try:
+        info = info or _layout(spec)
+    except InputError as e:
+        raise _unreadable(spec, plan, e) from None
     recorded = plan.get("file_identity")
     same_files = recorded is not None and [r.get("path") for r in recorded] == list(info.files)
     if not same_files or plan.get("file_rows") != list(info.file_rows):
         check_plan(spec, plan, info)  # raises where the plan is stale (a plan without identities: rows only)
         return
     touched = sorted({g.file_index for g in info.row_groups if g.start < shard.stop and g.start + g.num_rows > shard.start})
-    _compare(spec, [FileIdentity.from_dict(recorded[i]) for i in touched], input_identity(spec, info, touched), plan["_where"])
+    try:
+        now = input_identity(spec, info, touched)
+    except InputError as e:
+        raise _unreadable(spec, plan, e) from None
+    _compare(spec, [FileIdentity.from_dict(recorded[i]) for i in touched], now, plan["_where"])
+
+
+def _unreadable(spec: JobSpec, plan: dict[str, Any], error: InputError) -> InputError:
+    """A planned input that no longer reads mid-run (deleted, or caught half rewritten) has changed
+    since the plan: the same refusal as any other change, with the reader's words in brackets."""
+    return InputError(
+        f"input.path: {spec.input.path} changed since {plan['_where']} was planned (it no longer reads: {error}); "
+        "the output holds rows of the file as it was: use output.if_exists: overwrite to start over"
+    )
 
 
 def plan_shards(spec: JobSpec, info: InputInfo | None = None) -> list[Shard]:
