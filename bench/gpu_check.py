@@ -22,7 +22,10 @@ Sections, each a list of checks in the JSON and rows of the one printed table:
   the target forward alone, the step's bound from the memory bandwidth and bf16 matmul rate
   measured on the spot, and transformers' ``generate`` on the same shapes and weights;
 * ``fused``: the fused verification kernel against the unfused torch path (time), and the opt-in
-  sigmoid-approximate kernel's time and measured total variation from exact sampling.
+  sigmoid-approximate kernel's time and measured total variation from exact sampling;
+* ``graphs``: the target's steps as CUDA graphs (``specbatch.models.steps``) against its eager
+  forward: logits of ragged steps (relative difference, argmax agreement), forward time at each
+  batch and width, and whole engine steps with the target and a model drafter graphed.
 
 ``--smoke`` runs every section on CPU with tiny shapes and the kernels under the Triton
 interpreter (its times measure nothing but that the code runs).  Exit status 1 when a check fails.
@@ -554,8 +557,77 @@ def fused_checks(profile: Profile, device: torch.device) -> list[Check]:
 # ----------------------------------------------------------------------------------- report
 
 
+# ----------------------------------------------------------------------------------- e. graphs
+
+
+def ragged_step_parity(model: LlamaModel, steps: Any, batch: int, width: int, profile: Profile) -> dict:
+    """One ragged step (rows of random prompt lengths, widths 1..width) run eagerly and then as a
+    static step from the same cache state: the largest logit difference relative to the largest
+    logit, and how often the argmax agrees, at real positions."""
+    device = model.device
+    g = torch.Generator().manual_seed(batch * 31 + width)
+    lengths = torch.randint(1, profile.prompt_len + 1, (batch,), generator=g)
+    widths = torch.randint(1, width + 1, (batch,), generator=g)
+    cache = model.new_cache(batch, profile.prompt_len + width + 1)
+    slots = torch.randperm(batch, generator=g).to(device)  # rows not in slot order
+    prefix = torch.randint(3, model.config.vocab_size, (batch, profile.prompt_len), generator=g).to(device)
+    tokens = torch.randint(3, model.config.vocab_size, (batch, width), generator=g).to(device)
+    with torch.inference_mode():
+        model.steps = None
+        model(prefix, cache, slots, lengths.to(device), last_only=True)  # prefill, eager
+        start = cache.lengths.clone()
+        eager = model(tokens, cache, slots, widths.to(device)).clone()
+        cache.lengths.copy_(start)
+        model.steps = steps
+        static = model(tokens, cache, slots, widths.to(device)).clone()
+    real = torch.arange(width, device=device)[None, :] < widths.to(device)[:, None]  # [B, W]
+    e, s_ = eager[real], static[real]  # [N, V]
+    return dict(rel_diff=float((e - s_).abs().max() / e.abs().max().clamp(min=1e-30)),
+                argmax_agree=float((e.argmax(-1) == s_.argmax(-1)).float().mean()))
+
+
+def graph_checks(profile: Profile, device: torch.device) -> list[Check]:
+    """Static steps against the eager forward: logits on ragged steps, forward time at each batch
+    and width, and whole engine steps with graphed target and draft. On a GPU the static steps
+    are CUDA graphs; with --smoke (CPU) they run eagerly, which times nothing useful."""
+    from specbatch.models.steps import use_static_steps
+
+    ops.force_backend(None)
+    graphs = device.type == "cuda"
+    kind = "CUDA graphs" if graphs else "static steps (eager, CPU)"
+    widest = max(profile.widths)
+    target, hf = random_models(profile.target, profile.dtype, device, seed=0)
+    del hf
+    draft, hf_draft = random_models(profile.draft, profile.dtype, device, seed=1)
+    del hf_draft
+    steps = use_static_steps(target, widest, max(profile.batches), graphs=graphs)
+    use_static_steps(draft, 2, max(profile.batches), graphs=graphs)
+    out = []
+    for batch in profile.batches:
+        parity = ragged_step_parity(target, steps, batch, widest, profile)
+        ok = parity["rel_diff"] <= 2e-2 and parity["argmax_agree"] >= 0.98
+        out.append(Check("graphs", f"ragged step parity, batch {batch}",
+                         f"{kind} vs eager: max |diff| {parity['rel_diff']:.2g} of the largest logit, argmax agrees "
+                         f"on {parity['argmax_agree']:.1%} of positions", ok, dict(batch=batch, **parity)))
+    context = profile.prompt_len + profile.new_tokens // 2
+    for width in profile.widths:
+        for batch in profile.batches:
+            target.steps = None
+            eager = time_forward(target, batch, width, context=context)
+            target.steps = steps
+            static = time_forward(target, batch, width, context=context)
+            engine = statistics.median(engine_step_seconds(target, draft, batch, width, profile) or [float("nan")])
+            out.append(Check("graphs", f"batch {batch} width {width}",
+                             f"target forward {eager * 1e3:.2f} ms eager, {static * 1e3:.2f} ms {kind} "
+                             f"(x{eager / static:.2f}); engine step {engine * 1e3:.2f} ms", None,
+                             dict(batch=batch, width=width, eager_forward_ms=eager * 1e3,
+                                  static_forward_ms=static * 1e3, engine_step_ms=engine * 1e3, graphs=graphs)))
+    return out
+
+
 SECTIONS: dict[str, Callable[[Profile, torch.device], list[Check]]] = {
     "kernels": kernel_checks, "exactness": exactness_checks, "steps": step_checks, "fused": fused_checks,
+    "graphs": graph_checks,
 }
 
 

@@ -90,7 +90,7 @@ def test_gpu_check_smoke_runs_without_ray_pydantic_or_scipy(tmp_path):
     assert report["profile"] == "smoke" and report["passed"] is True
     assert report["environment"]["triton_interpret"] is True
     sections = report["sections"]
-    assert set(sections) == {"kernels", "exactness", "steps", "fused"}
+    assert set(sections) == {"kernels", "exactness", "steps", "fused", "graphs"}
     assert all(sections[name] for name in sections)
     kernels = sections["kernels"]
     assert {c["case"].split()[0] for c in kernels} == {"verify", "warp+sample"}
@@ -100,6 +100,11 @@ def test_gpu_check_smoke_runs_without_ray_pydantic_or_scipy(tmp_path):
     assert {(s["batch"], s["width"]) for s in steps} == {(1, 1), (4, 1), (1, 5), (4, 5)}
     assert all(s["step_ms"] > 0 and s["steps"] > 0 and s["bound_ms"] > 0 for s in steps)
     assert all("transformers_ms_per_token" in s for s in steps if s["width"] == 1)
+    parity = [c for c in sections["graphs"] if c["case"].startswith("ragged step parity")]
+    assert len(parity) == 2 and all(c["ok"] is True for c in parity)
+    timed = [c["figures"] for c in sections["graphs"] if "width" in c["figures"]]
+    assert {(t["batch"], t["width"]) for t in timed} == {(1, 1), (4, 1), (1, 5), (4, 5)}
+    assert all(t["static_forward_ms"] > 0 and t["engine_step_ms"] > 0 and t["graphs"] is False for t in timed)
     tv = [c for c in sections["fused"] if c["case"].startswith("approximate TV")]
     assert len(tv) == 3 and all(c["ok"] is True for c in tv)
 

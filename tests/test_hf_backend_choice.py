@@ -114,6 +114,12 @@ def test_compile_is_native_only(tmp_path, gemma, capsys):
     assert code == 2 and "models.target.compile: only the native backend compiles; Gemma2ForCausalLM" in err
 
 
+def test_cuda_graphs_are_native_only(tmp_path, gemma, capsys):
+    code, err = validate(tmp_path, gemma, capsys, cuda_graphs=True)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "models.target.cuda_graphs: only the native backend runs CUDA graphs; Gemma2ForCausalLM" in err
+
+
 def test_auto_picks_native_for_llama_and_transformers_otherwise(llama, gemma, tmp_path, capsys):
     assert choose_backend(llama) == "native" and choose_backend(gemma) == "transformers"
     assert isinstance(load_model(llama), LlamaModel)
@@ -135,6 +141,7 @@ def test_the_backend_setting_is_per_model_and_keeps_old_fingerprints():
     d = default.model_dump(mode="json", exclude={"name", "output", "resources"})
     for role in ("target", "draft"):
         del d["models"][role]["backend"]
+    del d["models"]["target"]["cuda_graphs"]
     canonical = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     assert default.fingerprint() == hashlib.sha256(canonical.encode()).hexdigest()
     with pytest.raises(Exception, match="backend: only for kind 'model'"):

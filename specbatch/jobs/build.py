@@ -15,7 +15,7 @@ from specbatch.engine.request import Request, SampleOutput
 from specbatch.engine.stats import AcceptanceStats, CostModel
 
 if TYPE_CHECKING:
-    from specbatch.jobs.spec import JobSpec
+    from specbatch.jobs.spec import JobSpec, TargetSpec
 
 ENGINE_FACTORY = "specbatch.jobs.build:build_engine"
 
@@ -68,6 +68,16 @@ def device_for(spec: JobSpec) -> str:
     return "cpu"
 
 
+def _cuda_graphs(target_spec: TargetSpec, target: Any, device: str) -> bool:
+    """Whether the job's steps run as CUDA graphs: as the spec says, else (null) on a GPU for a
+    native model that is not compiled."""
+    from specbatch.models.llama import LlamaModel
+
+    if target_spec.cuda_graphs is not None:
+        return bool(target_spec.cuda_graphs)
+    return device == "cuda" and isinstance(target, LlamaModel) and not target_spec.compile
+
+
 def build_engine(spec: JobSpec, measure_cost: bool = True) -> LoadedEngine:
     """The real engine for a job spec: target model, tokenizer, drafter, Engine.
 
@@ -78,6 +88,8 @@ def build_engine(spec: JobSpec, measure_cost: bool = True) -> LoadedEngine:
     from specbatch.engine.speculation import choose_policy
     from specbatch.models import load_model, load_tokenizer
     from specbatch.models.compile import compile_steps
+    from specbatch.models.llama import LlamaModel
+    from specbatch.models.steps import use_static_steps
     from specbatch.engine.tokenization import encode_prompt
 
     device = device_for(spec)
@@ -85,6 +97,9 @@ def build_engine(spec: JobSpec, measure_cost: bool = True) -> LoadedEngine:
     target = load_model(target_spec.path, dtype=target_spec.dtype, device=device, backend=target_spec.backend)
     if target_spec.compile:
         compile_steps(target)
+    graphs = _cuda_graphs(target_spec, target, device)
+    if graphs:  # the target's steps are at most gamma + 1 wide
+        use_static_steps(target, spec.gamma + 1, spec.resources.max_batch_size, graphs=True)
     tokenizer = load_tokenizer(target_spec.path)
     drafter = build_drafter(
         draft_spec.kind,
@@ -103,6 +118,9 @@ def build_engine(spec: JobSpec, measure_cost: bool = True) -> LoadedEngine:
         max_entries=draft_spec.max_entries,
         scope=draft_spec.scope,
     )
+    if graphs and drafter.draft_model is not None and isinstance(drafter.draft_model, LlamaModel):
+        # a model drafter's steps: its catch-up feed (1 or 2 tokens) and one token per proposal
+        use_static_steps(drafter.draft_model, 2, spec.resources.max_batch_size, graphs=True)
     gamma, auto = spec.gamma, spec.auto_gamma
     points = [params for _, params in spec.sweep_points()]
     # The speculation policy is chosen here, once: off, fixed, adaptive or auto.
@@ -127,6 +145,7 @@ def build_engine(spec: JobSpec, measure_cost: bool = True) -> LoadedEngine:
         "target": target_spec.path,
         "dtype": target_spec.dtype,
         "compiled": target_spec.compile,
+        "cuda_graphs": graphs,
         "backend": type(target).__name__,
         "draft": draft_spec.kind if draft_spec.kind != "model" else f"model:{draft_spec.path}",
         "num_draft_tokens": "auto" if auto and gamma else gamma,

@@ -220,6 +220,9 @@ def check_models(spec: JobSpec, elsewhere: bool = False) -> Any | None:
     native = spec.models.target.backend != "transformers" and getattr(target, "architecture", None) in SUPPORTED_ARCHITECTURES
     if target is not None and spec.models.target.compile and not native:
         raise SpecError(f"models.target.compile: only the native backend compiles; {target.architecture} runs on transformers")
+    if target is not None and spec.models.target.cuda_graphs and not native:
+        raise SpecError(f"models.target.cuda_graphs: only the native backend runs CUDA graphs; "
+                        f"{target.architecture} runs on transformers")
     if target is not None:
         _check_against_target(spec, target)
     return target

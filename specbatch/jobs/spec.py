@@ -151,6 +151,15 @@ class TargetSpec(BaseModel):
         "uncompiled run's, and a shard retried on another actor may differ too (kernels are autotuned per process); "
         "the distribution contract holds either way.",
     )
+    cuda_graphs: bool | None = Field(
+        None,
+        description="Run decode and verify steps (the target's and a model drafter's) as static forwards captured "
+        "in CUDA graphs, one per batch size bucket and step width, captured the first time each shape runs, and "
+        "replayed: a step of a small model on a GPU is otherwise bound by kernel launches. null: on where the actor "
+        "has a GPU and the model runs on the native backend (not with compile), off otherwise; true needs "
+        "resources.gpus_per_actor > 0. Graphed logits round differently from eager ones (attention reads the cache "
+        "in place); the distribution contract holds either way.",
+    )
 
 
 class DraftSpec(BaseModel):
@@ -371,6 +380,16 @@ class JobSpec(BaseModel):
         return out
 
     @model_validator(mode="after")
+    def _cuda_graphs_ok(self) -> "JobSpec":
+        target = self.models.target
+        if target.cuda_graphs and self.resources.gpus_per_actor <= 0:
+            raise ValueError("models.target.cuda_graphs: true needs a GPU per actor (resources.gpus_per_actor > 0)")
+        if target.cuda_graphs and target.compile:
+            raise ValueError("models.target.cuda_graphs: true and models.target.compile: true exclude each other; "
+                             "choose one")
+        return self
+
+    @model_validator(mode="after")
     def _sweep_ok(self) -> "JobSpec":
         if not self.sweep:
             return self
@@ -434,6 +453,8 @@ class JobSpec(BaseModel):
         for role in ("target", "draft"):  # the default backend keeps the fingerprints of specs written before it
             if d["models"][role].get("backend") == "auto":
                 del d["models"][role]["backend"]
+        if d["models"]["target"].get("cuda_graphs") is None:  # so does the default cuda_graphs
+            d["models"]["target"].pop("cuda_graphs", None)
         canonical = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -22,6 +22,10 @@ Attention reads the linked prompt slot once per prompt group and the row's own t
 
 Without prompt slots (the *unshared* layout), N samples of one prompt are prefilled once into
 one slot and ``copy_prefix`` copies the prefix into the N-1 others.
+
+A *tail* of ``tail`` positions past ``max_len`` in every row slot (0 unless static steps ask for
+one, ``specbatch.models.steps``) takes the writes of a static-shaped step's padding tokens: they
+land there instead of in any row's tokens, and nothing ever reads them.
 """
 
 from __future__ import annotations
@@ -57,13 +61,13 @@ class CacheLayout:
 
 
 class KVCache:
-    """Per-layer K/V tensors ``[num_slots, kv_heads, max_len, head_dim]`` and per-slot lengths;
+    """Per-layer K/V tensors ``[num_slots, kv_heads, max_len + tail, head_dim]`` and per-slot lengths;
     with ``prompt_slots``, also per-layer prompt K/V ``[prompt_slots, kv_heads, prompt_len,
     head_dim]`` and each row slot's link into them (see the module docstring)."""
 
     def __init__(self, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 prompt_slots: int = 0, prompt_len: int = 0):
+                 prompt_slots: int = 0, prompt_len: int = 0, tail: int = 0):
         if num_slots < 1 or max_len < 1:
             raise ValueError(f"KVCache needs num_slots >= 1 and max_len >= 1, got {num_slots} and {max_len}")
         if prompt_slots < 0 or (prompt_slots and prompt_len < 1):
@@ -72,7 +76,8 @@ class KVCache:
         self.max_len = max_len
         self.prompt_slots = prompt_slots
         self.prompt_len = prompt_len if prompt_slots else 0
-        shape = (num_slots, num_kv_heads, max_len, head_dim)
+        self.tail = tail
+        shape = (num_slots, num_kv_heads, max_len + tail, head_dim)
         self.k: list[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v: list[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         pshape = (prompt_slots, num_kv_heads, self.prompt_len, head_dim)
@@ -86,10 +91,10 @@ class KVCache:
 
     @classmethod
     def for_model(cls, config, dtype: torch.dtype, device: torch.device | str, num_slots: int, max_len: int,
-                  prompt_slots: int = 0, prompt_len: int = 0) -> "KVCache":
+                  prompt_slots: int = 0, prompt_len: int = 0, tail: int = 0) -> "KVCache":
         """An empty cache shaped for a model's ``config`` (layers, K/V heads, head size)."""
         return cls(config.num_hidden_layers, num_slots, max_len, config.num_key_value_heads, config.head_dim,
-                   dtype=dtype, device=device, prompt_slots=prompt_slots, prompt_len=prompt_len)
+                   dtype=dtype, device=device, prompt_slots=prompt_slots, prompt_len=prompt_len, tail=tail)
 
     @property
     def layout(self) -> CacheLayout:

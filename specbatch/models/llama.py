@@ -126,7 +126,9 @@ class DecoderLayer(nn.Module):
         self.down_linear = Linear(self.down, self.down_bias, pack)
 
     def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: "_Plan") -> torch.Tensor:
-        """x ``[R, W, H]`` -> ``[R, W, H]``; writes this layer's K/V ``[S, kvh, max_len, hd]``."""
+        """x ``[R, W, H]`` -> ``[R, W, H]``; writes this layer's K/V ``[S, kvh, max_len, hd]``.
+        ``plan`` is the forward's :class:`_Plan`, or a static one (``specbatch.models.steps``):
+        it writes the K/V and attends."""
         c = self.config
         R, W, _ = x.shape
         nh, kvh, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -138,39 +140,7 @@ class DecoderLayer(nn.Module):
             qk = F.rms_norm(qk, (hd,), eps=c.rms_norm_eps) * self.qk_norm
         q, k = apply_rope(qk, plan.cos.unsqueeze(2), plan.signed_sin.unsqueeze(2)).split((nh, kvh), dim=2)
 
-        if plan.write_valid is not None:  # only real tokens are written
-            k, v = k[plan.write_valid], v[plan.write_valid]  # [N, kvh, hd]
-        # Position-major views [S, max_len, kvh, hd] so (slot, position) index the first two dims.
-        k_cache.transpose(1, 2).index_put_(plan.write_index, k)
-        v_cache.transpose(1, 2).index_put_(plan.write_index, v)
-        if plan.slot_range is not None:  # the slots are a contiguous run: a view, no copy
-            lo, hi = plan.slot_range
-            keys, values = k_cache[lo:hi, :, : plan.kv_len], v_cache[lo:hi, :, : plan.kv_len]
-            if plan.order is not None:  # rows are not in slot order: permute the queries instead
-                q = q[plan.order]
-        else:
-            keys, values = k_cache[plan.slots, :, : plan.kv_len], v_cache[plan.slots, :, : plan.kv_len]
-        # keys, values: [R, kvh, L, hd], in the same row order as q and the masks
-        mask = plan.sliding_mask if self.sliding else plan.mask  # [R, W, L]
-        if plan.prefix is not None:  # shared prompt KV: the linked prompt slots, then the own tokens
-            pre = plan.prefix
-            prefix_k, prefix_v = pre.keys(self.index), pre.values(self.index)  # [G, kvh, Lp, hd]
-            mask = pre.sliding_mask if self.sliding else pre.mask  # [R, W, Lp + Lo]
-            if plan.float32_attention:
-                q, keys, values, prefix_k, prefix_v = (t.float() for t in (q, keys, values, prefix_k, prefix_v))
-            out = shared_prefix_attention(q, keys, values, prefix_k, prefix_v, mask,
-                                          pre.group, pre.rank, pre.rows_per_group).to(x.dtype)
-        elif W <= MATMUL_ATTENTION_MAX_WIDTH:
-            if plan.float32_attention:
-                out = _matmul_attention(q.float(), keys.float(), values.float(), mask[:, None, None]).to(q.dtype)
-            else:
-                out = _matmul_attention(q, keys, values, mask[:, None, None])
-        else:
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=nh != kvh
-            ).transpose(1, 2)  # [R, W, nh, hd]
-        if plan.order is not None:
-            out = out[plan.unorder]  # back to the caller's row order
+        out = plan.attend(self, q, k, v, k_cache, v_cache)  # [R, W, nh, hd]
         x = x + self.o_linear(out.reshape(R, W, nh * hd))
 
         h = rms_norm(x, self.mlp_norm, c.rms_norm_eps)
@@ -295,6 +265,48 @@ class _Plan:
             self.prefix = _PrefixPlan(cache, global_slots, prefix_len, positions, padding, longest_prefix, window,
                                       self._mask, self.order, self.mask, self.sliding_mask)
 
+    def attend(self, layer: DecoderLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """Write the call's K/V ``[R, W, kvh, hd]`` into the layer's cache ``[S, kvh, max_len, hd]``,
+        then attend: q ``[R, W, nh, hd]`` -> ``[R, W, nh, hd]`` in the caller's row order."""
+        nh, kvh = layer.config.num_attention_heads, layer.config.num_key_value_heads
+        W = q.shape[1]
+        if self.write_valid is not None:  # only real tokens are written
+            k, v = k[self.write_valid], v[self.write_valid]  # [N, kvh, hd]
+        # Position-major views [S, max_len, kvh, hd] so (slot, position) index the first two dims.
+        k_cache.transpose(1, 2).index_put_(self.write_index, k)
+        v_cache.transpose(1, 2).index_put_(self.write_index, v)
+        if self.slot_range is not None:  # the slots are a contiguous run: a view, no copy
+            lo, hi = self.slot_range
+            keys, values = k_cache[lo:hi, :, : self.kv_len], v_cache[lo:hi, :, : self.kv_len]
+            if self.order is not None:  # rows are not in slot order: permute the queries instead
+                q = q[self.order]
+        else:
+            keys, values = k_cache[self.slots, :, : self.kv_len], v_cache[self.slots, :, : self.kv_len]
+        # keys, values: [R, kvh, L, hd], in the same row order as q and the masks
+        mask = self.sliding_mask if layer.sliding else self.mask  # [R, W, L]
+        if self.prefix is not None:  # shared prompt KV: the linked prompt slots, then the own tokens
+            pre = self.prefix
+            prefix_k, prefix_v = pre.keys(layer.index), pre.values(layer.index)  # [G, kvh, Lp, hd]
+            mask = pre.sliding_mask if layer.sliding else pre.mask  # [R, W, Lp + Lo]
+            dtype = q.dtype
+            if self.float32_attention:
+                q, keys, values, prefix_k, prefix_v = (t.float() for t in (q, keys, values, prefix_k, prefix_v))
+            out = shared_prefix_attention(q, keys, values, prefix_k, prefix_v, mask,
+                                          pre.group, pre.rank, pre.rows_per_group).to(dtype)
+        elif W <= MATMUL_ATTENTION_MAX_WIDTH:
+            if self.float32_attention:
+                out = _matmul_attention(q.float(), keys.float(), values.float(), mask[:, None, None]).to(q.dtype)
+            else:
+                out = _matmul_attention(q, keys, values, mask[:, None, None])
+        else:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=mask.unsqueeze(1), enable_gqa=nh != kvh
+            ).transpose(1, 2)  # [R, W, nh, hd]
+        if self.order is not None:
+            out = out[self.unorder]  # back to the caller's row order
+        return out
+
     def _mask(self, allowed: torch.Tensor, padding: torch.Tensor | None, additive: bool) -> torch.Tensor:
         """The attention mask in the row order attention runs in (slot order when permuted)."""
         if padding is not None:
@@ -371,6 +383,9 @@ class LlamaModel(nn.Module):
         # at most compiled_max_width new tokens per row.
         self.compiled_body = None
         self.compiled_max_width = 0
+        # Set by specbatch.models.steps.use_static_steps: steps of at most steps.max_width new tokens
+        # per row (without last_only) run as static forwards (CUDA graphs on a GPU).
+        self.steps = None
         inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq.to(self.embed.device), persistent=False)  # [hd / 2] float32
         self.eval()
@@ -385,16 +400,24 @@ class LlamaModel(nn.Module):
 
     def new_cache(self, num_slots: int, max_len: int, prompt_slots: int = 0, prompt_len: int = 0) -> KVCache:
         """An empty KV cache for this model, in its dtype and on its device (with prompt slots:
-        the shared prompt KV layout)."""
-        return KVCache.for_model(self.config, self.dtype, self.device, num_slots, max_len, prompt_slots, prompt_len)
+        the shared prompt KV layout; with static steps, a tail for their padding)."""
+        tail = self.steps.max_width if self.steps is not None else 0
+        return KVCache.for_model(self.config, self.dtype, self.device, num_slots, max_len, prompt_slots, prompt_len,
+                                 tail=tail)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor, num_tokens: torch.Tensor,
                 last_only: bool = False) -> torch.Tensor:
-        """Logits ``[R, W, V]`` float32, or ``[R, 1, V]`` at each row's last real token with last_only."""
+        """Logits ``[R, W, V]`` float32, or ``[R, 1, V]`` at each row's last real token with last_only.
+
+        With static steps (``self.steps``), a call of at most ``steps.max_width`` tokens per row
+        without last_only is a step over row slots: it runs as a static forward, unchecked (the
+        engine keeps rows within their slots), and its logits are valid until the next step."""
         R, W = tokens.shape
         slots = slots.to(device=self.device, dtype=torch.int64)
         num_tokens = num_tokens.to(device=self.device, dtype=torch.int64)
+        if self.steps is not None and not last_only and W <= self.steps.max_width:
+            return self.steps(tokens.to(self.device), cache, slots, num_tokens)
         plan = _Plan(self, cache, slots, num_tokens, W)
         x = F.embedding(tokens.to(self.device), self.embed)  # [R, W, H]
         last = (num_tokens - 1).clamp(min=0) if last_only else None  # [R]

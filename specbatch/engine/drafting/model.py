@@ -113,7 +113,10 @@ class ModelDrafter:
             if p:
                 feed[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
         n_feed = torch.tensor([len(p) for p in pending], dtype=torch.int64, device=dev)
-        last = self.model(feed, self.cache, slots, n_feed, last_only=True)[:, 0]  # [R, Vd] at each row's last token
+        # Every position's logits, then each row's last real one: a step-shaped call (1 or 2 wide),
+        # which a model with static steps runs as one (a CUDA graph on a GPU).
+        fed = self.model(feed, self.cache, slots, n_feed)  # [R, width, Vd]
+        last = fed[torch.arange(r, device=dev), (n_feed - 1).clamp(min=0)]  # [R, Vd] at each row's last token
 
         params = self._warp_params(rows)
         key = torch.tensor([row.key for row in rows], dtype=torch.int64, device=dev)
