@@ -372,10 +372,10 @@ class Driver:
         from specbatch.jobs import data
 
         spec = self.spec
-        for note in data.prepare_output(spec):
+        for note in data.prepare_output(spec.input, spec.output, spec.fingerprint(), spec.to_dict()):
             self.log(f"warning: {note}: uncommitted, it runs again")
-        planned = data.plan_shards(spec)
-        committed = data.committed(spec)
+        planned = data.plan_shards(spec.input, spec.output, spec.resources.shard_rows)
+        committed = data.committed(spec.output)
         tasks = collections.deque(Task(s) for s in data.pending_shards(planned, committed))
         self.counts["resumed"] = len(planned) - len(tasks)
         if tasks:
@@ -488,7 +488,7 @@ class Driver:
     def _commit(self, task: Task, manifest: Any, progress: Progress, run_started: float) -> None:
         from specbatch.jobs import data
 
-        manifest = data.write_manifest(self.spec, manifest)
+        manifest = data.write_manifest(self.spec.output, manifest, self.spec.fingerprint())
         if self.first_commit_s is None:
             self.first_commit_s = time.time() - run_started
         self.this_run.append(manifest)
@@ -520,15 +520,16 @@ class Driver:
 
         spec, shard = self.spec, task.shard
         error = task.errors[-1]
-        rows = data.read_rows(spec, shard)
+        rows = data.read_rows(spec.input, shard)
         records = error_records(spec, rows, error)
-        written = data.write_shard(spec, shard, records)
+        schema = data.output_schema(spec.input, spec.fingerprint(), spec.sweep)
+        written = data.write_shard(spec.output, shard, records, schema)
         now = time.time()
         manifest = data.ShardManifest.of_records(
             shard, len(rows), records, written, attempt=task.attempts, started_at=now, finished_at=now,
             failed=True, error=error,
         )
-        data.write_manifest(spec, manifest)
+        data.write_manifest(spec.output, manifest, spec.fingerprint())
         self.log(f"error: {shard.name} failed {task.attempts} times: {error}")
         progress.shard_done(manifest)
 
@@ -540,8 +541,8 @@ class Driver:
         # complete; then files no manifest commits (an actor died after writing, a shard was
         # split, a file failed its verification) can go, so the part files are exactly the
         # committed rows.
-        manifests, damaged = data.uncommit_unverified(spec)
-        data.remove_uncommitted(spec)
+        manifests, damaged = data.uncommit_unverified(spec.output)
+        data.remove_uncommitted(spec.output)
         cost_model, gamma = self._engine_facts(manifests)
         run = {
             "started_at": run_started,
@@ -566,9 +567,9 @@ class Driver:
             spec, manifests, this_run=self.this_run, run=run, actors=self._descriptions(),
             cost_model=cost_model, gamma=gamma, failed=failed,
         )
-        data.write_json(data.output_uri(spec, report.STATS), stats)
+        data.write_json(data.output_uri(spec.output, report.STATS), stats)
         if not failed:
-            data.write_json(data.output_uri(spec, data.SUCCESS_FILE), {"finished_at": run["finished_at"]})
+            data.write_json(data.output_uri(spec.output, data.SUCCESS_FILE), {"finished_at": run["finished_at"]})
         return RunResult(output=spec.output.path, failed=failed, stats=stats)
 
     @staticmethod

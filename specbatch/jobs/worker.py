@@ -145,16 +145,18 @@ class ShardRunner:
             shapes_before = self.step_shapes()
             # The input files are those the plan was made from (InputError if one changed since),
             # before the read and after it: a file rewritten while it was read is caught either way.
-            self.plan = self.plan or data.read_plan(self.spec)
-            data.check_shard_input(self.spec, shard, self.plan)
+            spec = self.spec
+            self.plan = self.plan or data.read_plan(spec.output)
+            data.check_shard_input(spec.input, shard, self.plan)
             try:
-                rows = data.read_rows(self.spec, shard)
+                rows = data.read_rows(spec.input, shard)
             except data.InputError:
-                data.check_shard_input(self.spec, shard, self.plan)  # the read failed because the file changed
+                data.check_shard_input(spec.input, shard, self.plan)  # the read failed because the file changed
                 raise
-            data.check_shard_input(self.spec, shard, self.plan)
+            data.check_shard_input(spec.input, shard, self.plan)
             records = self.records(rows)
-            written = data.write_shard(self.spec, shard, records)
+            schema = data.output_schema(spec.input, spec.fingerprint(), spec.sweep)
+            written = data.write_shard(spec.output, shard, records, schema)
             stats = stats_delta(self.loaded.engine.stats, before)
             shapes = _counter_delta(self.step_shapes(), shapes_before)
             finished = time.time()
