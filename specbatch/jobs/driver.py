@@ -38,6 +38,7 @@ from specbatch.jobs.build import ENGINE_FACTORY
 from specbatch.jobs.preflight import preflight
 
 if TYPE_CHECKING:
+    from specbatch.jobs.data import Shard, ShardManifest
     from specbatch.jobs.spec import JobSpec
 
 
@@ -52,7 +53,7 @@ class ClusterError(RunError):
 
 @dataclasses.dataclass
 class Task:
-    shard: Any  # specbatch.jobs.data.Shard
+    shard: Shard
     attempts: int = 0
     errors: list[str] = dataclasses.field(default_factory=list)
 
@@ -226,8 +227,8 @@ class Progress:
             self.bar = tqdm(total=total_prompts, unit="prompt", file=sys.stderr, dynamic_ncols=True,
                             mininterval=self.interval)
 
-    def shard_done(self, manifest: Any) -> None:
-        """Count a committed shard (a specbatch.jobs.data.ShardManifest)."""
+    def shard_done(self, manifest: ShardManifest) -> None:
+        """Count a committed shard."""
         self.samples += manifest.samples
         self.committed_tokens += manifest.tokens
         if self.bar is not None:
@@ -278,7 +279,7 @@ class _Slot:
 class Driver:
     """One run of a job spec over a Ray cluster."""
 
-    def __init__(self, spec: Any, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True,
+    def __init__(self, spec: JobSpec, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True,
                  poll_s: float = 1.0, log=None, placement_note_s: float = 30.0):
         self.spec = spec
         self.engine_factory = engine_factory
@@ -290,7 +291,7 @@ class Driver:
         self.retired: list[_Slot] = []
         self.next_label = 0
         self.counts = collections.Counter()
-        self.this_run: list[Any] = []  # ShardManifests committed by this run
+        self.this_run: list[ShardManifest] = []  # committed by this run
         self.first_commit_s: float | None = None
         self.ray_ready_s: float | None = None
 
@@ -485,7 +486,7 @@ class Driver:
                     pass
             slot.polling = slot.handle.progress.remote()
 
-    def _commit(self, task: Task, manifest: Any, progress: Progress, run_started: float) -> None:
+    def _commit(self, task: Task, manifest: ShardManifest, progress: Progress, run_started: float) -> None:
         from specbatch.jobs import data
 
         manifest = data.write_manifest(self.spec.output, manifest, self.spec.fingerprint())
@@ -573,7 +574,7 @@ class Driver:
         return RunResult(output=spec.output.path, failed=failed, stats=stats)
 
     @staticmethod
-    def _engine_facts(manifests: dict[str, Any]) -> tuple[dict | None, dict | None]:
+    def _engine_facts(manifests: dict[str, ShardManifest]) -> tuple[dict | None, dict | None]:
         """The cost model and gamma of the engine that committed the latest shard (kept in
         every manifest, so a resumed run with nothing left to do still reports them)."""
         latest = max((m for m in manifests.values() if m.engine), key=lambda m: m.finished_at, default=None)
@@ -610,7 +611,7 @@ def _init_error(slot: _Slot) -> str:
     return "unknown error"
 
 
-def run_job(spec: Any, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True, log=None,
+def run_job(spec: JobSpec, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True, log=None,
             placement_note_s: float = 30.0) -> RunResult:
     """Run a job spec to completion (preflight, resume, retries, splitting); return its result."""
     return Driver(spec, engine_factory=engine_factory, progress=progress, log=log,

@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 from specbatch.jobs import data
-from specbatch.jobs.data import OutputRecord, ShardManifest
+from specbatch.jobs.data import OutputRecord, Shard, ShardManifest
 from specbatch.engine.request import Request
 from specbatch.engine.stats import AcceptanceStats
 from specbatch.jobs.build import LoadedEngine, import_factory
@@ -137,7 +137,7 @@ class ShardRunner:
                 records.append(OutputRecord.of_sample(row["id"], row.get("prompt"), out, extra))
         return records
 
-    def run_shard(self, shard: Any, attempt: int = 1) -> ShardManifest:
+    def run_shard(self, shard: Shard, attempt: int = 1) -> ShardManifest:
         """Generate and write one shard; return its manifest (the driver commits it)."""
         with self.lock:
             started = time.time()
@@ -222,7 +222,7 @@ class GenerationActor:
             **self.runner.loaded.description,
         }
 
-    def run_shard(self, shard: Any, attempt: int = 1) -> ShardManifest:
+    def run_shard(self, shard: Shard, attempt: int = 1) -> ShardManifest:
         manifest = self.runner.run_shard(shard, attempt)
         if self.metrics is not None:
             try:
