@@ -109,7 +109,7 @@ def one_run(spec) -> dict:
         raise SystemExit(f"run failed: {result.failure_line()}")
     from specbatch.jobs import data
 
-    infos = [m for m in data.committed(spec).values()]
+    infos = [m for m in data.committed(spec.output).values()]
     # The window is the time every actor is generating: from the last actor's first shard start
     # to the first actor's last commit (before it, actors still load and measure while others
     # generate; after it, the tail runs on fewer actors). Each shard's tokens are spread evenly

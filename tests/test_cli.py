@@ -487,5 +487,5 @@ def test_a_dictionary_encoded_prompt_column_is_accepted(job, capsys):
     assert main(["validate", dump(tmp, spec)]) == 0, capsys.readouterr().err
     from specbatch.jobs.spec import spec_from_dict
 
-    rows = data.read_rows(spec_from_dict(spec), data.Shard("part-00000", 0, 6))
+    rows = data.read_rows(spec_from_dict(spec).input, data.Shard("part-00000", 0, 6))
     assert [r["prompt"] for r in rows] == [f"describe item {i}" for i in range(6)]

@@ -33,7 +33,7 @@ from specbatch.jobs.data import (
     write_manifest,
     write_shard,
 )
-from specbatch.jobs.spec import apply_override, spec_from_dict
+from specbatch.jobs.spec import InputSpec, OutputSpec, apply_override, spec_from_dict
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -72,11 +72,26 @@ def record(row: dict, sample_index: int = 0, **changes) -> OutputRecord:
     return OutputRecord(**fixed, extra=extra)
 
 
+def prepare(spec) -> list[str]:
+    """prepare_output as a run of `spec` calls it."""
+    return prepare_output(spec.input, spec.output, spec.fingerprint(), spec.to_dict())
+
+
+def plan_of(spec) -> list[Shard]:
+    """plan_shards as a run of `spec` calls it."""
+    return plan_shards(spec.input, spec.output, spec.resources.shard_rows)
+
+
+def schema_of(spec) -> pa.Schema:
+    """The output schema of `spec`'s shards."""
+    return output_schema(spec.input, spec.fingerprint(), spec.sweep)
+
+
 def commit(spec, shard, n: int = 1) -> ShardManifest:
-    rows = read_rows(spec, shard)
+    rows = read_rows(spec.input, shard)
     records = [record(r, s) for r in rows for s in range(n)]
-    written = write_shard(spec, shard, records)
-    return write_manifest(spec, ShardManifest.of_records(shard, len(rows), records, written))
+    written = write_shard(spec.output, shard, records, schema_of(spec))
+    return write_manifest(spec.output, ShardManifest.of_records(shard, len(rows), records, written), spec.fingerprint())
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -92,8 +107,8 @@ def test_plan_rows_packs_small_row_groups_and_cuts_large_ones():
 
 def test_plan_is_stable_for_the_same_input(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=50, row_group_size=7)
-    a = plan_shards(make_spec(inp, tmp_path / "a", "resources.shard_rows=16"))
-    b = plan_shards(make_spec(inp, tmp_path / "b", "resources.shard_rows=16"))
+    a = plan_of(make_spec(inp, tmp_path / "a", "resources.shard_rows=16"))
+    b = plan_of(make_spec(inp, tmp_path / "b", "resources.shard_rows=16"))
     assert a == b
     assert a[0].start == 0 and a[-1].stop == 50
     assert all(x.stop == y.start for x, y in zip(a, a[1:]))
@@ -103,18 +118,18 @@ def test_plan_is_stable_for_the_same_input(tmp_path):
 
 def test_replan_reuses_plan_json(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=40, row_group_size=5)
-    first = plan_shards(make_spec(inp, tmp_path / "out", "resources.shard_rows=10"))
+    first = plan_of(make_spec(inp, tmp_path / "out", "resources.shard_rows=10"))
     assert (tmp_path / "out" / data.PLAN_FILE).exists()
-    again = plan_shards(make_spec(inp, tmp_path / "out", "resources.shard_rows=25"))
+    again = plan_of(make_spec(inp, tmp_path / "out", "resources.shard_rows=25"))
     assert again == first and len(first) == 4
 
 
 def test_replan_refuses_a_changed_input(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=40)
-    plan_shards(make_spec(inp, tmp_path / "out"))
+    plan_of(make_spec(inp, tmp_path / "out"))
     make_parquet(inp, n=41)
     with pytest.raises(InputError, match=r"__specbatch__/plan\.json: planned for an input of 40 rows"):
-        plan_shards(make_spec(inp, tmp_path / "out"))
+        plan_of(make_spec(inp, tmp_path / "out"))
 
 
 @pytest.mark.parametrize("how", ["truncated", "deleted"])
@@ -123,34 +138,34 @@ def test_a_shard_check_on_an_input_caught_half_rewritten_says_it_changed(tmp_pat
     or the file gone for a moment) refuses the shard as a changed input, not as a bad file."""
     inp = make_parquet(tmp_path / "in.parquet", n=40, row_group_size=5)
     spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=10")
-    shards = plan_shards(spec)
-    plan = data.read_plan(spec)
-    data.check_shard_input(spec, shards[0], plan)  # unchanged: nothing to say
+    shards = plan_of(spec)
+    plan = data.read_plan(spec.output)
+    data.check_shard_input(spec.input, shards[0], plan)  # unchanged: nothing to say
     if how == "truncated":
         pathlib.Path(inp).write_bytes(b"PAR1")
     else:
         os.remove(inp)
     with pytest.raises(InputError, match=rf"^input\.path: {inp} changed since .*plan\.json was planned \(it no longer reads: "):
-        data.check_shard_input(spec, shards[1], plan)
+        data.check_shard_input(spec.input, shards[1], plan)
 
 
 def test_split_and_pending_shards_cover_uncommitted_rows_once(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=20)
     spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=10")
-    prepare_output(spec)
-    plan = plan_shards(spec)
-    assert pending_shards(plan, committed(spec)) == plan
+    prepare(spec)
+    plan = plan_of(spec)
+    assert pending_shards(plan, committed(spec.output)) == plan
     left, right = split_shard(plan[0])
     assert (left.name, left.start, left.stop) == ("part-00000.1", 0, 5)
     assert (right.name, right.start, right.stop) == ("part-00000.2", 5, 10)
     commit(spec, left)
     commit(spec, plan[1])
-    assert pending_shards(plan, committed(spec)) == [right]
+    assert pending_shards(plan, committed(spec.output)) == [right]
     rl, rr = split_shard(right)
     commit(spec, rr)
-    assert pending_shards(plan, committed(spec)) == [rl]
+    assert pending_shards(plan, committed(spec.output)) == [rl]
     commit(spec, rl)
-    assert pending_shards(plan, committed(spec)) == []
+    assert pending_shards(plan, committed(spec.output)) == []
     out = read_output(str(tmp_path / "out"))
     assert out.column("id").to_pylist() == [f"p{i}" for i in range(20)]
     with pytest.raises(ValueError, match="cannot be split"):
@@ -182,10 +197,10 @@ def test_directory_input_reads_files_in_sorted_order_and_skips_hidden(tmp_path):
     (tmp_path / "d" / ".hidden.parquet").write_text("junk")
     (tmp_path / "d" / "README.txt").write_text("not data")
     spec = make_spec(tmp_path / "d", tmp_path / "out", "resources.shard_rows=100")
-    info = check_input(spec)
+    info = check_input(spec.input, spec.output)
     assert [os.path.relpath(f, tmp_path / "d") for f in info.files] == ["a.parquet", "b.parquet", "sub/c.parquet"]
     assert info.num_rows == 8
-    rows = read_rows(spec, Shard("part-00000", 0, 8))
+    rows = read_rows(spec.input, Shard("part-00000", 0, 8))
     assert [r["id"] for r in rows] == [f"p{i}" for i in range(8)]
 
 
@@ -194,9 +209,9 @@ def test_glob_input_stays_within_one_directory_level(tmp_path):
     make_parquet(tmp_path / "d" / "x2.parquet", n=2, start=2)
     make_parquet(tmp_path / "d" / "y.parquet", n=2, start=50)
     make_parquet(tmp_path / "d" / "sub" / "x3.parquet", n=2, start=90)
-    info = check_input(make_spec(tmp_path / "d" / "x*.parquet", tmp_path / "out"))
+    info = check_input(InputSpec(path=str(tmp_path / "d" / "x*.parquet")), OutputSpec(path=str(tmp_path / "out")))
     assert [os.path.basename(f) for f in info.files] == ["x1.parquet", "x2.parquet"]
-    deep = check_input(make_spec(tmp_path / "d" / "**" / "x*.parquet", tmp_path / "out"))
+    deep = check_input(InputSpec(path=str(tmp_path / "d" / "**" / "x*.parquet")), OutputSpec(path=str(tmp_path / "out")))
     # '**' spans directory levels (zero or more); files stay in sorted path order ("sub/" < "x1").
     assert [os.path.relpath(f, tmp_path / "d") for f in deep.files] == ["sub/x3.parquet", "x1.parquet", "x2.parquet"]
 
@@ -205,26 +220,26 @@ def test_read_rows_across_row_groups_and_files(tmp_path):
     make_parquet(tmp_path / "d" / "a.parquet", n=13, row_group_size=4, start=0)
     make_parquet(tmp_path / "d" / "b.parquet", n=9, row_group_size=5, start=13)
     spec = make_spec(tmp_path / "d", tmp_path / "out")
-    info = check_input(spec)
+    info = check_input(spec.input, spec.output)
     assert [g.num_rows for g in info.row_groups] == [4, 4, 4, 1, 5, 4]
     for start, stop in [(0, 22), (3, 9), (11, 15), (12, 13), (21, 22), (5, 5)]:
-        rows = read_rows(spec, Shard("s", start, stop))
+        rows = read_rows(spec.input, Shard("s", start, stop))
         assert [r["id"] for r in rows] == [f"p{i}" for i in range(start, stop)]
         assert [r["prompt"] for r in rows] == [f"prompt number {i}" for i in range(start, stop)]
     with pytest.raises(InputError, match="outside"):
-        read_rows(spec, Shard("s", 20, 23))
+        read_rows(spec.input, Shard("s", 20, 23))
 
 
 def test_keep_columns_pass_through_with_their_types(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=4, topic=["a", "b", None, "d"], score=[1.5, 2.5, 3.5, 4.5],
                        tags=[["x"], [], ["y", "z"], None])
     spec = make_spec(inp, tmp_path / "out", keep_columns=["topic", "score", "tags"])
-    prepare_output(spec)
-    rows = read_rows(spec, Shard("part-00000", 0, 4))
+    prepare(spec)
+    rows = read_rows(spec.input, Shard("part-00000", 0, 4))
     assert [(r["topic"], r["score"], r["tags"]) for r in rows] == [("a", 1.5, ["x"]), ("b", 2.5, []), (None, 3.5, ["y", "z"]), ("d", 4.5, None)]
-    schema = output_schema(spec)
+    schema = schema_of(spec)
     assert schema.field("score").type == pa.float64() and schema.field("tags").type == pa.list_(pa.string())
-    write_shard(spec, Shard("part-00000", 0, 4), [record(r) for r in rows])
+    write_shard(spec.output, Shard("part-00000", 0, 4), [record(r) for r in rows], schema_of(spec))
     back = pq.read_table(tmp_path / "out" / "part-00000.parquet")
     assert back.column("tags").to_pylist() == [["x"], [], ["y", "z"], None]
     assert back.schema.names[-3:] == ["topic", "score", "tags"]
@@ -241,24 +256,24 @@ def test_chat_message_prompts(tmp_path):
     inp = tmp_path / "chat.parquet"
     pq.write_table(pa.table({"id": ["a", "b", "c", "d", "e"], "messages": chats}), inp)
     spec = make_spec(inp, tmp_path / "out", prompt_column="messages")
-    info = check_input(spec)
+    info = check_input(spec.input, spec.output)
     assert info.prompt_kind == "chat"
-    rows = read_rows(spec, Shard("part-00000", 0, 5))
+    rows = read_rows(spec.input, Shard("part-00000", 0, 5))
     assert rows[0] == {"id": "a", "prompt": chats[0]}
     assert rows[1] == {"id": "b", "prompt": chats[1]}
     assert rows[2]["error"] == "row 2 (id 'c'): prompt has no chat messages"
     assert rows[3]["error"] == "row 3 (id 'd'): chat message 0 has no role"
     assert rows[4]["error"] == "row 4 (id 'e'): prompt is null"
-    assert output_schema(spec).field("prompt").type == data.CHAT_TYPE
-    prepare_output(spec)
-    write_shard(spec, Shard("part-00000", 0, 5), [record(r) for r in rows])
+    assert schema_of(spec).field("prompt").type == data.CHAT_TYPE
+    prepare(spec)
+    write_shard(spec.output, Shard("part-00000", 0, 5), [record(r) for r in rows], schema_of(spec))
     assert pq.read_table(tmp_path / "out" / "part-00000.parquet").column("prompt").to_pylist()[:2] == chats[:2]
 
 
 def test_invalid_rows_carry_an_error_and_neighbours_are_fine(tmp_path):
     inp = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "prompt": ["ok", None, "   ", "also ok"]}), inp)
-    rows = read_rows(make_spec(inp, tmp_path / "out"), Shard("part-00000", 0, 4))
+    rows = read_rows(InputSpec(path=str(inp)), Shard("part-00000", 0, 4))
     assert rows[0] == {"id": "a", "prompt": "ok"} and rows[3] == {"id": "d", "prompt": "also ok"}
     assert rows[1] == {"id": "b", "prompt": None, "error": "row 1 (id 'b'): prompt is null"}
     assert rows[2]["error"] == "row 2 (id 'c'): prompt is empty"
@@ -268,19 +283,19 @@ def test_ids_absent_are_stable_row_indices(tmp_path):
     inp = tmp_path / "in.parquet"
     pq.write_table(pa.table({"prompt": [f"q{i}" for i in range(7)]}), inp, row_group_size=3)
     spec = make_spec(inp, tmp_path / "out")
-    assert check_input(spec).id_column is None
-    assert [r["id"] for r in read_rows(spec, Shard("s", 2, 6))] == ["2", "3", "4", "5"]
+    assert check_input(spec.input, spec.output).id_column is None
+    assert [r["id"] for r in read_rows(spec.input, Shard("s", 2, 6))] == ["2", "3", "4", "5"]
     # id_column null ignores an existing id column
     with_ids = make_parquet(tmp_path / "ids.parquet", n=3)
     spec = make_spec(with_ids, tmp_path / "out2", id_column=None)
-    assert [r["id"] for r in read_rows(spec, Shard("s", 0, 3))] == ["0", "1", "2"]
+    assert [r["id"] for r in read_rows(spec.input, Shard("s", 0, 3))] == ["0", "1", "2"]
 
 
 def test_integer_ids_become_strings(tmp_path):
     inp = tmp_path / "in.parquet"
     pq.write_table(pa.table({"key": [10, 20, 30], "prompt": ["a", "b", "c"]}), inp)
     spec = make_spec(inp, tmp_path / "out", id_column="key")
-    assert [r["id"] for r in read_rows(spec, Shard("s", 0, 3))] == ["10", "20", "30"]
+    assert [r["id"] for r in read_rows(spec.input, Shard("s", 0, 3))] == ["10", "20", "30"]
 
 
 # ----------------------------------------------------------------------------- malformed input
@@ -351,14 +366,15 @@ def test_output_inside_the_input_directory_is_refused(tmp_path):
     for inp, out in ((tmp_path / "d", "d/out"), (f"{tmp_path}/d/**/*.parquet", "d/out"), (f"{tmp_path}/d/*.parquet", "d"),
                      (f"{tmp_path}/d/*/*.parquet", "d/out")):
         with pytest.raises(InputError, match=r"^output.path: .* is inside the input directory"):
-            check_input(make_spec(inp, tmp_path / out))
+            check_input(InputSpec(path=str(inp)), OutputSpec(path=str(tmp_path / out)))
     # A glob reads only the files it matches: an output no match can lie in is not inside it,
     # whatever prefix it shares with the glob's directory (issue 20).
     for inp, out in ((f"{tmp_path}/d/*.parquet", "d/out"), (f"{tmp_path}/d/a*.parquet", "d/a_out"),
                      (f"{tmp_path}/d/a*.parquet", "d/a_out/sub")):
-        check_input(make_spec(inp, tmp_path / out))
-    check_input(make_spec(tmp_path / "d" / "a.parquet", tmp_path / "d" / "out"))  # a single file is fine
-    check_input(make_spec(tmp_path / "d", tmp_path / "d2"))  # a sibling whose name extends it is fine
+        check_input(InputSpec(path=str(inp)), OutputSpec(path=str(tmp_path / out)))
+    out = OutputSpec(path=str(tmp_path / "d" / "out"))
+    check_input(InputSpec(path=str(tmp_path / "d" / "a.parquet")), out)  # a single file is fine
+    check_input(InputSpec(path=str(tmp_path / "d")), OutputSpec(path=str(tmp_path / "d2")))  # a sibling whose name extends it is fine
 
 
 @pytest.mark.parametrize("name", MALFORMED_INPUTS)
@@ -366,7 +382,7 @@ def test_malformed_input_fails_with_one_line_naming_the_file_and_writes_nothing(
     inp, fields, expected = build_malformed(name, tmp_path)
     spec = make_spec(inp, tmp_path / "out", **fields)
     with pytest.raises(InputError) as info:
-        check_input(spec)
+        check_input(spec.input, spec.output)
     assert str(info.value) == expected
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
@@ -378,9 +394,9 @@ def test_malformed_input_fails_with_one_line_naming_the_file_and_writes_nothing(
 def test_write_is_atomic_no_partial_file_under_the_final_name(tmp_path, monkeypatch):
     inp = make_parquet(tmp_path / "in.parquet", n=4)
     spec = make_spec(inp, tmp_path / "out")
-    prepare_output(spec)
+    prepare(spec)
     shard = Shard("part-00000", 0, 4)
-    rows = read_rows(spec, shard)
+    rows = read_rows(spec.input, shard)
     final = tmp_path / "out" / "part-00000.parquet"
     real_put = data.files._put
     seen = []
@@ -394,23 +410,23 @@ def test_write_is_atomic_no_partial_file_under_the_final_name(tmp_path, monkeypa
 
     monkeypatch.setattr(data.files, "_put", crashing_put)
     with pytest.raises(OSError, match="disk full"):
-        write_shard(spec, shard, [record(r) for r in rows])
+        write_shard(spec.output, shard, [record(r) for r in rows], schema_of(spec))
     assert seen and not final.exists()
     assert [p.name for p in (tmp_path / "out").iterdir() if "part-" in p.name] == []  # temp file cleaned up
     monkeypatch.setattr(data.files, "_put", real_put)
-    written = write_shard(spec, shard, [record(r) for r in rows])
+    written = write_shard(spec.output, shard, [record(r) for r in rows], schema_of(spec))
     assert written.path == str(tmp_path / "out") + "/part-00000.parquet"
     assert written.size == final.stat().st_size and written.sha256 == hashlib.sha256(final.read_bytes()).hexdigest()
     assert pq.read_table(final).num_rows == 4
     # A retry rewrites the same name whole.
-    write_shard(spec, shard, [record(r, completion="second") for r in rows])
+    write_shard(spec.output, shard, [record(r, completion="second") for r in rows], schema_of(spec))
     assert set(pq.read_table(final).column("completion").to_pylist()) == {"second"}
 
 
 def test_object_store_path_writes_the_fixed_key_directly(tmp_path, monkeypatch):
     inp = make_parquet(tmp_path / "in.parquet", n=3)
     spec = make_spec(inp, tmp_path / "out")
-    prepare_output(spec)
+    prepare(spec)
     shard = Shard("part-00000", 0, 3)
     targets = []
     real_put = data.files._put
@@ -421,21 +437,21 @@ def test_object_store_path_writes_the_fixed_key_directly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data.files, "_is_object_store", lambda fs: True)
     monkeypatch.setattr(data.files, "_put", spy)
-    write_shard(spec, shard, [record(r) for r in read_rows(spec, shard)])
+    write_shard(spec.output, shard, [record(r) for r in read_rows(spec.input, shard)], schema_of(spec))
     assert targets == [str(tmp_path / "out" / "part-00000.parquet")]
 
 
 def test_manifest_commits_only_a_complete_file(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=6)
     spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=3")
-    prepare_output(spec)
-    s0, s1 = plan_shards(spec)
+    prepare(spec)
+    s0, s1 = plan_of(spec)
     with pytest.raises(data.OutputIOError, match="part-00000.parquet: the shard file is missing"):
-        write_manifest(spec, ShardManifest("part-00000", 0, 3, rows=3))
+        write_manifest(spec.output, ShardManifest("part-00000", 0, 3, rows=3), spec.fingerprint())
     commit(spec, s0, n=2)
     # s1's file is written but not committed (a crash between file and manifest): invisible.
-    write_shard(spec, s1, [record(r) for r in read_rows(spec, s1)])
-    manifests = committed(spec)
+    write_shard(spec.output, s1, [record(r) for r in read_rows(spec.input, s1)], schema_of(spec))
+    manifests = committed(spec.output)
     assert list(manifests) == ["part-00000"]
     m = manifests["part-00000"]
     assert (m.shard, m.start, m.stop, m.file, m.rows, m.samples) == ("part-00000", 0, 3, "part-00000.parquet", 3, 6)
@@ -451,7 +467,7 @@ def test_manifest_commits_only_a_complete_file(tmp_path):
 def test_read_output_refuses_overlapping_shards(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=6)
     spec = make_spec(inp, tmp_path / "out")
-    prepare_output(spec)
+    prepare(spec)
     commit(spec, Shard("part-00000", 0, 6))
     commit(spec, Shard("part-00000.2", 3, 6))
     with pytest.raises(ValueError, match="overlap"):
@@ -461,13 +477,13 @@ def test_read_output_refuses_overlapping_shards(tmp_path):
 def test_write_shard_rejects_malformed_records(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=2)
     spec = make_spec(inp, tmp_path / "out")
-    prepare_output(spec)
+    prepare(spec)
     shard = Shard("part-00000", 0, 2)
-    row = read_rows(spec, shard)[0]
+    row = read_rows(spec.input, shard)[0]
     with pytest.raises(ValueError, match="unknown column"):
-        write_shard(spec, shard, [record(row, colour="red")])
+        write_shard(spec.output, shard, [record(row, colour="red")], schema_of(spec))
     with pytest.raises(ValueError, match="finish_reason"):
-        write_shard(spec, shard, [record(row, finish_reason="done")])
+        write_shard(spec.output, shard, [record(row, finish_reason="done")], schema_of(spec))
     assert not (tmp_path / "out" / "part-00000.parquet").exists()
 
 
@@ -475,12 +491,13 @@ def test_all_null_error_column_reads_back_with_the_declared_schema(tmp_path):
     pd = pytest.importorskip("pandas")
     inp = make_parquet(tmp_path / "in.parquet", n=3, topic=["a", "b", "c"])
     spec = make_spec(inp, tmp_path / "out", "sweep.temperature=[0.5, 1.0]", keep_columns=["topic"])
-    prepare_output(spec)
+    prepare(spec)
     shard = Shard("part-00000", 0, 3)
-    rows = read_rows(spec, shard)
+    rows = read_rows(spec.input, shard)
     records = [record(r, s, topic=r["topic"], temperature=t) for r in rows for t in (0.5, 1.0) for s in range(2)]
-    write_manifest(spec, ShardManifest.of_records(shard, 3, records, write_shard(spec, shard, records)))
-    declared = output_schema(spec)
+    written = write_shard(spec.output, shard, records, schema_of(spec))
+    write_manifest(spec.output, ShardManifest.of_records(shard, 3, records, written), spec.fingerprint())
+    declared = schema_of(spec)
     on_disk = pq.read_schema(tmp_path / "out" / "part-00000.parquet")
     assert on_disk.equals(declared, check_metadata=False)
     assert on_disk.field("error").type == pa.string() and on_disk.field("temperature").type == pa.float64()
@@ -500,18 +517,18 @@ def test_all_null_error_column_reads_back_with_the_declared_schema(tmp_path):
 def test_resume_keeps_committed_shards_and_clears_leftovers(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=6)
     spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=3")
-    prepare_output(spec)
-    s0, s1 = plan_shards(spec)
+    prepare(spec)
+    s0, s1 = plan_of(spec)
     commit(spec, s0)
     (tmp_path / "out" / data.SUCCESS_FILE).write_text("")
     (tmp_path / "out" / ".part-00001.parquet.tmp-abc").write_text("partial")
     (tmp_path / "out" / data.MANIFEST_DIR / ".part-00001.json.tmp-abc").write_text("partial")
-    write_shard(spec, s1, [record(r) for r in read_rows(spec, s1)])  # written, never committed
+    write_shard(spec.output, s1, [record(r) for r in read_rows(spec.input, s1)], schema_of(spec))  # written, never committed
     # Different resources: same outputs, so resuming is allowed.
     again = make_spec(inp, tmp_path / "out", "resources.shard_rows=5", "resources.actors=3")
-    prepare_output(again)
-    assert list(committed(again)) == ["part-00000"]
-    assert [s.name for s in pending_shards(plan_shards(again), committed(again))] == ["part-00001"]
+    prepare(again)
+    assert list(committed(again.output)) == ["part-00000"]
+    assert [s.name for s in pending_shards(plan_of(again), committed(again.output))] == ["part-00001"]
     names = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert names == [data.MANIFEST_DIR + "/part-00000.json", data.PLAN_FILE, data.SPEC_FILE, "part-00000.parquet"]
 
@@ -519,8 +536,8 @@ def test_resume_keeps_committed_shards_and_clears_leftovers(tmp_path):
 def test_resume_uncommits_shards_whose_file_or_manifest_was_damaged(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=10)
     spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=2")
-    prepare_output(spec)
-    plan = plan_shards(spec)
+    prepare(spec)
+    plan = plan_of(spec)
     for shard in plan:
         commit(spec, shard, n=2)
     out = tmp_path / "out"
@@ -534,11 +551,11 @@ def test_resume_uncommits_shards_whose_file_or_manifest_was_damaged(tmp_path):
     manifest.write_bytes(manifest.read_bytes()[:50])  # a manifest that does not read
     with pytest.raises(ValueError, match=r"part-00003: its manifest does not read"):
         read_output(str(out))
-    notes = prepare_output(spec)
+    notes = prepare(spec)
     assert [n.split(":")[0] for n in notes] == ["part-00000", "part-00001", "part-00002", "part-00003"]
     assert "missing" in notes[0] and "has 200 bytes" in notes[1] and "sha256" in notes[2] and "does not read" in notes[3]
-    assert list(committed(spec)) == ["part-00004"]
-    assert pending_shards(plan, committed(spec)) == plan[:4]
+    assert list(committed(spec.output)) == ["part-00004"]
+    assert pending_shards(plan, committed(spec.output)) == plan[:4]
     assert [p.name for p in out.glob("part-*")] == ["part-00004.parquet"]
     assert [p.name for p in (out / data.MANIFEST_DIR).iterdir()] == ["part-00004.json"]
     assert read_output(str(out)).column("id").to_pylist() == ["p8", "p8", "p9", "p9"]
@@ -547,32 +564,32 @@ def test_resume_uncommits_shards_whose_file_or_manifest_was_damaged(tmp_path):
 def test_a_first_version_manifest_is_verified_by_reading_its_file(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=4)
     spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=2")
-    prepare_output(spec)
-    for shard in plan_shards(spec):
+    prepare(spec)
+    for shard in plan_of(spec):
         commit(spec, shard, n=3)
     for path in (tmp_path / "out" / data.MANIFEST_DIR).glob("*.json"):  # as the first version wrote them
         m = json.loads(path.read_text())
         for key in ("version", "file_bytes", "file_sha256"):
             del m[key]
         path.write_text(json.dumps(m))
-    assert committed(spec)["part-00000"].file_sha256 is None
+    assert committed(spec.output)["part-00000"].file_sha256 is None
     with open(tmp_path / "out" / "part-00001.parquet", "r+b") as f:
         f.truncate(200)
-    notes = prepare_output(spec)
+    notes = prepare(spec)
     assert len(notes) == 1 and notes[0].startswith("part-00001: part-00001.parquet does not read as Parquet")
-    assert list(committed(spec)) == ["part-00000"]
+    assert list(committed(spec.output)) == ["part-00000"]
     newer = tmp_path / "out" / data.manifest_name("part-00000")
     newer.write_text(json.dumps({**json.loads(newer.read_text()), "version": 99}))
     with pytest.raises(InputError, match=r"part-00000.json: manifest version 99 was written by a newer specbatch"):
-        prepare_output(spec)
+        prepare(spec)
     assert newer.exists()  # refused, never uncommitted
 
 
 def test_an_output_of_the_first_layout_reads_and_resumes_into_the_current_one(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=6)
     spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=2")
-    prepare_output(spec)
-    plan = plan_shards(spec)
+    prepare(spec)
+    plan = plan_of(spec)
     for shard in plan[:2]:
         commit(spec, shard)
     out = tmp_path / "out"
@@ -585,26 +602,26 @@ def test_an_output_of_the_first_layout_reads_and_resumes_into_the_current_one(tm
     (out / data.META_DIR).rmdir()
     (out / "stats.json").write_text("{}")
     (out / "_SUCCESS").write_text("")
-    assert list(committed(spec)) == ["part-00000", "part-00001"]
+    assert list(committed(spec.output)) == ["part-00000", "part-00001"]
     assert read_output(str(out)).column("id").to_pylist() == ["p0", "p1", "p2", "p3"]
-    assert prepare_output(spec) == []
+    assert prepare(spec) == []
     assert sorted(p.name for p in out.iterdir()) == [data.META_DIR, "part-00000.parquet", "part-00001.parquet"]
-    assert list(committed(spec)) == ["part-00000", "part-00001"]
-    assert plan_shards(spec) == plan and pending_shards(plan, committed(spec)) == plan[2:]
+    assert list(committed(spec.output)) == ["part-00000", "part-00001"]
+    assert plan_of(spec) == plan and pending_shards(plan, committed(spec.output)) == plan[2:]
 
 
 def test_remove_uncommitted_leaves_exactly_the_committed_shards(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=8)
     spec = make_spec(inp, tmp_path / "out", "resources.shard_rows=4")
-    prepare_output(spec)
-    s0, s1 = plan_shards(spec)
+    prepare(spec)
+    s0, s1 = plan_of(spec)
     commit(spec, s0)
     # s1 was written by an attempt whose actor died before the commit, then split and redone.
-    write_shard(spec, s1, [record(r) for r in read_rows(spec, s1)])
+    write_shard(spec.output, s1, [record(r) for r in read_rows(spec.input, s1)], schema_of(spec))
     for half in split_shard(s1):
         commit(spec, half)
     (tmp_path / "out" / ".part-00009.parquet.tmp-0123").write_text("partial")
-    assert data.remove_uncommitted(spec) == [".part-00009.parquet.tmp-0123", "part-00001.parquet"]
+    assert data.remove_uncommitted(spec.output) == [".part-00009.parquet.tmp-0123", "part-00001.parquet"]
     parts = sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet"))
     assert parts == ["part-00000.parquet", "part-00001.1.parquet", "part-00001.2.parquet"]
     assert read_output(str(tmp_path / "out")).column("id").to_pylist() == [f"p{i}" for i in range(8)]
@@ -613,12 +630,12 @@ def test_remove_uncommitted_leaves_exactly_the_committed_shards(tmp_path):
 def test_resume_refuses_a_directory_written_by_a_different_spec(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=6)
     spec = make_spec(inp, tmp_path / "out")
-    prepare_output(spec)
+    prepare(spec)
     commit(spec, Shard("part-00000", 0, 6))
     before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     other = make_spec(inp, tmp_path / "out", "sampling.temperature=0.3")
     with pytest.raises(InputError) as info:
-        prepare_output(other)
+        prepare(other)
     assert str(info.value).startswith(f"output.path: {tmp_path / 'out'} was written by a different spec")
     assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
 
@@ -626,25 +643,25 @@ def test_resume_refuses_a_directory_written_by_a_different_spec(tmp_path):
 def test_overwrite_clears_the_directory(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=6)
     spec = make_spec(inp, tmp_path / "out")
-    prepare_output(spec)
-    plan_shards(spec)
+    prepare(spec)
+    plan_of(spec)
     commit(spec, Shard("part-00000", 0, 6))
     other = make_spec(inp, tmp_path / "out", "sampling.temperature=0.3", "output.if_exists=overwrite")
-    prepare_output(other)
+    prepare(other)
     assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == [
         data.META_DIR, data.MANIFEST_DIR, data.SPEC_FILE]
     assert json.loads((tmp_path / "out" / data.SPEC_FILE).read_text())["fingerprint"] == other.fingerprint()
-    assert committed(other) == {}
+    assert committed(other.output) == {}
 
 
 def test_fail_refuses_a_non_empty_directory_and_accepts_an_empty_one(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=2)
     (tmp_path / "empty").mkdir()
-    prepare_output(make_spec(inp, tmp_path / "empty", "output.if_exists=fail"))
+    prepare(make_spec(inp, tmp_path / "empty", "output.if_exists=fail"))
     spec = make_spec(inp, tmp_path / "out", "output.if_exists=fail")
-    prepare_output(spec)
+    prepare(spec)
     with pytest.raises(InputError, match=r"is not empty \(if_exists: fail\)$"):
-        prepare_output(spec)
+        prepare(spec)
 
 
 @pytest.mark.parametrize("mode", ["resume", "overwrite"])
@@ -653,7 +670,7 @@ def test_a_foreign_directory_is_never_cleared_or_resumed(tmp_path, mode):
     (tmp_path / "home" / "thesis.tex").write_text("precious")
     spec = make_spec(make_parquet(tmp_path / "in.parquet", n=2), tmp_path / "home", f"output.if_exists={mode}")
     with pytest.raises(InputError, match="not a specbatch output"):
-        prepare_output(spec)
+        prepare(spec)
     assert [p.name for p in (tmp_path / "home").iterdir()] == ["thesis.tex"]
 
 
@@ -661,7 +678,7 @@ def test_output_path_that_is_a_file(tmp_path):
     (tmp_path / "out").write_text("x")
     spec = make_spec(make_parquet(tmp_path / "in.parquet", n=2), tmp_path / "out")
     with pytest.raises(InputError, match="is a file, expected a directory"):
-        prepare_output(spec)
+        prepare(spec)
 
 
 # --------------------------------------------------------------------------------------- URIs
@@ -671,18 +688,18 @@ def test_file_uris_go_through_pyarrow_fs(tmp_path):
     make_parquet(tmp_path / "d" / "a.parquet", n=5, start=0)
     make_parquet(tmp_path / "d" / "b.parquet", n=5, start=5)
     spec = make_spec(f"file://{tmp_path}/d/*.parquet", f"file://{tmp_path}/out", "resources.shard_rows=4")
-    info = check_input(spec)
+    info = check_input(spec.input, spec.output)
     assert info.num_rows == 10
-    prepare_output(spec)
-    plan = plan_shards(spec)
+    prepare(spec)
+    plan = plan_of(spec)
     for shard in plan:
         commit(spec, shard)
-    assert committed(spec).keys() == {s.name for s in plan}
+    assert committed(spec.output).keys() == {s.name for s in plan}
     table = read_output(f"file://{tmp_path}/out")
     assert table.column("id").to_pylist() == [f"p{i}" for i in range(10)]
     assert read_output(str(tmp_path / "out")).equals(table)
-    assert data.output_uri(spec, "stats.json") == f"file://{tmp_path}/out/stats.json"
-    data.write_json(data.output_uri(spec, "stats.json"), {"rows": 10})
+    assert data.output_uri(spec.output, "stats.json") == f"file://{tmp_path}/out/stats.json"
+    data.write_json(data.output_uri(spec.output, "stats.json"), {"rows": 10})
     assert json.loads((tmp_path / "out" / "stats.json").read_text()) == {"rows": 10}
 
 
@@ -690,7 +707,7 @@ def test_errors_name_files_the_way_the_input_was_given(tmp_path):
     make_parquet(tmp_path / "d" / "a.parquet", n=2)
     spec = make_spec(f"file://{tmp_path}/d", tmp_path / "out", prompt_column="text")
     with pytest.raises(InputError) as info:
-        check_input(spec)
+        check_input(spec.input, spec.output)
     assert str(info.value).startswith(f"file://{tmp_path}/d/a.parquet: input.prompt_column 'text' not found")
 
 
@@ -714,9 +731,9 @@ def test_subtree_filesystem_is_not_an_object_store(tmp_path):
 def test_layout_cache_sees_a_rewritten_input(tmp_path):
     inp = make_parquet(tmp_path / "in.parquet", n=3)
     spec = make_spec(inp, tmp_path / "out")
-    assert read_rows(spec, Shard("s", 0, 3))[0]["prompt"] == "prompt number 0"
+    assert read_rows(spec.input, Shard("s", 0, 3))[0]["prompt"] == "prompt number 0"
     pq.write_table(pa.table({"id": ["p0", "p1", "p2", "p3"], "prompt": ["new", "b", "c", "d"]}), inp)
-    assert read_rows(spec, Shard("s", 0, 4))[0]["prompt"] == "new"
+    assert read_rows(spec.input, Shard("s", 0, 4))[0]["prompt"] == "new"
 
 
 def test_repository_prompt_data_checks_out():
@@ -725,9 +742,9 @@ def test_repository_prompt_data_checks_out():
 
         spec = load_spec(REPO / "jobs" / job)
         spec = spec_from_dict(apply_override(spec.to_dict(), f"input.path={REPO / spec.input.path}"))
-        info = check_input(spec)
+        info = check_input(spec.input, spec.output)
         assert info.num_rows >= 24, job
-        rows = read_rows(spec, Shard("all", 0, info.num_rows))
+        rows = read_rows(spec.input, Shard("all", 0, info.num_rows))
         assert not any("error" in r for r in rows), job
 
 

@@ -101,7 +101,7 @@ def test_normal_run_writes_every_sample_once_with_the_declared_schema(reference)
     assert all(r["error"] is None and r["finish_reason"] in ("eos", "length") for r in rows.values())
     assert rows[("p4", 1, None)]["topic"] == 4 % 3
     # Every shard file carries the explicit output schema, and pandas reads the whole output.
-    schema = data.output_schema(spec)
+    schema = data.output_schema(spec.input, spec.fingerprint(), spec.sweep)
     for f in sorted(out.glob("part-*.parquet")):
         assert pq.read_schema(f).equals(schema, check_metadata=False), f
     frame = data.read_output(str(out)).to_pandas()
@@ -251,19 +251,19 @@ def test_success_is_written_only_once_every_commit_verifies(tmp_path):
 
     out = tmp_path / "out"
     spec = make_spec(write_prompts(tmp_path / "in", plain_prompts(4)), out)
-    data.check_input(spec)
-    data.prepare_output(spec)
+    data.check_input(spec.input, spec.output)
+    data.prepare_output(spec.input, spec.output, spec.fingerprint(), spec.to_dict())
     loaded = fake_engine.build(spec)
     assert isinstance(loaded.engine, EngineLike)
     runner = ShardRunner(spec, loaded, "actor-0")
-    for shard in data.plan_shards(spec):
-        data.write_manifest(spec, runner.run_shard(shard))
+    for shard in data.plan_shards(spec.input, spec.output, spec.resources.shard_rows):
+        data.write_manifest(spec.output, runner.run_shard(shard), spec.fingerprint())
     with open(out / "part-00001.parquet", "r+b") as f:
         f.truncate(200)  # changed after its commit, before the run finished
     result = Driver(spec, engine_factory=FAKE, progress=False)._finish(time.time())
     assert result.exit_code == 1 and result.failure_line().startswith("1 shard(s) failed: part-00001")
     assert "has 200 bytes" in result.failure_line()
-    assert not (out / data.SUCCESS_FILE).exists() and list(data.committed(spec)) == ["part-00000"]
+    assert not (out / data.SUCCESS_FILE).exists() and list(data.committed(spec.output)) == ["part-00000"]
     assert not (out / "part-00001.parquet").exists()
 
 
@@ -386,8 +386,8 @@ def test_shard_runner_keys_sweep_points_apart_and_reports_row_errors(tmp_path):
     prompts = ["first prompt", "", "an unencodable prompt"]
     spec = make_spec(write_prompts(tmp_path / "in", prompts), tmp_path / "out",
                      sweep={"temperature": [0.5, 1.0]}, **{"sampling.n": 2})
-    data.check_input(spec)
-    data.prepare_output(spec)
+    data.check_input(spec.input, spec.output)
+    data.prepare_output(spec.input, spec.output, spec.fingerprint(), spec.to_dict())
     engine = Recorder()
     runner = ShardRunner(spec, LoadedEngine(engine=engine, encode=encode), "actor-7")
     manifest = runner.run_shard(data.Shard("part-00000", 0, 3))

@@ -79,11 +79,11 @@ def test_a_lost_node_s_shard_goes_to_the_live_actor_and_the_job_completes_exactl
     (inp.parent / "fake_engine.json").write_text('{"delay_s": 0.25}')
 
     reference = spec_for(inp, tmp_path / "reference")  # the uninterrupted run, without Ray
-    data.check_input(reference)
-    data.prepare_output(reference)
+    data.check_input(reference.input, reference.output)
+    data.prepare_output(reference.input, reference.output, reference.fingerprint(), reference.to_dict())
     runner = ShardRunner(reference, LoadedEngine(engine=FakeEngine({}), encode=encode))
-    for shard in data.plan_shards(reference):
-        data.write_manifest(reference, runner.run_shard(shard))
+    for shard in data.plan_shards(reference.input, reference.output, reference.resources.shard_rows):
+        data.write_manifest(reference.output, runner.run_shard(shard), reference.fingerprint())
 
     out = tmp_path / "out"
     spec = spec_for(inp, out)

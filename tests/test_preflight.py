@@ -242,7 +242,8 @@ def test_if_exists_refusals_come_before_ray_and_write_nothing(job, capsys):
     tmp, spec = job
     out = tmp / "out"
     put(spec, "output.if_exists", "resume")
-    data.prepare_output(spec_from_dict(spec))  # the directory as a run of this spec leaves it
+    s = spec_from_dict(spec)
+    data.prepare_output(s.input, s.output, s.fingerprint(), s.to_dict())  # the directory as a run of this spec leaves it
     (out / "part-00000.parquet").write_bytes(b"a shard")
     before = _tree(out)
     assert main(["validate", str(_write(tmp, spec))]) == 0, capsys.readouterr().err  # the same spec resumes
@@ -425,12 +426,12 @@ def _complete_output(spec: dict) -> None:
     from tests.fake_engine import FakeEngine, encode
 
     s = spec_from_dict(spec)
-    data.check_input(s)
-    data.prepare_output(s)
+    data.check_input(s.input, s.output)
+    data.prepare_output(s.input, s.output, s.fingerprint(), s.to_dict())
     runner = ShardRunner(s, LoadedEngine(engine=FakeEngine({}), encode=encode))
-    for shard in data.plan_shards(s):
-        data.write_manifest(s, runner.run_shard(shard))
-    data.write_json(data.output_uri(s, data.SUCCESS_FILE), {"finished_at": 0})
+    for shard in data.plan_shards(s.input, s.output, s.resources.shard_rows):
+        data.write_manifest(s.output, runner.run_shard(shard), s.fingerprint())
+    data.write_json(data.output_uri(s.output, data.SUCCESS_FILE), {"finished_at": 0})
 
 
 def test_a_changed_input_is_refused_before_ray_and_the_output_stays_as_it_was(job, capsys):
@@ -479,9 +480,9 @@ def test_an_input_file_changed_under_a_running_job_is_refused_before_its_rows_ar
     inp = pathlib.Path(spec["input"]["path"])
     put(spec, "resources.shard_rows", 1)
     s = spec_from_dict(spec)
-    data.check_input(s)
-    data.prepare_output(s)
-    first, second = data.plan_shards(s)
+    data.check_input(s.input, s.output)
+    data.prepare_output(s.input, s.output, s.fingerprint(), s.to_dict())
+    first, second = data.plan_shards(s.input, s.output, s.resources.shard_rows)
     runner = ShardRunner(s, LoadedEngine(engine=FakeEngine({}), encode=encode))
     assert runner.run_shard(first).rows == 1
     planned = inp.read_bytes()

@@ -76,11 +76,11 @@ def job(tmp_path_factory):
     (model / "config.json").write_text("{}")
 
     spec = spec_from_dict(spec_dict(inp, root / "reference", model))
-    data.check_input(spec)
-    data.prepare_output(spec)
+    data.check_input(spec.input, spec.output)
+    data.prepare_output(spec.input, spec.output, spec.fingerprint(), spec.to_dict())
     runner = ShardRunner(spec, LoadedEngine(engine=FakeEngine({}), encode=encode))  # no delay
-    for shard in data.plan_shards(spec):
-        data.write_manifest(spec, runner.run_shard(shard))
+    for shard in data.plan_shards(spec.input, spec.output, spec.resources.shard_rows):
+        data.write_manifest(spec.output, runner.run_shard(shard), spec.fingerprint())
     return root, inp, model, rows_of(root / "reference")
 
 

@@ -61,7 +61,7 @@ def test_a_query_is_no_glob_and_output_names_keep_it():
     assert inputs._split_glob("s3://bucket/in/*.parquet" + query) == ("s3://bucket/in" + query, "*.parquet")
     assert inputs._split_glob("s3://bucket/in/prompts.parquet" + query) is None
     spec = spec_from_dict(spec_dict("s3://bucket/in/p.parquet" + query, "s3://bucket/out" + query, "fake"))
-    assert data.output_uri(spec, "stats.json") == "s3://bucket/out/stats.json" + query
+    assert data.output_uri(spec.output, "stats.json") == "s3://bucket/out/stats.json" + query
 
 
 # ---------------------------------------------------------------------------------------------

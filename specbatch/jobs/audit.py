@@ -361,12 +361,12 @@ def audit_prompts(spec: JobSpec, encode: Any, count: int) -> list[tuple[str, lis
     """The first `count` prompts of the input that read and encode cleanly: (id, token ids)."""
     from specbatch.jobs.data import Shard, check_input, read_rows
 
-    info = check_input(spec)
+    info = check_input(spec.input, spec.output)
     found: list[tuple[str, list[int]]] = []
     start = 0
     while len(found) < count and start < info.num_rows:
         stop = min(info.num_rows, start + 4 * count)
-        for row in read_rows(spec, Shard("audit", start, stop)):
+        for row in read_rows(spec.input, Shard("audit", start, stop)):
             if row.get("error") is None and len(found) < count:
                 try:
                     found.append((str(row["id"]), list(encode(row["prompt"]))))

@@ -38,6 +38,7 @@ from specbatch.jobs.build import ENGINE_FACTORY
 from specbatch.jobs.preflight import preflight
 
 if TYPE_CHECKING:
+    from specbatch.jobs.data import Shard, ShardManifest
     from specbatch.jobs.spec import JobSpec
 
 
@@ -52,7 +53,7 @@ class ClusterError(RunError):
 
 @dataclasses.dataclass
 class Task:
-    shard: Any  # specbatch.jobs.data.Shard
+    shard: Shard
     attempts: int = 0
     errors: list[str] = dataclasses.field(default_factory=list)
 
@@ -226,8 +227,8 @@ class Progress:
             self.bar = tqdm(total=total_prompts, unit="prompt", file=sys.stderr, dynamic_ncols=True,
                             mininterval=self.interval)
 
-    def shard_done(self, manifest: Any) -> None:
-        """Count a committed shard (a specbatch.jobs.data.ShardManifest)."""
+    def shard_done(self, manifest: ShardManifest) -> None:
+        """Count a committed shard."""
         self.samples += manifest.samples
         self.committed_tokens += manifest.tokens
         if self.bar is not None:
@@ -278,7 +279,7 @@ class _Slot:
 class Driver:
     """One run of a job spec over a Ray cluster."""
 
-    def __init__(self, spec: Any, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True,
+    def __init__(self, spec: JobSpec, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True,
                  poll_s: float = 1.0, log=None, placement_note_s: float = 30.0):
         self.spec = spec
         self.engine_factory = engine_factory
@@ -290,7 +291,7 @@ class Driver:
         self.retired: list[_Slot] = []
         self.next_label = 0
         self.counts = collections.Counter()
-        self.this_run: list[Any] = []  # ShardManifests committed by this run
+        self.this_run: list[ShardManifest] = []  # committed by this run
         self.first_commit_s: float | None = None
         self.ray_ready_s: float | None = None
 
@@ -372,10 +373,10 @@ class Driver:
         from specbatch.jobs import data
 
         spec = self.spec
-        for note in data.prepare_output(spec):
+        for note in data.prepare_output(spec.input, spec.output, spec.fingerprint(), spec.to_dict()):
             self.log(f"warning: {note}: uncommitted, it runs again")
-        planned = data.plan_shards(spec)
-        committed = data.committed(spec)
+        planned = data.plan_shards(spec.input, spec.output, spec.resources.shard_rows)
+        committed = data.committed(spec.output)
         tasks = collections.deque(Task(s) for s in data.pending_shards(planned, committed))
         self.counts["resumed"] = len(planned) - len(tasks)
         if tasks:
@@ -485,10 +486,10 @@ class Driver:
                     pass
             slot.polling = slot.handle.progress.remote()
 
-    def _commit(self, task: Task, manifest: Any, progress: Progress, run_started: float) -> None:
+    def _commit(self, task: Task, manifest: ShardManifest, progress: Progress, run_started: float) -> None:
         from specbatch.jobs import data
 
-        manifest = data.write_manifest(self.spec, manifest)
+        manifest = data.write_manifest(self.spec.output, manifest, self.spec.fingerprint())
         if self.first_commit_s is None:
             self.first_commit_s = time.time() - run_started
         self.this_run.append(manifest)
@@ -520,15 +521,16 @@ class Driver:
 
         spec, shard = self.spec, task.shard
         error = task.errors[-1]
-        rows = data.read_rows(spec, shard)
+        rows = data.read_rows(spec.input, shard)
         records = error_records(spec, rows, error)
-        written = data.write_shard(spec, shard, records)
+        schema = data.output_schema(spec.input, spec.fingerprint(), spec.sweep)
+        written = data.write_shard(spec.output, shard, records, schema)
         now = time.time()
         manifest = data.ShardManifest.of_records(
             shard, len(rows), records, written, attempt=task.attempts, started_at=now, finished_at=now,
             failed=True, error=error,
         )
-        data.write_manifest(spec, manifest)
+        data.write_manifest(spec.output, manifest, spec.fingerprint())
         self.log(f"error: {shard.name} failed {task.attempts} times: {error}")
         progress.shard_done(manifest)
 
@@ -540,8 +542,8 @@ class Driver:
         # complete; then files no manifest commits (an actor died after writing, a shard was
         # split, a file failed its verification) can go, so the part files are exactly the
         # committed rows.
-        manifests, damaged = data.uncommit_unverified(spec)
-        data.remove_uncommitted(spec)
+        manifests, damaged = data.uncommit_unverified(spec.output)
+        data.remove_uncommitted(spec.output)
         cost_model, gamma = self._engine_facts(manifests)
         run = {
             "started_at": run_started,
@@ -566,13 +568,13 @@ class Driver:
             spec, manifests, this_run=self.this_run, run=run, actors=self._descriptions(),
             cost_model=cost_model, gamma=gamma, failed=failed,
         )
-        data.write_json(data.output_uri(spec, report.STATS), stats)
+        data.write_json(data.output_uri(spec.output, report.STATS), stats)
         if not failed:
-            data.write_json(data.output_uri(spec, data.SUCCESS_FILE), {"finished_at": run["finished_at"]})
+            data.write_json(data.output_uri(spec.output, data.SUCCESS_FILE), {"finished_at": run["finished_at"]})
         return RunResult(output=spec.output.path, failed=failed, stats=stats)
 
     @staticmethod
-    def _engine_facts(manifests: dict[str, Any]) -> tuple[dict | None, dict | None]:
+    def _engine_facts(manifests: dict[str, ShardManifest]) -> tuple[dict | None, dict | None]:
         """The cost model and gamma of the engine that committed the latest shard (kept in
         every manifest, so a resumed run with nothing left to do still reports them)."""
         latest = max((m for m in manifests.values() if m.engine), key=lambda m: m.finished_at, default=None)
@@ -609,7 +611,7 @@ def _init_error(slot: _Slot) -> str:
     return "unknown error"
 
 
-def run_job(spec: Any, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True, log=None,
+def run_job(spec: JobSpec, *, engine_factory: str = ENGINE_FACTORY, progress: bool = True, log=None,
             placement_note_s: float = 30.0) -> RunResult:
     """Run a job spec to completion (preflight, resume, retries, splitting); return its result."""
     return Driver(spec, engine_factory=engine_factory, progress=progress, log=log,

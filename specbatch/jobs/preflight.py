@@ -84,7 +84,7 @@ def preflight(spec: JobSpec, *, engine_factory: str = ENGINE_FACTORY, here: bool
 
 def check_input(spec: JobSpec) -> InputInfo:
     """data.check_input, then one id type across the files."""
-    info = data.check_input(spec)
+    info = data.check_input(spec.input, spec.output)
     if len(info.files) > 1 and info.id_column is not None:
         _check_id_types(spec, info)
     return info
@@ -164,7 +164,7 @@ def check_output_location(spec: JobSpec, info: InputInfo | None, offline: bool =
     except OSError as e:
         raise InputError(f"output.path: {uri}: cannot {verb} ({e.strerror or e})") from None
     shutil.rmtree(probe, ignore_errors=True)
-    data.check_existing_output(spec, info)
+    data.check_existing_output(spec.input, spec.output, spec.fingerprint(), info)
     return None
 
 
@@ -199,7 +199,7 @@ def _check_object_store(spec: JobSpec, fs: pafs.FileSystem, path: str, offline: 
         raise InputError(f"output.path: {uri}: the bucket {bucket} does not exist")
     if kind == pafs.FileType.File:
         raise InputError(f"output.path: {uri} is a file, expected a directory")
-    data.check_existing_output(spec, info)
+    data.check_existing_output(spec.input, spec.output, spec.fingerprint(), info)
     return None
 
 

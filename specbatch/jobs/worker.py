@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 from specbatch.jobs import data
-from specbatch.jobs.data import OutputRecord, ShardManifest
+from specbatch.jobs.data import OutputRecord, Shard, ShardManifest
 from specbatch.engine.request import Request
 from specbatch.engine.stats import AcceptanceStats
 from specbatch.jobs.build import LoadedEngine, import_factory
@@ -137,7 +137,7 @@ class ShardRunner:
                 records.append(OutputRecord.of_sample(row["id"], row.get("prompt"), out, extra))
         return records
 
-    def run_shard(self, shard: Any, attempt: int = 1) -> ShardManifest:
+    def run_shard(self, shard: Shard, attempt: int = 1) -> ShardManifest:
         """Generate and write one shard; return its manifest (the driver commits it)."""
         with self.lock:
             started = time.time()
@@ -145,16 +145,18 @@ class ShardRunner:
             shapes_before = self.step_shapes()
             # The input files are those the plan was made from (InputError if one changed since),
             # before the read and after it: a file rewritten while it was read is caught either way.
-            self.plan = self.plan or data.read_plan(self.spec)
-            data.check_shard_input(self.spec, shard, self.plan)
+            spec = self.spec
+            self.plan = self.plan or data.read_plan(spec.output)
+            data.check_shard_input(spec.input, shard, self.plan)
             try:
-                rows = data.read_rows(self.spec, shard)
+                rows = data.read_rows(spec.input, shard)
             except data.InputError:
-                data.check_shard_input(self.spec, shard, self.plan)  # the read failed because the file changed
+                data.check_shard_input(spec.input, shard, self.plan)  # the read failed because the file changed
                 raise
-            data.check_shard_input(self.spec, shard, self.plan)
+            data.check_shard_input(spec.input, shard, self.plan)
             records = self.records(rows)
-            written = data.write_shard(self.spec, shard, records)
+            schema = data.output_schema(spec.input, spec.fingerprint(), spec.sweep)
+            written = data.write_shard(spec.output, shard, records, schema)
             stats = stats_delta(self.loaded.engine.stats, before)
             shapes = _counter_delta(self.step_shapes(), shapes_before)
             finished = time.time()
@@ -220,7 +222,7 @@ class GenerationActor:
             **self.runner.loaded.description,
         }
 
-    def run_shard(self, shard: Any, attempt: int = 1) -> ShardManifest:
+    def run_shard(self, shard: Shard, attempt: int = 1) -> ShardManifest:
         manifest = self.runner.run_shard(shard, attempt)
         if self.metrics is not None:
             try:

@@ -15,6 +15,10 @@ One module per concept:
 * :mod:`~specbatch.jobs.data.output`: whether a spec may write the output directory, preparing it,
   writing shard files, reading the output back.
 
+Functions take the parts of the job spec they use: the input block (``InputSpec``), the output block
+(``OutputSpec``), ``resources.shard_rows``, the spec's fingerprint and sweep (and, for the spec file,
+the spec as plain JSON); never a ``JobSpec``.
+
 Everything is importable from ``specbatch.jobs.data`` itself.
 """
 

@@ -33,24 +33,24 @@ from specbatch.jobs.data.planning import Shard, split_shard
 from specbatch.jobs.data.records import ShardManifest
 
 if TYPE_CHECKING:
-    from specbatch.jobs.spec import JobSpec
+    from specbatch.jobs.spec import OutputSpec
 
 
-def write_manifest(spec: JobSpec, manifest: ShardManifest) -> ShardManifest:
-    """Commit a shard: write its manifest once its Parquet file is complete.
+def write_manifest(out: OutputSpec, manifest: ShardManifest, fingerprint: str) -> ShardManifest:
+    """Commit a shard: write its manifest in the output directory `out` once its Parquet file is complete.
 
     Refuses a file that is missing or not of the size the manifest records. Sets the commit
-    fields (file name, spec fingerprint, time) and returns the committed manifest.
+    fields (file name, the spec's `fingerprint`, time) and returns the committed manifest.
     """
-    fs, root = resolve(spec.output.path)
+    fs, root = resolve(out.path)
     file_name = f"{manifest.shard}.parquet"
     info = fs.get_file_info(_join(root, file_name))
     if info.type != pafs.FileType.File:
-        raise OutputIOError(output_uri(spec, file_name), "the shard file is missing (written, then removed?)")
+        raise OutputIOError(output_uri(out, file_name), "the shard file is missing (written, then removed?)")
     if manifest.file_bytes is not None and info.size != manifest.file_bytes:
-        raise OutputIOError(output_uri(spec, file_name), f"{info.size} bytes, {manifest.file_bytes} were written")
+        raise OutputIOError(output_uri(out, file_name), f"{info.size} bytes, {manifest.file_bytes} were written")
     manifest = dataclasses.replace(
-        manifest, file=file_name, fingerprint=spec.fingerprint(),
+        manifest, file=file_name, fingerprint=fingerprint,
         committed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     data = (json.dumps(manifest.to_json(), indent=1) + "\n").encode("utf-8")
@@ -81,10 +81,10 @@ def _read_manifests(fs: pafs.FileSystem, root: str) -> tuple[dict[str, ShardMani
     return dict(sorted(good.items(), key=lambda kv: (kv[1].start, kv[1].stop, kv[0]))), bad
 
 
-def committed(spec: JobSpec | str) -> dict[str, ShardManifest]:
-    """Committed shards of an output directory (a spec or a path/URI): shard name -> manifest,
+def committed(out: OutputSpec | str) -> dict[str, ShardManifest]:
+    """Committed shards of an output directory (an OutputSpec or a path/URI): shard name -> manifest,
     in row order. A manifest that does not read commits nothing."""
-    fs, root = resolve(spec if isinstance(spec, str) else spec.output.path)
+    fs, root = resolve(out if isinstance(out, str) else out.path)
     return _read_manifests(fs, root)[0]
 
 
@@ -113,11 +113,11 @@ def verify_shard(fs: pafs.FileSystem, root: str, manifest: ShardManifest) -> str
     return None
 
 
-def uncommit_unverified(spec: JobSpec) -> tuple[dict[str, ShardManifest], dict[str, str]]:
-    """Verify every committed shard; delete the manifests that do not read or whose file is not
+def uncommit_unverified(out: OutputSpec) -> tuple[dict[str, ShardManifest], dict[str, str]]:
+    """Verify every committed shard of the output directory `out`; delete the manifests that do not read or whose file is not
     the one committed (the shard is then pending again). Returns (the manifests that verify,
     shard name -> why each other one was uncommitted). Reads every committed file once."""
-    fs, root = resolve(spec.output.path)
+    fs, root = resolve(out.path)
     manifests, unreadable = _read_manifests(fs, root)
     dropped = {name: why for name, (_, why) in unreadable.items()}
     for name, (path, _) in unreadable.items():
@@ -131,8 +131,8 @@ def uncommit_unverified(spec: JobSpec) -> tuple[dict[str, ShardManifest], dict[s
     return manifests, dict(sorted(dropped.items()))
 
 
-def remove_uncommitted(spec: JobSpec) -> list[str]:
-    """Delete shard files that no manifest commits (and stray temporary files); return their names.
+def remove_uncommitted(out: OutputSpec) -> list[str]:
+    """Delete shard files of the output directory `out` that no manifest commits (and stray temporary files); return their names.
 
     Such files are left by an attempt that wrote its file but was never committed (its actor
     died, the driver stopped, or the shard was later split). Call only while no actor writes:
@@ -140,8 +140,8 @@ def remove_uncommitted(spec: JobSpec) -> list[str]:
     finished directory's ``part-*.parquet`` files are exactly its committed shards and tools
     that glob them read every row once.
     """
-    fs, root = resolve(spec.output.path)
-    files = {m.file for m in committed(spec).values()}
+    fs, root = resolve(out.path)
+    files = {m.file for m in committed(out).values()}
     removed = []
     for folder in (root, _join(root, META_DIR), _join(root, MANIFEST_DIR)):
         for e in _list_dir(fs, folder):

@@ -22,7 +22,7 @@ from specbatch.jobs.data.location import InputError, _one_line, resolve
 
 if TYPE_CHECKING:
     from specbatch.jobs.data.planning import Shard
-    from specbatch.jobs.spec import JobSpec
+    from specbatch.jobs.spec import InputSpec, OutputSpec
 
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
@@ -148,9 +148,8 @@ def _missing_column(path: str, field: str, column: str, names: Sequence[str]) ->
     return InputError(f"{path}: {field} {column!r} not found{hint}")
 
 
-def _scan(spec: JobSpec) -> InputInfo:
+def _scan(inp: InputSpec) -> InputInfo:
     """List the input files and read their footers: layout, schema and column checks (no data)."""
-    inp = spec.input
     fs, files = list_input_files(inp.path)
     id_column: str | None = None
     prompt_kind: str | None = None
@@ -218,42 +217,43 @@ def _scan(spec: JobSpec) -> InputInfo:
     )
 
 
-def check_input(spec: JobSpec) -> InputInfo:
+def check_input(inp: InputSpec, out: OutputSpec) -> InputInfo:
     """Check the input before anything starts: it exists, is Parquet, has the columns, has rows,
-    and its ids are unique and non-null. Reads footers and the id column only; writes nothing."""
-    _check_output_outside_input(spec)
-    info = _scan(spec)
+    and its ids are unique and non-null; the output directory `out` is not inside it. Reads
+    footers and the id column only; writes nothing."""
+    _check_output_outside_input(inp, out)
+    info = _scan(inp)
     if info.num_rows == 0:
-        raise InputError(f"input.path: {spec.input.path} has no rows")
+        raise InputError(f"input.path: {inp.path} has no rows")
     if info.id_column is not None:
-        _check_ids(spec, info)
-    _LAYOUT_CACHE[_cache_key(spec)] = (_stamp(spec), info)
+        _check_ids(inp, info)
+    _LAYOUT_CACHE[_cache_key(inp)] = (_stamp(inp), info)
     return info
 
 
-def _check_output_outside_input(spec: JobSpec) -> None:
+def _check_output_outside_input(inp: InputSpec, out: OutputSpec) -> None:
     """An output directory inside an input directory would be read back as input on a rerun.
 
     For a glob, only an output directory that files matching the glob could lie in is refused
     (``data/*.parquet`` refuses ``data`` itself, ``data/**/*.parquet`` anything below it; neither
     refuses ``data/out`` or ``data_out``)."""
-    if storage.scheme(spec.input.path) != storage.scheme(spec.output.path):
+    if storage.scheme(inp.path) != storage.scheme(out.path):
         return  # different stores: the output's is not opened here (it may not be reachable from this machine)
-    split = _split_glob(spec.input.path)
-    in_fs, in_path = resolve(split[0] if split else spec.input.path)
-    out_fs, out_path = resolve(spec.output.path)
+    split = _split_glob(inp.path)
+    in_fs, in_path = resolve(split[0] if split else inp.path)
+    out_fs, out_path = resolve(out.path)
     if in_fs.type_name != out_fs.type_name:
         return
     if split is None and in_fs.get_file_info(in_path).type != pafs.FileType.Directory:
         return
-    base, out = in_path.rstrip("/"), out_path.rstrip("/")
-    if out != base and not out.startswith(base + "/"):
+    base, out_dir = in_path.rstrip("/"), out_path.rstrip("/")
+    if out_dir != base and not out_dir.startswith(base + "/"):
         return
     if split is not None:
-        below = [p for p in out[len(base):].split("/") if p]
+        below = [p for p in out_dir[len(base):].split("/") if p]
         if not _may_hold_matches(below, split[1].split("/")):
             return
-    raise InputError(f"output.path: {spec.output.path} is inside the input directory {spec.input.path}; write it elsewhere")
+    raise InputError(f"output.path: {out.path} is inside the input directory {inp.path}; write it elsewhere")
 
 
 def _may_hold_matches(parts: list[str], pattern: list[str]) -> bool:
@@ -267,11 +267,11 @@ def _may_hold_matches(parts: list[str], pattern: list[str]) -> bool:
     return fnmatch.fnmatchcase(parts[0], pattern[0]) and _may_hold_matches(parts[1:], pattern[1:])
 
 
-def _check_ids(spec: JobSpec, info: InputInfo) -> None:
-    fs = _input_fs(spec.input.path)
+def _check_ids(inp: InputSpec, info: InputInfo) -> None:
+    fs = _input_fs(inp.path)
     seen: dict[str, int] = {}  # id -> its global row index
     for fi, path in enumerate(info.files):
-        shown = _display(spec.input.path, path)
+        shown = _display(inp.path, path)
         pf = _open_parquet(fs, path, shown)
         col = pf.read(columns=[info.id_column]).column(0)
         offset = sum(info.file_rows[:fi])
@@ -289,62 +289,61 @@ def _check_ids(spec: JobSpec, info: InputInfo) -> None:
 
 
 # read_rows runs once per shard in long-lived actors: keep each input's layout, keyed by the
-# spec's input block and revalidated against the files' sizes and modification times.
+# input block and revalidated against the files' sizes and modification times.
 _LAYOUT_CACHE: dict[tuple, tuple[tuple, InputInfo]] = {}
 
 
-def _cache_key(spec: JobSpec) -> tuple:
-    inp = spec.input
+def _cache_key(inp: InputSpec) -> tuple:
     return (inp.path, inp.prompt_column, inp.id_column, tuple(inp.keep_columns))
 
 
-def _stamp(spec: JobSpec) -> tuple:
+def _stamp(inp: InputSpec) -> tuple:
     """The input files' (path, size, mtime): a changed input invalidates the cached layout."""
-    fs, files = list_input_files(spec.input.path)
+    fs, files = list_input_files(inp.path)
     infos = fs.get_file_info(files)
     return tuple((i.path, i.size, i.mtime_ns) for i in infos)
 
 
-def _layout(spec: JobSpec) -> InputInfo:
-    key = _cache_key(spec)
-    stamp = _stamp(spec)
+def _layout(inp: InputSpec) -> InputInfo:
+    key = _cache_key(inp)
+    stamp = _stamp(inp)
     hit = _LAYOUT_CACHE.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    info = _scan(spec)
+    info = _scan(inp)
     _LAYOUT_CACHE[key] = (stamp, info)
     return info
 
 
-def read_rows(spec: JobSpec, shard: Shard) -> list[dict[str, Any]]:
+def read_rows(inp: InputSpec, shard: Shard) -> list[dict[str, Any]]:
     """The shard's prompts in stable order: ``{"id": str, "prompt": str | [{"role", "content"}], <keep_columns>}``.
 
     A row whose prompt is unusable (null, empty, malformed chat messages) comes back as
     ``{"id", "prompt" (as read, or None), <keep_columns>, "error": "<one line>"}`` instead of raising.
     """
-    info = _layout(spec)
+    info = _layout(inp)
     if not (0 <= shard.start <= shard.stop <= info.num_rows):
         raise InputError(f"{shard.name}: rows [{shard.start}, {shard.stop}) outside the input's {info.num_rows} rows")
-    table = _read_range(spec, info, shard.start, shard.stop)
-    prompts = table.column(spec.input.prompt_column).to_pylist()
+    table = _read_range(inp, info, shard.start, shard.stop)
+    prompts = table.column(inp.prompt_column).to_pylist()
     ids = table.column(info.id_column).to_pylist() if info.id_column else None
-    keep = {c: table.column(c).to_pylist() for c in spec.input.keep_columns}
+    keep = {c: table.column(c).to_pylist() for c in inp.keep_columns}
     rows = []
     for i, raw in enumerate(prompts):
         index = shard.start + i
         rid = str(ids[i]) if ids is not None else str(index)
         prompt, error = _normalize_prompt(raw, info.prompt_kind)
         row: dict[str, Any] = {"id": rid, "prompt": prompt}
-        row.update({c: keep[c][i] for c in spec.input.keep_columns})
+        row.update({c: keep[c][i] for c in inp.keep_columns})
         if error is not None:
             row["error"] = f"row {index} (id {rid!r}): {error}"
         rows.append(row)
     return rows
 
 
-def _read_range(spec: JobSpec, info: InputInfo, start: int, stop: int) -> pa.Table:
+def _read_range(inp: InputSpec, info: InputInfo, start: int, stop: int) -> pa.Table:
     """Rows [start, stop) of the stable order, only the columns the job reads."""
-    fs = _input_fs(spec.input.path)
+    fs = _input_fs(inp.path)
     pieces = []
     by_file: dict[int, list[RowGroup]] = {}
     for g in info.row_groups:

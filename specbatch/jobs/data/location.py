@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 from specbatch.jobs import storage
 
 if TYPE_CHECKING:
-    from specbatch.jobs.spec import JobSpec
+    from specbatch.jobs.spec import OutputSpec
 
 
 class InputError(ValueError):
@@ -35,9 +35,9 @@ def _join(base: str, name: str) -> str:
     return storage.join(base, name)
 
 
-def output_uri(spec: JobSpec, name: str) -> str:
-    """The path or URI of a file `name` in the job's output directory."""
-    return _join(spec.output.path, name)
+def output_uri(out: OutputSpec, name: str) -> str:
+    """The path or URI of a file `name` in the output directory `out`."""
+    return _join(out.path, name)
 
 
 def _one_line(e: Any) -> str:

@@ -12,7 +12,7 @@ import errno
 import hashlib
 import json
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -39,16 +39,16 @@ from specbatch.jobs.data.layout import (
 from specbatch.jobs.data.location import InputError, _join, output_uri, resolve
 from specbatch.jobs.data.inputs import InputInfo, _layout
 from specbatch.jobs.data.planning import Shard, check_plan, read_plan
-from specbatch.jobs.data.records import OutputRecord, ShardFile, output_schema, records_table
+from specbatch.jobs.data.records import OutputRecord, ShardFile, records_table
 
 if TYPE_CHECKING:
-    from specbatch.jobs.spec import JobSpec
+    from specbatch.jobs.spec import InputSpec, OutputSpec
 
 
-def check_existing_output(spec: JobSpec, info: InputInfo | None = None) -> bool:
-    """Read the output directory's state and decide whether `spec` may write it under
-    ``output.if_exists``; True when the directory holds something (resume keeps it, overwrite
-    clears it), False when it is missing or empty.
+def check_existing_output(inp: InputSpec, out: OutputSpec, fingerprint: str, info: InputInfo | None = None) -> bool:
+    """Read the state of the output directory `out` and decide whether the spec of `fingerprint`,
+    reading the input `inp`, may write it under ``output.if_exists``; True when the directory holds
+    something (resume keeps it, overwrite clears it), False when it is missing or empty.
 
     Raises InputError (one line naming output.path and the rule) for a file in its place, a
     non-empty directory under ``fail``, a non-empty directory without a spec file (not a
@@ -61,8 +61,8 @@ def check_existing_output(spec: JobSpec, info: InputInfo | None = None) -> bool:
     The preflight calls it before Ray starts; :func:`prepare_output` calls it again under the
     run's hold on the directory, since another run may have written it in between.
     """
-    fs, root = resolve(spec.output.path)
-    where, mode = spec.output.path, spec.output.if_exists
+    fs, root = resolve(out.path)
+    where, mode = out.path, out.if_exists
     if fs.get_file_info(root).type == pafs.FileType.File:
         raise InputError(f"output.path: {where} is a file, expected a directory")
     if not _list_dir(fs, root):
@@ -78,21 +78,21 @@ def check_existing_output(spec: JobSpec, info: InputInfo | None = None) -> bool:
             recorded = _read_json(fs, spec_path).get("fingerprint")
         except (ValueError, AttributeError):
             raise InputError(f"output.path: {where}: {SPEC_FILE} does not read; use output.if_exists: overwrite") from None
-        fingerprint = spec.fingerprint()
         if recorded != fingerprint:
             raise InputError(
                 f"output.path: {where} was written by a different spec (fingerprint {str(recorded)[:12]} != "
                 f"{fingerprint[:12]}); use output.if_exists: overwrite or another output.path"
             )
-        plan = read_plan(spec)
+        plan = read_plan(out)
         if plan is not None:
-            check_plan(spec, plan, info or _layout(spec))
+            check_plan(inp, plan, info or _layout(inp))
         _read_manifests(fs, root)  # raises for a manifest of a newer version
     return True
 
 
-def prepare_output(spec: JobSpec) -> list[str]:
-    """Apply ``output.if_exists`` and record the spec and its fingerprint in the spec file.
+def prepare_output(inp: InputSpec, out: OutputSpec, fingerprint: str, spec_json: Mapping[str, Any]) -> list[str]:
+    """Apply ``output.if_exists`` to the output directory `out` and record the spec (`spec_json`, the
+    spec as plain JSON) and its `fingerprint` in the spec file; `inp` is the input the spec reads.
 
     Whether the spec may write the directory is :func:`check_existing_output`'s decision, made
     again here before any write. Then resume keeps committed shards that verify, uncommits the
@@ -102,17 +102,17 @@ def prepare_output(spec: JobSpec) -> list[str]:
     Returns one line per shard uncommitted because its manifest or file was damaged.
     """
     notes: list[str] = []
-    fs, root = resolve(spec.output.path)
-    if check_existing_output(spec):
-        if spec.output.if_exists == "resume":
+    fs, root = resolve(out.path)
+    if check_existing_output(inp, out, fingerprint):
+        if out.if_exists == "resume":
             _move_first_layout(fs, root)
             _delete_quietly(fs, _join(root, SUCCESS_FILE))
-            notes = [f"{name}: {why}" for name, why in uncommit_unverified(spec)[1].items()]
-            remove_uncommitted(spec)
+            notes = [f"{name}: {why}" for name, why in uncommit_unverified(out)[1].items()]
+            remove_uncommitted(out)
         else:
             fs.delete_dir_contents(root)
     fs.create_dir(_join(root, MANIFEST_DIR), recursive=True)
-    record = {"fingerprint": spec.fingerprint(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "spec": spec.to_dict()}
+    record = {"fingerprint": fingerprint, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "spec": dict(spec_json)}
     _write_bytes_atomic(fs, _join(root, SPEC_FILE), (json.dumps(record, indent=1) + "\n").encode("utf-8"))
     return notes
 
@@ -138,25 +138,25 @@ def _move_first_layout(fs: pafs.FileSystem, root: str) -> None:
             fs.move(e.path, _join(root, target))
 
 
-def write_shard(spec: JobSpec, shard: Shard, records: Sequence[OutputRecord], schema: pa.Schema | None = None) -> ShardFile:
-    """Write a shard's records to ``part-NNNNN.parquet`` in the output directory.
+def write_shard(out: OutputSpec, shard: Shard, records: Sequence[OutputRecord], schema: pa.Schema) -> ShardFile:
+    """Write a shard's records to ``part-NNNNN.parquet`` in the output directory `out`, in the output
+    schema (:func:`~specbatch.jobs.data.records.output_schema`).
 
     The file is built in memory, so its size and sha256 come from the very bytes written; then
     written under a temporary name and renamed (no partial file under the final name), or on
     object stores to the fixed key (an object appears whole). A retried shard rewrites the same name.
     """
-    schema = schema or output_schema(spec)
     table = records_table(records, schema, shard.name)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     buffer = sink.getvalue()
-    fs, root = resolve(spec.output.path)
+    fs, root = resolve(out.path)
     # The directory is made by prepare_output; one that is gone since is an output error, never
     # made again here (a fresh directory would hold shards without their spec file and plan).
     if isinstance(fs, pafs.LocalFileSystem) and fs.get_file_info(root).type != pafs.FileType.Directory:
         raise OutputIOError(root, OSError(errno.ENOENT, "gone"))
     _write_bytes_atomic(fs, _join(root, f"{shard.name}.parquet"), buffer)
-    return ShardFile(output_uri(spec, f"{shard.name}.parquet"), buffer.size, hashlib.sha256(buffer).hexdigest())
+    return ShardFile(output_uri(out, f"{shard.name}.parquet"), buffer.size, hashlib.sha256(buffer).hexdigest())
 
 
 def read_output(path: str) -> pa.Table:

@@ -27,7 +27,7 @@ from specbatch.jobs.data.layout import LEGACY_PLAN_FILE, META_DIR, PLAN_FILE
 from specbatch.jobs.data.location import InputError, _join, output_uri, resolve
 
 if TYPE_CHECKING:
-    from specbatch.jobs.spec import JobSpec
+    from specbatch.jobs.spec import InputSpec, OutputSpec
 
 
 PLAN_VERSION = 1
@@ -80,17 +80,18 @@ def plan_rows(row_groups: Iterable[RowGroup], shard_rows: int) -> list[Shard]:
     return [Shard(f"part-{i:05d}", a, b) for i, (a, b) in enumerate(shards)]
 
 
-def input_identity(spec: JobSpec, info: InputInfo, files: Iterable[int] | None = None) -> list[FileIdentity]:
+def input_identity(inp: InputSpec, info: InputInfo, files: Iterable[int] | None = None) -> list[FileIdentity]:
     """The identity of the input's files (those of the indices `files`, default all), in order."""
-    fs = _input_fs(spec.input.path)
+    fs = _input_fs(inp.path)
     chosen = range(len(info.files)) if files is None else files
-    return [file_identity(fs, info.files[i], _display(spec.input.path, info.files[i])) for i in chosen]
+    return [file_identity(fs, info.files[i], _display(inp.path, info.files[i])) for i in chosen]
 
 
-def read_plan(spec: JobSpec) -> dict[str, Any] | None:
-    """The output's plan file as recorded (this layout's or the first one's), None when there is none.
-    Raises InputError (one line naming the file) when it does not read or is of an unknown version."""
-    fs, root = resolve(spec.output.path)
+def read_plan(out: OutputSpec) -> dict[str, Any] | None:
+    """The plan file of the output directory `out` as recorded (this layout's or the first one's), None
+    when there is none. Raises InputError (one line naming the file) when it does not read or is of an
+    unknown version."""
+    fs, root = resolve(out.path)
     for name in (PLAN_FILE, LEGACY_PLAN_FILE):
         path = _join(root, name)
         if not _exists(fs, path):
@@ -99,16 +100,16 @@ def read_plan(spec: JobSpec) -> dict[str, Any] | None:
             plan = _read_json(fs, path)
             version = plan.get("version")
         except (ValueError, OSError, AttributeError) as e:
-            raise InputError(f"{output_uri(spec, name)}: does not read ({' '.join(str(e).split())[:120]}); "
+            raise InputError(f"{output_uri(out, name)}: does not read ({' '.join(str(e).split())[:120]}); "
                              "use output.if_exists: overwrite") from None
         if version != PLAN_VERSION:
-            raise InputError(f"{output_uri(spec, name)}: unknown plan version {version!r}")
-        plan["_where"] = output_uri(spec, name)
+            raise InputError(f"{output_uri(out, name)}: unknown plan version {version!r}")
+        plan["_where"] = output_uri(out, name)
         return plan
     return None
 
 
-def check_plan(spec: JobSpec, plan: dict[str, Any], info: InputInfo) -> None:
+def check_plan(inp: InputSpec, plan: dict[str, Any], info: InputInfo) -> None:
     """Refuse a stale plan: the input's files, their row counts and (where recorded) their
     identities must be those the plan was made from. InputError names the first file that differs."""
     where = plan["_where"]
@@ -124,72 +125,73 @@ def check_plan(spec: JobSpec, plan: dict[str, Any], info: InputInfo) -> None:
     if [r.get("path") for r in recorded] != list(info.files):
         gone = next((r["path"] for r in recorded if r.get("path") not in info.files), None)
         new = next((f for f in info.files if f not in [r.get("path") for r in recorded]), None)
-        what = f"{_display(spec.input.path, gone)} is no longer an input file" if gone else \
-            f"{_display(spec.input.path, new)} was not an input file"
+        what = f"{_display(inp.path, gone)} is no longer an input file" if gone else \
+            f"{_display(inp.path, new)} was not an input file"
         raise InputError(f"input.path: {what} when {where} was planned; use output.if_exists: overwrite to start over")
-    _compare(spec, [FileIdentity.from_dict(r) for r in recorded], input_identity(spec, info), where)
+    _compare(inp, [FileIdentity.from_dict(r) for r in recorded], input_identity(inp, info), where)
 
 
-def _compare(spec: JobSpec, recorded: list[FileIdentity], now: list[FileIdentity], where: str) -> None:
+def _compare(inp: InputSpec, recorded: list[FileIdentity], now: list[FileIdentity], where: str) -> None:
     for before, after in zip(recorded, now):
         why = before.difference(after)
         if why is not None:
             raise InputError(
-                f"input.path: {_display(spec.input.path, after.path)} changed since {where} was planned ({why}); "
+                f"input.path: {_display(inp.path, after.path)} changed since {where} was planned ({why}); "
                 "the output holds rows of the file as it was: use output.if_exists: overwrite to start over"
             )
 
 
-def check_shard_input(spec: JobSpec, shard: Shard, plan: dict[str, Any] | None, info: InputInfo | None = None) -> None:
+def check_shard_input(inp: InputSpec, shard: Shard, plan: dict[str, Any] | None, info: InputInfo | None = None) -> None:
     """Before a shard's rows are read: the input files it reads are those of the plan (InputError if not).
     `plan` is :func:`read_plan`'s (None: nothing recorded, nothing to compare)."""
     if plan is None:
         return
     try:
-        info = info or _layout(spec)
+        info = info or _layout(inp)
     except InputError as e:
-        raise _unreadable(spec, plan, e) from None
+        raise _unreadable(inp, plan, e) from None
     recorded = plan.get("file_identity")
     same_files = recorded is not None and [r.get("path") for r in recorded] == list(info.files)
     if not same_files or plan.get("file_rows") != list(info.file_rows):
-        check_plan(spec, plan, info)  # raises where the plan is stale (a plan without identities: rows only)
+        check_plan(inp, plan, info)  # raises where the plan is stale (a plan without identities: rows only)
         return
     touched = sorted({g.file_index for g in info.row_groups if g.start < shard.stop and g.start + g.num_rows > shard.start})
     try:
-        now = input_identity(spec, info, touched)
+        now = input_identity(inp, info, touched)
     except InputError as e:
-        raise _unreadable(spec, plan, e) from None
-    _compare(spec, [FileIdentity.from_dict(recorded[i]) for i in touched], now, plan["_where"])
+        raise _unreadable(inp, plan, e) from None
+    _compare(inp, [FileIdentity.from_dict(recorded[i]) for i in touched], now, plan["_where"])
 
 
-def _unreadable(spec: JobSpec, plan: dict[str, Any], error: InputError) -> InputError:
+def _unreadable(inp: InputSpec, plan: dict[str, Any], error: InputError) -> InputError:
     """A planned input that no longer reads mid-run (deleted, or caught half rewritten) has changed
     since the plan: the same refusal as any other change, with the reader's words in brackets."""
     return InputError(
-        f"input.path: {spec.input.path} changed since {plan['_where']} was planned (it no longer reads: {error}); "
+        f"input.path: {inp.path} changed since {plan['_where']} was planned (it no longer reads: {error}); "
         "the output holds rows of the file as it was: use output.if_exists: overwrite to start over"
     )
 
 
-def plan_shards(spec: JobSpec, info: InputInfo | None = None) -> list[Shard]:
-    """The job's shards: those recorded in the output's plan file if present (checked against
-    the input: :func:`check_plan`), else planned from the row groups and recorded there with the
+def plan_shards(inp: InputSpec, out: OutputSpec, shard_rows: int, info: InputInfo | None = None) -> list[Shard]:
+    """The job's shards: those recorded in the plan file of the output directory `out` if present
+    (checked against the input `inp`: :func:`check_plan`), else planned from the row groups in
+    shards of at most `shard_rows` rows (``resources.shard_rows``) and recorded there with the
     input files' identities."""
-    info = info or _layout(spec)
-    fs, root = resolve(spec.output.path)
-    plan = read_plan(spec)
+    info = info or _layout(inp)
+    fs, root = resolve(out.path)
+    plan = read_plan(out)
     if plan is not None:
-        check_plan(spec, plan, info)
+        check_plan(inp, plan, info)
         return [Shard(s["name"], int(s["start"]), int(s["stop"])) for s in plan["shards"]]
-    shards = plan_rows(info.row_groups, spec.resources.shard_rows)
+    shards = plan_rows(info.row_groups, shard_rows)
     plan = {
         "version": PLAN_VERSION,
-        "input": spec.input.path,
+        "input": inp.path,
         "files": list(info.files),
         "file_rows": list(info.file_rows),
-        "file_identity": [i.to_dict() for i in input_identity(spec, info)],
+        "file_identity": [i.to_dict() for i in input_identity(inp, info)],
         "num_rows": info.num_rows,
-        "shard_rows": spec.resources.shard_rows,
+        "shard_rows": shard_rows,
         "shards": [s.to_dict() for s in shards],
     }
     fs.create_dir(_join(root, META_DIR), recursive=True)

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import pyarrow as pa
 
 from specbatch.jobs.data.inputs import InputInfo, _layout
 from specbatch.jobs.data.location import InputError, _one_line
 from specbatch.engine.request import DRAFT_COUNTERS, FINISH_REASONS, DraftCounts, SampleOutput
-from specbatch.jobs.spec import OUTPUT_COLUMNS
+from specbatch.jobs.spec import OUTPUT_COLUMNS, SamplingSpec
 
 if TYPE_CHECKING:
-    from specbatch.jobs.spec import JobSpec
+    from specbatch.jobs.spec import InputSpec
 
 
 def _column(arrow_type: pa.DataType | None, nullable: bool = True) -> Any:
@@ -87,19 +87,21 @@ _SWEEP_TYPES = {float: pa.float64(), int: pa.int64(), bool: pa.bool_()}
 CHAT_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
-def output_schema(spec: JobSpec, info: InputInfo | None = None) -> pa.Schema:
+def output_schema(
+    inp: InputSpec, fingerprint: str, sweep: Mapping[str, Sequence[Any]] | None = None, info: InputInfo | None = None
+) -> pa.Schema:
     """The explicit Arrow schema of every output shard (docs/design.md section 6), in this column order:
-    the fixed columns (:class:`OutputRecord`), then the passed-through input columns (their input
-    types), then sweep keys."""
-    info = info or _layout(spec)
+    the fixed columns (:class:`OutputRecord`), then the passed-through input columns of `inp` (their
+    input types), then the keys of `sweep` (the spec's). The spec's `fingerprint` is the schema's metadata."""
+    info = info or _layout(inp)
     prompt_type = pa.string() if info.prompt_kind == "text" else CHAT_TYPE
     fields = [pa.field(f.name, f.metadata["arrow"] or prompt_type, nullable=f.metadata["nullable"]) for f in _FIXED]
-    for col in spec.input.keep_columns:
+    for col in inp.keep_columns:
         fields.append(info.schema.field(col).with_nullable(True))
-    sampling_fields = type(spec.sampling).model_fields
-    for key in spec.sweep or {}:
+    sampling_fields = SamplingSpec.model_fields
+    for key in sweep or {}:
         fields.append(pa.field(key, _SWEEP_TYPES[sampling_fields[key].annotation], nullable=False))
-    return pa.schema(fields, metadata={"specbatch.fingerprint": spec.fingerprint()})
+    return pa.schema(fields, metadata={"specbatch.fingerprint": fingerprint})
 
 
 def records_table(records: Sequence[OutputRecord], schema: pa.Schema, where: str) -> pa.Table:
