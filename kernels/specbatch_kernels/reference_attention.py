@@ -5,7 +5,8 @@ row's own region of a row slot (``k_cache[slots[b]]``) and, with shared prompt K
 ``prefix_len[b]`` keys of a prompt slot (``prefix_k[prefix_slot[b]]``) before them.  Every
 length is read from a device tensor and every shape depends only on the arguments' shapes,
 never on their values: this gathers each row's whole slot (``Lmax`` keys, and ``Lp`` prompt
-keys) and masks what the lengths leave out, so it runs without a host sync and can be
+keys) and masks what the lengths leave out (stale values beyond a row's length, even NaN, never
+reach the output, as in the kernel, which does not load them), so it runs without a host sync and can be
 captured in a CUDA graph, like the kernel it mirrors.
 
 Positions (logical, as RoPE and the sliding window see them): prompt key p is at p, own key i
@@ -64,6 +65,7 @@ def slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     qg = q.to(f32).reshape(B, W, kvh, g, hd).permute(0, 2, 3, 1, 4)  # [B, kvh, g, W, hd]
     keys = k_cache.index_select(0, slots).to(f32)  # [B, kvh, Lmax, hd]
     values = v_cache.index_select(0, slots).to(f32)  # [B, kvh, Lmax, hd]
+    values = values.masked_fill(~(i < own_end[:, 0])[:, None, :, None], 0.0)  # stale slot tail: never read
     scores = torch.matmul(qg, keys[:, :, None].transpose(-1, -2)) * scale  # [B, kvh, g, W, Lmax]
     scores = scores.masked_fill(~own_visible[:, None, None], float("-inf"))
 
@@ -77,6 +79,7 @@ def slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             pre_visible = pre_visible & (plen + qi[:, :, None] - p < window)
         pk = prefix_k.index_select(0, prefix_slot).to(f32)  # [B, kvh, Lp, hd]
         pv = prefix_v.index_select(0, prefix_slot).to(f32)  # [B, kvh, Lp, hd]
+        pv = pv.masked_fill(~(p < plen[:, 0])[:, None, :, None], 0.0)
         pre_scores = torch.matmul(qg, pk[:, :, None].transpose(-1, -2)) * scale  # [B, kvh, g, W, Lp]
         pre_scores = pre_scores.masked_fill(~pre_visible[:, None, None], float("-inf"))
         scores = torch.cat([pre_scores, scores], dim=-1)  # [B, kvh, g, W, Lp + Lmax], prompt keys first
