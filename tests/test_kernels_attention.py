@@ -209,6 +209,15 @@ def test_small_key_tiles_and_strided_queries(triton_path):
     assert triton_path["attention"] == 1
 
 
+@pytest.mark.parametrize("hd", [8, 24])
+def test_head_size_not_a_power_of_two_is_masked(triton_path, hd):
+    """hd below 16 or not a power of two: the kernel pads the head dim by masking."""
+    case = make_case(71 + hd, torch.float32, 2, hd, True, 6)
+    got = ops.slot_attention(*case.args())
+    torch.testing.assert_close(got.double(), dense(case), atol=2e-5, rtol=1e-5)
+    assert triton_path["attention"] == 1
+
+
 def test_padding_only_step_gives_zeros(triton_path):
     """A step of nothing but padding rows: zeros from both backends, never NaN."""
     case = make_case(21, torch.bfloat16, 2, 16, True, 4, padding_rows=6)
