@@ -9,10 +9,13 @@ Triton import) that it must match:
 * :mod:`specbatch_kernels.verify`: fused verification from target logits (= ``reference.verify``);
 * :mod:`specbatch_kernels.approximate`: the opt-in, inexact sigmoid variant and its TV measurement
   (= ``reference.verify_approximate``);
+* :mod:`specbatch_kernels.attention`: slot attention for decode/verify steps, reading the KV
+  cache in place with lengths from device tensors (= ``reference_attention.slot_attention``;
+  the wrapper is ``ops.slot_attention``);
 * :mod:`specbatch_kernels.reference`: the torch references, and the records both backends take;
 * :mod:`specbatch_kernels.ops`: the host wrapper the engine calls (validation, allocation, the
   backend chosen once; ``SPECBATCH_KERNELS=triton|torch`` forces it).  Only ``ops``,
-  ``reference`` and ``parity`` load without Triton; ``ops`` imports a kernel module only on the
+  ``reference``, ``reference_attention`` and ``parity`` load without Triton; ``ops`` imports a kernel module only on the
   Triton path;
 * :mod:`specbatch_kernels.parity`: how kernel and reference outputs are compared (float rounding
   at decision boundaries is the only allowed difference).

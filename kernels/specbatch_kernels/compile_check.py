@@ -24,7 +24,7 @@ LAYOUTS = ((1, 4096), (256, 16))  # (BLOCK_R, BLOCK_V): a big vocabulary, and V 
 
 def kernels():
     """(name, jit function, signature, constexprs) for every kernel and layout."""
-    from specbatch_kernels import approximate, verify, warp
+    from specbatch_kernels import approximate, attention, verify, warp
     from specbatch_kernels import rng as krng
 
     out = []
@@ -53,6 +53,25 @@ def kernels():
                        ONE_HOT=C, BLOCK_R=C, BLOCK_V=C)
             out.append((f"approximate one_hot={one_hot} {block_r}x{block_v}", approximate._approx_kernel, sig,
                         {"ONE_HOT": one_hot, **tile}))
+    # Slot attention as a GPU step launches it: bf16/fp16 (and float32 with IEEE products), with and
+    # without a shared prompt and a sliding window, int64 and int32 lengths.
+    for dtype, index, has_prefix, has_window, g, hd, block_m, block_n in (
+            ("bf16", P64, True, True, 4, 128, 32, 64), ("fp16", "*i32", False, False, 1, 64, 16, 64),
+            ("fp32", P64, True, False, 8, 256, 64, 32), ("bf16", "*i32", False, True, 2, 128, 16, 64)):
+        t = "*" + dtype
+        sig = dict(q_ptr=t, k_ptr=t, v_ptr=t, out_ptr=t, slots_ptr=index, start_ptr=index, ntok_ptr=index,
+                   pk_ptr=t, pv_ptr=t, pslot_ptr=index, plen_ptr=index,
+                   **{name: I32 for name in ("stride_qb", "stride_qw", "stride_qh", "stride_ks", "stride_kh",
+                                             "stride_kl", "stride_vs", "stride_vh", "stride_vl", "stride_ob",
+                                             "stride_ow", "stride_oh", "stride_pks", "stride_pkh", "stride_pkl",
+                                             "stride_pvs", "stride_pvh", "stride_pvl", "W", "HD", "window")},
+                   scale="fp32", G=C, HAS_PREFIX=C, HAS_WINDOW=C, PRECISION=C, UPCAST=C, BLOCK_M=C, BLOCK_N=C,
+                   BLOCK_D=C)
+        consts = dict(G=g, HAS_PREFIX=has_prefix, HAS_WINDOW=has_window,
+                      PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False, BLOCK_M=block_m,
+                      BLOCK_N=block_n, BLOCK_D=hd)
+        out.append((f"slot_attention {dtype} g={g} hd={hd} prefix={has_prefix} window={has_window}",
+                    attention._slot_attention_kernel, sig, consts))
     sig = dict(key_ptr=P64, sample_ptr=P64, pos_ptr=P64, role_ptr=P64, lane_ptr=P64, out_ptr=P32, n=I32, BLOCK=C)
     out.append(("uniform", krng._uniform_kernel, sig, {"BLOCK": 256}))
     return out

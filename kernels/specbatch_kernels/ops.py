@@ -29,7 +29,7 @@ import torch
 from specbatch.sampling import rng
 from specbatch.sampling.warping import WARP_DTYPES, History, WarpParams, apply_bias_and_penalties
 from specbatch.sampling.speculative import VerifyResult
-from specbatch_kernels import reference
+from specbatch_kernels import reference, reference_attention
 from specbatch_kernels.reference import SampleRows, VerifyStep
 
 BACKENDS = ("triton", "torch")
@@ -274,3 +274,88 @@ def verify_probs(
     logits = target_probs.to(torch.float32).log().contiguous()  # [R, G+1, V]
     result, _ = verify(logits, draft_tokens.clamp(min=0), num_proposed, draft_probs, warp, key, sample_index, position)
     return result
+
+
+# --------------------------------------------------------------------------- slot attention
+
+
+def _attention_index(t: torch.Tensor, n: int, what: str, device: torch.device) -> torch.Tensor:
+    """A [n] int32/int64 index or length vector on device, made contiguous (no value check: that
+    would sync the host, and a captured step must not)."""
+    if not isinstance(t, torch.Tensor) or t.shape != (n,):
+        raise ValueError(f"{what} must be a tensor of shape [{n}], got {getattr(t, 'shape', type(t).__name__)}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{what} must be int32 or int64, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{what} is on {t.device}, q on {device}")
+    return t.contiguous()
+
+
+def _attention_pool(t: torch.Tensor, what: str, q: torch.Tensor, kvh: int | None) -> torch.Tensor:
+    """A K/V pool [slots, kvh, L, hd] of q's dtype, device and head size, contiguous in hd."""
+    if t.dim() != 4:
+        raise ValueError(f"{what} must be [slots, kv_heads, len, head_dim], got shape {tuple(t.shape)}")
+    if t.dtype != q.dtype or t.device != q.device:
+        raise ValueError(f"{what} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}")
+    if t.shape[3] != q.shape[3] or (kvh is not None and t.shape[1] != kvh):
+        raise ValueError(f"{what} has shape {tuple(t.shape)}, which does not fit q {tuple(q.shape)}")
+    return t if t.stride(3) == 1 else t.contiguous()
+
+
+def slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                   own_start: torch.Tensor, num_tokens: torch.Tensor,
+                   prefix_k: torch.Tensor | None = None, prefix_v: torch.Tensor | None = None,
+                   prefix_slot: torch.Tensor | None = None, prefix_len: torch.Tensor | None = None,
+                   window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """Attention of one decode or verify step over the slot KV cache, read in place.
+
+    q ``[B, W, nh, hd]`` (RoPE applied); k_cache, v_cache ``[S, kvh, Lmax, hd]`` (one layer's
+    row-slot pool); slots ``[B]`` the row slot each row reads; own_start ``[B]`` own-region
+    tokens before this call; num_tokens ``[B]`` in 0..W this call's real tokens (their K/V
+    already written at own_start ..).  Shared prompt KV: prefix_k, prefix_v ``[P, kvh, Lp, hd]``
+    (the prompt-slot pool), prefix_slot ``[B]`` into it, prefix_len ``[B]`` (0: none).
+    window: sliding window (key visible iff query_pos - key_pos < window, logical positions);
+    scale: default hd ** -0.5.  Index and length tensors int32 or int64 on q's device.
+    Positions and visibility: ``specbatch_kernels.reference_attention``.
+    -> ``[B, W, nh, hd]`` in q's dtype; scores and softmax in float32; a query that sees no
+    key (a padding row: num_tokens 0, own_start 0, prefix_len 0) gets zeros.
+
+    Only shapes, dtypes and devices are checked (no host sync): lengths must fit the pools
+    (own_start + num_tokens <= Lmax, prefix_len <= Lp), which the cache guarantees.
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"q must be [B, W, heads, head_dim], got {getattr(q, 'shape', type(q).__name__)}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"q must be float32, bfloat16 or float16, got {q.dtype}")
+    B, W, nh, hd = q.shape
+    dev = q.device
+    k_cache = _attention_pool(k_cache, "k_cache", q, None)
+    kvh = k_cache.shape[1]
+    if kvh < 1 or nh % kvh:
+        raise ValueError(f"q's {nh} heads are not a multiple of the cache's {kvh} K/V heads")
+    v_cache = _attention_pool(v_cache, "v_cache", q, kvh)
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} and k_cache {tuple(k_cache.shape)} differ")
+    slots, own_start, num_tokens = (_attention_index(t, B, name, dev) for t, name in
+                                    ((slots, "slots"), (own_start, "own_start"), (num_tokens, "num_tokens")))
+    prefix = (prefix_k, prefix_v, prefix_slot, prefix_len)
+    if any(t is not None for t in prefix):
+        if any(t is None for t in prefix):
+            raise ValueError("prefix_k, prefix_v, prefix_slot and prefix_len go together")
+        prefix_k = _attention_pool(prefix_k, "prefix_k", q, kvh)
+        prefix_v = _attention_pool(prefix_v, "prefix_v", q, kvh)
+        if prefix_v.shape[:3] != prefix_k.shape[:3]:
+            raise ValueError(f"prefix_v {tuple(prefix_v.shape)} and prefix_k {tuple(prefix_k.shape)} differ")
+        prefix_slot = _attention_index(prefix_slot, B, "prefix_slot", dev)
+        prefix_len = _attention_index(prefix_len, B, "prefix_len", dev)
+    if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if _use_triton(dev):
+        _check_device(q, "q")
+        q = q if q.stride(3) == 1 else q.contiguous()
+        from specbatch_kernels import attention as kernels  # imports triton: only on this path
+
+        return kernels.slot_attention_triton(q, k_cache, v_cache, slots, own_start, num_tokens,
+                                             prefix_k, prefix_v, prefix_slot, prefix_len, window, scale)
+    return reference_attention.slot_attention(q, k_cache, v_cache, slots, own_start, num_tokens,
+                                              prefix_k, prefix_v, prefix_slot, prefix_len, window, scale)

@@ -7,7 +7,7 @@ from the cache's lengths with one host synchronization (``llama._Plan``: the lon
 slot order) and attends over exactly the keys it needs. A *static step* does neither: its
 :class:`StaticPlan` is computed on the device from the lengths, the K/V of padding tokens are
 written into the slots' *tail* (``KVCache.tail``, never read), and attention reads each row's
-keys in place up to its own length (``specbatch_kernels.attention.slot_attention``: one Triton
+keys in place up to its own length (``specbatch_kernels.ops.slot_attention``: one Triton
 kernel on CUDA, its torch reference elsewhere). The same tensors then serve every call of one
 (batch, width), which is what a CUDA graph needs.
 
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from specbatch.models.cache import KVCache
 from specbatch.models.rope import rope_cos_sin
-from specbatch_kernels.attention import slot_attention
+from specbatch_kernels.ops import slot_attention
 
 # Forwards are replayed at these batch sizes (the smallest one >= the call's rows): powers of
 # two up to 8, then every multiple of 8, then the engine's largest batch.
