@@ -102,10 +102,13 @@ def verify(
     offsets = torch.arange(g, device=draft_tokens.device)[None, :]  # [1, G]
 
     # 1. acceptance test at every proposal position (positions past the first rejection are ignored).
-    p_x = _gather_token_probs(target_probs[:, :g], draft_tokens)  # [R, G]
-    q_x = torch.ones_like(p_x) if draft_probs is None else _gather_token_probs(draft_probs, draft_tokens)
-    u_accept = rng.uniform(key[:, None], sample_index[:, None], position[:, None] + offsets, rng.Role.ACCEPT)
-    n_acc = first_rejection(acceptance_test(p_x, q_x, u_accept), num_proposed)  # [R]
+    if g:
+        p_x = _gather_token_probs(target_probs[:, :g], draft_tokens)  # [R, G]
+        q_x = torch.ones_like(p_x) if draft_probs is None else _gather_token_probs(draft_probs, draft_tokens)
+        u_accept = rng.uniform(key[:, None], sample_index[:, None], position[:, None] + offsets, rng.Role.ACCEPT)
+        n_acc = first_rejection(acceptance_test(p_x, q_x, u_accept), num_proposed)  # [R]
+    else:  # a plain step tests nothing: no acceptance uniforms to draw (they would be an empty [R, 0])
+        n_acc = torch.zeros(r, dtype=torch.int64, device=draft_tokens.device)
     rejected = n_acc < num_proposed  # [R]
 
     # 2. the extra token at position n_acc: recovered (after a rejection) or bonus (all accepted).

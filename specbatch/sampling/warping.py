@@ -327,5 +327,6 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     idx = torch.searchsorted(cdf, target, right=True).squeeze(1)  # [M]
     # Rounding can put target at the very top; fall back to the last token with mass.
     vocab = torch.arange(probs.shape[-1], device=probs.device)  # [V]
-    last = (vocab * (probs > 0)).amax(dim=-1)  # [M] (0 when no mass)
+    # where() rather than vocab * mask: an int64 x bool product takes torch's slow mixed-type path (~8x).
+    last = torch.where(probs > 0, vocab, 0).amax(dim=-1)  # [M] (0 when no mass)
     return torch.minimum(idx, last)
