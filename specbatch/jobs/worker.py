@@ -16,11 +16,12 @@ timing). The driver writes it, the commit marker.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from specbatch.jobs import data
 from specbatch.jobs.data import OutputRecord, Shard, ShardManifest
@@ -185,22 +186,49 @@ class ShardRunner:
         return {"value": self.loaded.engine.gamma, "why": self.loaded.engine.gamma_reason}
 
 
+class ComputeThread:
+    """The one OS thread on which an actor does all of its torch work (load, cost model, shards).
+
+    A Ray actor with ``max_concurrency=2`` runs its constructor on the process's main thread and
+    each call on a thread of its own pool. Torch's CPU kernels parallelize through OpenMP, which
+    keeps a team of worker threads per calling thread: with torch work on two threads, the
+    process holds more OpenMP threads than it has cores, and OpenMP then stops spinning at its
+    barriers and sleeps instead (a wake-up per parallel region: the same demo job ran its engine
+    at 0.5x the rate of the engine alone). One thread also keeps CUDA's per-thread state (current
+    stream, captured graphs) in one place.
+    """
+
+    def __init__(self, threads: int):
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="specbatch-compute")
+        self.threads = self.call(self._set_threads, threads)
+
+    @staticmethod
+    def _set_threads(threads: int) -> int:
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))  # OpenMP's thread count is per calling thread
+        return torch.get_num_threads()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on the compute thread; its result, or its exception raised here."""
+        return self._pool.submit(fn, *args).result()
+
+
 class GenerationActor:
     """One per GPU (or CPU slot): builds the engine once, then runs shards on request.
 
     Created through :func:`actor_class` with the resources of the job; a restarted or replaced
     actor runs this constructor again (the model loads again). It runs with two concurrent
-    calls so that the driver can read :meth:`progress` while :meth:`run_shard` generates.
+    calls so that the driver can read :meth:`progress` while :meth:`run_shard` generates; the
+    model work itself runs on one :class:`ComputeThread`.
     """
 
     def __init__(self, spec: JobSpec, factory: str, label: str, threads: int):
-        import torch
-
-        torch.set_num_threads(max(1, int(threads)))
-        self.threads = torch.get_num_threads()
+        self.compute = ComputeThread(threads)
+        self.threads = self.compute.threads
         self.label = label
         started = time.time()
-        loaded = import_factory(factory)(spec)
+        loaded = self.compute.call(import_factory(factory), spec)
         self.load_s = time.time() - started
         self.runner = ShardRunner(spec, loaded, label)
         self.metrics = None
@@ -223,7 +251,7 @@ class GenerationActor:
         }
 
     def run_shard(self, shard: Shard, attempt: int = 1) -> ShardManifest:
-        manifest = self.runner.run_shard(shard, attempt)
+        manifest = self.compute.call(self.runner.run_shard, shard, attempt)
         if self.metrics is not None:
             try:
                 self.metrics.record_shard(manifest)
