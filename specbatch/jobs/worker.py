@@ -225,7 +225,6 @@ class GenerationActor:
 
     def __init__(self, spec: JobSpec, factory: str, label: str, threads: int):
         self.compute = ComputeThread(threads)
-        self.threads = self.compute.threads
         self.label = label
         started = time.time()
         loaded = self.compute.call(import_factory(factory), spec)
@@ -244,7 +243,7 @@ class GenerationActor:
             "actor": self.label,
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "threads": self.threads,
+            "threads": self.compute.threads,
             "nice": os.getpriority(os.PRIO_PROCESS, 0),  # Ray's default for workers is 15
             "load_s": self.load_s,
             **self.runner.loaded.description,
