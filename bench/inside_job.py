@@ -40,6 +40,7 @@ REPO = BENCH.parent
 sys.path[:] = [str(REPO)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() not in (BENCH, REPO)]
 
 from bench.common import table  # noqa: E402
+from specbatch.engine.host_memory import keep_freed_memory  # noqa: E402
 from specbatch.engine.request import Request  # noqa: E402
 from specbatch.jobs.spec import spec_from_dict  # noqa: E402
 from specbatch.jobs.build import build_engine  # noqa: E402
@@ -93,7 +94,9 @@ def job_rate(data: dict[str, Any], workdir: pathlib.Path, progress: bool = False
 
 def engine_rate(data: dict[str, Any]) -> tuple[Any, Any]:
     """(once, engine): `once()` runs the spec's prompts through the engine the actor would build
-    (in this process, torch at cpus_per_actor threads) and returns (tokens, seconds of generate)."""
+    (in this process, torch at cpus_per_actor threads, malloc set as the actor sets it) and returns
+    (tokens, seconds of generate)."""
+    keep_freed_memory()
     spec = spec_from_dict(data)
     torch.set_num_threads(spec.resources.cpus_per_actor)
     loaded = build_engine(spec)

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from specbatch.engine.host_memory import glibc_version
 from specbatch.jobs import data
 from specbatch.jobs.driver import RunError, check_cluster_output, plan_actors, run_job
 from specbatch.jobs.spec import SpecError, spec_from_dict
@@ -117,6 +118,7 @@ def test_normal_run_writes_every_sample_once_with_the_declared_schema(reference)
     assert 0 < stats["acceptance_rate"] <= 1
     assert len(stats["actors"]) == 1 and stats["actors"][0]["samples"] == NUM_PROMPTS * 3
     assert stats["actors"][0]["nice"] == 0  # the local Ray runs its workers at the priority of the run
+    assert stats["actors"][0]["malloc_kept"] is (glibc_version() is not None)  # the actor set its malloc
 
 
 def _read_with(reader: str, out: str, tmp_path: pathlib.Path) -> list[tuple]:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from specbatch.jobs import data
 from specbatch.jobs.data import OutputRecord, Shard, ShardManifest
+from specbatch.engine.host_memory import keep_freed_memory
 from specbatch.engine.request import Request
 from specbatch.engine.stats import AcceptanceStats
 from specbatch.jobs.build import LoadedEngine, import_factory
@@ -220,10 +221,12 @@ class GenerationActor:
     Created through :func:`actor_class` with the resources of the job; a restarted or replaced
     actor runs this constructor again (the model loads again). It runs with two concurrent
     calls so that the driver can read :meth:`progress` while :meth:`run_shard` generates; the
-    model work itself runs on one :class:`ComputeThread`.
+    model work itself runs on one :class:`ComputeThread`. The actor owns its process, so it also
+    sets the process's malloc to keep freed step buffers (:func:`keep_freed_memory`).
     """
 
     def __init__(self, spec: JobSpec, factory: str, label: str, threads: int):
+        self.malloc_kept = keep_freed_memory()  # before the first model buffer is allocated
         self.compute = ComputeThread(threads)
         self.label = label
         started = time.time()
@@ -245,6 +248,7 @@ class GenerationActor:
             "host": socket.gethostname(),
             "threads": self.compute.threads,
             "nice": os.getpriority(os.PRIO_PROCESS, 0),  # Ray's default for workers is 15
+            "malloc_kept": self.malloc_kept,
             "load_s": self.load_s,
             **self.runner.loaded.description,
         }
