@@ -1,6 +1,7 @@
 """The actor's compute thread: every call runs on one OS thread, not the caller's, with torch's
 thread count set there (OpenMP keeps that count per calling thread), and errors come back."""
 
+import os
 import threading
 
 import pytest
@@ -33,3 +34,14 @@ def test_an_exception_on_the_compute_thread_is_raised_to_the_caller():
     with pytest.raises(ValueError, match="bad row"):
         compute.call(fail, "bad row")
     assert compute.call(lambda: 7) == 7
+
+
+def test_nice_is_the_compute_threads_own_not_the_callers():
+    """On Linux each thread has its own nice value: the actor reports the one that runs its shards."""
+    compute = ComputeThread(threads=1)
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    if mine >= 19:
+        pytest.skip("this process already runs at the lowest priority")
+    compute.call(os.setpriority, os.PRIO_PROCESS, 0, mine + 1)  # raising one's own nice needs no privilege
+    assert compute.nice() == mine + 1
+    assert os.getpriority(os.PRIO_PROCESS, 0) == mine

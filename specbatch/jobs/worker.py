@@ -202,6 +202,12 @@ class ComputeThread:
     def __init__(self, threads: int):
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="specbatch-compute")
         self.threads = self.call(self._set_threads, threads)
+        self.native_id = self.call(threading.get_native_id)  # the OS thread id: its nice is its own
+
+    def nice(self) -> int:
+        """The compute thread's nice value (on Linux each thread has its own; read without waiting
+        for the thread, which may be busy with a shard)."""
+        return os.getpriority(os.PRIO_PROCESS, self.native_id)
 
     @staticmethod
     def _set_threads(threads: int) -> int:
@@ -247,7 +253,7 @@ class GenerationActor:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "threads": self.compute.threads,
-            "nice": os.getpriority(os.PRIO_PROCESS, 0),  # Ray's default for workers is 15
+            "nice": self.compute.nice(),  # Ray's default for workers is 15
             "malloc_kept": self.malloc_kept,
             "load_s": self.load_s,
             **self.runner.loaded.description,
