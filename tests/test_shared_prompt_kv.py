@@ -14,6 +14,7 @@ import torch
 from specbatch.models.cache import CacheLayout, plan_shared_cache, prompt_slots_for
 from specbatch.models import load_model, load_tokenizer
 from tests.tiny import make_tiny_checkpoint
+from tests.twin import Side, Twin, ragged_script
 
 CONFIGS = {
     "llama-gqa": dict(arch="llama", num_heads=4, num_kv_heads=2),
@@ -30,66 +31,24 @@ def model(request, tmp_path_factory):
     return load_model(path, dtype=torch.float32)
 
 
-class Pair:
-    """The same calls on an unshared and a shared cache; logits compared at real positions."""
-
-    def __init__(self, model):
-        self.model = model
-        self.unshared = model.new_cache(ROWS + 1, PROMPT_LEN + ROW_LEN)  # the last slot prefills
-        self.shared = model.new_cache(ROWS, ROW_LEN, prompt_slots=PROMPTS, prompt_len=PROMPT_LEN)
-        self.gen = torch.Generator().manual_seed(3)
-
-    def admit(self, prompt: list[int], rows: list[int], prompt_slot: int) -> None:
-        head = torch.tensor([prompt[:-1]], dtype=torch.int64)
-        n = torch.tensor([len(prompt) - 1])
-        self.unshared.reset([ROWS])
-        self.shared.reset([ROWS + prompt_slot])
-        if len(prompt) > 1:  # as the engine does: a one-token prompt has no prefix to prefill
-            self.model(head, self.unshared, torch.tensor([ROWS]), n, last_only=True)
-            self.model(head, self.shared, torch.tensor([ROWS + prompt_slot]), n, last_only=True)
-        self.unshared.copy_prefix(ROWS, rows, len(prompt) - 1)
-        self.shared.copy_prefix(ROWS + prompt_slot, rows, len(prompt) - 1)
-
-    def step(self, slots: list[int], widths: list[int]) -> None:
-        W = max(widths)
-        tokens = torch.randint(0, self.model.config.vocab_size, (len(slots), W), generator=self.gen)
-        s, n = torch.tensor(slots), torch.tensor(widths)
-        want = self.model(tokens, self.unshared, s, n)
-        got = self.model(tokens, self.shared, s, n)
-        for r, k in enumerate(widths):
-            torch.testing.assert_close(got[r, :k], want[r, :k], rtol=1e-5, atol=1e-5)
-        assert self.shared.lengths[s].tolist() == self.unshared.lengths[s].tolist()
-
-    def rollback(self, slots: list[int], lengths: list[int]) -> None:
-        self.unshared.set_lengths(slots, lengths)
-        self.shared.set_lengths(slots, lengths)
+def twin(model) -> Twin:
+    """The unshared layout (the reference: every row a full copy) and the shared one, one model."""
+    unshared = model.new_cache(ROWS + 1, PROMPT_LEN + ROW_LEN)  # the last slot prefills
+    shared = model.new_cache(ROWS, ROW_LEN, prompt_slots=PROMPTS, prompt_len=PROMPT_LEN)
+    return Twin(Side(model, unshared, lambda p: ROWS), Side(model, shared, lambda p: ROWS + p), ROWS,
+                model.config.vocab_size)
 
 
 def test_shared_prompt_logits_equal_the_unshared_layout(model):
-    pair = Pair(model)
-    a, b, c = [5, 9, 11, 3, 7, 2, 8, 1, 4, 6], [12, 4, 4], [30]  # c: a one-token prompt (no prefix)
-    pair.admit(a, [0, 2, 3], prompt_slot=0)
-    pair.admit(b, [5, 1], prompt_slot=1)
-    pair.admit(c, [4], prompt_slot=2)
-    pair.step([0, 2, 3, 5, 1, 4], [1, 1, 1, 1, 1, 1])       # every row's first token
-    pair.step([3, 0, 5, 2, 4, 1], [4, 1, 3, 2, 5, 0])       # ragged, scrambled slot order, a width 0
-    pair.step([4, 1], [3, 1])                                 # a subset
-    pair.rollback([3, 0, 5], [len(a) - 1 + 2, len(a) - 1, len(b) - 1 + 1])  # back to 2 own, 0 own, 1 own
-    pair.step([0, 3, 5], [2, 5, 3])
-    pair.step(list(range(ROWS)), [18, 1, 2, 3, 1, 2])       # a wide call (W > 16: the other mask kind)
-    # Refill: row 2 finishes, slot 2 becomes a sample of b; prompt slot 0 (a) still serves 0 and 3.
-    pair.unshared.reset([2])
-    pair.shared.reset([2])
-    pair.admit(b, [2], prompt_slot=1)
-    pair.step([2, 0, 3, 1], [3, 1, 2, 1])
+    ragged_script(twin(model), wide=18)  # W > 16: the other mask kind
 
 
 def test_a_row_rolled_back_into_its_prompt_is_refused(model):
-    pair = Pair(model)
+    pair = twin(model)
     pair.admit([5, 9, 11, 3], [0], prompt_slot=0)
-    pair.shared.set_lengths([0], [2])  # below its prefix of 3
+    pair.b.cache.set_lengths([0], [2])  # below its prefix of 3
     with pytest.raises(ValueError, match="rolled back into its shared prompt"):
-        model(torch.tensor([[1]]), pair.shared, torch.tensor([0]), torch.tensor([1]))
+        model(torch.tensor([[1]]), pair.b.cache, torch.tensor([0]), torch.tensor([1]))
 
 
 def test_rows_of_one_prompt_read_its_prompt_slot_and_hold_only_their_tokens(model):

@@ -15,6 +15,7 @@ from specbatch.jobs.spec import SpecError, spec_from_dict
 from specbatch.models import load_model
 from specbatch.models.steps import StaticSteps, batch_buckets, use_static_steps
 from tests.tiny import make_tiny_checkpoint
+from tests.twin import Side, Twin, ragged_script
 
 CONFIGS = {
     "llama-gqa": dict(arch="llama", num_heads=4, num_kv_heads=2),
@@ -30,78 +31,35 @@ def checkpoint(request, tmp_path_factory):
                                 **CONFIGS[request.param])
 
 
-class Pair:
-    """The same calls on an eager and a static-step model, each with its own cache."""
-
-    def __init__(self, checkpoint, shared: bool):
-        self.eager = load_model(checkpoint, dtype=torch.float32)
-        self.static = load_model(checkpoint, dtype=torch.float32)
-        use_static_steps(self.static, WIDTH, ROWS, graphs=False)
-        if shared:
-            make = lambda m: m.new_cache(ROWS, ROW_LEN, prompt_slots=PROMPTS, prompt_len=PROMPT_LEN)  # noqa: E731
-        else:
-            make = lambda m: m.new_cache(ROWS + 1, PROMPT_LEN + ROW_LEN)  # noqa: E731 (the last slot prefills)
-        self.shared = shared
-        self.caches = {"eager": make(self.eager), "static": make(self.static)}
-        self.gen = torch.Generator().manual_seed(3)
-
-    def pairs(self):
-        return ((self.eager, self.caches["eager"]), (self.static, self.caches["static"]))
-
-    def admit(self, prompt: list[int], rows: list[int], prompt_slot: int) -> None:
-        src = ROWS + prompt_slot if self.shared else ROWS
-        for model, cache in self.pairs():
-            cache.reset([src])
-            if len(prompt) > 1:  # prefill runs eager in both
-                model(torch.tensor([prompt[:-1]]), cache, torch.tensor([src]), torch.tensor([len(prompt) - 1]),
-                      last_only=True)
-            cache.copy_prefix(src, rows, len(prompt) - 1)
-
-    def step(self, slots: list[int], widths: list[int]) -> None:
-        W = max(widths)
-        tokens = torch.randint(0, 48, (len(slots), W), generator=self.gen)
-        s, n = torch.tensor(slots), torch.tensor(widths)
-        want = self.eager(tokens, self.caches["eager"], s, n)
-        got = self.static(tokens, self.caches["static"], s, n)
-        for r, k in enumerate(widths):
-            torch.testing.assert_close(got[r, :k], want[r, :k], rtol=1e-5, atol=1e-5)
-        assert self.caches["static"].lengths.tolist() == self.caches["eager"].lengths.tolist()
-
-    def rollback(self, slots: list[int], lengths: list[int]) -> None:
-        for _, cache in self.pairs():
-            cache.set_lengths(slots, lengths)
+def twin(checkpoint, shared: bool) -> Twin:
+    """An eager (reference) and a static-step load of the checkpoint, each with its own cache."""
+    eager = load_model(checkpoint, dtype=torch.float32)
+    static = load_model(checkpoint, dtype=torch.float32)
+    use_static_steps(static, WIDTH, ROWS, graphs=False)
+    if shared:
+        make = lambda m: m.new_cache(ROWS, ROW_LEN, prompt_slots=PROMPTS, prompt_len=PROMPT_LEN)  # noqa: E731
+        prefill_slot = lambda p: ROWS + p  # noqa: E731
+    else:
+        make = lambda m: m.new_cache(ROWS + 1, PROMPT_LEN + ROW_LEN)  # noqa: E731 (the last slot prefills)
+        prefill_slot = lambda p: ROWS  # noqa: E731
+    return Twin(Side(eager, make(eager), prefill_slot), Side(static, make(static), prefill_slot), ROWS, 48)
 
 
 @pytest.mark.parametrize("layout", ["unshared", "shared"])
 def test_static_steps_give_the_eager_logits(checkpoint, layout):
-    pair = Pair(checkpoint, shared=layout == "shared")
-    a, b, c = [5, 9, 11, 3, 7, 2, 8, 1, 4, 6], [12, 4, 4], [30]  # c: a one-token prompt (no prefix)
-    pair.admit(a, [0, 2, 3], prompt_slot=0)
-    pair.admit(b, [5, 1], prompt_slot=1)
-    pair.admit(c, [4], prompt_slot=2)
-    pair.step([0, 2, 3, 5, 1, 4], [1, 1, 1, 1, 1, 1])  # every row's first token
-    pair.step([3, 0, 5, 2, 4, 1], [4, 1, 3, 2, 5, 0])  # ragged, scrambled slot order, a width 0
-    pair.step([4, 1], [3, 1])  # a subset
-    pair.rollback([3, 0, 5], [len(a) - 1 + 2, len(a) - 1, len(b) - 1 + 1])
-    pair.step([0, 3, 5], [2, 5, 3])
-    for _ in range(3):  # past the sliding window
-        pair.step(list(range(ROWS)), [6, 1, 2, 3, 1, 2])
-    pair.rollback([2], [len(a) - 1])
-    pair.caches["eager"].reset([2]), pair.caches["static"].reset([2])
-    pair.admit(b, [2], prompt_slot=1)  # refill: slot 2 becomes a sample of b
-    pair.step([2, 0, 3], [3, 2, 1])
+    ragged_script(twin(checkpoint, shared=layout == "shared"), wide=WIDTH)
 
 
 def test_a_row_filled_to_its_slot_keeps_its_tokens_when_the_step_is_padded(checkpoint):
     """A row at its slot's last position in a step padded wider than it: its padding writes go
     to the tail (without one they would fall outside the slot, or onto its tokens if clamped)."""
-    pair = Pair(checkpoint, shared=False)
+    pair = twin(checkpoint, shared=False)
     prompt = list(range(1, PROMPT_LEN))
     pair.admit(prompt, [0, 1], prompt_slot=0)
     full = PROMPT_LEN + ROW_LEN
     pair.rollback([0], [full - 1])  # slot 0 holds one position less than its max_len
     pair.step([0, 1], [1, WIDTH])  # row 0 fills its slot; the step is WIDTH wide
-    cache = pair.caches["static"]
+    cache = pair.b.cache
     assert cache.k[0].shape[2] == full + WIDTH and cache.tail == WIDTH
     pair.rollback([0], [full - 2])
     pair.step([0], [1])  # its last tokens' K/V are intact: the same logits as eager
