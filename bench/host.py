@@ -16,7 +16,11 @@ unless ``--clock wall``: on a shared machine other processes then do not inflate
 quiet one the two agree.  A second table shows the part of it spent in ``warp_and_verify`` (the engine
 module's, wrapped and timed): the warp and verification math, which runs as the torch reference
 on the CPU and as fused kernels on a GPU, so on a GPU it is device work rather than host work
-(the current engine applies penalties before that call, the old one inside it).
+(the current engine applies penalties before that call, the old one inside it).  A third
+table leaves out all of that device math: warp_and_verify and the slot state's ``adjust`` (logit
+bias, penalties and bans as tensor operations on the engine's device; revisions without it
+applied penalties inside warp_and_verify).  What remains is Python and host bookkeeping:
+drafting, stop strings, building and committing the step, which a GPU waits for.
 
 Cases: plain | ngram gamma 4 | plain + penalties | ngram gamma 4 + penalties + stop strings
 (repetition 1.1, presence 0.4, frequency 0.2; two stop strings of two words each).
@@ -135,6 +139,25 @@ def measure(checkpoint: str, batches: list[int], repeats: int, top_k: int, top_p
             verify_seconds[0] += CLOCK() - t0
 
     engine_mod.warp_and_verify = timed_verify
+    # The slot state's adjust (logit bias, penalties, bans: tensor math on the engine's device) is
+    # device work on a GPU as warp_and_verify is; revisions before the slot state have none (they
+    # applied penalties inside warp_and_verify).
+    adjust_seconds = [0.0]
+    try:
+        from specbatch.engine.slots import SlotState
+    except ImportError:
+        SlotState = None
+    if SlotState is not None and hasattr(SlotState, "adjust"):
+        real_adjust = SlotState.adjust
+
+        def timed_adjust(*args: Any, **kwargs: Any) -> Any:
+            t0 = CLOCK()
+            try:
+                return real_adjust(*args, **kwargs)
+            finally:
+                adjust_seconds[0] += CLOCK() - t0
+
+        SlotState.adjust = timed_adjust
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name, case in CASES.items():
         out[name] = {}
@@ -165,9 +188,9 @@ def measure(checkpoint: str, batches: list[int], repeats: int, top_k: int, top_p
                 Request(f"p{i}", [int(t) for t in torch.randint(7, vocab, (PROMPT_TOKENS,), generator=gen)], params)
                 for i in range(batch // SAMPLES_PER_PROMPT)
             ]
-            per_step, verify = [], []
+            per_step, verify, device = [], [], []
             for run in range(repeats + 1):  # the first run warms up
-                timed.seconds, steps[0], verify_seconds[0] = 0.0, 0, 0.0
+                timed.seconds, steps[0], verify_seconds[0], adjust_seconds[0] = 0.0, 0, 0.0, 0.0
                 with torch.inference_mode():
                     t0 = CLOCK()
                     engine.generate(requests)
@@ -175,9 +198,13 @@ def measure(checkpoint: str, batches: list[int], repeats: int, top_k: int, top_p
                 if run:
                     per_step.append((elapsed - timed.seconds) / steps[0] * 1e3)
                     verify.append(verify_seconds[0] / steps[0] * 1e3)
-            out[name][str(batch)] = {"host": statistics.median(per_step), "verify": statistics.median(verify)}
+                    device.append((verify_seconds[0] + adjust_seconds[0]) / steps[0] * 1e3)
+            host_ms = statistics.median(per_step)
+            rest = statistics.median([h - d for h, d in zip(per_step, device)])
+            out[name][str(batch)] = {"host": host_ms, "verify": statistics.median(verify), "rest": rest}
             print(f"# {name} @ {batch}: {out[name][str(batch)]['host']:.2f} ms/step host "
-                  f"({out[name][str(batch)]['verify']:.2f} in warp_and_verify), {steps[0]} steps, "
+                  f"({out[name][str(batch)]['verify']:.2f} in warp_and_verify, {rest:.2f} outside the device math), "
+                  f"{steps[0]} steps, "
                   f"forward {timed.seconds / steps[0] * 1e3:.2f} ms/step", file=sys.stderr)
     return out
 
@@ -233,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     print(table(*_table(old, new, batches, "host", args.baseline)))
     print("\nof which in warp_and_verify (warp + verification math: a fused kernel on a GPU)")
     print(table(*_table(old, new, batches, "verify", args.baseline)))
+    print("\nhost ms per step outside the device math (warp_and_verify, and the slot state's bias, penalties and "
+          "bans): Python, drafting, stop strings, bookkeeping, what a GPU waits for")
+    print(table(*_table(old, new, batches, "rest", args.baseline)))
 
 
 def _table(old: dict | None, new: dict, batches: list[int], what: str, rev: str | None) -> tuple[list[str], list[list[Any]]]:

@@ -7,6 +7,11 @@ or each hold and read a full copy (unshared). Side by side, in one run, on the d
   prompt: N (T2 - T1) / (t(T2) - t(T1)) for runs of T1 and T2 new tokens, so the prefill and
   admission cancel; medians of alternated runs; the long/short ratio says what a long prompt
   costs per token;
+* the FLOP bound of that ratio: a decode token costs 2 FLOPs per weight of the matmuls plus 4 per
+  (query head, key, head dim) of attention, and sharing the prompt's KV saves reads, not those
+  FLOPs (every query still scores every prompt key). Where the step is compute-bound (a small
+  model at batch 16 on a few CPU cores) long / short cannot exceed FLOPs(short) / FLOPs(long);
+  where it is bound by memory reads (a GPU) the shared layout approaches 1;
 * rows that fit one fixed KV budget with that long prompt and completions of T2 tokens, as
   each layout's planner lays the cache out.
 
@@ -44,6 +49,15 @@ def long_prompt(tok, length: int) -> list[int]:
     while len(encode_prompt(tok, text)) < length:
         text = FILLER + text
     return encode_prompt(tok, text)
+
+
+def flops_per_token(cfg, context: float) -> float:
+    """Forward FLOPs of one decode token attending over `context` keys: the matmuls (q, k, v, o, the
+    MLP's three, the LM head) and attention's scores and weighted sum."""
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    layer = cfg.hidden_size * (2 * q + 2 * kv) + 3 * cfg.hidden_size * cfg.intermediate_size
+    weights = cfg.num_hidden_layers * layer + cfg.hidden_size * cfg.vocab_size
+    return 2 * weights + 4 * cfg.num_hidden_layers * q * context
 
 
 def main() -> None:
@@ -90,14 +104,18 @@ def main() -> None:
     median = {cell: statistics.median(v) for cell, v in times.items()}
     rates = {(layout, name): args.n * (t2 - t1) / (median[(layout, name, t2)] - median[(layout, name, t1)])
              for layout in engines for name in prompts}
+    span = (t1 + t2) / 2  # the timed tokens' mean own length
+    bound = (flops_per_token(model.config, len(prompts["short"]) + span)
+             / flops_per_token(model.config, len(prompts["long"]) + span))
     rows = []
     for layout in ("unshared", "shared"):
         short, long = rates[(layout, "short")], rates[(layout, "long")]
-        rows.append([layout, len(prompts["short"]), short, len(prompts["long"]), long, long / short,
+        rows.append([layout, len(prompts["short"]), short, len(prompts["long"]), long, long / short, bound,
                      rates[(layout, "long")] / rates[("unshared", "long")]])
     print(f"decode rate, N={args.n}, plain, T={t1}->{t2} new tokens, {args.threads} threads, {args.dtype}, "
           f"median of {args.repeats} alternated runs")
-    print(table(["layout", "short prompt", "tok/s", "long prompt", "tok/s", "long / short", "long vs unshared"], rows))
+    print(table(["layout", "short prompt", "tok/s", "long prompt", "tok/s", "long / short", "FLOP bound",
+                 "long vs unshared"], rows))
 
     cfg = model.config
     budget = args.budget_mib << 20
