@@ -56,9 +56,8 @@ class NgramDrafter(_StatelessDrafter):
     def propose(self, rows: Sequence[Row], max_proposals: torch.Tensor, coupled: bool) -> Proposal:
         limits = max_proposals.tolist()
         found = [self.lookup(row.tokens, lim) for row, lim in zip(rows, limits)]
-        g = max((len(f) for f in found), default=0)
-        tokens = torch.full((len(rows), g), -1, dtype=torch.int64)
-        for r, f in enumerate(found):
-            if f:
-                tokens[r, : len(f)] = torch.tensor(f, dtype=torch.int64)
-        return Proposal(tokens=tokens, num_proposed=torch.tensor([len(f) for f in found], dtype=torch.int64), q=None)
+        sizes = [len(f) for f in found]
+        g = max(sizes, default=0)
+        # One tensor from padded lists: a tensor per row would cost a construction each.
+        tokens = torch.tensor([f + [-1] * (g - k) for f, k in zip(found, sizes)], dtype=torch.int64).reshape(len(rows), g)
+        return Proposal(tokens=tokens, num_proposed=torch.tensor(sizes, dtype=torch.int64), q=None)  # tokens: [R, G]
