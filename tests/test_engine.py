@@ -251,3 +251,29 @@ def test_stale_draft_cache_is_caught_by_the_length_invariants(target, tokenizer,
     params = SamplingParams(n=8, max_new_tokens=10, temperature=1.0, ignore_eos=True)
     with pytest.raises(AssertionError, match="draft cache"):
         Engine(target, tokenizer, stale, EngineConfig(max_batch_size=8, measure_cost=False)).generate([Request("s", PROMPT, params)])
+
+
+def test_the_model_drafters_host_lengths_are_its_caches_lengths(target, tokenizer, ckpts):
+    """The model drafter keeps its cache's lengths on the host (no device read per step): after
+    every proposal and every rollback they equal the cache's own, through rejections, fully
+    accepted steps, finished rows and refilled slots."""
+    drafter = build_drafter("model", target, tokenizer, path=str(ckpts[1]), dtype="float32", draft_temperature=1.5)
+    checked = []
+
+    def agree(name):
+        real = getattr(drafter, name)
+
+        def call(*args, **kwargs):
+            out = real(*args, **kwargs)
+            assert drafter.lengths == drafter.cache.lengths.tolist(), name
+            checked.append(name)
+            return out
+
+        setattr(drafter, name, call)
+
+    for name in ("propose", "commit", "prefill", "copy_prefix", "release"):
+        agree(name)
+    eng = Engine(target, tokenizer, drafter, EngineConfig(max_batch_size=4, num_draft_tokens=3, measure_cost=False))
+    params = SamplingParams(n=6, max_new_tokens=9, temperature=0.9, ignore_eos=True, seed=5)
+    eng.generate([Request("a", PROMPT, params), Request("b", PROMPT[:3], params)])
+    assert eng.stats.accepted < eng.stats.tested and checked.count("release") >= 12  # rejections; every row freed

@@ -25,6 +25,10 @@ class ModelDrafter:
     draft_temperature None uses each row's own temperature; draft_top_k / draft_top_p apply to
     the draft only.  The draft's logits are padded (or cut) to the target's vocabulary width;
     ids beyond the target's width are never proposed.
+
+    ``lengths`` keeps each draft cache slot's length on the host, as every call here sets it
+    (prefill, fan-out, proposals, rollback, release): reading the cache's own lengths would be a
+    host synchronization in each ``propose`` and ``commit`` on a GPU.
     """
 
     kind = "model"
@@ -46,10 +50,12 @@ class ModelDrafter:
         self.draft_top_p = draft_top_p
         self.draft_min_p = draft_min_p
         self.cache = None
+        self.lengths: list[int] = []  # per draft cache slot, on the host: the cache's lengths
         self.device = next(model.parameters()).device
 
     def attach(self, layout: CacheLayout) -> None:
         self.cache = self.model.new_cache(layout.num_slots, layout.max_len, layout.prompt_slots, layout.prompt_len)
+        self.lengths = [0] * (layout.num_slots + layout.prompt_slots)
 
     def prefill(self, prompt_ids: Sequence[int], slot: int) -> None:
         self.cache.reset([slot])
@@ -57,12 +63,17 @@ class ModelDrafter:
         if head:
             tokens = torch.tensor([head], dtype=torch.int64, device=self.device)
             self.model(tokens, self.cache, torch.tensor([slot], device=self.device), torch.tensor([len(head)], device=self.device), last_only=True)
+        self.lengths[slot] = len(head)
 
     def copy_prefix(self, src: int, dst: Sequence[int], length: int) -> None:
         self.cache.copy_prefix(src, list(dst), length)
+        for d in dst:
+            self.lengths[d] = length
 
     def release(self, slots: Sequence[int]) -> None:
         self.cache.reset(list(slots))
+        for s in slots:
+            self.lengths[s] = 0
 
     @property
     def draft_model(self) -> Any:
@@ -102,17 +113,17 @@ class ModelDrafter:
             return _empty_proposal(r, self.vocab, self.device)
         dev = self.device
         slots = torch.tensor([row.slot for row in rows], dtype=torch.int64, device=dev)
-        lengths = self.cache.lengths[slots].tolist()
+        lengths = [self.lengths[row.slot] for row in rows]
+        limit_list = max_proposals.tolist()
         # 1. catch up: feed the committed tokens the draft cache lacks (1 or 2 per row, ragged).
-        pending = [row.tokens[length:] if lim > 0 else [] for row, length, lim in zip(rows, lengths, max_proposals.tolist())]
+        pending = [row.tokens[length:] if lim > 0 else [] for row, length, lim in zip(rows, lengths, limit_list)]
         for row, length in zip(rows, lengths):
             assert length <= len(row.tokens) - 1, "draft cache holds tokens the row never committed"
-        width = max(len(p) for p in pending)
-        feed = torch.zeros(r, width, dtype=torch.int64, device=dev)
-        for i, p in enumerate(pending):
-            if p:
-                feed[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
-        n_feed = torch.tensor([len(p) for p in pending], dtype=torch.int64, device=dev)
+        sizes = [len(p) for p in pending]
+        width = max(sizes)
+        feed = torch.tensor([p + [0] * (width - k) for p, k in zip(pending, sizes)], dtype=torch.int64,
+                            device=dev)  # [R, width]: one copy to the device
+        n_feed = torch.tensor(sizes, dtype=torch.int64, device=dev)  # [R]
         # Every position's logits, then each row's last real one: a step-shaped call (1 or 2 wide),
         # which a model with static steps runs as one (a CUDA graph on a GPU).
         fed = self.model(feed, self.cache, slots, n_feed)  # [R, width, Vd]
@@ -138,13 +149,15 @@ class ModelDrafter:
             if i + 1 < g:
                 step_tokens = (i + 1 < limits).to(torch.int64)  # feed x_i only where x_{i+1} is wanted
                 last = self.model(x.clamp(min=0)[:, None], self.cache, slots, step_tokens)[:, 0]
+        for row, k, lim in zip(rows, sizes, limit_list):  # the catch-up, then x_0 .. x_{lim-2}
+            self.lengths[row.slot] += k + max(lim - 1, 0)
         return Proposal(tokens=tokens, num_proposed=limits.clone(), q=q)
 
     def commit(self, rows: Sequence[Row], num_proposed: torch.Tensor, num_accepted: torch.Tensor) -> None:
         """Roll the draft cache back to the accepted prefix: n - 1 after a rejection, n - 2 after
         a fully accepted step (n = committed length after the step)."""
         slots = [row.slot for row in rows]
-        lengths = self.cache.lengths[torch.tensor(slots, dtype=torch.int64, device=self.device)].tolist()
+        lengths = [self.lengths[s] for s in slots]
         new = []
         for row, length, g, a in zip(rows, lengths, num_proposed.tolist(), num_accepted.tolist()):
             n = len(row.tokens)
@@ -153,6 +166,7 @@ class ModelDrafter:
                 expected = n - 2 if a == g else n - 1
                 assert target_len == expected, f"draft cache length {target_len} != {expected} (n={n}, g={g}, a={a})"
             new.append(target_len)
+            self.lengths[row.slot] = target_len
         self.cache.set_lengths(slots, new)
 
 
