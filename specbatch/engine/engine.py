@@ -416,9 +416,8 @@ class Engine:
         self.cache.set_lengths(batch.slots, state.length[batch.slots] - 1)
         num_emitted = torch.from_numpy(kept)
         emitted = torch.from_numpy(np.where(np.arange(w)[None, :] < kept[:, None], packed[:, :w], -1))
-        num_proposed_host = proposal.num_proposed if proposal.num_proposed.device.type == "cpu" else torch.tensor(counts)
         committed = VerifyResult(tokens=emitted, num_emitted=num_emitted, num_tested=torch.from_numpy(tested),
-                                 num_accepted=torch.from_numpy(accepted), num_proposed=num_proposed_host)
+                                 num_accepted=torch.from_numpy(accepted), num_proposed=proposal.num_proposed)
         self.policy.verified(r * (g + 1), verify_seconds, committed)
         self.drafter.commit(rows, committed.num_proposed, committed.num_accepted)
         self.stats.add_step(committed.num_proposed, committed.num_tested, committed.num_accepted, committed.num_emitted)

@@ -40,7 +40,7 @@ from specbatch.sampling.warping import WarpParams
 @dataclass
 class Proposal:
     tokens: torch.Tensor  # [R, G] int64, -1 where i >= num_proposed[r]
-    num_proposed: torch.Tensor  # [R] int64
+    num_proposed: torch.Tensor  # [R] int64 on the host: the engine reads it without a device sync
     q: torch.Tensor | None  # [R, G, V_target] float32, or None for one-hot q
 
 
@@ -84,7 +84,7 @@ class Drafter(Protocol):
 def _empty_proposal(rows: int, vocab: int | None, device: torch.device | str = "cpu") -> Proposal:
     return Proposal(
         tokens=torch.full((rows, 0), -1, dtype=torch.int64, device=device),
-        num_proposed=torch.zeros(rows, dtype=torch.int64, device=device),
+        num_proposed=torch.zeros(rows, dtype=torch.int64),  # on the host, as every drafter's
         q=None if vocab is None else torch.zeros(rows, 0, vocab, device=device),
     )
 

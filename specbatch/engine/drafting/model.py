@@ -151,7 +151,7 @@ class ModelDrafter:
                 last = self.model(x.clamp(min=0)[:, None], self.cache, slots, step_tokens)[:, 0]
         for row, k, lim in zip(rows, sizes, limit_list):  # the catch-up, then x_0 .. x_{lim-2}
             self.lengths[row.slot] += k + max(lim - 1, 0)
-        return Proposal(tokens=tokens, num_proposed=limits.clone(), q=q)
+        return Proposal(tokens=tokens, num_proposed=max_proposals.to("cpu", copy=True), q=q)
 
     def commit(self, rows: Sequence[Row], num_proposed: torch.Tensor, num_accepted: torch.Tensor) -> None:
         """Roll the draft cache back to the accepted prefix: n - 1 after a rejection, n - 2 after
