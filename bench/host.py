@@ -98,6 +98,19 @@ class TimedModel:
         return getattr(self._model, name)
 
 
+def _timed(fn: Any, seconds: list[float]) -> Any:
+    """fn, adding the CLOCK time of each call to seconds[0]."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = CLOCK()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds[0] += CLOCK() - t0
+
+    return timed
+
+
 def measure(checkpoint: str, batches: list[int], repeats: int, top_k: int, top_p: float,
             new_tokens: int = NEW_TOKENS) -> dict[str, dict[str, dict[str, float]]]:
     """{case: {batch: {"host": ms per step, "verify": ms per step}}} with the specbatch found first
@@ -128,36 +141,17 @@ def measure(checkpoint: str, batches: list[int], repeats: int, top_k: int, top_p
     model = load_model(checkpoint, dtype="float32")
     tokenizer = load_tokenizer(checkpoint)
     vocab = model.config.vocab_size
-    real_verify = engine_mod.warp_and_verify
-    verify_seconds = [0.0]
-
-    def timed_verify(*args: Any, **kwargs: Any) -> Any:
-        t0 = CLOCK()
-        try:
-            return real_verify(*args, **kwargs)
-        finally:
-            verify_seconds[0] += CLOCK() - t0
-
-    engine_mod.warp_and_verify = timed_verify
+    verify_seconds, adjust_seconds = [0.0], [0.0]
+    engine_mod.warp_and_verify = _timed(engine_mod.warp_and_verify, verify_seconds)
     # The slot state's adjust (logit bias, penalties, bans: tensor math on the engine's device) is
     # device work on a GPU as warp_and_verify is; revisions before the slot state have none (they
     # applied penalties inside warp_and_verify).
-    adjust_seconds = [0.0]
     try:
         from specbatch.engine.slots import SlotState
     except ImportError:
         SlotState = None
     if SlotState is not None and hasattr(SlotState, "adjust"):
-        real_adjust = SlotState.adjust
-
-        def timed_adjust(*args: Any, **kwargs: Any) -> Any:
-            t0 = CLOCK()
-            try:
-                return real_adjust(*args, **kwargs)
-            finally:
-                adjust_seconds[0] += CLOCK() - t0
-
-        SlotState.adjust = timed_adjust
+        SlotState.adjust = _timed(SlotState.adjust, adjust_seconds)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name, case in CASES.items():
         out[name] = {}
