@@ -2,7 +2,9 @@
 
 Same checkpoint (the demo model), same prompts (the first --prompts of the demo's, chat template
 applied once, the same token ids for every system), same max tokens, temperature, top-p and seed,
-N samples per prompt decoded together (one prompt after another), the same thread count, median
+N samples per prompt, at most the largest N rows decoded at once by specbatch and by vLLM
+(max_batch_size = max_num_seqs: several prompts' samples share a batch; transformers decodes one
+prompt's N per generate call, as its num_return_sequences does), the same thread count, median
 of 3 timed runs after one untimed warm-up, every sample forced to exactly --tokens generated
 tokens (specbatch: ignore_eos; transformers: min_new_tokens; vLLM: ignore_eos + min_tokens),
 only generated tokens counted.  Systems run one after another, never at once:
@@ -142,7 +144,8 @@ def specbatch_spec_data(demo: dict[str, Any], w: dict[str, Any], config: str, n:
     data["speculative"] = {"num_draft_tokens": "auto" if config == "auto" else GAMMA, "adaptive_gamma": False}
     data["sampling"].update(n=n, max_new_tokens=w["max_tokens"], min_new_tokens=0, ignore_eos=True,
                             temperature=w["temperature"], top_p=w["top_p"], seed=w["seed"])
-    data["resources"].update(actors=1, gpus_per_actor=0, cpus_per_actor=w["threads"], max_batch_size=n)
+    # The batch cap vLLM gets (max_num_seqs = the largest N): every prompt's samples decode together.
+    data["resources"].update(actors=1, gpus_per_actor=0, cpus_per_actor=w["threads"], max_batch_size=max(w["ns"]))
     return data
 
 
