@@ -113,7 +113,7 @@ def _timed(fn: Any, seconds: list[float]) -> Any:
 
 def measure(checkpoint: str, batches: list[int], repeats: int, top_k: int, top_p: float,
             new_tokens: int = NEW_TOKENS) -> dict[str, dict[str, dict[str, float]]]:
-    """{case: {batch: {"host": ms per step, "verify": ms per step}}} with the specbatch found first
+    """{case: {batch: {"host", "verify", "rest": ms per step}}} with the specbatch found first
     on sys.path."""
     import torch
 
