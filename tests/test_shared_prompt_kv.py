@@ -43,6 +43,45 @@ def test_shared_prompt_logits_equal_the_unshared_layout(model):
     ragged_script(twin(model), wide=18)  # W > 16: the other mask kind
 
 
+def test_dense_groups_and_contiguous_prompt_slots_take_views_with_equal_logits(model, monkeypatch):
+    """Rows that are equal runs of one prompt each (in the slot order attention runs in) take the
+    dense path (no scatter into group matrices), other rows the scatter path; prompt slots that
+    are a contiguous run are read as a view of the pool, others gathered. Logits equal the
+    unshared layout's in every case, and each call takes the paths its rows call for."""
+    from specbatch.models import llama
+
+    taken = []
+
+    def recording(q, own_k, own_v, prefix_k, prefix_v, bias, group, rank, *args, **kwargs):
+        taken.append(("dense" if group is None else "scatter", "view" if prefix_k._base is not None else "gather"))
+        return attention(q, own_k, own_v, prefix_k, prefix_v, bias, group, rank, *args, **kwargs)
+
+    attention = llama.shared_prefix_attention
+    monkeypatch.setattr(llama, "shared_prefix_attention", recording)
+    pair = twin(model)
+    pair.admit([5, 9, 11, 3, 7], [0, 1, 2], prompt_slot=0)
+    pair.admit([12, 4, 4, 8], [3, 4, 5], prompt_slot=2)
+    script = [
+        ([0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 1, 1], ("dense", "gather")),  # two runs of three; prompt slots 0, 2
+        ([4, 1, 5, 0, 3, 2], [2, 1, 3, 1, 2, 1], ("dense", "gather")),  # scrambled: dense in slot order
+        ([0, 1, 3, 4, 5], [1, 2, 1, 1, 1], ("scatter", "gather")),  # groups of 2 and 3
+        ([2, 1], [1, 1], ("dense", "view")),  # one prompt
+        ("refill", None, None),  # rows 1 and 4 become samples of a third prompt, in prompt slot 1
+        ([0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 1, 1], ("scatter", "view")),  # groups interleave in slot order
+        ([0, 2, 3, 5], [2, 1, 1, 3], ("dense", "gather")),  # not a run of slots: the caller's order
+        ([3, 5, 0, 2], [2, 1, 1, 3], ("scatter", "gather")),  # ... here with the groups out of order
+        ([1, 4, 3, 5], [1, 1, 1, 1], ("dense", "view")),
+    ]
+    for slots, widths, paths in script:
+        if slots == "refill":
+            pair.reset([1, 4])
+            pair.admit([30, 31, 32], [1, 4], prompt_slot=1)
+            continue
+        taken.clear()
+        pair.step(slots, widths)
+        assert taken == [paths] * model.config.num_hidden_layers, (slots, taken[:1])
+
+
 def test_a_row_rolled_back_into_its_prompt_is_refused(model):
     pair = twin(model)
     pair.admit([5, 9, 11, 3], [0], prompt_slot=0)

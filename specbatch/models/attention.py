@@ -10,6 +10,10 @@ prompt's keys, then one with its values. A fused GPU kernel would merge the two 
 attentions by their log-sum-exp instead of materializing the concatenated scores; the
 arithmetic is the same.
 
+A call's rows are *dense* when they are G consecutive runs of Rg rows, one run per group: the
+group matrices are then views of the rows' tensors (no scatter into zero-padded group matrices,
+no gather back), which is the common case of N samples admitted together.
+
 Terms: R rows, W query positions per row, nh query heads, kvh K/V heads (g = nh / kvh query
 heads share one K/V head), hd head size, G prompt groups, Rg the most rows of one group in this
 call, Lp prompt keys read (the longest prefix in the call), Lo own keys read.
@@ -22,10 +26,11 @@ import torch
 
 def shared_prefix_attention(q: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor,
                             prefix_k: torch.Tensor, prefix_v: torch.Tensor, bias: torch.Tensor,
-                            group: torch.Tensor, rank: torch.Tensor, rows_per_group: int,
+                            group: torch.Tensor | None, rank: torch.Tensor | None, rows_per_group: int,
                             scaling: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention of ``q [R, W, nh, hd]`` over ``prefix_k/v [G, kvh, Lp, hd]`` (row r reads group
-    ``group[r]``, as the ``rank[r]``-th of at most ``rows_per_group`` rows of it) then its own
+    ``group[r]``, as the ``rank[r]``-th of at most ``rows_per_group`` rows of it; both None: the
+    rows are dense, row r is the (r % Rg)-th of group r // Rg) then its own
     ``own_k/v [R, kvh, Lo, hd]``; ``bias [R, W, Lp + Lo]`` (the prompt's keys first) is 0 (attend)
     or -inf. Scores and softmax in float32, like ``llama._matmul_attention``. -> ``[R, W, nh, hd]``.
 
@@ -39,12 +44,23 @@ def shared_prefix_attention(q: torch.Tensor, own_k: torch.Tensor, own_v: torch.T
     qh = q.reshape(R, W, kvh, g, hd).permute(0, 2, 3, 1, 4)  # [R, kvh, g, W, hd]
 
     own_scores = torch.matmul(qh.reshape(R, kvh, g * W, hd), own_k.transpose(-1, -2)).view(R, kvh, g, W, Lo)
+
+    def to_groups(x: torch.Tensor) -> torch.Tensor:
+        """Per-row ``[R, kvh, g, W, D]`` -> per-group ``[G, kvh, Rg g W, D]`` (absent rows zero)."""
+        if group is None:
+            grouped = x.reshape(G, Rg, kvh, g, W, x.shape[-1])
+        else:
+            grouped = x.new_zeros(G, Rg, kvh, g, W, x.shape[-1])
+            grouped[group, rank] = x
+        return grouped.permute(0, 2, 1, 3, 4, 5).reshape(G, kvh, Rg * g * W, x.shape[-1])
+
+    def from_groups(y: torch.Tensor) -> torch.Tensor:
+        """Per-group ``[G, kvh, Rg g W, D]`` -> per-row ``[R, kvh, g, W, D]``."""
+        rows = y.view(G, kvh, Rg, g, W, y.shape[-1]).permute(0, 2, 1, 3, 4, 5)  # [G, Rg, kvh, g, W, D]
+        return rows.reshape(R, kvh, g, W, y.shape[-1]) if group is None else rows[group, rank]
+
     # The prompt's keys, read once per group: the group's rows' queries stacked as one matrix.
-    q_groups = qh.new_zeros(G, Rg, kvh, g, W, hd)
-    q_groups[group, rank] = qh
-    q_groups = q_groups.permute(0, 2, 1, 3, 4, 5).reshape(G, kvh, Rg * g * W, hd)
-    prefix_scores = torch.matmul(q_groups, prefix_k.transpose(-1, -2))  # [G, kvh, Rg g W, Lp]
-    prefix_scores = prefix_scores.view(G, kvh, Rg, g, W, Lp).permute(0, 2, 1, 3, 4, 5)[group, rank]  # [R, kvh, g, W, Lp]
+    prefix_scores = from_groups(torch.matmul(to_groups(qh), prefix_k.transpose(-1, -2)))  # [R, kvh, g, W, Lp]
 
     bias = bias[:, None, None]  # [R, 1, 1, W, Lp + Lo]
     scores = torch.cat([prefix_scores, own_scores], dim=-1)
@@ -58,9 +74,5 @@ def shared_prefix_attention(q: torch.Tensor, own_k: torch.Tensor, own_v: torch.T
 
     out = torch.matmul(own_probs.reshape(R, kvh, g * W, Lo), own_v).view(R, kvh, g, W, hd)
     # The prompt's values, read once per group.
-    p_groups = probs.new_zeros(G, Rg, kvh, g, W, Lp)
-    p_groups[group, rank] = prefix_probs
-    p_groups = p_groups.permute(0, 2, 1, 3, 4, 5).reshape(G, kvh, Rg * g * W, Lp)
-    prefix_out = torch.matmul(p_groups, prefix_v).view(G, kvh, Rg, g, W, hd).permute(0, 2, 1, 3, 4, 5)[group, rank]
-    out = out + prefix_out  # [R, kvh, g, W, hd]
+    out = out + from_groups(torch.matmul(to_groups(prefix_probs), prefix_v))  # [R, kvh, g, W, hd]
     return out.permute(0, 3, 1, 2, 4).reshape(R, W, nh, hd)

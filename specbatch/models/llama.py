@@ -323,8 +323,8 @@ class _PrefixPlan:
     """How a row call reads its rows' linked prompt slots (shared prompt KV layout).
 
     Rows linked to one prompt slot form a *group*; ``group [R]`` is each row's group (in the
-    row order attention runs in), ``rank [R]`` its place within the group, ``rows_per_group``
-    the largest group. The prompt part of the masks allows key j of row r where j <
+    row order attention runs in), ``rank [R]`` its place within the group (both None when the
+    rows are dense), ``rows_per_group`` the largest group. The prompt part of the masks allows key j of row r where j <
     prefix_len[r] (every prompt position precedes the row's queries) and, on sliding-window
     layers, only the keys within the window of each query's logical position; ``mask`` and
     ``sliding_mask`` ``[R, W, Lp + Lo]`` are that part followed by the call's own-token mask,
@@ -340,8 +340,17 @@ class _PrefixPlan:
         starts = torch.cumsum(counts, 0) - counts  # [G] first place of each group in by_group
         rank = torch.empty_like(group)
         rank[by_group] = torch.arange(group.shape[0], device=group.device) - starts[group[by_group]]
-        self.rows_per_group = int(counts.max())
+        ordered = group if order is None else group[order]  # [R] in the row order attention runs in
+        rows_per_group, dense, packed, first = torch.stack([  # one host sync
+            counts.max(),
+            ((counts == counts[0]).all() & (ordered[1:] >= ordered[:-1]).all()).long(),  # equal runs, in order
+            (groups[-1] - groups[0] + 1 == groups.shape[0]).long(),  # the prompt slots are a contiguous run
+            groups[0],
+        ]).tolist()
+        self.rows_per_group = rows_per_group
         self.cache, self.groups, self.length = cache, groups, longest_prefix
+        # Contiguous prompt slots are read as a view of the pool, not gathered (a copy per layer).
+        self.group_range = (first, first + groups.shape[0]) if packed else None
         key_pos = torch.arange(longest_prefix, device=slots.device)  # [Lp]
         allowed = (key_pos < prefix_len[:, None]).unsqueeze(1).expand(-1, positions.shape[1], -1)  # [R, W, Lp]
         self.mask = torch.cat([mask(allowed, padding, True), own_mask], dim=-1)  # [R, W, Lp + Lo]
@@ -349,14 +358,21 @@ class _PrefixPlan:
         if window is not None:
             sliding = mask(allowed & (key_pos > positions[:, :, None] - window), padding, True)
             self.sliding_mask = torch.cat([sliding, own_sliding_mask], dim=-1)  # [R, W, Lp + Lo]
-        # In the row order attention runs in (the masks were permuted by `mask` already).
-        self.group, self.rank = (group, rank) if order is None else (group[order], rank[order])
+        # In the row order attention runs in (the masks were permuted by `mask` already); None for
+        # dense rows (G runs of rows_per_group rows, group by group: see attention.py).
+        self.group, self.rank = (None, None) if dense else (ordered, rank if order is None else rank[order])
 
     def keys(self, layer: int) -> torch.Tensor:
-        return self.cache.pk[layer][self.groups, :, : self.length]  # [G, kvh, Lp, hd]
+        return self._read(self.cache.pk[layer])  # [G, kvh, Lp, hd]
 
     def values(self, layer: int) -> torch.Tensor:
-        return self.cache.pv[layer][self.groups, :, : self.length]  # [G, kvh, Lp, hd]
+        return self._read(self.cache.pv[layer])  # [G, kvh, Lp, hd]
+
+    def _read(self, pool: torch.Tensor) -> torch.Tensor:
+        if self.group_range is not None:
+            lo, hi = self.group_range
+            return pool[lo:hi, :, : self.length]
+        return pool[self.groups, :, : self.length]
 
 
 class LlamaModel(nn.Module):
