@@ -75,17 +75,19 @@ def _list_decoder(tokenizer: Any) -> Any:
     return tokenizer.decode
 
 
-WINDOW_TOKENS = 8  # tokens decoded before the new ones, beyond the longest stop's length in characters
-WINDOW_CHARS = 16  # characters of that window's text beyond the longest stop's length
+WINDOW_CHARS = 16  # characters of the window's text before the new tokens, beyond the longest stop's length
+CHARS_PER_TOKEN = 4  # the first guess of a window's span in tokens is its characters / this
 
 
 @dataclass
 class StopWindow:
-    """One row's window for stop-string checks: the decoded text of its completion[start:end]."""
+    """One row's window for stop-string checks: the decoded text of its completion[start:end].
+    ``span`` is the token count a (re)started window last needed to hold its characters."""
 
     start: int = 0
     end: int = -1  # -1: no window yet
     text: str = ""
+    span: int = 0
 
 
 class StopStringMatcher:
@@ -134,17 +136,22 @@ class StopStringMatcher:
         stop before the new tokens (or starts at the completion's start), so text that a decoder
         changes at the window's start (a leading space, a partial character) lies before the part
         searched.  ``window`` (the row's, updated here) keeps the window's start and the text
-        before the new tokens from the previous step: one decode per step."""
+        before the new tokens from the previous step: one decode per step.  A window restarts
+        when it has grown to twice the span it started with, at the span the row last needed
+        (a first guess of CHARS_PER_TOKEN characters a token, doubled until the text is long
+        enough), so a step decodes about 1.5 spans plus its new tokens."""
         before = len(ids) - num_new
         window = window if window is not None else StopWindow()
-        if window.end != before or before - window.start > 2 * (self.longest + WINDOW_TOKENS):
-            span = self.longest + WINDOW_TOKENS  # (re)start the window: a fresh row, or it grew long
+        need = self.longest + WINDOW_CHARS  # characters before the new text
+        if window.end != before or before - window.start > 2 * max(window.span, 1):
+            span = window.span or -(-need // CHARS_PER_TOKEN)  # (re)start the window: a fresh row, or it grew long
             while True:
                 window.start = max(0, before - span)
                 window.text = self.decode(ids[window.start : before]) if before > window.start else ""
-                if window.start == 0 or len(window.text) >= self.longest + WINDOW_CHARS:
+                if window.start == 0 or len(window.text) >= need:
                     break
                 span *= 2
+            window.span = span
         text = self.decode(ids[window.start :])
         start = max(0, len(window.text) - self.longest + 1)
         window.end, window.text = len(ids), text
