@@ -6,7 +6,7 @@ the batch-1 memory-bandwidth bound (weights bytes / measured copy bandwidth).  W
 also the engine on a compiled target (specbatch.models.compile; the compilation, minutes on a
 small CPU, happens in the untimed warm-up run) and its batch-1 step.
 
-    .venv/bin/python bench/engine.py [--model smollm2-135m-instruct] [--dtype bfloat16] [--tokens 64] [--compile]
+    .venv/bin/python bench/engine.py [--model smollm2-135m-instruct] [--dtype auto] [--tokens 64] [--compile]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from common import PROMPTS, median_time, memory_bandwidth, table  # noqa: E402
 from specbatch.engine.costmodel import time_forward  # noqa: E402
 from specbatch.engine.engine import Engine, EngineConfig  # noqa: E402
 from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
+from specbatch.models.dtypes import resolve_dtype  # noqa: E402
 from specbatch.models.compile import compile_steps  # noqa: E402
 from specbatch.engine.request import Request  # noqa: E402
 from specbatch.sampling.warping import SamplingParams  # noqa: E402
@@ -33,12 +34,13 @@ from specbatch.engine.tokenization import encode_prompt  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--ns", default="1,16")
     ap.add_argument("--compile", action="store_true", help="add the engine on a compiled target")
     args = ap.parse_args()
+    args.dtype = resolve_dtype(args.dtype, "cpu")  # 'auto': this CPU's native dtype
     torch.manual_seed(0)
     path = resolve_model_path(args.model)
     dtype = getattr(torch, args.dtype)

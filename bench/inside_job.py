@@ -115,7 +115,7 @@ def engine_rate(data: dict[str, Any]) -> tuple[Any, Any]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=96)

@@ -141,7 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tiny", action="store_true", help="a random hidden-256 checkpoint instead of --model")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--shard-rows", type=int, default=2)
     ap.add_argument("--n", type=int, default=4)

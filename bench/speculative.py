@@ -34,6 +34,7 @@ from specbatch.engine.drafting.ngram import NgramDrafter
 from specbatch.engine.drafting.factory import build_drafter  # noqa: E402
 from specbatch.engine.engine import Engine, EngineConfig  # noqa: E402
 from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
+from specbatch.models.dtypes import resolve_dtype  # noqa: E402
 from specbatch.engine.request import Request  # noqa: E402
 from specbatch.sampling.warping import SamplingParams  # noqa: E402
 from specbatch.engine.drafting.suffix import SuffixDrafter  # noqa: E402
@@ -77,7 +78,7 @@ class Profile:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--cases", default="1:0.5,8:0.8", help="N:temperature pairs")
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--drafters", default="none,ngram,suffix,auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
+    args.dtype = resolve_dtype(args.dtype, "cpu")  # 'auto': this CPU's native dtype
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)

@@ -53,7 +53,7 @@ def stats(tmp_path):
     this_run = [m["part-00001"]]
     return spec, report.build_stats(
         spec, m, this_run=this_run, run={"wall_s": 5.0, "first_shard_s": 1.5},
-        actors=[{"actor": "actor-1", "device": "cpu", "threads": 1}],
+        actors=[{"actor": "actor-1", "device": "cpu", "dtype": "float32", "threads": 1}],
         cost_model=COST.to_dict(), gamma={"value": 2, "why": "fixed by speculative.num_draft_tokens"},
         failed=[{"shard": "part-00002", "ids": ["id8"], "error": "boom"}],
     )
@@ -115,7 +115,7 @@ def test_summary_names_the_key_figures(stats):
     assert f"acceptance rate {21 / 34:.3f}" in text
     assert "acceptance per position: 0.70 0.50" in text
     assert "gamma 2" in text and "FAILED part-00002 (ids id8): boom" in text
-    assert "actor-1: 1 shards" in text
+    assert "actor-1: 1 shards" in text and "cpu float32, 1 threads" in text
 
 
 def test_plots_are_png_files(stats, tmp_path):

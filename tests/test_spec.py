@@ -44,7 +44,7 @@ def test_minimal_spec_takes_the_documented_defaults(tmp_path):
     assert spec.input.prompt_column == "prompt" and spec.input.id_column == "auto"
     assert spec.input.chat_template == "auto" and spec.input.keep_columns == []
     assert spec.output.if_exists == "resume"
-    assert spec.models.target.dtype == "bfloat16" and spec.models.target.max_model_len is None
+    assert spec.models.target.dtype == "auto" and spec.models.target.max_model_len is None
     assert spec.models.draft.kind == "ngram" and (spec.models.draft.min_n, spec.models.draft.max_n) == (1, 3)
     assert spec.speculative.num_draft_tokens == 4 and spec.speculative.verification == "rejection"
     assert spec.resources.actors == "auto" and spec.resources.shard_rows == 256
@@ -321,7 +321,7 @@ def test_example_jobs_validate(job):
 
 def test_demo_job_is_a_small_cpu_job():
     spec = load_spec(REPO / "jobs" / "demo.yaml")
-    assert spec.models.target.path == "smollm2-135m-instruct" and spec.models.target.dtype == "bfloat16"
+    assert spec.models.target.path == "smollm2-135m-instruct" and spec.models.target.dtype == "auto"
     assert spec.models.draft.kind == "suffix" and spec.speculative.num_draft_tokens == "auto"
     assert spec.sampling.n == 4 and spec.sampling.max_new_tokens <= 64 and spec.sampling.temperature == 0.8
     assert spec.resources.actors == 1 and spec.resources.gpus_per_actor == 0 and spec.resources.cpus_per_actor == 2

@@ -88,13 +88,15 @@ def build_engine(spec: JobSpec, measure_cost: bool = True) -> LoadedEngine:
     from specbatch.engine.speculation import choose_policy
     from specbatch.models import load_model, load_tokenizer
     from specbatch.models.compile import compile_steps
+    from specbatch.models.dtypes import resolve_dtype
     from specbatch.models.llama import LlamaModel
     from specbatch.models.steps import use_static_steps
     from specbatch.engine.tokenization import encode_prompt
 
     device = device_for(spec)
     target_spec, draft_spec, spec_cfg = spec.models.target, spec.models.draft, spec.speculative
-    target = load_model(target_spec.path, dtype=target_spec.dtype, device=device, backend=target_spec.backend)
+    dtype = resolve_dtype(target_spec.dtype, device)  # 'auto' decided once, here, for the whole engine
+    target = load_model(target_spec.path, dtype=dtype, device=device, backend=target_spec.backend)
     if target_spec.compile:
         compile_steps(target)
     graphs = _cuda_graphs(target_spec, target, device)
@@ -106,7 +108,7 @@ def build_engine(spec: JobSpec, measure_cost: bool = True) -> LoadedEngine:
         target,
         tokenizer,
         path=draft_spec.path,
-        dtype=draft_spec.dtype or target_spec.dtype,
+        dtype=resolve_dtype(draft_spec.dtype or dtype, device),
         backend=draft_spec.backend,
         min_n=draft_spec.min_n,
         max_n=draft_spec.max_n,
@@ -143,7 +145,7 @@ def build_engine(spec: JobSpec, measure_cost: bool = True) -> LoadedEngine:
     description = {
         "device": device,
         "target": target_spec.path,
-        "dtype": target_spec.dtype,
+        "dtype": dtype,
         "compiled": target_spec.compile,
         "cuda_graphs": graphs,
         "backend": type(target).__name__,

@@ -291,6 +291,7 @@ def summary_text(stats: Mapping[str, Any]) -> str:
             f"  {a.get('actor')}: {a.get('shards', 0)} shards, {a.get('samples', 0)} samples, {a.get('tokens', 0)} tokens, "
             f"{_fmt(a.get('tokens_per_s'), 1)} tokens/s, acceptance {_fmt(a.get('acceptance_rate'))}"
             + (f", {a['device']}" if a.get("device") else "")
+            + (f" {a['dtype']}" if a.get("dtype") else "")
             + (f", {a['threads']} threads" if a.get("threads") else "")
         )
     for f in stats.get("failed", []):

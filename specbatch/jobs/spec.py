@@ -122,7 +122,12 @@ class OutputSpec(BaseModel):
     )
 
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPE_DESCRIPTION = (
+    "Weight and activation dtype: float32, bfloat16, float16 or 'auto': bfloat16 where the device computes it "
+    "natively (CUDA GPUs from Ampere on; CPUs with AVX-512 or AMX), else float16 on older GPUs and float32 on CPUs "
+    "without native bfloat16 (where bfloat16 matmuls run tens of times slower). stats.json names the one chosen."
+)
 Backend = Literal["auto", "native", "transformers"]
 BACKEND_DESCRIPTION = (
     "Which code runs the model's forward: 'native' (specbatch's own, fastest; Llama, Mistral, Qwen2, Qwen3), "
@@ -138,7 +143,7 @@ class TargetSpec(BaseModel):
     model_config = _CONFIG
 
     path: str = Field(description="A local Hugging Face checkpoint directory, or a model name known to `specbatch models`.")
-    dtype: Dtype = Field("bfloat16", description="Weight and activation dtype: float32, bfloat16 or float16.")
+    dtype: Dtype = Field("auto", description=DTYPE_DESCRIPTION)
     backend: Backend = Field("auto", description=BACKEND_DESCRIPTION)
     max_model_len: int | None = Field(
         None, gt=0, description="Longest prompt + completion a row may reach, in tokens; null: the model's own limit."

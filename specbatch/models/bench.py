@@ -29,12 +29,13 @@ def _interleaved_median_ms(fns, steps: int) -> list[float]:
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from specbatch.models.loader import as_dtype, load_model, load_tokenizer
+    from specbatch.models.dtypes import as_dtype, resolve_dtype
+    from specbatch.models.loader import load_model, load_tokenizer
     from specbatch.models.registry import resolve_model_path
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the CPU's native one)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=32)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    dtype = as_dtype(args.dtype)
+    dtype = as_dtype(resolve_dtype(args.dtype, "cpu"))
     directory = resolve_model_path(args.model)
     native = load_model(directory, dtype=dtype)
     reference = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype).eval()

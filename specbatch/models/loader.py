@@ -10,28 +10,18 @@ import torch
 from specbatch.models.backends import choose_backend
 from specbatch.models.checkpoint import load_weights
 from specbatch.models.config import parse_config
+from specbatch.models.dtypes import as_dtype, resolve_dtype
 from specbatch.models.errors import CheckpointError
 from specbatch.models.llama import LlamaModel
 from specbatch.models.registry import resolve_model_path
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """torch dtype from a name (float32 / bfloat16 / float16) or a torch dtype."""
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-
-
 def load_model(path_or_name: str | pathlib.Path, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", backend: str = "auto"):
     """The model of a checkpoint directory, registered name or hub id, in eval mode: a native
-    LlamaModel or a TransformersModel, as ``backend`` (auto | native | transformers) chooses."""
+    LlamaModel or a TransformersModel, as ``backend`` (auto | native | transformers) chooses;
+    dtype ``auto`` is the device's native one (``specbatch.models.dtypes``)."""
     directory = resolve_model_path(path_or_name)
-    dtype = as_dtype(dtype)
+    dtype = as_dtype(resolve_dtype(dtype, device))
     if choose_backend(directory, backend) == "transformers":
         from specbatch.models.hf_backend import load_transformers_model
 
