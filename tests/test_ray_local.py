@@ -246,3 +246,31 @@ def test_reaper_sweep_kills_marked_processes_and_their_descendants():
         for proc in (marked, stranger):
             proc.kill()
             proc.wait()
+
+
+def test_reaper_scans_read_each_process_s_environment_once(monkeypatch):
+    """With the marks a repeated scan keeps, only processes new since the last scan have their
+    environment read; the session's process is found on every scan and forgotten once gone."""
+    session = uuid.uuid4().hex
+    marked = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env={**os.environ, localray.MARKER: session})
+    read: list[psutil.Process] = []
+    real_environ = psutil.Process.environ
+
+    def recording(self):
+        read.append(self)
+        return real_environ(self)
+
+    monkeypatch.setattr(psutil.Process, "environ", recording)
+    marks: dict[psutil.Process, bool] = {}
+    try:
+        assert localray.session_processes(session, {os.getpid()}, marks) == {psutil.Process(marked.pid)}
+        first = set(read)
+        assert psutil.Process(marked.pid) in first and marks[psutil.Process(marked.pid)] is True
+        read.clear()
+        assert localray.session_processes(session, {os.getpid()}, marks) == {psutil.Process(marked.pid)}
+        assert not first & set(read), "a known process's environment was read again"
+    finally:
+        marked.kill()
+        marked.wait()
+    localray.session_processes(session, {os.getpid()}, marks)
+    assert all(p.pid != marked.pid for p in marks)

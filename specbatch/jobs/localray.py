@@ -130,26 +130,47 @@ def _attribute(obj: Any, name: str, value: Any) -> Iterator[None]:
 # The reaper process: python -m specbatch.jobs.localray SESSION DRIVER_PID
 
 
-def session_processes(session: str, exclude: set[int] = frozenset()) -> set[psutil.Process]:
+def session_processes(session: str, exclude: set[int] = frozenset(),
+                      marks: dict[psutil.Process, bool] | None = None) -> set[psutil.Process]:
     """The live processes of a session: those that carry its marker, and their descendants.
 
     Descendants count because a process that renames itself (the agents' ``ray::`` titles,
     set with setproctitle) overwrites the environment /proc shows; while its parent lives,
-    the process tree still names it.
+    the process tree still names it.  ``marks`` (kept by a caller that scans repeatedly)
+    remembers whether each process carries the marker, which is fixed when it starts: a
+    repeated scan reads the environment of new processes only (reading every process's
+    environment each second was most of the reaper's CPU time), and a marked process that
+    renames itself later is still known.
     """
-    marked = set()
-    for proc in psutil.process_iter():
+    marks = {} if marks is None else marks
+    live, marked = set(), set()
+    children: dict[int, list[psutil.Process]] = {}  # parent pid -> its processes, from this one pass
+    for proc in psutil.process_iter(["ppid"]):
+        children.setdefault(proc.info["ppid"], []).append(proc)
         if proc.pid in exclude:
             continue
-        try:
-            if proc.environ().get(MARKER) == session:
-                marked.add(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    found = set(marked)
-    for proc in marked:
-        with contextlib.suppress(psutil.Error):
-            found.update(proc.children(recursive=True))
+        live.add(proc)
+        carries = marks.get(proc)
+        if carries is None:
+            try:
+                carries = proc.environ().get(MARKER) == session
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                if not _alive(proc):
+                    continue
+                carries = False  # alive but unreadable (another user's, a kernel thread): not ours
+            marks[proc] = carries
+        if carries:
+            marked.add(proc)
+    for proc in [p for p in marks if p not in live]:  # forget the processes that are gone
+        del marks[proc]
+    # Descendants from the one pass's parent map (psutil's children() reads every process's
+    # parent again for each call).
+    found, todo = set(marked), list(marked)
+    while todo:
+        for child in children.get(todo.pop().pid, ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
     return {p for p in found if p.pid not in exclude and _alive(p)}
 
 
@@ -185,8 +206,9 @@ def _watch_until_end(session: str, driver: int, exclude: set[int]) -> set[psutil
     """Record the session's processes every second until stdin reaches EOF (the driver closed
     it, or died) or the driver is no longer our parent; return every process recorded."""
     seen: set[psutil.Process] = set()
+    marks: dict[psutil.Process, bool] = {}
     while os.getppid() == driver:
-        seen |= session_processes(session, exclude)
+        seen |= session_processes(session, exclude, marks)
         ready, _, _ = select.select([sys.stdin], [], [], 1.0)
         if ready and not os.read(sys.stdin.fileno(), 1024):
             break
