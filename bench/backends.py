@@ -25,11 +25,10 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PROMPTS, table  # noqa: E402
+from common import add_dtype_argument, PROMPTS, table  # noqa: E402
 
 from specbatch.engine.engine import Engine, EngineConfig  # noqa: E402
 from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
-from specbatch.models.dtypes import resolve_dtype  # noqa: E402
 from specbatch.engine.request import Request  # noqa: E402
 from specbatch.sampling.warping import SamplingParams  # noqa: E402
 from specbatch.engine.tokenization import encode_prompt  # noqa: E402
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[list[Any]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--native-model", default="smollm2-135m-instruct", help="a Llama-family model")
     ap.add_argument("--hf-model", default="gemma3-270m", help="a model the transformers backend runs")
-    ap.add_argument("--dtype", default="auto")
+    add_dtype_argument(ap)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
@@ -96,7 +95,6 @@ def main(argv: list[str] | None = None) -> list[list[Any]]:
     ap.add_argument("--hf-n", type=int, default=16, help="samples per prompt for the transformers comparison")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
-    args.dtype = resolve_dtype(args.dtype, "cpu")  # 'auto': this CPU's native dtype
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

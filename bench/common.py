@@ -1,7 +1,8 @@
-"""Shared pieces of the benchmarks: timing (median of repeats), tables, bandwidth, demo prompts."""
+"""Shared pieces of the benchmarks: timing (median of repeats), tables, bandwidth, demo prompts, --dtype."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -48,3 +49,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
     return "\n".join([line, sep, *body])
+
+
+def add_dtype_argument(ap: argparse.ArgumentParser) -> None:
+    """``--dtype`` (default auto), parsed to the dtype name the models load in on this CPU."""
+
+    def cpu_dtype(name: str) -> str:
+        # imported here: this module stays importable without specbatch (bench/peers_workload.py
+        # runs in a peer's virtual environment)
+        from specbatch.models.dtypes import resolve_dtype
+
+        return resolve_dtype(name, "cpu")
+
+    ap.add_argument("--dtype", default="auto", type=cpu_dtype, help="float32, bfloat16, float16 or auto (this CPU's native dtype)")

@@ -19,12 +19,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PROMPTS, median_time, memory_bandwidth, table  # noqa: E402
+from common import add_dtype_argument, PROMPTS, median_time, memory_bandwidth, table  # noqa: E402
 
 from specbatch.engine.costmodel import time_forward  # noqa: E402
 from specbatch.engine.engine import Engine, EngineConfig  # noqa: E402
 from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
-from specbatch.models.dtypes import resolve_dtype  # noqa: E402
 from specbatch.models.compile import compile_steps  # noqa: E402
 from specbatch.engine.request import Request  # noqa: E402
 from specbatch.sampling.warping import SamplingParams  # noqa: E402
@@ -34,13 +33,12 @@ from specbatch.engine.tokenization import encode_prompt  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--dtype", default="auto")
+    add_dtype_argument(ap)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--ns", default="1,16")
     ap.add_argument("--compile", action="store_true", help="add the engine on a compiled target")
     args = ap.parse_args()
-    args.dtype = resolve_dtype(args.dtype, "cpu")  # 'auto': this CPU's native dtype
     torch.manual_seed(0)
     path = resolve_model_path(args.model)
     dtype = getattr(torch, args.dtype)

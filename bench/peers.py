@@ -50,7 +50,7 @@ REPO = BENCH.parent
 # never shadow an installed package (tests/test_environment.py checks the folder too).
 sys.path[:] = [str(REPO)] + [p for p in sys.path if pathlib.Path(p or ".").resolve() not in (BENCH, REPO)]
 
-from bench.common import median_time, table  # noqa: E402
+from bench.common import add_dtype_argument, median_time, table  # noqa: E402
 from bench.inside_job import job_rate, with_prompts  # noqa: E402
 from bench.peers_workload import parse_results  # noqa: E402
 
@@ -59,7 +59,6 @@ sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != BENCH]
 from specbatch.engine.drafting.ngram import NgramDrafter  # noqa: E402
 from specbatch.engine.engine import Engine, EngineConfig  # noqa: E402
 from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
-from specbatch.models.dtypes import resolve_dtype  # noqa: E402
 from specbatch.engine.request import Request  # noqa: E402
 from specbatch.jobs.spec import SpecError, spec_from_dict  # noqa: E402
 from specbatch.engine.tokenization import encode_prompt  # noqa: E402
@@ -80,7 +79,7 @@ VLLM_CONFIGS = ("plain", "ngram", "suffix")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="model name or checkpoint directory")
-    ap.add_argument("--dtype", default="auto")
+    add_dtype_argument(ap)
     ap.add_argument("--prompts", type=int, default=4, help="first K prompts of the demo's")
     ap.add_argument("--tokens", type=int, default=64, help="generated tokens per sample (the demo's max_new_tokens)")
     ap.add_argument("--temperature", type=float, default=None, help="default: the demo's")
@@ -95,9 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "compilation did not finish in 10 minutes on the loaded 2-core machine)")
     ap.add_argument("--setup-peers", action="store_true", help=f"create/reuse the vLLM venv at {VLLM_VENV}")
     ap.add_argument("--peer-timeout", type=int, default=3600, help="seconds per peer subprocess")
-    args = ap.parse_args(argv)
-    args.dtype = resolve_dtype(args.dtype, "cpu")  # 'auto': this CPU's native dtype, for every peer
-    return args
+    return ap.parse_args(argv)
 
 
 def machine_facts(threads: int) -> str:

@@ -29,12 +29,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import table  # noqa: E402
+from common import add_dtype_argument, table  # noqa: E402
 
 from specbatch.models.cache import plan_cache, plan_shared_cache  # noqa: E402
 from specbatch.engine.engine import Engine, EngineConfig  # noqa: E402
 from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
-from specbatch.models.dtypes import resolve_dtype  # noqa: E402
 from specbatch.engine.request import Request  # noqa: E402
 from specbatch.sampling.warping import SamplingParams  # noqa: E402
 from specbatch.engine.tokenization import encode_prompt  # noqa: E402
@@ -64,7 +63,7 @@ def flops_per_token(cfg, context: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--dtype", default="auto")
+    add_dtype_argument(ap)
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--long", type=int, default=1500)
     ap.add_argument("--tokens", default="8,40", help="T1,T2: the two run lengths whose difference is timed")
@@ -72,7 +71,6 @@ def main() -> None:
     ap.add_argument("--budget-mib", type=int, default=1024, help="KV budget for the rows-per-budget rows")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    args.dtype = resolve_dtype(args.dtype, "cpu")  # 'auto': this CPU's native dtype
     torch.set_num_threads(args.threads)
     t1, t2 = (int(x) for x in args.tokens.split(","))
     path = resolve_model_path(args.model)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PROMPTS, median_time, table  # noqa: E402
+from common import add_dtype_argument, PROMPTS, median_time, table  # noqa: E402
 
 import specbatch.engine.engine as engine_mod  # noqa: E402
 from specbatch.engine.speculation import AUTO_MAX_DRAFT_TOKENS  # noqa: E402
@@ -34,7 +34,6 @@ from specbatch.engine.drafting.ngram import NgramDrafter
 from specbatch.engine.drafting.factory import build_drafter  # noqa: E402
 from specbatch.engine.engine import Engine, EngineConfig  # noqa: E402
 from specbatch.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
-from specbatch.models.dtypes import resolve_dtype  # noqa: E402
 from specbatch.engine.request import Request  # noqa: E402
 from specbatch.sampling.warping import SamplingParams  # noqa: E402
 from specbatch.engine.drafting.suffix import SuffixDrafter  # noqa: E402
@@ -78,7 +77,7 @@ class Profile:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--dtype", default="auto")
+    add_dtype_argument(ap)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--cases", default="1:0.5,8:0.8", help="N:temperature pairs")
@@ -87,7 +86,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--drafters", default="none,ngram,suffix,auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
-    args.dtype = resolve_dtype(args.dtype, "cpu")  # 'auto': this CPU's native dtype
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)

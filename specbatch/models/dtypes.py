@@ -39,7 +39,8 @@ def cpu_has_native_bfloat16() -> bool:
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> str:
     """The dtype name a model loads in: ``dtype`` itself, or what ``auto`` means on ``device``."""
     if isinstance(dtype, torch.dtype) or dtype != AUTO:
-        return next(name for name, value in DTYPES.items() if value == as_dtype(dtype))
+        wanted = as_dtype(dtype)
+        return next(name for name, value in DTYPES.items() if value == wanted)
     if torch.device(device).type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if cpu_has_native_bfloat16() else "float32"
