@@ -51,7 +51,8 @@ def test_compiled_steps_match_eager_logits_and_cache(models):
 
     def both(tokens, slots, num_tokens, last_only=False):
         slots, num_tokens = torch.tensor(slots), torch.tensor(num_tokens)
-        return [m(tokens, c, slots, num_tokens, last_only=last_only) for m, c in zip((compiled, eager), caches)]
+        with torch.inference_mode():  # as the engine runs it: the next test reuses these compiled kinds
+            return [m(tokens, c, slots, num_tokens, last_only=last_only) for m, c in zip((compiled, eager), caches)]
 
     a, b = both(prompts, [0, 1, 2], [6, 4, 5], last_only=True)  # prefill: eager in both
     assert not calls
@@ -71,6 +72,36 @@ def test_compiled_steps_match_eager_logits_and_cache(models):
     torch.testing.assert_close(caches[0].lengths, caches[1].lengths, atol=0, rtol=0)
     for kc, ke in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
         torch.testing.assert_close(kc, ke, atol=1e-5, rtol=1e-5)
+
+
+def test_every_kind_of_step_traces_as_one_graph(ckpt):
+    """No graph break in the compiled body: ragged steps (some rows with fewer tokens), rows out
+    of slot order, and rows reading a shared prompt slot.  A break would split the step at every
+    layer, and dynamo would then compile each layer's frame separately (one variant per layer's
+    weights), so a deep model would pass the recompile limit and silently run eager."""
+    from specbatch.models.llama import _Plan
+
+    model = load_model(ckpt)
+    model.unpack()
+    g = torch.Generator().manual_seed(2)
+    unshared, shared = model.new_cache(4, 32), model.new_cache(4, 16, prompt_slots=1, prompt_len=16)
+    steps = [  # (cache, width, slots, num_tokens)
+        (unshared, 3, [0, 1, 2], [3, 1, 2]),
+        (unshared, 3, [2, 0], [2, 3]),
+        (shared, 1, [0, 1, 2], [1, 1, 1]),
+        (shared, 3, [2, 0, 1], [3, 1, 2]),
+    ]
+    with torch.inference_mode():
+        model(torch.randint(2, 32, (3, 6), generator=g), unshared, torch.arange(3), torch.tensor([6, 4, 5]), last_only=True)
+        model(torch.randint(2, 32, (1, 6), generator=g), shared, torch.tensor([4]), torch.tensor([6]), last_only=True)
+        shared.copy_prefix(4, [0, 1, 2], 6)
+        for cache, width, slots, num_tokens in steps:
+            slots, num_tokens = torch.tensor(slots), torch.tensor(num_tokens)
+            plan = _Plan(model, cache, slots, num_tokens, width)
+            x = torch.nn.functional.embedding(torch.randint(2, 32, (len(slots), width), generator=g), model.embed)
+            traced = torch._dynamo.explain(model.body)(x, cache.k, cache.v, plan, None)
+            assert traced.graph_break_count == 0, [b.reason for b in traced.break_reasons]
+            cache.lengths.index_add_(0, slots, num_tokens)
 
 
 def test_engine_on_compiled_target_gives_the_eager_rows(models, ckpt):

@@ -51,8 +51,9 @@ _CURRENT: contextvars.ContextVar["ForwardContext | None"] = contextvars.ContextV
 class ForwardContext:
     """One forward's metadata, passed to every layer's attention call.
 
-    ``valid [R, W]`` marks the real tokens (None: all R x W are real); the packed sequence is
-    ``tokens[valid]`` in row-major order, so packed index i is the i-th True of ``valid``.
+    ``valid`` indexes the real tokens, (row ``[T]``, column ``[T]``) in row-major order (None: all
+    R x W are real); the packed sequence is ``tokens[valid]``, so packed index i is the i-th real
+    token.
     ``window`` is the model's sliding window (the layers that slide say so per call).
     ``layers`` counts the attention calls of this forward (every layer must make one).
     """
@@ -61,7 +62,7 @@ class ForwardContext:
     plan: _Plan
     R: int
     W: int
-    valid: torch.Tensor | None
+    valid: tuple[torch.Tensor, torch.Tensor] | None
     window: int | None
     layers: int = 0
 
@@ -249,7 +250,7 @@ class TransformersModel(nn.Module):
         slots = slots.to(device=device, dtype=torch.int64)
         num_tokens = num_tokens.to(device=device, dtype=torch.int64)
         plan = _Plan(self, cache, slots, num_tokens, W)
-        valid = plan.write_valid  # [R, W] or None when every position is real
+        valid = plan.valid_index  # ([T], [T]) row and column of each real token, or None: all are real
         ids = tokens.reshape(-1) if valid is None else tokens[valid]  # [T]
         positions = plan.positions.reshape(-1) if valid is None else plan.positions[valid]  # [T]
         T = ids.shape[0]

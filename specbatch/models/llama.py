@@ -205,8 +205,9 @@ class _Plan:
             (own + num_tokens).max() if R else zero,
             own.min() if R else zero,
             prefix_len.max() if R else zero,
+            valid.sum(),
         ]).tolist()
-        all_valid, contiguous, in_order, lo, hi, min_start, min_tokens, kv_len, min_own, longest_prefix = facts
+        all_valid, contiguous, in_order, lo, hi, min_start, min_tokens, kv_len, min_own, longest_prefix, real = facts
         if min_tokens < 0 or min_start < 0:
             raise ValueError("num_tokens and cache lengths must be >= 0")
         if cache.shared and R and lo >= cache.num_slots:  # a prompt slot being prefilled
@@ -244,12 +245,17 @@ class _Plan:
         if getattr(model, "inv_freq", None) is not None:
             self.cos, self.signed_sin = rope_cos_sin(positions, model.inv_freq, model.dtype)  # [R, W, hd]
 
+        # The real tokens of a ragged call as (row, column) indices: integer indexing with a
+        # size known from the one sync above, so neither the plan nor a layer meets a
+        # data-dependent shape (a boolean mask would sync per use on a GPU and break a
+        # compiled step's graph at every layer).
         if all_valid:
-            self.write_valid = None
+            self.valid_index = None
             self.write_index = (slots[:, None].expand(R, W), own_positions)  # ([R, W], [R, W])
         else:
-            self.write_valid = valid
-            self.write_index = (slots[:, None].expand(R, W)[valid], own_positions[valid])  # ([N], [N])
+            rows, cols = torch.nonzero_static(valid, size=real).unbind(1)  # [N], [N] row-major
+            self.valid_index = (rows, cols)
+            self.write_index = (slots[rows], own_positions[rows, cols])  # ([N], [N])
 
         additive = longest_prefix > 0 or W <= MATMUL_ATTENTION_MAX_WIDTH
         key_pos = torch.arange(self.kv_len, device=device)  # [L] own-region index
@@ -271,8 +277,8 @@ class _Plan:
         then attend: q ``[R, W, nh, hd]`` -> ``[R, W, nh, hd]`` in the caller's row order."""
         nh, kvh = layer.config.num_attention_heads, layer.config.num_key_value_heads
         W = q.shape[1]
-        if self.write_valid is not None:  # only real tokens are written
-            k, v = k[self.write_valid], v[self.write_valid]  # [N, kvh, hd]
+        if self.valid_index is not None:  # only real tokens are written
+            k, v = k[self.valid_index], v[self.valid_index]  # [N, kvh, hd]
         # Position-major views [S, max_len, kvh, hd] so (slot, position) index the first two dims.
         k_cache.transpose(1, 2).index_put_(self.write_index, k)
         v_cache.transpose(1, 2).index_put_(self.write_index, v)
