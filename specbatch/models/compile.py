@@ -15,8 +15,13 @@ row order, float32 attention), so a job compiles once per *kind* of step, not pe
 
 Costs and limits:
 
-- compiling takes minutes on a small CPU (about 2 min per kind of step for the demo model on
-  2 cores); it pays off on long jobs only, and is off unless a job asks for it;
+- compiling takes minutes on a small CPU (2-5 min per kind of step for the demo model on 2
+  cores, ``bench/compiled_steps.py``); it pays off on long jobs only, and is off unless a job
+  asks for it;
+- a kind of step must trace as one graph: a graph break inside a layer makes dynamo compile
+  every layer's frame separately (one variant per layer's weights), which multiplies compile
+  time by the depth and, past the recompile limit, silently falls back to eager; the forward's
+  plan therefore gives the layers no data-dependent shape (``tests/test_compile.py`` checks);
 - compiled logits are not bit-identical to eager ones (fused kernels round differently, by
   about one unit in the last place of bfloat16); the sampling contract is unaffected, since it
   holds for whatever logits the model produces, but a compiled job's rows differ from an eager
