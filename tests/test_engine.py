@@ -212,6 +212,38 @@ def test_adaptive_gamma_falls_back_to_plain_when_speculation_loses(target, token
     assert eng.steps_by_shape and sum(eng.rows_by_proposals.values()) >= 64
 
 
+def test_the_cost_model_times_steps_on_the_engine_s_own_caches(target, tokenizer, ckpts):
+    """Measured at start-up on the first slots of the engine's target and draft caches (their
+    lengths restored), never on caches made for it: a model that captures a CUDA graph per cache
+    then captures each step once, for the engine. The rows equal an unmeasured engine's."""
+    drafter = build_drafter("model", target, tokenizer, path=str(ckpts[1]), dtype="float32")
+    made, used = [], []
+    for model in (target, drafter.model):
+        def new_cache(*args, _real=model.new_cache, **kwargs):
+            made.append(_real(*args, **kwargs))
+            return made[-1]
+
+        def forward(tokens, cache, *args, _real=model.forward, **kwargs):
+            used.append(cache)
+            return _real(tokens, cache, *args, **kwargs)
+
+        model.new_cache, model.forward = new_cache, forward
+    try:
+        eng = Engine(target, tokenizer, drafter, EngineConfig(max_batch_size=4, num_draft_tokens=2))
+    finally:
+        for model in (target, drafter.model):
+            del model.new_cache, model.forward
+    assert set(eng.cost_model.target) == {(b, w) for b in (1, 4) for w in (1, 2, 3)} and set(eng.cost_model.draft) == {1, 4}
+    assert [id(c) for c in made] == [id(eng.cache), id(drafter.cache)]
+    assert len(used) > 10 and {id(c) for c in used} == {id(eng.cache), id(drafter.cache)}
+    assert not eng.cache.lengths.any() and not drafter.cache.lengths.any()
+    params = SamplingParams(n=4, max_new_tokens=6, temperature=1.0, ignore_eos=True, seed=3)
+    unmeasured = Engine(target, tokenizer, build_drafter("model", target, tokenizer, path=str(ckpts[1]), dtype="float32"),
+                        EngineConfig(max_batch_size=4, num_draft_tokens=2, measure_cost=False))
+    rows = [[(o.sample_index, o.token_ids) for o in e.generate([Request("x", PROMPT, params)])] for e in (eng, unmeasured)]
+    assert rows[0] == rows[1]
+
+
 @pytest.mark.triton
 def test_engine_on_the_triton_kernels_equals_the_torch_reference(target, tokenizer, ckpts):
     """The engine's verification through the fused kernels (interpreted on CPU) gives the same rows."""

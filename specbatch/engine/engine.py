@@ -164,7 +164,7 @@ class Engine:
         if self.config.measure_cost:
             from specbatch.engine.costmodel import measure_cost_model
 
-            self.cost_model = measure_cost_model(self.target, self.drafter, self.max_batch, self.gamma)
+            self.cost_model = measure_cost_model(self.target, self.drafter, self.max_batch, self.gamma, self.cache)
         self.policy.start(self.cost_model, self.drafter.draft_model is not None)
 
     # ------------------------------------------------------------------ public API

@@ -50,6 +50,7 @@ class Drafter(Protocol):
     kind: str  # none | ngram | model | suffix
     deterministic: bool  # one-hot q (no q tensor)
     draft_model: Any | None  # the model it runs per proposed token (its step cost is measured), or None
+    draft_cache: Any | None  # that model's KV cache once attached (the cost model times steps on it), or None
 
     def attach(self, layout: CacheLayout) -> None:
         """Allocate per-slot state laid out like the target's cache (called once by the engine)."""
@@ -94,6 +95,7 @@ class _StatelessDrafter:
 
     deterministic = True
     draft_model = None
+    draft_cache = None
 
     def attach(self, layout: CacheLayout) -> None:
         pass

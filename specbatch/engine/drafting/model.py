@@ -79,6 +79,10 @@ class ModelDrafter:
     def draft_model(self) -> Any:
         return self.model
 
+    @property
+    def draft_cache(self) -> Any:
+        return self.cache
+
     def confidence(self, rows: Sequence[Row], limits: Sequence[int]) -> list[list[float]] | None:
         return None  # q is known only after drafting
 
